@@ -1,0 +1,191 @@
+"""``BinaryTensor``: a +-1 weight stored at one bit per element.
+
+A wrapper tensor subclass in the style of torchao's NF4Tensor: to PyTorch it looks like a float
+tensor of the logical shape and dtype (so it can be an ``nn.Parameter`` and receives a plain dense
+float gradient of that shape in ``.grad``), while its only storage is ``.packed``, the int32 words
+in the weight layout of :mod:`bnnops.packing` (packed along dim 1, the reduction dimension).
+
+What it supports, and why the rest is refused:
+
+- aliasing and copying: ``detach``, ``clone``, ``copy.deepcopy``, ``.to(device)``,
+  ``.to(dtype)`` (keeps the bits, changes the logical float dtype), ``copy_`` from a
+  BinaryTensor or from a dense float tensor (its signs are packed), hence ``state_dict`` /
+  ``load_state_dict`` and ``torch.save`` / ``torch.load(weights_only=True)``.
+- out-of-place ops that only read (``w.sum()``, ``w * 2``, ``torch.equal``...) run on the dense
+  +-1 copy and return dense tensors: correct, but they build the dense weight, so the bnnops ops
+  read ``.packed`` instead.
+- view ops (other than the identity view) are refused: a view would have to be a dense temporary,
+  and writing through it (``w.view(-1).mul_(-1)``) would silently change nothing.
+- in-place ops are refused: the bits change only through Bop (``bnnops.optim.Bop``) or ``copy_``;
+  an SGD step on a binary weight must fail loudly rather than corrupt or be ignored.
+"""
+
+import torch
+from torch.utils._pytree import tree_map_only
+
+from bnnops.packing import FLOAT_DTYPES, pack_weight, packed_weight_shape, unpack_weight
+
+__all__ = ["BinaryTensor"]
+
+aten = torch.ops.aten
+
+
+class BinaryTensor(torch.Tensor):
+    """A logical +-1 float tensor stored as bit-packed int32 words.
+
+    Args:
+        packed: int32 tensor of shape ``packed_weight_shape(shape)``, the words in the weight
+            layout of :mod:`bnnops.packing`: (N, ceil(K/32)) for a linear weight (N, K),
+            (O, kh, kw, ceil(C/32)) for a conv weight (O, C, kh, kw). Bit 1 means -1.
+        shape: the logical shape.
+        dtype: the logical float dtype (float32, bfloat16 or float16): the dtype of
+            :meth:`dequantize` and of the gradients autograd computes for it.
+        requires_grad: as for any tensor; ``nn.Parameter(BinaryTensor(...))`` sets it.
+
+    Build one from a float weight with :meth:`from_float`.
+    """
+
+    packed: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, packed, shape, dtype=torch.float32, requires_grad=False):
+        shape = torch.Size(shape)
+        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32:
+            raise TypeError("BinaryTensor needs int32 packed words")
+        if len(shape) == 0:
+            raise ValueError("BinaryTensor needs at least one dimension")
+        if tuple(packed.shape) != tuple(packed_weight_shape(shape)):
+            raise ValueError(
+                f"packed words of shape {tuple(packed.shape)} do not hold a weight of shape "
+                f"{tuple(shape)} (expected words of shape {tuple(packed_weight_shape(shape))})"
+            )
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"BinaryTensor's logical dtype must be float32, bfloat16 or float16, got {dtype}")
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=packed.device, requires_grad=requires_grad
+        )
+
+    def __init__(self, packed, shape, dtype=torch.float32, requires_grad=False):
+        self.packed = packed
+
+    @classmethod
+    def from_float(cls, w, *, dtype=None, requires_grad=False):
+        """Binarize a float weight: -1 where ``w < 0``, else +1 (sign(0) = +1).
+
+        Args:
+            w: float32, bfloat16 or float16 tensor, at least 1-D; dim 1 is the packed dimension.
+            dtype: logical dtype of the result; ``w.dtype`` by default.
+            requires_grad: for a parameter, wrap in ``nn.Parameter`` instead.
+
+        Raises:
+            ValueError when ``w`` holds NaN or +-inf: a binary weight made of them would hide a
+            broken checkpoint or a diverged latent weight.
+        """
+        _check_dense_source(w)
+        return cls(pack_weight(w.detach()), w.shape, dtype or w.dtype, requires_grad)
+
+    def dequantize(self, dtype=None):
+        """The dense +-1 tensor of the logical shape, in ``dtype`` (default: the logical dtype)."""
+        return unpack_weight(self.packed, self.shape, dtype or self.dtype)
+
+    def __repr__(self):
+        grad = f", grad_fn={self.grad_fn.name()}" if self.grad_fn is not None else ""
+        grad += ", requires_grad=True" if self.requires_grad and not grad else ""
+        return (
+            f"BinaryTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
+            f"packed int32 words {tuple(self.packed.shape)}{grad})"
+        )
+
+    def __tensor_flatten__(self):
+        return ["packed"], self.dtype
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, dtype, outer_size, outer_stride):
+        return BinaryTensor(inner_tensors["packed"], outer_size, dtype)
+
+    # Ops reach __torch_dispatch__ below autograd; torch functions need no special handling.
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            return handler(*args, **kwargs)
+        if func._schema.is_mutable:
+            raise RuntimeError(
+                f"BinaryTensor does not support the in-place op {func}: its values are packed "
+                "bits that change only through copy_ or the Bop optimizer (bnnops.optim.Bop). "
+                "A gradient-descent step on a binary weight has no meaning; train it with Bop, or "
+                "use a float latent weight (weight_quantizer='ste_sign') with a torch optimizer."
+            )
+        if func.is_view:
+            raise RuntimeError(
+                f"BinaryTensor does not support the view op {func}: a view of packed bits would be "
+                "a dense copy, and writing through it would silently change nothing. Call "
+                ".dequantize() for a dense +-1 tensor."
+            )
+        args, kwargs = tree_map_only(BinaryTensor, BinaryTensor.dequantize, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _check_dense_source(w):
+    if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
+        got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
+        raise TypeError(f"a binary weight is made from a float32, bfloat16 or float16 tensor, got {got}")
+    if w.dim() == 0:
+        raise ValueError("a binary weight needs at least one dimension, got a scalar")
+    if not torch.isfinite(w).all():
+        raise ValueError("cannot binarize a weight that holds NaN or inf")
+
+
+def _alias(x):
+    return BinaryTensor(x.packed, x.shape, x.dtype)
+
+
+def _view(x, size):
+    if list(size) != list(x.shape) and not (list(size) == [-1] and x.dim() == 1):
+        raise RuntimeError(
+            f"BinaryTensor of shape {tuple(x.shape)} cannot be viewed as {tuple(size)}: the bits are "
+            "packed along dim 1. Call .dequantize() for a dense +-1 tensor."
+        )
+    return _alias(x)
+
+
+def _clone(x, memory_format=None):
+    return BinaryTensor(x.packed.clone(), x.shape, x.dtype)
+
+
+def _to_copy(x, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"BinaryTensor converts only to float32, bfloat16 or float16 (it keeps its bits), not {dtype}; "
+            "use .packed for the int32 words or .dequantize() for a dense tensor"
+        )
+    packed = x.packed.to(device=device or x.device, non_blocking=non_blocking)
+    return BinaryTensor(packed, x.shape, dtype or x.dtype)
+
+
+def _copy_(dst, src, non_blocking=False):
+    if src.shape != dst.shape:
+        raise RuntimeError(f"cannot copy a tensor of shape {tuple(src.shape)} into a BinaryTensor of shape {tuple(dst.shape)}")
+    if isinstance(src, BinaryTensor):
+        dst.packed.copy_(src.packed, non_blocking=non_blocking)
+    else:
+        _check_dense_source(src)
+        dst.packed.copy_(pack_weight(src.to(dst.device)))
+    return dst
+
+
+_HANDLERS = {
+    aten.detach.default: _alias,
+    aten.alias.default: _alias,
+    aten.view.default: _view,
+    aten.clone.default: _clone,
+    aten._to_copy.default: _to_copy,
+    aten.copy_.default: _copy_,
+}
+
+# torch.load(weights_only=True) rebuilds only allow-listed classes; checkpoints name this class
+# by its import path, bnnops.binary_tensor.BinaryTensor, so that path is public API.
+torch.serialization.add_safe_globals([BinaryTensor])

@@ -1,0 +1,186 @@
+"""The bit-packing format, its pure-PyTorch reference, and the ``bnnops::pack_signs`` /
+``bnnops::unpack_signs`` ops.
+
+Format of a packed tensor (every bnnops kernel and reference reads and writes this):
+
+- Signs are packed along the last dimension K, 32 per int32 word: a float tensor of shape
+  (..., K) becomes int32 words of shape (..., ceil(K / 32)), and bit j of word w holds element
+  32*w + j.
+- Bit 1 means -1 and bit 0 means +1, so all-zero words are all +1 and sign(0) = +1 for both
+  +0.0 and -0.0 (larq's convention). +inf packs as +1, -inf as -1.
+- A bit cannot hold NaN. The ops are sync-free and pack NaN as +1 (``x < 0`` is false for NaN);
+  the public :func:`pack_signs` refuses NaN with a ValueError instead, and
+  :meth:`bnnops.BinaryTensor.from_float` refuses any non-finite value.
+- K is padded up to a multiple of 32 and the padding bits are 0; kernels mask k >= K, so the
+  padding never changes a result.
+
+Layout of a packed *weight* (``bnnops.BinaryTensor``): the packed dimension is the reduction
+dimension, which is dim 1 of a PyTorch weight: ``in_features`` of a linear weight (out, in) and
+``in_channels / groups`` of a conv weight (out, in/groups, *kernel). The words are stored with
+that dimension moved last::
+
+    linear weight (N, K)                -> words (N, ceil(K/32))
+    conv2d weight (O, C/groups, kh, kw) -> words (O, kh, kw, ceil((C/groups)/32))
+
+so for conv, word [o, r, s, w] bit j holds weight[o, 32*w + j, r, s]: each kernel tap (r, s)
+holds whole words of input channels, which lines up with a channels-last input and lets an
+implicit-GEMM kernel walk the reduction tap by tap, channel word by channel word. A rank-1
+weight is packed along its only dimension. :func:`pack_weight` and :func:`unpack_weight`
+convert between a logical float weight and its words.
+"""
+
+import torch
+
+from bnnops import kernels
+
+__all__ = [
+    "packed_length",
+    "pack_signs",
+    "unpack_signs",
+    "pack_signs_reference",
+    "unpack_signs_reference",
+    "packed_weight_shape",
+    "pack_weight",
+    "unpack_weight",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def packed_length(K):
+    """Number of int32 words that hold K signs: ceil(K / 32)."""
+    return (K + 31) // 32
+
+
+def pack_signs_reference(x):
+    """Pure-PyTorch packing of ``x`` (..., K), float, into int32 words (..., ceil(K/32))."""
+    K = x.shape[-1]
+    n_words = packed_length(K)
+    bits = (x < 0).to(torch.int32)
+    bits = torch.nn.functional.pad(bits, (0, 32 * n_words - K)).reshape(*x.shape[:-1], n_words, 32)
+    shifts = torch.arange(32, dtype=torch.int32, device=x.device)
+    # Distinct powers of two: the int32 sum is their OR (bit 31 wraps to the sign bit).
+    return (bits << shifts).sum(-1, dtype=torch.int32)
+
+
+def unpack_signs_reference(words, K, dtype):
+    """Pure-PyTorch unpacking of int32 words (..., ceil(K/32)) into +-1 (..., K) of ``dtype``."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :K]
+    return (1 - 2 * bits).to(dtype)
+
+
+def _check_floats(x, what):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{what} must have at least one dimension (the packed one), got a scalar")
+
+
+def _check_words(words, K, dtype):
+    if not isinstance(words, torch.Tensor) or words.dtype != torch.int32:
+        got = words.dtype if isinstance(words, torch.Tensor) else type(words).__name__
+        raise TypeError(f"packed words must be an int32 tensor, got {got}")
+    if words.dim() == 0:
+        raise ValueError("packed words must have at least one dimension, got a scalar")
+    if K < 0 or words.shape[-1] != packed_length(K):
+        raise ValueError(
+            f"packed words of last size {words.shape[-1]} cannot hold K={K} signs "
+            f"(need ceil(K/32) = {packed_length(K)} words)"
+        )
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"unpack dtype must be float32, bfloat16 or float16, got {dtype}")
+
+
+@torch.library.custom_op("bnnops::pack_signs", mutates_args=())
+def _pack_signs_op(x: torch.Tensor) -> torch.Tensor:
+    _check_floats(x, "pack_signs input")
+    return pack_signs_reference(x)
+
+
+@_pack_signs_op.register_kernel("cuda")
+def _(x):
+    _check_floats(x, "pack_signs input")
+    return kernels.load("pack").pack_signs(x)
+
+
+@_pack_signs_op.register_fake
+def _(x):
+    _check_floats(x, "pack_signs input")
+    return x.new_empty(*x.shape[:-1], packed_length(x.shape[-1]), dtype=torch.int32)
+
+
+@torch.library.custom_op("bnnops::unpack_signs", mutates_args=())
+def _unpack_signs_op(words: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    _check_words(words, K, dtype)
+    return unpack_signs_reference(words, K, dtype)
+
+
+@_unpack_signs_op.register_kernel("cuda")
+def _(words, K, dtype):
+    _check_words(words, K, dtype)
+    return kernels.load("pack").unpack_signs(words, K, dtype)
+
+
+@_unpack_signs_op.register_fake
+def _(words, K, dtype):
+    _check_words(words, K, dtype)
+    return words.new_empty(*words.shape[:-1], K, dtype=dtype)
+
+
+def pack_signs(x):
+    """Pack the signs of a float tensor into int32 words.
+
+    Args:
+        x: float32, bfloat16 or float16 tensor of shape (..., K), any strides, CPU or CUDA.
+
+    Returns:
+        int32 tensor of shape (..., ceil(K/32)) on x's device, in the format of this module:
+        bit j of word w is 1 where x[..., 32*w + j] < 0 (sign(0) = +1), padding bits 0.
+
+    Raises:
+        TypeError for a non-float dtype, ValueError for a scalar or for NaN in ``x`` (a bit
+        cannot hold NaN; the raw op ``torch.ops.bnnops.pack_signs`` skips this check, which costs
+        one device sync, and packs NaN as +1).
+    """
+    _check_floats(x, "pack_signs input")
+    if torch.isnan(x).any():
+        raise ValueError("pack_signs input holds NaN, which has no sign to pack")
+    return torch.ops.bnnops.pack_signs(x)
+
+
+def unpack_signs(words, K, dtype=torch.float32):
+    """Unpack int32 words (..., ceil(K/32)) into a +-1 tensor (..., K) of ``dtype``.
+
+    The inverse of :func:`pack_signs` up to the sign: ``unpack_signs(pack_signs(x), K)`` is
+    ``where(x < 0, -1, +1)``. Padding bits are ignored.
+    """
+    return torch.ops.bnnops.unpack_signs(words, K, dtype)
+
+
+def packed_weight_shape(shape):
+    """Shape of the words that hold a weight of logical ``shape`` (see the layout above)."""
+    if len(shape) == 1:
+        return (packed_length(shape[0]),)
+    return (shape[0], *shape[2:], packed_length(shape[1]))
+
+
+def pack_weight(w):
+    """Words of a logical float weight, packed along dim 1 (see the layout above).
+
+    (N, K) -> (N, ceil(K/32)); (O, C, *kernel) -> (O, *kernel, ceil(C/32)); (K,) -> (ceil(K/32),).
+    """
+    if w.dim() >= 2:
+        w = w.movedim(1, -1)
+    return torch.ops.bnnops.pack_signs(w)
+
+
+def unpack_weight(words, shape, dtype):
+    """The dense contiguous +-1 weight of logical ``shape`` held by ``words`` (inverse of pack_weight)."""
+    K = shape[1] if len(shape) >= 2 else shape[0]
+    dense = torch.ops.bnnops.unpack_signs(words, K, dtype)
+    if len(shape) >= 2:
+        dense = dense.movedim(-1, 1).contiguous()
+    return dense

@@ -1,0 +1,1 @@
+"""Optimizers for binary weights (imported as ``bnnops.optim``)."""

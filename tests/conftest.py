@@ -1,0 +1,48 @@
+"""Shared test setup.
+
+Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET must
+be set before triton is first imported, which happens only when a test loads a kernel module.
+With CUDA they run natively on the GPU, and the ops' CUDA registrations are exercised too.
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# An int32 value that no correct packed word is likely to equal on random data.
+WORD_POISON = 0x5EADBEEF
+
+
+@pytest.fixture
+def device():
+    """Where kernel launchers run: the GPU, or the CPU under the Triton interpreter."""
+    return DEVICE
+
+
+def poisoned(shape, dtype, device):
+    """An output buffer whose unwritten elements show: NaN for floats, WORD_POISON for ints."""
+    fill = float("nan") if dtype.is_floating_point else WORD_POISON
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def random_signs_input(shape, dtype, device, generator=None, finite=False):
+    """Random normal values plus the hard cases of a sign: +-0, tiny magnitudes, +-inf (unless finite)."""
+    x = torch.randn(shape, generator=generator).to(dtype)
+    flat = x.view(-1)
+    specials = [0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7] + ([] if finite else [float("inf"), float("-inf")])
+    specials = torch.tensor(specials).to(dtype)
+    n = min(flat.numel(), specials.numel())
+    if n:
+        idx = torch.randperm(flat.numel(), generator=generator)[:n]
+        flat[idx] = specials[:n]
+    return x.to(device)

@@ -1,0 +1,186 @@
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import bnnops
+from bnnops import BinaryTensor
+from conftest import FLOAT_DTYPES, random_signs_input
+
+
+def signs(w):
+    return torch.where(w < 0, -1.0, 1.0).to(w.dtype)
+
+
+class Holder(nn.Module):
+    """A module with one binary weight parameter, as a layer would hold it."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.weight = nn.Parameter(BinaryTensor.from_float(w))
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 1), (5, 33), (3, 100), (4, 35, 3, 3), (2, 3, 5)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_from_float_and_dequantize(device, shape, dtype):
+    w = random_signs_input(shape, dtype, device, finite=True)
+    b = BinaryTensor.from_float(w)
+    assert isinstance(b, BinaryTensor)
+    assert b.shape == w.shape and b.dtype == dtype and b.device == w.device
+    assert b.packed.dtype == torch.int32
+    assert b.packed.shape == bnnops.packing.packed_weight_shape(shape)
+    dense = b.dequantize()
+    assert type(dense) is torch.Tensor and dense.is_contiguous()
+    assert torch.equal(dense, signs(w))
+    assert b.dequantize(torch.float16).dtype == torch.float16
+
+
+def test_conv_weight_layout(device):
+    # Word [o, r, s, w] bit j holds weight[o, 32*w + j, r, s].
+    w = torch.ones(2, 40, 3, 3, device=device)
+    w[1, 33, 2, 0] = -1.0
+    b = BinaryTensor.from_float(w)
+    assert b.packed.shape == (2, 3, 3, 2)
+    nonzero = b.packed.nonzero().tolist()
+    assert nonzero == [[1, 2, 0, 1]]
+    assert b.packed[1, 2, 0, 1].item() == 2
+
+
+def test_from_float_rejects_bad_input(device):
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        w = torch.randn(3, 40, device=device)
+        w[1, 7] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            BinaryTensor.from_float(w)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        BinaryTensor.from_float(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="scalar"):
+        BinaryTensor.from_float(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="do not hold a weight"):
+        BinaryTensor(torch.zeros(3, 1, dtype=torch.int32), (3, 33))
+    with pytest.raises(TypeError, match="int32"):
+        BinaryTensor(torch.zeros(3, 2, dtype=torch.int64), (3, 33))
+
+
+def test_parameter_gets_dense_gradient(device):
+    m = Holder(torch.randn(6, 37, device=device))
+    p = m.weight
+    assert isinstance(p, BinaryTensor) and isinstance(p, nn.Parameter) and p.requires_grad
+    c = torch.randn(6, 37, device=device)
+    (p * c).sum().backward()
+    assert type(p.grad) is torch.Tensor and p.grad.shape == (6, 37) and p.grad.dtype == torch.float32
+    assert torch.equal(p.grad, c)
+    (p * c).sum().backward()  # accumulation over micro-batches
+    assert torch.equal(p.grad, 2 * c)
+    norm = nn.utils.clip_grad_norm_(m.parameters(), max_norm=1.0)
+    assert torch.allclose(norm, (2 * c).norm())
+    assert torch.allclose(p.grad.norm(), torch.tensor(1.0, device=device), rtol=1e-5)
+
+
+def test_reading_ops_run_on_dense_values(device):
+    w = torch.randn(4, 40, device=device)
+    b = BinaryTensor.from_float(w)
+    assert torch.equal(b * 2, 2 * signs(w))
+    assert b.sum().item() == signs(w).sum().item()
+    assert torch.equal(b, BinaryTensor.from_float(w))
+    assert torch.equal(torch.zeros_like(b), torch.zeros(4, 40, device=device))
+    assert torch.equal(torch.cat([b, b]), torch.cat([signs(w), signs(w)]))
+    assert "BinaryTensor(shape=(4, 40)" in repr(b)
+
+
+def test_in_place_and_view_ops_refused(device):
+    m = Holder(torch.randn(4, 40, device=device))
+    p = m.weight
+    before = p.packed.clone()
+    with torch.no_grad():
+        for mutate in (lambda: p.add_(1), lambda: p.mul_(-1), lambda: p.zero_(), lambda: p.data.neg_()):
+            with pytest.raises(RuntimeError, match="in-place op"):
+                mutate()
+        for view in (lambda: p.view(-1), lambda: p.t(), lambda: p[0], lambda: p.reshape(2, 80)):
+            with pytest.raises(RuntimeError, match="view|viewed"):
+                view().mul_(-1)
+    p.grad = torch.randn(4, 40, device=device)
+    with pytest.raises(RuntimeError, match="Bop"):
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+    assert torch.equal(p.packed, before)
+    assert torch.equal(p.view(4, 40).packed, before)  # the identity view is an alias
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_dtype_keeps_bits(device, dtype):
+    m = Holder(torch.randn(5, 70, device=device))
+    bits = m.weight.packed.clone()
+    m.to(dtype)
+    assert isinstance(m.weight, BinaryTensor) and isinstance(m.weight, nn.Parameter)
+    assert m.weight.dtype == dtype and torch.equal(m.weight.packed, bits)
+    assert m.weight.dequantize().dtype == dtype
+    with pytest.raises(TypeError, match="keeps its bits"):
+        m.weight.to(torch.int32)
+
+
+def test_to_device(device):
+    b = BinaryTensor.from_float(torch.randn(3, 50))
+    moved = b.to(device)
+    assert isinstance(moved, BinaryTensor) and moved.device.type == device
+    assert moved.packed.device.type == device and torch.equal(moved.packed.cpu(), b.packed)
+
+
+def test_deepcopy_is_independent(device):
+    m = Holder(torch.randn(4, 40, device=device))
+    m2 = copy.deepcopy(m)
+    assert isinstance(m2.weight, BinaryTensor) and isinstance(m2.weight, nn.Parameter)
+    assert torch.equal(m2.weight.packed, m.weight.packed)
+    assert m2.weight.packed.data_ptr() != m.weight.packed.data_ptr()
+
+
+def test_state_dict_round_trip(device):
+    src = Holder(torch.randn(6, 45, device=device))
+    dst = Holder(torch.randn(6, 45, device=device))
+    sd = src.state_dict()
+    assert isinstance(sd["weight"], BinaryTensor)
+    dst.load_state_dict(sd)
+    assert torch.equal(dst.weight.packed, src.weight.packed)
+    # From a dense float checkpoint (a latent-weight model): its signs are packed.
+    dense = torch.randn(6, 45, device=device)
+    dst.load_state_dict({"weight": dense})
+    assert torch.equal(dst.weight.dequantize(), signs(dense))
+    assert isinstance(dst.weight, BinaryTensor)
+    bad = dense.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or inf"):  # load_state_dict re-raises as RuntimeError
+        dst.load_state_dict({"weight": bad})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        dst.load_state_dict({"weight": torch.randn(6, 46, device=device)})
+
+
+def test_save_load_weights_only(device):
+    m = Holder(torch.randn(4096, 4096, device=device))
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    assert len(buf.getvalue()) < 2.2e6  # 2 MB of words, not 64 MB of fp32
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert isinstance(loaded["weight"], BinaryTensor)
+    assert torch.equal(loaded["weight"].packed, m.weight.packed)
+    fresh = Holder(torch.randn(4096, 4096, device=device))
+    fresh.load_state_dict(loaded)
+    assert torch.equal(fresh.weight.packed, m.weight.packed)
+
+
+def test_compile_fullgraph_forward_and_backward(device):
+    m = Holder(torch.randn(8, 40, device=device))
+    c = torch.randn(8, 40, device=device)
+
+    def f(w, c):
+        return (w * c).sum()
+
+    f(m.weight, c).backward()
+    eager_grad = m.weight.grad
+    m.weight.grad = None
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(m.weight, c)
+    out.backward()
+    assert torch.equal(out, (m.weight.dequantize() * c).sum())
+    assert torch.equal(m.weight.grad, eager_grad)
