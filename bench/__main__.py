@@ -16,6 +16,7 @@ from bench import machine, report, runner
 from bench.registry import load_cases, plan
 
 BENCH_DIR = Path(__file__).resolve().parent
+CPU_BUDGET_S = 80
 
 
 def parse_args(argv):
@@ -25,7 +26,8 @@ def parse_args(argv):
     p.add_argument("--out", metavar="DIR", type=Path, help="output directory (default bench/out/<timestamp>)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
     p.add_argument("--budget", metavar="SECONDS", type=float,
-                   help="start no new shape after this many seconds; the rest are recorded as skipped")
+                   help="start no new shape after this many seconds; the rest are recorded as skipped "
+                        f"(default: none on CUDA, {CPU_BUDGET_S} s on CPU, which keeps a CPU run under 2 minutes)")
     p.add_argument("--list", action="store_true", help="list the cases and shapes that would run, and exit")
     p.add_argument("--profile", metavar="NAME",
                    help="write a torch.profiler Chrome trace of the first case/shape matching NAME (a regex)")
@@ -84,7 +86,8 @@ def main(argv=None):
         document["results"] = rows
         report.write_json(results_json, document)
 
-    rows = runner.run(items, device, args.quick, document["ceilings"], on_row=save, budget_s=args.budget)
+    budget = args.budget if args.budget is not None else (None if device == "cuda" else CPU_BUDGET_S)
+    rows = runner.run(items, device, args.quick, document["ceilings"], on_row=save, budget_s=budget)
     # Run order puts headline shapes first; the table follows the registry's order.
     order = {(c.name, label): i for i, (c, label, _) in enumerate(plan(cases, device, size))}
     save(sorted(rows, key=lambda r: order[(r["case"], r["shape"])]))

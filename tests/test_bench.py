@@ -87,14 +87,13 @@ def test_cpu_timer_takes_the_median_of_several_calls():
     assert seconds > 0 and len(calls) >= 1 + 3  # a warm-up call, then at least 3 timed
 
 
-def test_main_job_quick_end_to_end(tmp_path):
+def test_main_job_quick_end_to_end(tmp_path, capsys):
+    # `python -m bench` is `sys.exit(main())`; in-process saves a second torch import.
     out = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert report.CPU_NOTE in done.stdout and "speedup" in done.stdout
+    status = bench_main(["--quick", "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert status == 0, printed.out + printed.err
+    assert report.CPU_NOTE in printed.out and "speedup" in printed.out
     document = json.loads((out / "results.json").read_text())
     assert document["meta"]["mode"] == "cpu-reference"
     assert set(document["ceilings"]) == set(registry.BOUNDS)
