@@ -1,0 +1,257 @@
+"""Classification data that needs no download: digits, CIFAR-10 from a local copy, and a
+teacher-student task whose best accuracy is known.
+
+Every loader returns an :class:`InMemoryDataset`: train and test tensors held whole in memory
+(the largest, CIFAR-10, is 180 MB of uint8), batched by index so no DataLoader workers are
+needed. Images come out as float32 in [-1, 1], NCHW, the scaling of the paper's code
+(``x / 127.5 - 1`` for 8-bit images).
+
+- :func:`digits`: scikit-learn's handwritten digits (1797 8x8 grey images, 10 classes; the
+  data ships inside scikit-learn), split by a seeded stratified permutation.
+- :func:`cifar10`: the standard python-pickle batches (``data_batch_1`` ... ``data_batch_5``,
+  ``test_batch``) read from a local directory, with the paper's augmentation for training
+  (pad to 40x40, random 32x32 crop, random horizontal flip).
+- :func:`teacher_student`: random real inputs labelled by a random binary network
+  ``y = argmax(W2 sign(W1 x))``; a student of the same architecture can reach 100%.
+"""
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["InMemoryDataset", "digits", "cifar10", "cifar10_augment", "teacher_student", "teacher_logits", "load", "DATASETS", "CIFAR10_FILES"]
+
+CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+@dataclass
+class InMemoryDataset:
+    """Train and test tensors of a classification task.
+
+    Attributes:
+        name: the dataset's name (as given to :func:`load`).
+        x_train, x_test: inputs, first dimension the sample; float32, or uint8 images that
+            :meth:`batches` scales to [-1, 1] float32 batch by batch.
+        y_train, y_test: int64 labels in [0, num_classes).
+        num_classes: number of classes.
+        augment: for training batches only: a function ``(x, generator) -> x`` on a float
+            batch (random crops and flips for CIFAR-10), or None.
+        info: facts about the data worth logging (split seed, teacher sizes, best accuracy...).
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    augment: Optional[Callable] = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def input_shape(self):
+        """Shape of one input sample, e.g. (1, 8, 8) or (3, 32, 32)."""
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device):
+        """Move the tensors to ``device`` (once, so batches are cut there)."""
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def subset(self, n_train, n_test=None):
+        """The first ``n_train`` training and ``n_test`` test samples (for quick runs and tests)."""
+        n_test = n_train if n_test is None else n_test
+        return InMemoryDataset(
+            self.name, self.x_train[:n_train], self.y_train[:n_train], self.x_test[:n_test],
+            self.y_test[:n_test], self.num_classes, self.augment, dict(self.info),
+        )
+
+    def batches(self, split, batch_size, generator=None):
+        """Yield ``(x, y)`` float32 / int64 batches of ``split`` ('train' or 'test').
+
+        Training batches are shuffled with ``generator`` (a torch.Generator on the CPU; the
+        permutation is moved to the data's device) and augmented; the last batch may be smaller.
+        Test batches come in order, unaugmented.
+        """
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        n = x.shape[0]
+        order = torch.randperm(n, generator=generator) if split == "train" else torch.arange(n)
+        order = order.to(x.device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            xb = _to_float(x[idx])
+            if split == "train" and self.augment is not None:
+                xb = self.augment(xb, generator)
+            yield xb, y[idx]
+
+
+def _to_float(x):
+    # 8-bit images -> [-1, 1], as the paper's preprocessing: x / (255 / 2) - 1.
+    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
+
+
+def _stratified_split(labels, test_fraction, seed):
+    """Indices (train, test) taking ``test_fraction`` of each class into test, seeded."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(test_fraction * len(idx)))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    # Shuffle across classes so that subset() takes a mix of classes.
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def digits(seed=0, test_fraction=0.2):
+    """scikit-learn's handwritten digits: 1797 grey 8x8 images (16 grey levels), 10 classes.
+
+    Split stratified by class with ``seed`` (default 1437 train / 360 test at 0.2).
+    Returns an :class:`InMemoryDataset` with x of shape (N, 1, 8, 8), float32 in [-1, 1].
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.from_numpy(data.images.astype(np.float32)) / 8.0 - 1.0  # levels 0..16 -> [-1, 1]
+    labels = torch.from_numpy(data.target.astype(np.int64))
+    train, test = (torch.from_numpy(i) for i in _stratified_split(data.target, test_fraction, seed))
+    return InMemoryDataset(
+        "digits", images[train, None], labels[train], images[test, None], labels[test], 10,
+        info={"split_seed": seed, "test_fraction": test_fraction},
+    )
+
+
+def _read_cifar_batch(path):
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    try:
+        data, labels = batch[b"data"], batch[b"labels"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels')") from None
+    data = np.asarray(data, dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != len(labels):
+        raise ValueError(
+            f"{path}: expected b'data' of shape (N, 3072) uint8 with N labels, got {data.shape} "
+            f"and {len(labels)} labels"
+        )
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.tensor(labels, dtype=torch.int64)
+
+
+def cifar10_augment(x, generator=None):
+    """The paper's CIFAR-10 training augmentation on a float batch (N, C, H, W).
+
+    Zero-pad by 4 on each side (``resize_with_crop_or_pad`` to 40x40 in the paper's code), take
+    a random HxW crop per image, flip each image left-right with probability 1/2.
+    """
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 9, (n,), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def cifar10(root):
+    """CIFAR-10 from ``root``, a directory holding the standard python-pickle batches.
+
+    Those are the files of ``cifar-10-python.tar.gz`` (https://www.cs.toronto.edu/~kriz/cifar.html),
+    unpacked: ``data_batch_1`` ... ``data_batch_5`` (50000 training images) and ``test_batch``
+    (10000). ``root`` may also be the parent of the unpacked ``cifar-10-batches-py`` folder.
+    Nothing is downloaded.
+
+    Returns an :class:`InMemoryDataset` with uint8 x of shape (N, 3, 32, 32) (batches scale it
+    to [-1, 1]) and the paper's training augmentation.
+
+    Raises:
+        FileNotFoundError naming the directory and the missing files.
+    """
+    if root is None:
+        raise FileNotFoundError(
+            "CIFAR-10 needs a local directory: pass --data-dir (the unpacked cifar-10-batches-py "
+            "folder with data_batch_1..5 and test_batch; nothing is downloaded)"
+        )
+    root = os.fspath(root)
+    if not os.path.exists(os.path.join(root, CIFAR10_FILES[0])):
+        nested = os.path.join(root, "cifar-10-batches-py")
+        root = nested if os.path.isdir(nested) else root
+    missing = [f for f in CIFAR10_FILES if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found in {root!r}: missing {', '.join(missing)}. Expected the python "
+            "version's batches (data_batch_1..5, test_batch), unpacked from cifar-10-python.tar.gz "
+            "(https://www.cs.toronto.edu/~kriz/cifar.html); bnnops downloads nothing."
+        )
+    train = [_read_cifar_batch(os.path.join(root, f)) for f in CIFAR10_FILES[:5]]
+    x_test, y_test = _read_cifar_batch(os.path.join(root, CIFAR10_FILES[5]))
+    return InMemoryDataset(
+        "cifar10", torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_test, y_test, 10,
+        augment=cifar10_augment, info={"root": root},
+    )
+
+
+def teacher_logits(x, w1, w2):
+    """Integer logits of the binary teacher, ``sign(x @ w1.T) @ w2.T`` (sign(0) = +1); the label is their argmax."""
+    hidden = torch.where(x @ w1.T < 0, -1.0, 1.0)
+    return hidden @ w2.T
+
+
+def teacher_student(seed=0, n_train=8192, n_test=2048, in_features=32, hidden=64, num_classes=10, margin=1):
+    """A task whose best accuracy is known: labels made by a random binary network.
+
+    The teacher has +-1 weights ``w1`` (hidden, in_features) and ``w2`` (num_classes, hidden)
+    drawn with ``seed``; inputs are standard normal (N, in_features) and the label is
+    ``argmax(w2 @ sign(w1 @ x))``. The logits are integers, so inputs whose top two logits tie
+    are redrawn: every label is unambiguous. A student with the teacher's architecture
+    (``bnnops.models.BinaryMLP(in_features, hidden, num_classes)``: real input, binary weights,
+    binary hidden activations) represents the teacher exactly, so 100% test accuracy is
+    reachable; ``info['majority_accuracy']`` is the accuracy of always guessing the most common
+    class, the floor to beat. The teacher's weights are in ``info['teacher']``.
+    """
+    # numpy's PCG64, not torch's generator: a student initialized after torch.manual_seed(seed)
+    # would otherwise draw the very numbers the teacher was made of and start at the answer.
+    rng = np.random.default_rng(seed)
+    w1 = torch.from_numpy(rng.choice([-1.0, 1.0], size=(hidden, in_features)).astype(np.float32))
+    w2 = torch.from_numpy(rng.choice([-1.0, 1.0], size=(num_classes, hidden)).astype(np.float32))
+    xs, ys, n = [], [], n_train + n_test
+    while n > 0:
+        x = torch.from_numpy(rng.standard_normal((2 * n, in_features), dtype=np.float32))
+        top2 = teacher_logits(x, w1, w2).topk(2, dim=1)
+        keep = top2.values[:, 0] - top2.values[:, 1] >= margin
+        xs.append(x[keep][:n])
+        ys.append(top2.indices[keep, 0][:n])
+        n -= xs[-1].shape[0]
+    x, y = torch.cat(xs), torch.cat(ys)
+    counts = torch.bincount(y[n_train:], minlength=num_classes)
+    info = {
+        "seed": seed, "in_features": in_features, "hidden": hidden,
+        "majority_accuracy": counts.max().item() / n_test, "best_accuracy": 1.0,
+        "teacher": {"w1": w1, "w2": w2},
+    }
+    return InMemoryDataset("teacher-student", x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes, info=info)
+
+
+DATASETS = ("digits", "cifar10", "teacher-student")
+
+
+def load(name, seed=0, data_dir=None):
+    """The dataset called ``name`` (one of :data:`DATASETS`); ``seed`` picks the digits split or
+    the teacher, ``data_dir`` is CIFAR-10's directory."""
+    if name == "digits":
+        return digits(seed)
+    if name == "cifar10":
+        return cifar10(data_dir)
+    if name == "teacher-student":
+        return teacher_student(seed)
+    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")

@@ -1,0 +1,159 @@
+"""Reference binarized networks built from bnnops layers.
+
+Every model takes ``weight_quantizer``: ``None`` (default) gives packed
+:class:`bnnops.BinaryTensor` weights, trained by Bop; ``"ste_sign"`` gives float latent
+weights binarized in every forward, the usual latent-weight training with Adam that the paper
+compares Bop against. The architecture is the same either way. Each model carries
+``input_shape`` (one sample, no batch dimension), so ``bnnops.summary(model)`` needs no shape.
+
+- :func:`binarynet`: the CIFAR-10 VGG-style BinaryNet trained in the paper (Helwegen et al.
+  2019, section 5.2; the layers of its code, ``bnn_optimization/models/binarynet.py``): six
+  3x3 convolutions (128, 128, 256, 256, 512, 512 channels) and three dense layers (1024, 1024,
+  classes), all with binary weights and no bias, each followed by batch norm without a scale
+  (Keras ``scale=False``: only the shift trains). The first convolution sees the real image
+  (W1A16) and has no padding; every other layer binarizes its input with ``ste_sign``,
+  including the last dense layer, whose batch-normed output is the logits.
+- :func:`birealnet18`: Bi-Real Net-18 (Liu et al. 2018, the paper's ImageNet model): a real
+  7x7 stem, sixteen binary 3x3 convolutions each with batch norm and a real identity shortcut
+  around it (downsampling shortcuts: 2x2 average pool, real 1x1 conv, batch norm), global
+  average pool and a real linear classifier.
+- :func:`small_bnn`: a BinaryNet-style network sized for 8x8 images (scikit-learn's digits).
+- :func:`binary_mlp`: binary-weight MLP; with one hidden layer it is the teacher-student task's
+  architecture (:func:`bnnops.data.teacher_student`), which it represents exactly.
+"""
+
+import math
+from collections import OrderedDict
+
+from torch import nn
+
+from bnnops.nn import BinaryConv2d, BinaryLinear
+
+__all__ = ["binarynet", "birealnet18", "small_bnn", "binary_mlp", "MODELS", "build"]
+
+
+def _bn(dims, channels, scale):
+    """Batch norm after a binary layer. ``scale=False`` is Keras' BatchNormalization(scale=False)
+    of the paper's code: the scale stays 1 (frozen), only the shift trains."""
+    bn = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(channels)
+    if not scale:
+        bn.weight.requires_grad_(False)
+    return bn
+
+
+def _vgg_bnn(input_shape, convs, dense, num_classes, first_padding, weight_quantizer):
+    """conv -> [maxpool 2x2] -> BN blocks, flatten, dense -> BN blocks; all weights binary.
+
+    ``convs`` lists (out_channels, pool) per 3x3 convolution; the first sees real inputs with
+    ``first_padding``, the others binarize their inputs and pad by 1 ('same').
+    """
+    channels, size = input_shape[0], input_shape[1]
+    layers = OrderedDict()
+    for i, (out, pool) in enumerate(convs, 1):
+        first = i == 1
+        layers[f"conv{i}"] = BinaryConv2d(
+            channels, out, 3, padding=first_padding if first else 1, bias=False,
+            input_quantizer=None if first else "ste_sign", weight_quantizer=weight_quantizer,
+        )
+        size = size - 2 + 2 * (first_padding if first else 1)
+        if pool:
+            layers[f"pool{i}"] = nn.MaxPool2d(2)
+            size //= 2
+        layers[f"bn{i}"] = _bn(2, out, scale=False)
+        channels = out
+    layers["flatten"] = nn.Flatten()
+    features = channels * size * size
+    for j, out in enumerate((*dense, num_classes), len(convs) + 1):
+        layers[f"fc{j}"] = BinaryLinear(features, out, bias=False, weight_quantizer=weight_quantizer)
+        layers[f"bn{j}"] = _bn(1, out, scale=False)
+        features = out
+    model = nn.Sequential(layers)
+    model.input_shape = tuple(input_shape)
+    return model
+
+
+def binarynet(num_classes=10, input_shape=(3, 32, 32), filters=128, dense_units=1024, weight_quantizer=None):
+    """BinaryNet for CIFAR-10 as trained in the paper (module docstring); 10.4M binary weights at
+    the defaults. Input (N, 3, 32, 32) -> logits (N, num_classes)."""
+    convs = [(filters, False), (filters, True), (2 * filters, False), (2 * filters, True),
+             (4 * filters, False), (4 * filters, True)]
+    return _vgg_bnn(input_shape, convs, (dense_units, dense_units), num_classes, 0, weight_quantizer)
+
+
+def small_bnn(num_classes=10, input_shape=(1, 8, 8), filters=32, dense_units=128, weight_quantizer=None):
+    """A BinaryNet-style network for 8x8 images: three 3x3 convolutions (filters, filters,
+    2*filters; the first on the real image, padded 'same') with two 2x2 max pools, then dense
+    layers (dense_units, classes); every weight binary, batch norm after every layer."""
+    convs = [(filters, False), (filters, True), (2 * filters, True)]
+    return _vgg_bnn(input_shape, convs, (dense_units,), num_classes, 1, weight_quantizer)
+
+
+def binary_mlp(num_classes=10, input_shape=(32,), hidden=(64,), weight_quantizer=None):
+    """Binary-weight MLP: flatten, then per hidden width a bias-free binary linear layer and batch
+    norm; the first layer sees the real input (W1A16), the others binarize theirs (ste_sign).
+
+    Batch norm here keeps its scale: with one hidden layer the model then represents the
+    teacher ``argmax(W2 sign(W1 x))`` of :func:`bnnops.data.teacher_student` exactly (the first
+    batch norm can shift its sign threshold back to 0, the last can rescale every logit equally).
+    """
+    features = math.prod(input_shape)
+    layers = OrderedDict(flatten=nn.Flatten())
+    for i, out in enumerate((*hidden, num_classes), 1):
+        layers[f"fc{i}"] = BinaryLinear(features, out, bias=False, input_quantizer=None if i == 1 else "ste_sign",
+                                        weight_quantizer=weight_quantizer)
+        layers[f"bn{i}"] = _bn(1, out, scale=True)
+        features = out
+    model = nn.Sequential(layers)
+    model.input_shape = tuple(input_shape)
+    return model
+
+
+class _BiRealBlock(nn.Module):
+    """Binary 3x3 conv -> batch norm, plus a real shortcut (identity, or 2x2 average pool ->
+    real 1x1 conv -> batch norm when the width doubles and the resolution halves)."""
+
+    def __init__(self, in_channels, out_channels, input_quantizer, weight_quantizer):
+        super().__init__()
+        stride = 1 if in_channels == out_channels else 2
+        self.conv = BinaryConv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False,
+                                 input_quantizer=input_quantizer, weight_quantizer=weight_quantizer)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Identity()
+        if stride != 1:
+            self.shortcut = nn.Sequential(
+                nn.AvgPool2d(2, ceil_mode=True),
+                nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.shortcut(x)
+
+
+def birealnet18(num_classes=1000, input_shape=(3, 224, 224), filters=64, input_quantizer="approx_sign",
+                weight_quantizer=None):
+    """Bi-Real Net-18 (module docstring). ``input_quantizer`` of the binary convolutions:
+    Bi-Real Net's ``approx_sign`` by default. Input (N, 3, H, W) -> logits (N, num_classes)."""
+    layers = OrderedDict(
+        stem=nn.Conv2d(input_shape[0], filters, 7, stride=2, padding=3, bias=False),
+        stem_bn=nn.BatchNorm2d(filters),
+        stem_pool=nn.MaxPool2d(3, stride=2, padding=1),
+    )
+    widths = [filters] * 4 + [w for k in (2, 4, 8) for w in [k * filters] * 4]
+    for i, (cin, cout) in enumerate(zip([filters] + widths[:-1], widths), 1):
+        layers[f"block{i}"] = _BiRealBlock(cin, cout, input_quantizer, weight_quantizer)
+    layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(widths[-1], num_classes))
+    model = nn.Sequential(layers)
+    model.input_shape = tuple(input_shape)
+    return model
+
+
+MODELS = {"binarynet": binarynet, "birealnet18": birealnet18, "small-bnn": small_bnn, "mlp": binary_mlp}
+
+
+def build(name, input_shape, num_classes, weight_quantizer=None):
+    """The model called ``name`` (a key of :data:`MODELS`) for inputs of ``input_shape`` (one
+    sample) and ``num_classes`` classes, at its default width."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    return MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), weight_quantizer=weight_quantizer)

@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torch import nn
+
+from bnnops import BinaryTensor, data, models
+from bnnops.nn import BinaryConv2d, BinaryLinear
+
+# name -> (number of classes, builder at a tiny width)
+TINY = {
+    "binarynet": (10, lambda wq: models.binarynet(10, (3, 32, 32), filters=4, dense_units=8, weight_quantizer=wq)),
+    "birealnet18": (7, lambda wq: models.birealnet18(7, (3, 32, 32), filters=4, weight_quantizer=wq)),
+    "small-bnn": (10, lambda wq: models.small_bnn(10, (1, 8, 8), filters=4, dense_units=8, weight_quantizer=wq)),
+    "mlp": (5, lambda wq: models.binary_mlp(5, (12,), hidden=(6, 7), weight_quantizer=wq)),
+}
+
+
+def binary_layers(model):
+    return [m for m in model.modules() if isinstance(m, (BinaryConv2d, BinaryLinear))]
+
+
+@pytest.mark.parametrize("weight_quantizer", [None, "ste_sign"])
+@pytest.mark.parametrize("name", list(TINY))
+def test_forward_backward(name, weight_quantizer):
+    torch.manual_seed(0)
+    classes, build = TINY[name]
+    model = build(weight_quantizer)
+    out = model(torch.randn(3, *model.input_shape))
+    assert out.shape == (3, classes)
+    out.logsumexp(1).sum().backward()
+    layers = binary_layers(model)
+    assert layers
+    for layer in layers:
+        w = layer.weight
+        assert isinstance(w, BinaryTensor) == (weight_quantizer is None)
+        assert w.grad is not None and w.grad.shape == w.shape and torch.isfinite(w.grad).all()
+        assert w.grad.abs().sum() > 0
+    for p in model.parameters():
+        if p.requires_grad:
+            assert p.grad is not None
+
+
+def test_binarynet_is_the_papers():
+    model = models.binarynet()
+    convs = [m for m in model if isinstance(m, BinaryConv2d)]
+    dense = [m for m in model if isinstance(m, BinaryLinear)]
+    assert [c.out_channels for c in convs] == [128, 128, 256, 256, 512, 512]
+    assert [(d.in_features, d.out_features) for d in dense] == [(512 * 3 * 3, 1024), (1024, 1024), (1024, 10)]
+    # First layer: real input, no padding; all others binarize their input; no biases.
+    assert convs[0].input_quantizer is None and convs[0].padding in (0, (0, 0))
+    assert all(m.input_quantizer is not None for m in convs[1:] + dense)
+    assert all(m.bias is None for m in convs + dense)
+    # Batch norm after every binary layer, scale frozen at 1 (Keras scale=False), last one included.
+    bns = [m for m in model if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 9 and not any(bn.weight.requires_grad for bn in bns)
+    assert isinstance(model[-1], nn.BatchNorm1d) and model[-1].num_features == 10
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_birealnet18_structure():
+    model = models.birealnet18(10, (3, 64, 64), filters=8)
+    binary = binary_layers(model)
+    assert len(binary) == 16 and all(isinstance(m, BinaryConv2d) for m in binary)
+    # real stem and classifier, real shortcuts
+    assert type(model.stem) is nn.Conv2d and type(model.fc) is nn.Linear
+    downsampling = [b for b in model if isinstance(b, models._BiRealBlock) and not isinstance(b.shortcut, nn.Identity)]
+    assert len(downsampling) == 3
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_mlp_represents_the_teacher_exactly():
+    d = data.teacher_student(seed=1, n_train=64, n_test=500, in_features=20, hidden=24, num_classes=6)
+    model = models.binary_mlp(6, (20,), hidden=(24,))
+    with torch.no_grad():
+        model.fc1.weight.copy_(d.info["teacher"]["w1"])
+        model.fc2.weight.copy_(d.info["teacher"]["w2"])
+    model.eval()  # batch norms at their initial running statistics (mean 0, var 1): near identity
+    assert (model(d.x_test).argmax(1) == d.y_test).all()
+
+
+def test_build():
+    model = models.build("small-bnn", (1, 8, 8), 10)
+    assert model.input_shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="unknown model 'vgg'.*binarynet"):
+        models.build("vgg", (1, 8, 8), 10)

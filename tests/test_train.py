@@ -1,0 +1,97 @@
+import json
+import os
+
+import pytest
+import torch
+
+from bnnops import BinaryTensor, models, train
+from bnnops.train import TrainConfig
+
+
+def quick(tmp_path, **overrides):
+    """small-bnn on 100 digits, batch 50: two steps an epoch."""
+    settings = dict(optimizer="bop", epochs=1, limit=100, out=str(tmp_path), progress=False, device="cpu")
+    settings.update(overrides)
+    return TrainConfig.from_preset("digits", **settings)
+
+
+@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+def test_one_epoch_writes_checkpoint_log_and_plots(tmp_path, optimizer):
+    result = train.train(quick(tmp_path, optimizer=optimizer))
+    for name in ("checkpoint.pt", "log.json", "loss.png", "accuracy.png", "flip_ratio.png"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    with open(tmp_path / "log.json") as f:
+        log = json.load(f)
+    assert log["config"]["optimizer"] == optimizer and log["train_samples"] == 100
+    (epoch,) = log["history"]
+    assert all(torch.isfinite(torch.tensor(epoch[k])) for k in ("train_loss", "test_loss"))
+    assert 0 <= epoch["test_acc"] <= 1 and result["final_test_acc"] == epoch["test_acc"]
+    assert set(epoch["flip_ratio"]) == {"conv1", "conv2", "conv3", "fc4", "fc5"}
+    assert all(0 <= r <= 1 for r in epoch["flip_ratio"].values())
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert isinstance(ckpt["model"]["conv2.weight"], BinaryTensor) == (optimizer != "latent-adam")
+
+
+@pytest.mark.parametrize("optimizer", ["bop", "latent-adam"])
+def test_training_lowers_the_loss(tmp_path, optimizer):
+    # 300 digits, 3 epochs: both optimizers fit the training set better than at the start.
+    result = train.train(quick(tmp_path, optimizer=optimizer, limit=300, epochs=3))
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < 0.8 * losses[0]
+    assert result["final_test_acc"] > 0.5  # chance is 0.1
+
+
+@pytest.mark.parametrize("optimizer", ["bop", "latent-adam"])
+def test_flip_ratio_counts_the_sign_changes(tmp_path, optimizer):
+    # One step in the epoch (limit = batch size): the flips of that step are the signs that differ
+    # between the initial model (same seed) and the trained one.
+    cfg = quick(tmp_path, optimizer=optimizer, limit=50)
+    result = train.train(cfg)
+    torch.manual_seed(cfg.seed)
+    wq = "ste_sign" if optimizer == "latent-adam" else None
+    initial = models.build("small-bnn", (1, 8, 8), 10, wq).state_dict()
+    final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    for layer, ratio in result["history"][0]["flip_ratio"].items():
+        before, after = (sd[f"{layer}.weight"] for sd in (initial, final))
+        changed = ((before.detach() < 0) != (after < 0)).sum().item()
+        assert ratio * before.numel() == pytest.approx(changed), layer
+    assert sum(result["history"][0]["flip_ratio"].values()) > 0
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train.train(quick(tmp_path / "a", epochs=2))
+    train.train(quick(tmp_path / "b", epochs=1))
+    resumed = train.train(quick(tmp_path / "b", epochs=2), resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    sa, sb = (torch.load(p / "checkpoint.pt", weights_only=True)["model"] for p in (tmp_path / "a", tmp_path / "b"))
+    for key in sa:
+        assert torch.equal(sa[key].dequantize() if isinstance(sa[key], BinaryTensor) else sa[key],
+                           sb[key].dequantize() if isinstance(sb[key], BinaryTensor) else sb[key]), key
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.train(quick(tmp_path / "c"), resume=True)
+
+
+def test_cli_presets_and_overrides(tmp_path, capsys):
+    cfg = TrainConfig.from_preset("paper-cifar10")
+    assert (cfg.model, cfg.dataset, cfg.epochs, cfg.batch_size) == ("binarynet", "cifar10", 500, 50)
+    assert (cfg.gamma, cfg.threshold, cfg.adam_lr, cfg.decay, cfg.decay_every) == (1e-4, 1e-8, 1e-2, 0.1, 100)
+    assert TrainConfig.from_preset("paper-cifar10", optimizer="latent-adam").adam_lr == 5e-3
+    assert TrainConfig.from_preset("paper-cifar10", gamma=3e-4, batch_size=None).gamma == 3e-4
+    with pytest.raises(ValueError, match="unknown preset"):
+        TrainConfig.from_preset("paper-mnist")
+    out = tmp_path / "cli"
+    argv = ["--limit", "50", "--epochs", "1", "--out", str(out), "--no-progress", "--gamma", "2e-3", "--device", "cpu"]
+    result = train.main(argv)
+    assert result["config"]["gamma"] == 2e-3 and result["history"][-1]["rate"] == 2e-3
+    # --resume without --epochs trains to the epochs the run started with: nothing left to do.
+    assert len(train.main(argv[:2] + argv[4:] + ["--resume"])["history"]) == 1
+    assert "final test accuracy" in capsys.readouterr().out
+
+
+def test_gamma_decays_every_n_epochs(tmp_path):
+    result = train.train(quick(tmp_path, limit=50, epochs=3, gamma=1e-3, decay=0.1, decay_every=2))
+    rates = [h["rate"] for h in result["history"]]
+    assert rates == pytest.approx([1e-3, 1e-3, 1e-4])
