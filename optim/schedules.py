@@ -44,6 +44,9 @@ class ThresholdScheduler:
     def step(self):
         """Advance the step count and set every group's threshold from it."""
         self.last_epoch += 1
+        self._apply()
+
+    def _apply(self):
         for group, factor in zip(self.optimizer.param_groups, self.factors):
             group["threshold"] = group["initial_threshold"] * factor(self.last_epoch)
 
@@ -55,4 +58,6 @@ class ThresholdScheduler:
         return {"last_epoch": self.last_epoch}
 
     def load_state_dict(self, state_dict):
+        """Restore the step count and set the thresholds from it (in either order with the optimizer's load)."""
         self.last_epoch = state_dict["last_epoch"]
+        self._apply()
