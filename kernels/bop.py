@@ -51,6 +51,9 @@ ms. The measured numbers (H100, fraction of copy bandwidth and ratio to eager Py
 dense weights) are recorded by the benchmark in ``bench/results/``: not measured yet.
 """
 
+import contextlib
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -217,33 +220,48 @@ def _bop_kernel(
         # -w is exact in fp32 and converts back exactly (dense weights hold +-1).
         tl.store(w_ptr + e, (-w).to(W_DTYPE), mask=flip)
     n_flips = tl.sum(flip.to(tl.int32)).to(tl.int64)
-    tl.atomic_add(flips + _column(table, _SLOT, t, n_tensors), n_flips, mask=n_flips > 0)
+    # A counter, not an ordering point: relaxed is enough.
+    tl.atomic_add(flips + _column(table, _SLOT, t, n_tensors), n_flips, mask=n_flips > 0, sem="relaxed")
 
 
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _fp32_bits(x):
-    return torch.tensor(x, dtype=torch.float32).view(torch.int32).item() & 0xFFFFFFFF
+    # struct rounds the double to the nearest fp32, as torch does with a Python scalar.
+    return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
-def _aligned(*tensors):
-    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# Layout checks on shape and stride tuples: plain Python, as this runs per tensor per step.
 
 
 def _packed_order(x):
     """x laid out in the packed layout's element order: (O, *kernel, C) contiguous."""
-    return x.is_contiguous() if x.dim() == 1 else x.movedim(1, -1).is_contiguous()
+    if x.dim() == 1:
+        return x.is_contiguous()
+    shape, stride = x.shape, x.stride()
+    expected = 1
+    for n, st in reversed(list(zip((shape[0], *shape[2:], shape[1]), (stride[0], *stride[2:], stride[1])))):
+        if n != 1 and st != expected:
+            return False
+        expected *= n
+    return True
 
 
 def _rows_view_strides(g):
     """Strides (o, r, c) of ``g.movedim(1, -1)`` seen as (O, R, C), or None if not viewable."""
+    stride = g.stride()
     if g.dim() == 1:
-        return (0, 0, g.stride(0))
-    try:
-        return g.movedim(1, -1).view(g.shape[0], -1, g.shape[1]).stride()
-    except RuntimeError:
+        return (0, 0, stride[0])
+    kernel = [(n, st) for n, st in zip(g.shape[2:], stride[2:]) if n != 1]
+    # The kernel dims merge into one when each steps over the whole of the next.
+    if any(st != st_next * n_next for (_, st), (n_next, st_next) in zip(kernel, kernel[1:])):
         return None
+    return (stride[0], kernel[-1][1] if kernel else 0, stride[1])
 
 
 def _check_state(name, s, g, packed):
@@ -315,7 +333,7 @@ def bop_step(grads, weights, ms, gammas, thresholds, *, vs=None, sigmas=None, fl
         )
         if packed:
             O, C = (1, g.shape[0]) if g.dim() == 1 else g.shape[:2]
-            expected = (triton.cdiv(C, 32),) if g.dim() == 1 else (O, *g.shape[2:], triton.cdiv(C, 32))
+            expected = (_cdiv(C, 32),) if g.dim() == 1 else (O, *g.shape[2:], _cdiv(C, 32))
             if tuple(w.shape) != expected or not w.is_contiguous():
                 raise ValueError(
                     f"packed words {tuple(w.shape)} do not hold a weight of shape {tuple(g.shape)} "
@@ -347,23 +365,24 @@ def bop_step(grads, weights, ms, gammas, thresholds, *, vs=None, sigmas=None, fl
             flat = C % 32 == 0 and all(at[name] % 16 == 0 for name in "mvw")
             key = (g.dtype, m.dtype == torch.bfloat16, w_dtype, packed, flat, g_flat and at["g"] % 16 == 0)
             launches.setdefault(key, []).append(dict(
-                **at, n_words=n_words, C=C, words_per_row=triton.cdiv(C, 32), R=R, gs_o=gs_o, gs_r=gs_r, gs_c=gs_c,
+                **at, n_words=n_words, C=C, words_per_row=_cdiv(C, 32), R=R, gs_o=gs_o, gs_r=gs_r, gs_c=gs_c,
                 **hyper,
             ))
 
-    for (g_dtype, state_bf16, w_dtype, packed, flat, g_flat), rows in launches.items():
-        first = 0
-        for row in rows:
-            row["first_block"] = first
-            first += triton.cdiv(row["n_words"], BLOCK_WORDS)
-        table = torch.tensor([[row[c] for row in rows] for c in _COLUMNS], dtype=torch.int64)
-        if device.type == "cuda":
-            # Pinned, so the copy is asynchronous: no host sync inside an optimizer step.
-            table = table.pin_memory().to(device, non_blocking=True)
-        _bop_kernel[(first,)](
-            table, len(rows), flips,
-            G_DTYPE=_TL_FLOAT[g_dtype], W_DTYPE=w_dtype, PACKED=packed, FLAT=flat, G_FLAT=g_flat,
-            STATE_BF16=state_bf16, SECOND_ORDER=second, SEARCH_STEPS=(len(rows) - 1).bit_length(),
-            BLOCK_WORDS=BLOCK_WORDS, num_warps=NUM_WARPS, enable_fp_fusion=False,
-        )
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for (g_dtype, state_bf16, w_dtype, packed, flat, g_flat), rows in launches.items():
+            first = 0
+            for row in rows:
+                row["first_block"] = first
+                first += _cdiv(row["n_words"], BLOCK_WORDS)
+            table = torch.tensor([[row[c] for row in rows] for c in _COLUMNS], dtype=torch.int64)
+            if device.type == "cuda":
+                # Pinned, so the copy is asynchronous: no host sync inside an optimizer step.
+                table = table.pin_memory().to(device, non_blocking=True)
+            _bop_kernel[(first,)](
+                table, len(rows), flips,
+                G_DTYPE=_TL_FLOAT[g_dtype], W_DTYPE=w_dtype, PACKED=packed, FLAT=flat, G_FLAT=g_flat,
+                STATE_BF16=state_bf16, SECOND_ORDER=second, SEARCH_STEPS=(len(rows) - 1).bit_length(),
+                BLOCK_WORDS=BLOCK_WORDS, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
     return flips
