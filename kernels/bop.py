@@ -119,6 +119,13 @@ def _store_state(ptr, x, mask, STATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _row_and_channel(word, bit, words_per_row):
+    """Row (o * R + r) of each word and logical channel c = 32 * (word in row) + bit of each element."""
+    row = word // words_per_row
+    return row, (word - row * words_per_row)[:, None] * 32 + bit[None, :]
+
+
+@triton.jit
 def _moving_average(old, target, rate, finite):
     # old + rate * (target - old), three fp32 roundings (no FMA: enable_fp_fusion=False).
     return tl.where(finite, old + rate * (target - old), old)
@@ -172,9 +179,7 @@ def _bop_kernel(
         mask = tl.broadcast_to(word_mask[:, None], (BLOCK_WORDS, 32))
     else:
         C = _column(table, _C, t, n_tensors)
-        words_per_row = _column(table, _WORDS_PER_ROW, t, n_tensors)
-        row = word // words_per_row
-        c = (word - row * words_per_row)[:, None] * 32 + bit[None, :]
+        row, c = _row_and_channel(word, bit, _column(table, _WORDS_PER_ROW, t, n_tensors))
         e = row[:, None] * C + c
         mask = word_mask[:, None] & (c < C)
     if G_FLAT:
@@ -182,10 +187,8 @@ def _bop_kernel(
         g_ptr = tl.multiple_of(g_ptr, 16)
         g_off = e
     else:
-        words_per_row = _column(table, _WORDS_PER_ROW, t, n_tensors)
         R = _column(table, _R, t, n_tensors)
-        row = word // words_per_row
-        c = (word - row * words_per_row)[:, None] * 32 + bit[None, :]
+        row, c = _row_and_channel(word, bit, _column(table, _WORDS_PER_ROW, t, n_tensors))
         o = row // R
         r = row - o * R
         g_off = (
