@@ -158,10 +158,12 @@ def _bop_kernel(
     t = lo
 
     g_ptr = _column(table, _G, t, n_tensors).to(tl.pointer_type(G_DTYPE))
-    # bf16 state is addressed as its uint16 bits.
-    STATE_DTYPE: tl.constexpr = tl.uint16 if STATE_BF16 else tl.float32
-    m_ptr = _column(table, _M, t, n_tensors).to(tl.pointer_type(STATE_DTYPE))
-    v_ptr = _column(table, _V, t, n_tensors).to(tl.pointer_type(STATE_DTYPE))
+    if STATE_BF16:  # addressed as its uint16 bits
+        m_ptr = _column(table, _M, t, n_tensors).to(tl.pointer_type(tl.uint16))
+        v_ptr = _column(table, _V, t, n_tensors).to(tl.pointer_type(tl.uint16))
+    else:
+        m_ptr = _column(table, _M, t, n_tensors).to(tl.pointer_type(tl.float32))
+        v_ptr = _column(table, _V, t, n_tensors).to(tl.pointer_type(tl.float32))
     w_ptr = _column(table, _W, t, n_tensors).to(tl.pointer_type(W_DTYPE))
     n_words = _column(table, _N_WORDS, t, n_tensors)
     first_block = _column(table, _FIRST_BLOCK, t, n_tensors)
