@@ -120,7 +120,7 @@ class Bop(Optimizer):
         fused: True runs the Triton kernel (CUDA parameters; on CPU only under the Triton
             interpreter, ``TRITON_INTERPRET=1``, for tests); False the PyTorch reference; None
             (default) the kernel for CUDA parameters and the reference for CPU ones. Dense
-            parameters that are not contiguous always take the reference.
+            parameters whose value or gradient is not contiguous always take the reference.
         differentiable: must be False (a flip is not differentiable).
 
     Sparse gradients are refused; parameters whose ``.grad`` is None are skipped. See the module
@@ -197,7 +197,7 @@ class Bop(Optimizer):
             fused = group["fused"]
         else:
             fused = p.is_cuda and kernels.triton_available()
-        return fused and (isinstance(p, BinaryTensor) or p.is_contiguous())
+        return fused and (isinstance(p, BinaryTensor) or (p.is_contiguous() and p.grad.is_contiguous()))
 
     @torch.no_grad()
     def step(self, closure=None):
