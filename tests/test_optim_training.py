@@ -148,12 +148,7 @@ def _ddp_worker(rank, init_file, fused):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         model = TinyBNN(70, 6, seed=rank)  # different weights on each rank: rank 0's are broadcast
-        # DDP's own start-up broadcast flattens every parameter with view(-1), which BinaryTensor
-        # refuses (bnnops/binary_tensor.py); until it allows that, broadcast the words directly and
-        # skip DDP's sync. Gradient all-reduce needs nothing: BinaryTensor gradients are dense.
-        for t in model.state_dict().values():
-            dist.broadcast(t.packed if isinstance(t, BinaryTensor) else t, src=0)
-        ddp = nn.parallel.DistributedDataParallel(model, init_sync=False)
+        ddp = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's packed weights
         binary, real = split_parameters(model)
         opt = BinaryAndReal(Bop(binary, lr=0.05, threshold=1e-6, fused=fused), torch.optim.Adam(real, lr=1e-2))
         x, y = teacher_data("cpu", n=64, seed=10 + rank)  # each rank its own data
