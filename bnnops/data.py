@@ -207,16 +207,17 @@ def teacher_logits(x, w1, w2):
     return hidden @ w2.T
 
 
-def teacher_student(seed=0, n_train=8192, n_test=2048, in_features=32, hidden=64, num_classes=10, margin=1):
+def teacher_student(seed=0, n_train=8192, n_test=2048, in_features=32, hidden=32, num_classes=4, margin=1):
     """A task whose best accuracy is known: labels made by a random binary network.
 
     The teacher has +-1 weights ``w1`` (hidden, in_features) and ``w2`` (num_classes, hidden)
     drawn with ``seed``; inputs are standard normal (N, in_features) and the label is
-    ``argmax(w2 @ sign(w1 @ x))``. The logits are integers, so inputs whose top two logits tie
-    are redrawn: every label is unambiguous. A student with the teacher's architecture
-    (``bnnops.models.BinaryMLP(in_features, hidden, num_classes)``: real input, binary weights,
-    binary hidden activations) represents the teacher exactly, so 100% test accuracy is
-    reachable; ``info['majority_accuracy']`` is the accuracy of always guessing the most common
+    ``argmax(w2 @ sign(w1 @ x))``. The logits are integers; inputs whose top two logits differ by
+    less than ``margin`` are redrawn (the default 1 only redraws ties), so every label is
+    unambiguous. A student with the teacher's architecture
+    (``bnnops.models.binary_mlp(num_classes, (in_features,), hidden=(hidden,))``: real input,
+    binary weights, binary hidden activations; at the defaults, the ``mlp`` model of
+    ``python -m bnnops.train``) represents the teacher exactly, so 100% test accuracy is reachable; ``info['majority_accuracy']`` is the accuracy of always guessing the most common
     class, the floor to beat. The teacher's weights are in ``info['teacher']``.
     """
     # numpy's PCG64, not torch's generator: a student initialized after torch.manual_seed(seed)

@@ -88,13 +88,14 @@ def small_bnn(num_classes=10, input_shape=(1, 8, 8), filters=32, dense_units=128
     return _vgg_bnn(input_shape, convs, (dense_units,), num_classes, 1, weight_quantizer)
 
 
-def binary_mlp(num_classes=10, input_shape=(32,), hidden=(64,), weight_quantizer=None):
+def binary_mlp(num_classes=4, input_shape=(32,), hidden=(32,), weight_quantizer=None):
     """Binary-weight MLP: flatten, then per hidden width a bias-free binary linear layer and batch
     norm; the first layer sees the real input (W1A16), the others binarize theirs (ste_sign).
 
-    Batch norm here keeps its scale: with one hidden layer the model then represents the
-    teacher ``argmax(W2 sign(W1 x))`` of :func:`bnnops.data.teacher_student` exactly (the first
-    batch norm can shift its sign threshold back to 0, the last can rescale every logit equally).
+    The defaults are the teacher-student task's sizes. Batch norm here keeps its scale: with one
+    hidden layer the model then represents the teacher ``argmax(W2 sign(W1 x))`` of
+    :func:`bnnops.data.teacher_student` exactly (the first batch norm can move its sign
+    threshold back to 0, the last can scale every logit alike).
     """
     features = math.prod(input_shape)
     layers = OrderedDict(flatten=nn.Flatten())

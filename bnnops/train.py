@@ -50,27 +50,19 @@ OPTIMIZERS = ("bop", "bop2", "latent-adam")
 
 # Hyperparameters by preset; explicit command-line values override them. "by_optimizer" holds
 # the settings that differ between optimizers.
+_PAPER = dict(model="binarynet", dataset="cifar10", adam_lr=1e-2, by_optimizer={"latent-adam": dict(adam_lr=5e-3)})
+# CPU-sized runs: the paper's section 5.1 values (gamma 1e-3, tau 1e-6) for Bop, Adam(1e-2) for the
+# latent weights, both decayed x0.1 after 20 of 30 epochs; bench/train_evidence.py --sweep shows
+# the values tried around them.
+_CPU = dict(epochs=30, batch_size=50, gamma=1e-3, threshold=1e-6, adam_lr=1e-2, decay=0.1, decay_every=20)
 PRESETS = {
     # The paper's CIFAR-10 run (section 5.2, 91.3% top-1): bnn_optimization/models/binarynet.py,
     # hparams "bop_sec52". The latent baseline takes that file's default optimizer, Adam(5e-3).
-    "paper-cifar10": dict(
-        model="binarynet", dataset="cifar10", epochs=500, batch_size=50, gamma=1e-4, threshold=1e-8,
-        adam_lr=1e-2, decay=0.1, decay_every=100, by_optimizer={"latent-adam": dict(adam_lr=5e-3)},
-    ),
+    "paper-cifar10": dict(_PAPER, epochs=500, batch_size=50, gamma=1e-4, threshold=1e-8, decay=0.1, decay_every=100),
     # The paper's hyperparameter study (section 5.1, hparams "bop"): gamma 1e-3, tau 1e-6, batch 100.
-    "paper-hparams": dict(
-        model="binarynet", dataset="cifar10", epochs=100, batch_size=100, gamma=1e-3, threshold=1e-6,
-        adam_lr=1e-2, decay=1.0, decay_every=0, by_optimizer={"latent-adam": dict(adam_lr=5e-3)},
-    ),
-    # CPU-sized runs; the values come from bench/train_evidence.py (its results file says how).
-    "digits": dict(
-        model="small-bnn", dataset="digits", epochs=30, batch_size=50, gamma=1e-3, threshold=1e-6,
-        adam_lr=1e-2, decay=0.1, decay_every=20, by_optimizer={"latent-adam": dict(adam_lr=1e-2)},
-    ),
-    "teacher-student": dict(
-        model="mlp", dataset="teacher-student", epochs=30, batch_size=50, gamma=1e-3, threshold=1e-6,
-        adam_lr=1e-2, decay=0.1, decay_every=20, by_optimizer={"latent-adam": dict(adam_lr=1e-2)},
-    ),
+    "paper-hparams": dict(_PAPER, epochs=100, batch_size=100, gamma=1e-3, threshold=1e-6, decay=1.0, decay_every=0),
+    "digits": dict(_CPU, model="small-bnn", dataset="digits"),
+    "teacher-student": dict(_CPU, model="mlp", dataset="teacher-student"),
 }
 DEFAULT_PRESET = "digits"
 
@@ -102,6 +94,7 @@ class TrainConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: str = "runs/train"
     progress: bool = True
+    plots: bool = True
 
     @classmethod
     def from_preset(cls, preset, **overrides):
@@ -267,7 +260,7 @@ def train(cfg, resume=False):
     """Run ``cfg`` (a :class:`TrainConfig`); with ``resume``, continue from ``<out>/checkpoint.pt``.
 
     A resumed run keeps the checkpoint's configuration except ``epochs`` (which may be raised to
-    train longer), ``device``, ``progress`` and ``out``. Returns the log: a dict with ``config``,
+    train longer), ``device``, ``progress``, ``plots`` and ``out``. Returns the log: a dict with ``config``,
     ``history`` (one dict per epoch), ``best_test_acc``, ``final_test_acc``, ``train_seconds``.
     """
     os.makedirs(cfg.out, exist_ok=True)
@@ -277,7 +270,7 @@ def train(cfg, resume=False):
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=cfg.device, weights_only=True)
-        keep = {k: getattr(cfg, k) for k in ("epochs", "device", "progress", "out")}
+        keep = {k: getattr(cfg, k) for k in ("epochs", "device", "progress", "plots", "out")}
         cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), **keep)
 
     dataset = data.load(cfg.dataset, seed=cfg.data_seed, data_dir=cfg.data_dir)
@@ -323,7 +316,8 @@ def train(cfg, resume=False):
                     "train_seconds": seconds}, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)
         _write_json(os.path.join(cfg.out, "log.json"), log())
-    plot_history(history, cfg.out)
+    if cfg.plots:
+        plot_history(history, cfg.out)
     return log()
 
 
@@ -351,6 +345,7 @@ def _parser():
     p.add_argument("--out", help="directory for checkpoint, log and plots (default runs/<preset>-<optimizer>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or epoch lines")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG plots at the end")
     return p
 
 

@@ -9,15 +9,16 @@ from bnnops.train import TrainConfig
 
 
 def quick(tmp_path, **overrides):
-    """small-bnn on 100 digits, batch 50: two steps an epoch."""
-    settings = dict(optimizer="bop", epochs=1, limit=100, out=str(tmp_path), progress=False, device="cpu")
+    """The binary MLP on 100 digits, batch 50 (two steps an epoch), no plots."""
+    settings = dict(model="mlp", optimizer="bop", epochs=1, limit=100, out=str(tmp_path), progress=False,
+                    plots=False, device="cpu")
     settings.update(overrides)
     return TrainConfig.from_preset("digits", **settings)
 
 
 @pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
 def test_one_epoch_writes_checkpoint_log_and_plots(tmp_path, optimizer):
-    result = train.train(quick(tmp_path, optimizer=optimizer))
+    result = train.train(quick(tmp_path, model="small-bnn", optimizer=optimizer, plots=True))
     for name in ("checkpoint.pt", "log.json", "loss.png", "accuracy.png", "flip_ratio.png"):
         assert os.path.getsize(tmp_path / name) > 0, name
     with open(tmp_path / "log.json") as f:
@@ -50,7 +51,7 @@ def test_flip_ratio_counts_the_sign_changes(tmp_path, optimizer):
     result = train.train(cfg)
     torch.manual_seed(cfg.seed)
     wq = "ste_sign" if optimizer == "latent-adam" else None
-    initial = models.build("small-bnn", (1, 8, 8), 10, wq).state_dict()
+    initial = models.build("mlp", (1, 8, 8), 10, wq).state_dict()
     final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     for layer, ratio in result["history"][0]["flip_ratio"].items():
         before, after = (sd[f"{layer}.weight"] for sd in (initial, final))

@@ -1,0 +1,192 @@
+"""End-to-end case: one BinaryNet training step at CIFAR-10 shapes (issue 7).
+
+Ours: ``bnnops.models.binarynet`` (packed binary weights on the bnnops conv / GEMM kernels) trained
+by ``bnnops.optim.Bop`` (fused kernel) for the binary weights + Adam for the batch-norm shifts, on
+bf16 activations. Baseline, what a user would otherwise write: the same network from plain
+``nn.Conv2d`` / ``nn.Linear`` whose forward binarizes float latent weights and inputs with a
+straight-through sign (larq's ``ste_sign``), Adam on everything, latent weights clipped to [-1, 1]
+after each step (larq's ``weight_clip``), under ``torch.autocast`` bf16 (cuDNN bf16 convolutions).
+Both take one step = forward, cross-entropy, backward, optimizer step on the same random batch.
+
+``gpu_step_report()`` (``python -m bench.train_evidence --gpu-step``) times both in one process with
+CUDA events and records images per second and peak memory, which the table of ``python -m bench``
+has no column for.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+import bnnops
+from bench import Workload, case
+from bnnops import models
+from bnnops.nn import BinaryConv2d, BinaryLinear
+from bnnops.optim import BinaryAndReal, Bop, split_parameters
+
+# The paper's CIFAR-10 settings (DESIGN.md): gamma 1e-4, threshold 1e-8, Adam(1e-2) for the rest.
+GAMMA, THRESHOLD, ADAM_LR = 1e-4, 1e-8, 1e-2
+
+
+def ste_sign(x):
+    """Plain-PyTorch straight-through sign: +-1 forward (sign(0) = +1), gradient 1 where |x| <= 1."""
+    clipped = x.clamp(-1, 1)
+    return clipped + (torch.where(x < 0, -1.0, 1.0).to(x.dtype) - clipped).detach()
+
+
+class SteConv2d(nn.Conv2d):
+    """``nn.Conv2d`` on ste_sign(weight) and, unless ``binarize_input=False``, ste_sign(input)."""
+
+    def __init__(self, *args, binarize_input=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.binarize_input = binarize_input
+
+    def forward(self, x):
+        return self._conv_forward(ste_sign(x) if self.binarize_input else x, ste_sign(self.weight), self.bias)
+
+
+class SteLinear(nn.Linear):
+    """``nn.Linear`` on ste_sign(weight) and, unless ``binarize_input=False``, ste_sign(input)."""
+
+    def __init__(self, *args, binarize_input=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.binarize_input = binarize_input
+
+    def forward(self, x):
+        return nn.functional.linear(ste_sign(x) if self.binarize_input else x, ste_sign(self.weight), self.bias)
+
+
+def plain_pytorch_copy(model):
+    """``model`` with every bnnops binary layer replaced by its plain-PyTorch latent-weight twin."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BinaryConv2d):
+            twin = SteConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                             module.padding, module.dilation, module.groups, module.bias is not None,
+                             binarize_input=module.input_quantizer is not None)
+        elif isinstance(module, BinaryLinear):
+            twin = SteLinear(module.in_features, module.out_features, module.bias is not None,
+                             binarize_input=module.input_quantizer is not None)
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, twin)
+    return model
+
+
+def _latent_weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, (SteConv2d, SteLinear))]
+
+
+def training_step(variant, device, batch, filters=128, dense_units=1024):
+    """A zero-argument training step of ``variant`` ("ours" or "plain") on one random CIFAR-10 batch.
+
+    Only that variant's model and optimizer are built (so peak memory is its own). Each call
+    changes the weights (a real step); repeated calls stay a fair measure, the work per step does
+    not depend on the values.
+    """
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = models.binarynet(filters=filters, dense_units=dense_units)
+    if variant == "ours":
+        model = model.to(device)
+        binary, real = split_parameters(model)
+        opt = BinaryAndReal(Bop(binary, lr=GAMMA, threshold=THRESHOLD), torch.optim.Adam(real, lr=ADAM_LR))
+        x = x.to(dtype)
+
+        def step():
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x).float(), y).backward()
+            opt.step()
+
+        return step
+    if variant != "plain":
+        raise ValueError(f"variant must be 'ours' or 'plain', got {variant!r}")
+    model = plain_pytorch_copy(model).to(device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ADAM_LR)
+    latent = _latent_weights(model)
+
+    def step():
+        opt.zero_grad()
+        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # larq's weight_clip
+            torch._foreach_clamp_min_(latent, -1.0)
+            torch._foreach_clamp_max_(latent, 1.0)
+
+    return step
+
+
+def _macs(filters, dense_units):
+    s = bnnops.summary(models.binarynet(filters=filters, dense_units=dense_units), print_table=False)
+    return s.binary_macs + s.real_macs
+
+
+@case(
+    "binarynet_train_step",
+    cuda={"CIFAR-10 b256": dict(batch=256, filters=128, dense_units=1024)},
+    cpu={"CIFAR-10 b4 width/8": dict(batch=4, filters=16, dense_units=128)},
+    tiny=dict(batch=2, filters=4, dense_units=8),
+)
+def binarynet_train_step(device, batch, filters, dense_units):
+    baseline = "plain ste_sign + Adam" + (" (bf16 autocast)" if device == "cuda" else "")
+    return Workload(
+        ours=training_step("ours", device, batch, filters, dense_units),
+        baselines={baseline: training_step("plain", device, batch, filters, dense_units)},
+        bound="bf16",
+        # forward 2*MACs per image, backward about twice the forward
+        ops=6 * _macs(filters, dense_units) * batch,
+        bytes=4 * batch * 3 * 32 * 32,
+    )
+
+
+def _measure(step, steps, warmup):
+    """Seconds per step (CUDA events, mean over ``steps`` after ``warmup``) and peak bytes allocated."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps, torch.cuda.max_memory_allocated()
+
+
+def gpu_step_report(batch=256, steps=20, warmup=5):
+    """Images/s and peak memory of ours and the plain baseline, one process, one after the other.
+
+    Returns (result dict, markdown table). Peak memory is ``torch.cuda.max_memory_allocated``
+    over the timed steps, after warm-up (weights, gradients, optimizer state and activations).
+    """
+    from bench.machine import describe
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("--gpu-step needs a CUDA GPU")
+    rows = {}
+    for name in ("ours", "plain"):
+        step = training_step(name, "cuda", batch)
+        seconds, peak = _measure(step, steps, warmup)
+        rows[name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds, "peak_bytes": peak}
+        del step  # frees the model, its optimizer and the batch before the next variant
+        torch.cuda.empty_cache()
+    ratio = rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"]
+    memory = rows["ours"]["peak_bytes"] / rows["plain"]["peak_bytes"]
+    result = {"machine": describe("cuda"), "batch": batch, "steps": steps, "warmup": warmup, "rows": rows,
+              "speedup": ratio, "memory_ratio": memory, "target": "speedup >= 1.5 at memory_ratio <= 1"}
+    table = "\n".join([
+        f"BinaryNet training step, CIFAR-10 shapes, batch {batch} ({result['machine']['device_name']})",
+        "",
+        "| | images/s | peak memory |",
+        "|---|---|---|",
+        f"| bnnops + Bop (bf16 activations) | {rows['ours']['images_per_s']:.0f} | {rows['ours']['peak_bytes'] / 2**20:.0f} MiB |",
+        f"| plain nn.Conv2d/nn.Linear + ste_sign + Adam (bf16 autocast) | {rows['plain']['images_per_s']:.0f} | "
+        f"{rows['plain']['peak_bytes'] / 2**20:.0f} MiB |",
+        f"| ratio | {ratio:.2f}x | {memory:.2f}x |",
+    ])
+    return result, table

@@ -1,0 +1,215 @@
+"""Evidence that Bop trains binarized networks: Bop against latent-weight Adam, same model, 3 seeds.
+
+Run from the root of a checkout::
+
+    python -m bench.train_evidence            # the arms below, 3 seeds each (CPU, several minutes)
+    python -m bench.train_evidence --sweep    # the hyperparameter values tried (seed 0), to show the choice
+    python -m bench.train_evidence --gpu-step # BinaryNet training step, CIFAR-10 shapes, batch 256 (needs a GPU)
+
+Tasks (``bnnops.train`` presets; each optimizer takes the preset's settings for it):
+
+- ``digits``: ``small-bnn`` on scikit-learn's 8x8 digits (1438 train / 359 test images).
+- ``teacher-student``: ``mlp`` (real input 32 -> binary 32 -> binary 4) on 8192 Gaussian inputs
+  labelled by a random binary network of that same architecture, so 100% test accuracy is
+  reachable; a float logistic regression and the majority class are measured as references.
+
+Each arm (task, optimizer, settings: ``ARMS``) runs once per seed (the seed sets the initial
+weights and the batch order; the data and the teacher stay fixed): final and best test accuracy,
+training wall seconds (the epochs' training loops, evaluation excluded), process CPU seconds (the
+whole run; less sensitive to other processes than wall time), the last epoch's flip ratio, and for
+Bop the median |m| of the binary weights at the end (the scale the threshold is compared with).
+The arms run seed by seed, interleaved, so a busy machine slows all of them alike. The JSON
+(``--out``) holds every run, the per-arm summary, the references and the machine; a markdown table
+is written beside it.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench.machine import describe
+from bnnops import data
+from bnnops.train import TrainConfig, train
+
+TASKS = ("digits", "teacher-student")
+# (task, optimizer, settings over the preset): the preset's Bop (the paper's section 5.1 values,
+# gamma 1e-3 and tau 1e-6) and latent Adam on both tasks, and on the teacher-student task also Bop
+# with the threshold the sweep preferred there (its gradients are larger; see the README text).
+ARMS = [("digits", "bop", {}), ("digits", "latent-adam", {}),
+        ("teacher-student", "bop", {}), ("teacher-student", "bop", {"threshold": 1e-4}),
+        ("teacher-student", "latent-adam", {})]
+# What --sweep tries with seed 0 (the presets' values are among them).
+SWEEP = {
+    "bop": [dict(gamma=g, threshold=t) for g in (1e-4, 1e-3, 1e-2) for t in (1e-8, 1e-6, 1e-5, 1e-4)],
+    "latent-adam": [dict(adam_lr=lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2)],
+}
+
+
+def _load():
+    """The 1-minute load average (other processes on the machine distort the seconds)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def run_one(task, optimizer, seed, epochs=None, **overrides):
+    """Train ``task``'s preset with ``optimizer`` and ``seed``; return the run's row."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig.from_preset(task, optimizer=optimizer, seed=seed, epochs=epochs, out=out,
+                                      progress=False, plots=False, device="cpu", **overrides)
+        t0, c0 = time.perf_counter(), time.process_time()
+        log = train(cfg)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        m_median = _median_abs_m(os.path.join(out, "checkpoint.pt")) if optimizer != "latent-adam" else None
+    last = log["history"][-1]
+    flips = last["flip_ratio"]
+    return {
+        "task": task, "optimizer": optimizer, "seed": seed, "epochs": cfg.epochs, "settings": overrides,
+        "final_test_acc": log["final_test_acc"], "best_test_acc": log["best_test_acc"],
+        "final_train_acc": last["train_acc"], "train_seconds": log["train_seconds"], "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "final_flip_ratio": sum(flips.values()) / len(flips), "test_acc_by_epoch": [h["test_acc"] for h in log["history"]],
+        "load_avg": _load(), "median_abs_m": m_median,
+    }
+
+
+def _median_abs_m(checkpoint):
+    """Median |m| over all binary weights at the end of a Bop run: the scale the threshold meets."""
+    state = torch.load(checkpoint, weights_only=True)["optimization"]["optimizer"]["binary"]["state"]
+    return torch.cat([s["m"].float().abs().flatten() for s in state.values()]).median().item()
+
+
+def _spread(values):
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def summarize(rows):
+    """Per (task, optimizer): final / best test accuracy and training seconds, mean std min max."""
+    out = {}
+    for row in rows:
+        settings = "".join(f", {k} {v:g}" for k, v in row["settings"].items())
+        out.setdefault(f"{row['task']} / {row['optimizer']}{settings}", []).append(row)
+    return {key: {"runs": len(rs), "final_test_acc": _spread([r["final_test_acc"] for r in rs]),
+                  "best_test_acc": _spread([r["best_test_acc"] for r in rs]),
+                  "train_seconds": _spread([r["train_seconds"] for r in rs]),
+                  "cpu_seconds": _spread([r["cpu_seconds"] for r in rs]),
+                  "final_flip_ratio": _spread([r["final_flip_ratio"] for r in rs])}
+            for key, rs in out.items()}
+
+
+def markdown(summary, machine):
+    lines = ["| task / optimizer | runs | final test acc (mean ± std) | min - max | best epoch acc | "
+             "train wall s (mean) | process CPU s (mean) | last-epoch flip ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, s in summary.items():
+        f, b, t, fr = s["final_test_acc"], s["best_test_acc"], s["train_seconds"], s["final_flip_ratio"]
+        cpu = s["cpu_seconds"]
+        lines.append(f"| {key} | {s['runs']} | {100 * f['mean']:.1f}% ± {100 * f['std']:.1f} | "
+                     f"{100 * f['min']:.1f} - {100 * f['max']:.1f}% | {100 * b['mean']:.1f}% | {t['mean']:.1f} | {cpu['mean']:.1f} | "
+                     f"{fr['mean']:.1e} |")
+    lines.append("")
+    lines.append(f"{machine['device_name']}, {machine['cpu_threads']} threads, torch {machine['torch']}, "
+                 f"{machine['date']}, commit {str(machine['commit'])[:10]}")
+    return "\n".join(lines)
+
+
+def _write(out, result, table):
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(table + "\n")
+
+
+def evidence(seeds, epochs=None):
+    rows = []
+    for seed in seeds:
+        for task, optimizer, settings in ARMS:  # seed by seed, so load on the machine hits every arm alike
+            rows.append(run_one(task, optimizer, seed, epochs, **settings))
+            r = rows[-1]
+            print(f"{task:16s} {optimizer:12s} {settings} seed {seed}: final test acc {r['final_test_acc']:.4f} "
+                  f"(best {r['best_test_acc']:.4f}), {r['train_seconds']:.1f} s, load {r['load_avg']}",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def references():
+    """What simple guesses get on the teacher-student test set (the binary teacher itself gets 100%):
+    always the majority class, and a float logistic regression on the raw inputs."""
+    from sklearn.linear_model import LogisticRegression
+
+    d = data.teacher_student()
+    fit = LogisticRegression(max_iter=2000).fit(d.x_train.numpy(), d.y_train.numpy())
+    return {"teacher-student majority class": d.info["majority_accuracy"],
+            "teacher-student float logistic regression": fit.score(d.x_test.numpy(), d.y_test.numpy())}
+
+
+def sweep(epochs=None):
+    rows = []
+    for task in TASKS:
+        for optimizer, grid in SWEEP.items():
+            for settings in grid:
+                rows.append(run_one(task, optimizer, 0, epochs, **settings))
+                r = rows[-1]
+                print(f"{task:16s} {optimizer:12s} {settings}: final {r['final_test_acc']:.4f} best "
+                      f"{r['best_test_acc']:.4f} flips {r['final_flip_ratio']:.1e} {r['train_seconds']:.1f} s",
+                      file=sys.stderr, flush=True)
+    return rows
+
+
+def sweep_markdown(rows, machine):
+    lines = ["| task | optimizer | settings | final test acc | best | last-epoch flip ratio | median abs m |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        settings = ", ".join(f"{k} {v:g}" for k, v in r["settings"].items())
+        lines.append(f"| {r['task']} | {r['optimizer']} | {settings} | {100 * r['final_test_acc']:.1f}% | "
+                     f"{100 * r['best_test_acc']:.1f}% | {r['final_flip_ratio']:.1e} | "
+                     f"{'-' if r['median_abs_m'] is None else format(r['median_abs_m'], '.1e')} |")
+    lines.append("")
+    lines.append(f"seed 0, {machine['device_name']}, {machine['date']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.train_evidence", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sweep", action="store_true", help="try the SWEEP grid with seed 0 instead")
+    p.add_argument("--gpu-step", action="store_true", help="BinaryNet training step on the GPU instead")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, help="override the presets' epochs (quick looks)")
+    p.add_argument("--out", help="JSON path (default bench/results/train_evidence[_sweep|_gpu_step].json)")
+    args = p.parse_args(argv)
+    if args.gpu_step:
+        from bench.cases.train_step import gpu_step_report
+
+        result, table = gpu_step_report()
+        out = args.out or "bench/results/train_evidence_gpu_step.json"
+    elif args.sweep:
+        machine = describe("cpu")
+        rows = sweep(args.epochs)
+        result, table = {"machine": machine, "runs": rows}, sweep_markdown(rows, machine)
+        out = args.out or "bench/results/train_evidence_sweep.json"
+    else:
+        machine = describe("cpu")
+        machine["load_avg_start"] = _load()
+        rows = evidence(range(args.seeds), args.epochs)
+        machine["load_avg_end"] = _load()
+        summary = summarize(rows)
+        refs = references()
+        result = {"machine": machine, "summary": summary, "references": refs, "runs": rows}
+        table = markdown(summary, machine) + "".join(f"\n{k}: {100 * v:.1f}% test accuracy" for k, v in refs.items())
+        out = args.out or "bench/results/train_evidence.json"
+    _write(out, result, table)
+    print(table)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
