@@ -29,6 +29,10 @@ __all__ = ["BinaryTensor"]
 
 aten = torch.ops.aten
 
+# torch function -> implementation for BinaryTensor arguments, filled by the modules that own
+# the packed kernels (bnnops.linear registers F.linear).
+TORCH_FUNCTIONS = {}
+
 
 class BinaryTensor(torch.Tensor):
     """A logical +-1 float tensor stored as bit-packed int32 words.
@@ -103,8 +107,19 @@ class BinaryTensor(torch.Tensor):
     def __tensor_unflatten__(inner_tensors, dtype, outer_size, outer_stride):
         return BinaryTensor(inner_tensors["packed"], outer_size, dtype)
 
-    # Ops reach __torch_dispatch__ below autograd; torch functions need no special handling.
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Functions in TORCH_FUNCTIONS get a packed implementation (F.linear -> the W1A16
+        # kernel, whose autograd never builds the dense weight); a handler may decline with
+        # NotImplemented. Everything else behaves as a plain tensor here and reaches
+        # __torch_dispatch__ below autograd.
+        kwargs = kwargs or {}
+        handler = TORCH_FUNCTIONS.get(func)
+        if handler is not None:
+            result = handler(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
+        return torch._C._disabled_torch_function_impl(func, types, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
