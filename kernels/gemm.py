@@ -83,9 +83,10 @@ def _replicate(w, LOG2: tl.constexpr):
 def _unpack_tile(words, R: tl.constexpr, BKW: tl.constexpr, DTYPE: tl.constexpr, INTERLEAVED: tl.constexpr):
     """int32 words [R, BKW] -> +-1 values [R, 32 * BKW] of DTYPE (int8, bfloat16, float16, float32).
 
-    Bit 1 is -1, bit 0 is +1. Natural order: column 32*w + j is bit j of word w. INTERLEAVED (int8
-    only): column 32*w + 4*j + i is bit j + 8*i of word w, a permutation of K that is cheaper to
-    produce; use it for both operands of a dot, whose sum it leaves unchanged.
+    Bit 1 is -1, bit 0 is +1. Natural order: column 32*w + j is bit j of word w. INTERLEAVED (not
+    float32): with L values per 32-bit lane (4 for int8, 2 for 16-bit), column 32*w + L*j + i is
+    bit j + (32/L)*i, a permutation of K that is cheaper to produce; the other operand of the dot
+    must be permuted alike (:func:`_load_interleaved`), which leaves the dot product unchanged.
     """
     w = words.to(tl.uint32, bitcast=True)
     if DTYPE == tl.float32:
@@ -106,19 +107,45 @@ def _unpack_tile(words, R: tl.constexpr, BKW: tl.constexpr, DTYPE: tl.constexpr,
         lanes = tl.reshape(_replicate(lanes, 2), (R, BKW, 8, 4)) >> (8 * tl.arange(0, 4))[None, None, None, :]
         values = lanes.to(tl.int8)
     else:
-        # Two 16-bit values per lane, bits j = 2h and j + 1 of the word (j <= 14; the upper half
-        # of the word is shifted down first): masked, one multiply moves them to bits 15 and 31
-        # (the sign bits; the copies it also makes at bits 16 and 30 are masked off), then the
-        # exponent of 1.0 is or-ed in. Two integer ops and one multiply per two values.
+        # Two 16-bit values per lane; the sign bits are bits 15 and 31. ONE: 1.0 in both halves.
         ONE: tl.constexpr = 0x3F803F80 if DTYPE == tl.bfloat16 else 0x3C003C00
         w = tl.reshape(_replicate(w, 4), (R, BKW, 16))
         h = tl.arange(0, 16)[None, None, :]
-        j = 2 * (h % 8)
-        pair = tl.where(h < 8, w, w >> 16) & (3 << j)
-        lanes = ((pair * ((1 << (15 - j)) + (1 << (30 - j)))) & 0x80008000) | ONE
+        if INTERLEAVED:
+            # Bits h and h + 16 share a lane: one mask, one shift to bits 15 and 31.
+            lanes = ((w & (0x00010001 << h)) << (15 - h)) | ONE
+        else:
+            # Bits j = 2h and j + 1 (j <= 14; the upper half of the word is shifted down first):
+            # masked, one multiply moves them to bits 15 and 31 (its copies at bits 16 and 30
+            # are masked off).
+            j = 2 * (h % 8)
+            pair = tl.where(h < 8, w, w >> 16) & (3 << j)
+            lanes = ((pair * ((1 << (15 - j)) + (1 << (30 - j)))) & 0x80008000) | ONE
         lanes = tl.reshape(_replicate(lanes, 1), (R, BKW, 16, 2)) >> (16 * tl.arange(0, 2))[None, None, None, :]
         values = lanes.to(tl.int16).to(DTYPE, bitcast=True)
     return tl.reshape(values, (R, BKW * 32))
+
+
+@triton.jit
+def _load_interleaved(rows, stride, mask_rows, k0, K, BRW: tl.constexpr, LANES: tl.constexpr):
+    """Load x[:, k0 : k0 + 32 * BRW] (rows: pointers to the row starts) in the INTERLEAVED column
+    order of :func:`_unpack_tile`. Each of the LANES parts is a contiguous run of 32/LANES values
+    per word (a vector load); tl.join lays them side by side in registers. Past K reads 0.
+    """
+    SPAN: tl.constexpr = 32 // LANES
+    k = k0 + (32 * tl.arange(0, BRW))[:, None] + tl.arange(0, SPAN)[None, :]
+    ptrs = rows[:, :, None] + k[None, :, :] * stride
+    mask = mask_rows[:, :, None]
+    part0 = tl.load(ptrs, mask=mask & (k < K)[None, :, :], other=0.0)
+    part1 = tl.load(ptrs + SPAN * stride, mask=mask & (k + SPAN < K)[None, :, :], other=0.0)
+    if LANES == 2:
+        x = tl.join(part0, part1)
+    else:
+        part2 = tl.load(ptrs + 2 * SPAN * stride, mask=mask & (k + 2 * SPAN < K)[None, :, :], other=0.0)
+        part3 = tl.load(ptrs + 3 * SPAN * stride, mask=mask & (k + 3 * SPAN < K)[None, :, :], other=0.0)
+        # join(join(p0, p2), join(p1, p3))[..., a, b] is part 2a + b: the lane index.
+        x = tl.join(tl.join(part0, part2), tl.join(part1, part3))
+    return tl.reshape(x, (rows.shape[0], BRW * 32))
 
 
 @triton.jit
@@ -142,19 +169,35 @@ def _to_output(y, OUT_T: tl.constexpr):
 
 
 @triton.jit
+def _epilogue(y, n, mask_n, pad, scale_ptr, bias_ptr, has_scale, has_bias):
+    """(y - pad) * scale[n] + bias[n] in fp32 (n, mask_n broadcast against y)."""
+    y = y - pad
+    if has_scale:
+        y = y * tl.load(scale_ptr + n, mask=mask_n, other=0).to(tl.float32)
+    if has_bias:
+        y = y + tl.load(bias_ptr + n, mask=mask_n, other=0).to(tl.float32)
+    return y
+
+
+# has_scale / has_bias are runtime flags (they only touch the epilogue) and M only masks rows: not
+# specializing on them keeps the number of compiled variants down.
+@triton.jit(do_not_specialize=["M", "has_scale", "has_bias"])
 def _gemm_kernel(
-    x_ptr, w_ptr, y_ptr, scale_ptr, bias_ptr,
+    x_ptr, w_ptr, y_ptr, scale_ptr, bias_ptr, part_ptr,
     M, N, R, KW,
-    stride_xm, stride_xr, stride_ym, stride_yn,
-    X_MODE: tl.constexpr, TRANS_W: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    stride_xm, stride_xr, stride_ym, stride_yn, has_scale, has_bias,
+    X_MODE: tl.constexpr, TRANS_W: tl.constexpr,
+    UPCAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """y[M, N] = (A[M, R] @ B[R, N]) * scale[N] + bias[N], B from packed words w.
 
     A is x: real values (X_REAL), floats binarized here (X_SIGN), or int32 sign words (X_PACKED,
     (M, ceil(R/32)) with strides in words). B: TRANS_W = 0 -> B = W^T, W (N, R) as words (N, KW),
     KW = ceil(R/32); TRANS_W = 1 -> B = W, W (R, N) as words (R, KW), KW = ceil(N/32).
+    With SPLIT_K > 1, program (tile, s) sums the s-th share of the K steps into part[s] (fp32,
+    (SPLIT_K, M, N) contiguous) and ``_split_k_epilogue_kernel`` finishes y.
     """
     # Grouped tile order: GROUP_M row tiles share each column of W tiles while it is in L2.
     pid = tl.program_id(0)
@@ -174,28 +217,40 @@ def _gemm_kernel(
     BRW: tl.constexpr = BLOCK_R // 32
     BNW: tl.constexpr = BLOCK_N // 32
     INT: tl.constexpr = X_MODE != X_REAL
+    # SWAP_AB computes y^T = B^T A^T: the weight tile is the tensor cores' M operand (64+ rows)
+    # and a small batch their N operand (16), so small M still runs wgmma.
+    ACC_SHAPE: tl.constexpr = (BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N)
     if INT:
         DOT_T: tl.constexpr = tl.int8
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+        acc = tl.zeros(ACC_SHAPE, tl.int32)
     else:
         DOT_T: tl.constexpr = x_ptr.dtype.element_ty
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc = tl.zeros(ACC_SHAPE, tl.float32)
     if TRANS_W:
         cw = pid_n * BNW + tl.arange(0, BNW)
     else:
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
 
+    # Interleave K when x is packed (both operands unpacked alike) or small (SWAP_AB: cheap to
+    # permute); the grad's packed dimension is its output, which must stay in order.
+    INTERLEAVED: tl.constexpr = (X_MODE == X_PACKED or SWAP_AB) and not TRANS_W and DOT_T != tl.float32
+    LANES: tl.constexpr = 4 if INT else 2
     n_steps = tl.cdiv(R, BLOCK_R)
-    for step in range(n_steps):
+    steps_per_split = tl.cdiv(n_steps, SPLIT_K)
+    first_step = tl.program_id(1) * steps_per_split
+    for step in range(first_step, tl.minimum(first_step + steps_per_split, n_steps)):
         r = step * BLOCK_R + tl.arange(0, BLOCK_R)
         rw = step * BRW + tl.arange(0, BRW)
         if X_MODE == X_PACKED:
             xw = tl.load(x_rows + rw[None, :] * stride_xr, mask=mask_m[:, None] & (rw < KW)[None, :], other=0)
             if step == n_steps - 1:  # only the last word can hold padding bits
                 xw = xw & _valid_bits(rw, R)[None, :]
-            a = _unpack_tile(xw, BLOCK_M, BRW, tl.int8, True)
+            a = _unpack_tile(xw, BLOCK_M, BRW, tl.int8, INTERLEAVED)
         else:
-            xv = tl.load(x_rows + r[None, :] * stride_xr, mask=mask_m[:, None] & (r < R)[None, :], other=0.0)
+            if INTERLEAVED:
+                xv = _load_interleaved(x_rows, stride_xr, mask_m[:, None], step * BLOCK_R, R, BRW, LANES)
+            else:
+                xv = tl.load(x_rows + r[None, :] * stride_xr, mask=mask_m[:, None] & (r < R)[None, :], other=0.0)
             if X_MODE == X_SIGN:
                 # Compare through fp32: exact for every dtype (and the interpreter lacks bf16 math).
                 a = tl.where(xv.to(tl.float32) < 0, -1, 1).to(tl.int8)
@@ -209,7 +264,9 @@ def _gemm_kernel(
             words = tl.load(w_rows + rw[None, :], mask=mask_n[:, None] & (rw < KW)[None, :], other=0)
             if INT and step == n_steps - 1:
                 words = words & _valid_bits(rw, R)[None, :]
-            b = tl.trans(_unpack_tile(words, BLOCK_N, BRW, DOT_T, X_MODE == X_PACKED))
+            b = tl.trans(_unpack_tile(words, BLOCK_N, BRW, DOT_T, INTERLEAVED))
+        if SWAP_AB:
+            a, b = tl.trans(b), tl.trans(a)
         if INT:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         elif DOT_T == tl.float32:
@@ -225,41 +282,78 @@ def _gemm_kernel(
         else:
             acc = tl.dot(a, b, acc)
 
-    y = acc.to(tl.float32)
-    if INT:
-        # Each padded position k in [R, n_steps * BLOCK_R) was +1 times +1.
-        y = y - (n_steps * BLOCK_R - R)
-    if HAS_SCALE:
-        y = y * tl.load(scale_ptr + rn, mask=mask_n, other=0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=mask_n, other=0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
-    tl.store(y_ptrs, _to_output(y, y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        part = part_ptr + (tl.program_id(1) * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
+        tl.store(part, acc.to(tl.float32), mask=mask)
+    else:
+        # INT: each padded position k in [R, n_steps * BLOCK_R) added +1 times +1.
+        pad = n_steps * BLOCK_R - R if INT else 0
+        y = _epilogue(acc.to(tl.float32), rn[None, :], mask_n[None, :], pad, scale_ptr, bias_ptr, has_scale, has_bias)
+        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+        tl.store(y_ptrs, _to_output(y, y_ptr.dtype.element_ty), mask=mask)
 
 
-def default_config(x_mode, trans_w, M, N, x_dtype):
+@triton.jit(do_not_specialize=["M", "pad", "has_scale", "has_bias"])
+def _split_k_epilogue_kernel(part_ptr, y_ptr, scale_ptr, bias_ptr, M, N, pad, stride_ym, stride_yn, has_scale, has_bias,
+                             SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m, n] = epilogue(sum_s part[s, m, n]): the end of a split-K product, in a fixed order."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < M * N
+    y = tl.zeros((BLOCK,), tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        y += tl.load(part_ptr + s * M * N + i, mask=mask, other=0.0)
+    m, n = i // N, i % N
+    y = _epilogue(y, n, mask, pad, scale_ptr, bias_ptr, has_scale, has_bias)
+    tl.store(y_ptr + m * stride_ym + n * stride_yn, _to_output(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
     """Block shapes and launch options for one call (see the module docstring for why).
 
-    Returns a dict with BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, num_warps, num_stages.
+    Returns a dict with BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, SWAP_AB, SPLIT_K, num_warps,
+    num_stages.
     """
-    if M <= SMALL_M:
-        # Weight streaming: the packed W is the traffic, so long K steps, many stages in flight.
-        if trans_w:
-            return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_R=64, GROUP_M=1, num_warps=4, num_stages=4)
-        if x_mode == X_REAL:
-            return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, num_warps=4, num_stages=4)
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=512, GROUP_M=1, num_warps=4, num_stages=4)
-    if x_mode == X_PACKED:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=128, GROUP_M=8, num_warps=8, num_stages=3)
-    if x_mode == X_SIGN:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, num_warps=8, num_stages=3)
-    if x_dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=32, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if M > SMALL_M:
+        if x_mode == X_PACKED:
+            block_r = 128
+        elif x_mode == X_SIGN or x_dtype != torch.float32:
+            block_r = 64
+        else:
+            block_r = 32
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=block_r, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
+                    num_warps=8, num_stages=3)
+    # Weight streaming: the weight tile is the wgmma M operand (SWAP_AB, 64 rows), the batch its
+    # N operand (16), long K steps with several in flight, and K split so that every SM gets at
+    # least two CTAs (N = 8192 alone gives 128 tiles of 64 rows).
+    block_n = 128 if trans_w else 64
+    if trans_w:
+        block_r = 64
+    elif x_mode == X_PACKED:
+        block_r = 512
+    else:
+        block_r = 128 if x_mode == X_REAL and x_dtype == torch.float32 else 256
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() and device.type == "cuda" else 132
+    split = min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), triton.cdiv(R, block_r), 8)
+    return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=1, SWAP_AB=True,
+                SPLIT_K=triton.next_power_of_2(split) if split > 1 else 1,
+                num_warps=4, num_stages=4)
+
+
+_UNUSED = {}
+
+
+def _unused_fp32(device):
+    if device not in _UNUSED:
+        _UNUSED[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _UNUSED[device]
 
 
 def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
-    config = dict(config or default_config(x_mode, trans_w, M, N, x.dtype))
+    config = dict(config or default_config(x_mode, trans_w, M, N, R, x.dtype, x.device))
+    config.setdefault("SPLIT_K", 1)
     if out.numel() == 0:
         return out
     if R == 0:
@@ -267,16 +361,30 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
         y = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         y = y * scale.float() if scale is not None else y
         return out.copy_(y + bias.float() if bias is not None else y)
-    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    split = config["SPLIT_K"]
+    # Absent scale / bias / workspace: any fp32 pointer, never read (one pointer type, so one
+    # compiled variant).
+    unused = _unused_fp32(out.device)
+    part = torch.empty(split, M, N, dtype=torch.float32, device=out.device) if split > 1 else unused
+    scale_ptr = scale if scale is not None else unused
+    bias_ptr = bias if bias is not None else unused
+    flags = (int(scale is not None), int(bias is not None))
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), split)
     _gemm_kernel[grid](
-        x, words, out,
-        scale if scale is not None else out, bias if bias is not None else out,
+        x, words, out, scale_ptr, bias_ptr, part,
         M, N, R, KW,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        X_MODE=x_mode, TRANS_W=trans_w, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), *flags,
+        X_MODE=int(x_mode), TRANS_W=trans_w,
         UPCAST_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         **config,
     )
+    if split > 1:
+        pad = triton.cdiv(R, config["BLOCK_R"]) * config["BLOCK_R"] - R if x_mode != X_REAL else 0
+        block = 1024
+        _split_k_epilogue_kernel[(triton.cdiv(M * N, block),)](
+            part, out, scale_ptr, bias_ptr, M, N, pad, out.stride(0), out.stride(1), *flags,
+            SPLIT_K=split, BLOCK=block,
+        )
     return out
 
 
@@ -284,7 +392,7 @@ def _prepack(x, M, N, config):
     """Whether :func:`a1w1` packs float activations first: see the module docstring."""
     if config is not None:
         return False
-    return M > SMALL_M and N > default_config(X_PACKED, False, M, N, x.dtype)["BLOCK_N"]
+    return M > SMALL_M and N > 128  # more than one column of the large-batch tiles
 
 
 def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=None, config=None, prepack=None):
@@ -336,40 +444,55 @@ def grad_input(g, words, K, *, out=None, config=None):
 
 
 def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
-    """Time a few block configs per case on the GPU and print them (median ms, TOPS, config).
+    """Time a few block configs per case on the GPU and print them (median us, TOPS, config).
+
+    ``python -c "from bnnops.kernels import gemm; gemm.sweep()"``. Each config is one compile
+    (about a second) plus the timing. The shape table's choice is marked ``*``.
 
     Args:
-        shapes: (name, M, N, K) cases; default the A1W1 and W1A16 benchmark shapes.
-        configs: extra configs (dicts as :func:`default_config` returns) to try in every case.
+        shapes: (name, M, N, K) cases, name one of "a1w1" (float x binarized in the kernel),
+            "a1w1-packed" (x packed first), "w1a16"; default the benchmark shapes.
+        configs: extra configs (dicts like :func:`default_config` returns) to try in every case.
+        dtype: the activations' dtype.
     """
     from triton.testing import do_bench
 
-    shapes = shapes or [("a1w1", 8192, 8192, 8192), ("a1w1-packed", 8192, 8192, 8192),
+    shapes = shapes or [("a1w1-packed", 8192, 8192, 8192), ("a1w1", 8192, 8192, 8192),
                         ("w1a16", 1, 8192, 8192), ("w1a16", 16, 8192, 8192), ("w1a16", 128, 8192, 8192)]
+    large = dict(GROUP_M=8, SWAP_AB=False, SPLIT_K=1, num_warps=8, num_stages=3)
+    small = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4)
     candidates = {
-        "a1w1": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, num_warps=8, num_stages=3),
-                 dict(BLOCK_M=128, BLOCK_N=256, BLOCK_R=64, GROUP_M=8, num_warps=8, num_stages=3)],
-        "a1w1-packed": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=128, GROUP_M=8, num_warps=8, num_stages=3),
-                        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, num_warps=8, num_stages=4),
-                        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_R=128, GROUP_M=8, num_warps=8, num_stages=3)],
-        "w1a16": [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=512, GROUP_M=1, num_warps=4, num_stages=4),
-                  dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, num_warps=4, num_stages=4),
-                  dict(BLOCK_M=16, BLOCK_N=128, BLOCK_R=128, GROUP_M=1, num_warps=4, num_stages=5),
-                  dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, num_warps=4, num_stages=4),
-                  dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, num_warps=8, num_stages=3)],
+        "a1w1-packed": [dict(large, BLOCK_M=128, BLOCK_N=128, BLOCK_R=128),
+                        dict(large, BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, num_stages=4),
+                        dict(large, BLOCK_M=128, BLOCK_N=256, BLOCK_R=128)],
+        "a1w1": [dict(large, BLOCK_M=128, BLOCK_N=128, BLOCK_R=64),
+                 dict(large, BLOCK_M=128, BLOCK_N=256, BLOCK_R=64)],
+        "w1a16": [dict(small, SPLIT_K=1), dict(small, SPLIT_K=2), dict(small, SPLIT_K=4),
+                  dict(small, BLOCK_R=128, SPLIT_K=8, num_stages=6),
+                  dict(large, BLOCK_M=64, BLOCK_N=128, BLOCK_R=64, num_warps=4, num_stages=4),
+                  dict(large, BLOCK_M=128, BLOCK_N=128, BLOCK_R=64)],
     }
     for name, M, N, K in shapes:
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         w = torch.randint(-(2**31), 2**31, (N, triton.cdiv(K, 32)), device="cuda", dtype=torch.int64).to(torch.int32)
         if name == "a1w1-packed":
             x = pack_signs(x)
-        call = w1a16 if name == "w1a16" else (lambda x, w, config: a1w1(x, w, K, config=config, prepack=False))
-        default = default_config(X_REAL if name == "w1a16" else X_PACKED if x.dtype == torch.int32 else X_SIGN,
-                                 False, M, N, x.dtype)
+        if name == "w1a16":
+            x_mode, call = X_REAL, w1a16
+        else:
+            x_mode = X_PACKED if name == "a1w1-packed" else X_SIGN
+
+            def call(x, w, config):
+                return a1w1(x, w, K, config=config, prepack=False)
+
+        default = default_config(x_mode, False, M, N, K, x.dtype, x.device)
         for config in [default] + [c for c in candidates[name] + list(configs or []) if c != default]:
+            if config["SWAP_AB"] != (M <= SMALL_M) and config["BLOCK_M"] > M:
+                continue  # a small-batch config for a large batch, or the reverse
             try:
                 ms = do_bench(lambda: call(x, w, config=config), warmup=25, rep=100)
             except Exception as e:  # a config that does not fit (shared memory, registers) is skipped
-                print(f"{name} M={M} N={N} K={K} {config}: failed ({type(e).__name__})")
+                print(f"{name} M={M} N={N} K={K}: {config} failed: {type(e).__name__}: {e}"[:300])
                 continue
-            print(f"{name} M={M} N={N} K={K}: {ms * 1e3:9.1f} us  {2 * M * N * K / ms / 1e9:8.1f} TOPS  {config}")
+            mark = "*" if config is default else " "
+            print(f"{mark} {name:11s} M={M:5d} N={N} K={K}: {ms * 1e3:9.1f} us {2 * M * N * K / ms / 1e9:8.1f} TOPS  {config}")

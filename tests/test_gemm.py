@@ -11,13 +11,22 @@ import torch
 from bnnops import kernels
 from bnnops.linear import a1w1_reference, grad_input_reference, w1a16_reference
 from bnnops.packing import pack_signs_reference, packed_length
-from conftest import FLOAT_DTYPES, poisoned, random_signs_input
+from conftest import DEVICE, FLOAT_DTYPES, poisoned, random_signs_input
 
-# (M, N, K): M = 1, and sizes that are not multiples of any block or of 32.
-SHAPES = [(1, 33, 70), (37, 45, 100), (20, 70, 33)]
-# Several tiles in every dimension at these shapes (the table's blocks are 128 wide).
-SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=64, GROUP_M=2, num_warps=4, num_stages=2)
-CONFIGS = [None, SMALL]
+if DEVICE == "cuda":
+    # (M, N, K): M = 1 and sizes not multiples of any block or of 32, large enough for several
+    # tiles of the shape table's blocks in every dimension, for both the small-batch (M <= 16)
+    # and the large-batch configs. Each extra config is a compile, so only the table runs.
+    SHAPES = [(1, 200, 1000), (20, 150, 333), (130, 300, 700)]
+    CONFIGS, CONFIG_IDS = [None], ["table"]
+else:
+    # The interpreter is slow: small sizes, plus small blocks that make several tiles in M, N and
+    # K, with the batch as the dot's M operand and (SWAP_AB, the small-batch layout) as its N.
+    SHAPES = [(1, 33, 70), (37, 45, 100), (20, 70, 33)]
+    # Split-K sums parts of K in separate programs, then a second kernel adds them up.
+    SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=64, GROUP_M=2, SWAP_AB=False, SPLIT_K=1, num_warps=4, num_stages=2)
+    SWAPPED = dict(SMALL, SWAP_AB=True, SPLIT_K=2)
+    CONFIGS, CONFIG_IDS = [None, SMALL, SWAPPED], ["table", "small", "swapped-split"]
 
 # Rounding of one value to each dtype (half an ulp, relative).
 ROUND = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -27,7 +36,7 @@ def every_config_shape_dtype(test):
     """Run a test for each config, shape and float dtype."""
     test = pytest.mark.parametrize("dtype", FLOAT_DTYPES)(test)
     test = pytest.mark.parametrize("M,N,K", SHAPES)(test)
-    return pytest.mark.parametrize("config", CONFIGS, ids=["table", "small"])(test)
+    return pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)(test)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +77,7 @@ def test_a1w1_float_input(gemm, device, config, M, N, K, dtype):
     # Binarized in the kernel: exact integer results, in fp32 and in the activation dtype.
     x = random_signs_input((M, K), dtype, device)
     words = weight_words(N, K, device)
-    scale, bias = channel_vectors(N, device, with_scale=K == 100, with_bias=K != 70)
+    scale, bias = channel_vectors(N, device, with_scale=(M, N, K) == SHAPES[1], with_bias=(M, N, K) != SHAPES[0])
     out = poisoned((M, N), dtype, device)
     y = gemm.a1w1(x, words, K, scale=scale, bias=bias, out_dtype=dtype, out=out, config=config, prepack=False)
     assert y is out
@@ -105,7 +114,7 @@ def test_a1w1_exact_at_large_k(gemm, device):
 def test_w1a16(gemm, device, config, M, N, K, dtype):
     x = random_signs_input((M, K), dtype, device, finite=True)
     words = weight_words(N, K, device)
-    scale, bias = channel_vectors(N, device, with_scale=K != 33, with_bias=K != 70)
+    scale, bias = channel_vectors(N, device, with_scale=(M, N, K) != SHAPES[2], with_bias=(M, N, K) != SHAPES[0])
     out = poisoned((M, N), dtype, device)
     y = gemm.w1a16(x, words, scale=scale, bias=bias, out=out, config=config)
     assert y is out and y.dtype == dtype
