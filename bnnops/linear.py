@@ -260,6 +260,15 @@ def _check_weight(weight):
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
 
 
+def _input_quantizer(quantizer):
+    q = get_quantizer(quantizer)
+    if isinstance(q, MagnitudeAwareSign):
+        raise ValueError(
+            "magnitude_aware_sign is a weight quantizer; use ste_sign, approx_sign or swish_sign for inputs"
+        )
+    return q
+
+
 def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=None, weight_quantizer=None):
     """Binary linear layer: ``q(x) @ W^T * scale + bias`` with W a +-1 weight.
 
@@ -298,9 +307,7 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
     if weight.device != x.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
     N, K = weight.shape
-    iq = get_quantizer(input_quantizer)
-    if isinstance(iq, MagnitudeAwareSign):
-        raise ValueError("magnitude_aware_sign is a weight quantizer; use ste_sign, approx_sign or swish_sign for inputs")
+    iq = _input_quantizer(input_quantizer)
     if isinstance(weight, BinaryTensor):
         if weight_quantizer is not None:
             raise ValueError("a BinaryTensor weight is already binary: weight_quantizer must be None")
@@ -356,7 +363,7 @@ class BinaryLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.input_quantizer = get_quantizer(input_quantizer)
+        self.input_quantizer = _input_quantizer(input_quantizer)
         self.weight_quantizer = get_quantizer(weight_quantizer)
         factory = dict(device=device, dtype=dtype)
         w = torch.empty(out_features, in_features, **factory)

@@ -10,47 +10,56 @@ packed operand unpacked in registers, in three roles:
 - **grad_input** (:func:`grad_input`): ``y = g W`` (g (M, N), W (N, K) packed), the backward of both;
   here the packed dimension K is the output dimension.
 
-Every launcher fuses the epilogue ``y = acc * scale[n] + bias[n]`` (per output channel, optional).
+Each fuses the epilogue ``y = acc * scale[n] + bias[n]`` (per output channel, optional) and rounds
+to the output dtype once.
 
-The two numbers (H100 SXM: 1979 dense int8 TOPS, 989 bf16 TFLOP/s, 3.35 TB/s HBM):
+The two numbers (H100 SXM: 1979 dense int8 TOPS, 989 bf16 TFLOP/s, about 800 measured by
+torch.matmul, 3.35 TB/s HBM, about 3.0 measured):
 
 - A1W1, M = N = K = 8192: 2 * 8192^3 = 1.1e12 int8 ops, 0.56 ms at peak. Fewest bytes: x once
-  (bf16 128 MB, or packed 8 MB) + W packed 8 MB + y fp32 256 MB, about 0.13 ms: compute-bound.
-  bf16 ``torch.matmul`` on the same +-1 values runs at about 800 TFLOP/s (1.37 ms), so 1.6x of it
-  is 0.86 ms, 65% of int8 peak.
-- W1A16, M = 1, N = K = 8192: 1.3e8 flops (nothing). Fewest bytes: W packed 8 MB (+ 16 KB of x
-  and y), 2.5 us at 3.35 TB/s; bf16 ``torch.matmul`` reads 128 MB, about 43 us, so 8x of it is
-  5.4 us. Memory-bound on paper, but 67M weights must each be unpacked: at 64 INT32 lanes per SM
-  per clock that is 4 us per integer op per weight, so the unpack must cost about one integer op
-  per weight.
+  (bf16, 128 MB), W packed 8 MB, y 128 MB (bf16) or 256 MB (fp32): about 0.1 ms, compute-bound.
+  bf16 torch.matmul on the same +-1 values: about 1.37 ms; 1.6x of it is 0.86 ms, 65% of peak.
+- W1A16, M = 1, N = K = 8192: 1.3e8 flops (nothing). Fewest bytes: W packed 8 MB (x and y are 16
+  KB): 2.7 us at 3.0 TB/s. bf16 torch.matmul reads 128 MB, about 43 us; 8x of it is 5.4 us.
+  Every one of the 67M weights must be unpacked: an SM issues 128 thread-instructions per clock
+  (64 for the integer ALU), so each instruction per weight costs about 2.1 us (4.2 on the ALU).
 
-Why the code looks like this (measured by compiling offline for sm_90a and counting SASS in the
-main loop; the lead's GPU run has the timings):
+How the kernel meets them (counted in SASS by compiling offline for sm_90a; only a GPU run times
+them, see :func:`sweep`):
 
-- Unpacking happens in registers, several values per integer op. ``tl.join`` replicates each word
-  inside its thread, so a thread owns whole words and all shift amounts are immediates; Triton's
-  default layout instead spreads a word's 32 bits over 32 lanes (one shared-memory load per bit).
-  int8: one 32-bit lane holds four +-1 bytes, made by a shift, a mask and one multiply-add
-  (``bits * 0xFE + 0x01010101``; the bytes cannot carry). In ``INTERLEAVED`` order (bits j, j+8,
-  j+16, j+24 of a word share a lane) that is 0.5 ALU ops per weight; in natural order a nibble
-  spread by a multiply costs 0.75. 16-bit: two +-1 halves per lane from two bits by one multiply
-  (``* 0x40008000`` puts them at bits 15 and 31), then ``| 0x3F803F80`` (bf16 one).
-- Both A1W1 operands are unpacked with the same (interleaved) permutation of K, which leaves the
-  dot product unchanged, so packed activations cost what packed weights cost. Float activations
-  binarized in the kernel cost about 2.5 ops per value and every column of tiles redoes them:
-  :func:`a1w1` packs them once first (``pack_signs``, one pass over x) when the grid has more than
-  one column of tiles and M is not small, and binarizes in the kernel otherwise.
-- A1W1 tiles are 128 x 128 x 128 with 8 warps: about 170 instructions per warp per K step for
-  512 tensor-core cycles, under 128 registers, so two CTAs share an SM and one's unpacking hides
-  behind the other's wgmma (Triton waits for each wgmma before the next step's unpack).
-- Small batch (M <= 16): BLOCK_M = 16 (mma.sync), long K steps and deep cp.async pipelining, so
-  the packed weight streams at memory speed; the unpack cost per weight is paid once per weight.
+- Unpacking, several values per 32-bit instruction. ``tl.join`` replicates each loaded word
+  inside its thread, so a thread owns whole words and every shift is an immediate (Triton's
+  default layout spreads a word's 32 bits over 32 lanes: one shared-memory load per bit).
+  int8: a lane holds four +-1 bytes, ``bits * 0xFE + 0x01010101`` (no byte carries). 16-bit: a
+  lane holds two values, 1.0 or-ed onto the sign bits 15 and 31.
+- INTERLEAVED K order: when x is packed (A1W1, both operands unpacked alike) or small (SWAP_AB
+  below: x is loaded in that order as joined contiguous runs), a lane takes bits j, j+8, j+16,
+  j+24 (int8: shift, mask, multiply-add for four values) or h, h+16 (16-bit: mask, shift, or for
+  two). A common permutation of K leaves the dot product unchanged. Natural order (large-batch
+  real or float activations) costs a multiply more per lane.
+- A1W1 with float x: binarizing in the kernel costs about 2.5 instructions per value and every
+  column of tiles redoes it, so for M > 16 and N > 128 :func:`a1w1` packs x once first
+  (``pack_signs``, one pass over x, 6% of the ideal time at 8192) and runs packed x packed.
+- A1W1 packed, 128 x 128 x 128 tiles, 8 warps: 211 instructions per warp per K step, 422 issue
+  cycles per SM against 512 tensor-core cycles, and 128 registers, so two CTAs fit on an SM and
+  one's unpacking can run under the other's wgmma (Triton waits for each step's wgmma before the
+  next unpack). Overlapped: tensor-core-bound, about 0.6 ms with the pack pass (2.3x bf16);
+  serialized: about 1.05 ms (1.3x).
+- Small batch (M <= 16): SWAP_AB computes y^T = W x^T so the weight tile is the wgmma M operand
+  (64 rows) and the batch its N operand (16), with 256-wide K steps in a 4-stage cp.async pipeline.
+  W1A16 bf16: 2.6 instructions per weight (unpack about 1; the rest moves the tile through shared
+  memory into wgmma's operand and runs the loop), about 5.6 us at full issue rate. N = 8192 gives
+  only 128 tiles of 64 rows, one warpgroup per SM, so K is split (SPLIT_K, up to 8) until every SM
+  has two CTAs; the fp32 partial sums are added by a small second kernel in a fixed order, which
+  runs the epilogue (about 2 us more).
 - Padding: the word holding k >= K is masked to zero bits (+1) in both int8 operands, float
   activations past K load as 0.0 (+1), so each padded position adds exactly +1 to the int32 dot
   and the epilogue subtracts their count. Real activations past K load as 0 and add nothing.
+- bf16 output is rounded to nearest even by hand (Triton's interpreter truncates), matching
+  torch's cast bit for bit; the interpreter also computes bf16 dots in fp32 (exact products).
 
-Sweep block shapes on a GPU with :func:`sweep` (``python -c "from bnnops.kernels import gemm;
-gemm.sweep()"``).
+Block configs come from :func:`default_config` (a table by batch size and mode). Sweep them on a
+GPU with ``python -c "from bnnops.kernels import gemm; gemm.sweep()"``.
 """
 
 import os
@@ -66,6 +75,7 @@ X_REAL, X_SIGN, X_PACKED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 # Batch sizes up to this use the small-batch configs (BLOCK_M = 16, weight streaming).
 SMALL_M = 16
+
 
 @triton.jit
 def _replicate(w, LOG2: tl.constexpr):
@@ -335,7 +345,8 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
         block_r = 512
     else:
         block_r = 128 if x_mode == X_REAL and x_dtype == torch.float32 else 256
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() and device.type == "cuda" else 132
+    on_gpu = device.type == "cuda" and torch.cuda.is_available()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 132
     split = min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), triton.cdiv(R, block_r), 8)
     return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=1, SWAP_AB=True,
                 SPLIT_K=triton.next_power_of_2(split) if split > 1 else 1,
@@ -388,13 +399,6 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
     return out
 
 
-def _prepack(x, M, N, config):
-    """Whether :func:`a1w1` packs float activations first: see the module docstring."""
-    if config is not None:
-        return False
-    return M > SMALL_M and N > 128  # more than one column of the large-batch tiles
-
-
 def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=None, config=None, prepack=None):
     """Binary GEMM: y = sign(x) @ W^T, exact in int32, then y * scale + bias.
 
@@ -406,8 +410,9 @@ def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=Non
         scale, bias: optional (N,) float tensors, contiguous.
         out_dtype: dtype of y (fp32, bf16 or fp16); ``out``: a contiguous (M, N) buffer to write.
         config: block shapes (see :func:`default_config`), for sweeps and tests.
-        prepack: pack float x with ``pack_signs`` first (True), binarize in the kernel (False), or
-            choose by shape (None).
+        prepack: pack float x with ``pack_signs`` first (True) or binarize it in the kernel
+            (False); None: pack first when M > 16 and N > 128 (see the module docstring) unless
+            ``config`` is given.
 
     Returns:
         (M, N) tensor of ``out_dtype``.
@@ -415,7 +420,9 @@ def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=Non
     M, N = x.shape[0], words.shape[0]
     out = out if out is not None else torch.empty(M, N, dtype=out_dtype, device=x.device)
     x_mode = X_PACKED if x.dtype == torch.int32 else X_SIGN
-    if x_mode == X_SIGN and (prepack if prepack is not None else _prepack(x, M, N, config)):
+    if prepack is None:
+        prepack = config is None and M > SMALL_M and N > 128
+    if x_mode == X_SIGN and prepack:
         x, x_mode = pack_signs(x), X_PACKED
     return _launch(x, words, out, M, N, K, words.shape[1], x_mode, False, scale, bias, config)
 
@@ -495,4 +502,5 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
                 print(f"{name} M={M} N={N} K={K}: {config} failed: {type(e).__name__}: {e}"[:300])
                 continue
             mark = "*" if config is default else " "
-            print(f"{mark} {name:11s} M={M:5d} N={N} K={K}: {ms * 1e3:9.1f} us {2 * M * N * K / ms / 1e9:8.1f} TOPS  {config}")
+            tops = 2 * M * N * K / ms / 1e9
+            print(f"{mark} {name:11s} M={M:5d} N={N} K={K}: {ms * 1e3:9.1f} us {tops:8.1f} TOPS  {config}")

@@ -134,7 +134,8 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.bnnops.binary_linear_a1w1.default,
                           (bnnops.pack_signs(x), words, K, None, None, torch.bfloat16))
     torch.library.opcheck(torch.ops.bnnops.binary_linear_w1a16.default, (x.half(), words, None, bias.half()))
-    torch.library.opcheck(torch.ops.bnnops.binary_linear_grad_input.default, (torch.randn(5, N, device=device), words, K))
+    grad = torch.randn(5, N, device=device)
+    torch.library.opcheck(torch.ops.bnnops.binary_linear_grad_input.default, (grad, words, K))
 
 
 @pytest.fixture
@@ -151,8 +152,9 @@ def counted_unpacks(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(BinaryTensor, "dequantize", counting("dequantize", BinaryTensor.dequantize))
+    reference_unpack = counting("unpack_signs_reference", bnnops.packing.unpack_signs_reference)
     for module in (bnnops.packing, linear):
-        monkeypatch.setattr(module, "unpack_signs_reference", counting("unpack_signs_reference", bnnops.packing.unpack_signs_reference))
+        monkeypatch.setattr(module, "unpack_signs_reference", reference_unpack)
     monkeypatch.setattr(bnnops.packing, "unpack_weight", counting("unpack_weight", bnnops.packing.unpack_weight))
     if not torch.cuda.is_available():
         gemm = kernels.load("gemm")
@@ -301,13 +303,16 @@ def test_bad_inputs(device):
         bnnops.binary_linear(x, w, weight_quantizer="ste_sign")
     with pytest.raises(ValueError, match="unknown quantizer"):
         BinaryLinear(4, 4, input_quantizer="relu")
+    with pytest.raises(ValueError, match="magnitude_aware_sign is a weight quantizer"):
+        BinaryLinear(4, 4, input_quantizer="magnitude_aware_sign")
     words = w.packed
     with pytest.raises(ValueError, match=r"shape \(out_features, ceil\(K/32\)\) = \(N, 2\) for K=40"):
         torch.ops.bnnops.binary_linear_w1a16(x, words[:, :1], None, None)
     with pytest.raises(TypeError, match="packed weight must be int32"):
         torch.ops.bnnops.binary_linear_a1w1(x, words.float(), 40, None, None, torch.float32)
     with pytest.raises(TypeError, match="scale must be a float32"):
-        torch.ops.bnnops.binary_linear_a1w1(x, words, 40, torch.ones(8, dtype=torch.int32, device=device), None, torch.float32)
+        int_scale = torch.ones(8, dtype=torch.int32, device=device)
+        torch.ops.bnnops.binary_linear_a1w1(x, words, 40, int_scale, None, torch.float32)
     with pytest.raises(ValueError, match=r"grad must have shape \(..., out_features = 8\)"):
         torch.ops.bnnops.binary_linear_grad_input(torch.randn(3, 9, device=device), words, 40)
 
