@@ -246,9 +246,13 @@ def _gemm_kernel(
     INTERLEAVED: tl.constexpr = (X_MODE == X_PACKED or SWAP_AB) and not TRANS_W and DOT_T != tl.float32
     LANES: tl.constexpr = 4 if INT else 2
     n_steps = tl.cdiv(R, BLOCK_R)
-    steps_per_split = tl.cdiv(n_steps, SPLIT_K)
-    first_step = tl.program_id(1) * steps_per_split
-    for step in range(first_step, tl.minimum(first_step + steps_per_split, n_steps)):
+    if SPLIT_K == 1:
+        first_step, end_step = 0, n_steps
+    else:
+        steps_per_split = tl.cdiv(n_steps, SPLIT_K)
+        first_step = tl.program_id(1) * steps_per_split
+        end_step = tl.minimum(first_step + steps_per_split, n_steps)
+    for step in range(first_step, end_step):
         r = step * BLOCK_R + tl.arange(0, BLOCK_R)
         rw = step * BRW + tl.arange(0, BRW)
         if X_MODE == X_PACKED:
