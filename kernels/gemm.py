@@ -461,8 +461,9 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
     (about a second) plus the timing. The shape table's choice is marked ``*``.
 
     Args:
-        shapes: (name, M, N, K) cases, name one of "a1w1" (float x binarized in the kernel),
-            "a1w1-packed" (x packed first), "w1a16"; default the benchmark shapes.
+        shapes: (name, M, N, K) cases, name one of "a1w1" (float x binarized in the kernel, and
+            last the public call, which packs large x first), "a1w1-packed" (x given packed),
+            "w1a16"; default the benchmark shapes.
         configs: extra configs (dicts like :func:`default_config` returns) to try in every case.
         dtype: the activations' dtype.
     """
@@ -493,16 +494,19 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
             x_mode = X_PACKED if name == "a1w1-packed" else X_SIGN
 
             def call(x, w, config):
-                return a1w1(x, w, K, config=config, prepack=False)
+                return a1w1(x, w, K, out_dtype=dtype, config=config, prepack=config is None)
 
         default = default_config(x_mode, False, M, N, K, x.dtype, x.device)
         tried = candidates[name + ("-small" if name == "w1a16" and M <= SMALL_M else "")]
-        for config in [default] + [c for c in tried + list(configs or []) if c != default]:
+        # For float x, None is the public call: pack x first (large shapes), then the packed kernel.
+        for config in [default] + [c for c in tried + list(configs or []) if c != default] + (
+                [None] if name == "a1w1" else []):
             try:
                 ms = do_bench(lambda: call(x, w, config=config), warmup=25, rep=100)
             except Exception as e:  # a config that does not fit (shared memory, registers) is skipped
                 print(f"{name} M={M} N={N} K={K}: {config} failed: {type(e).__name__}: {e}"[:300])
                 continue
             tops, weight_gbs = 2 * M * N * K / ms / 1e9, w.numel() * 4 / ms / 1e6
+            what = config if config is not None else "a1w1(x, W, K): pack_signs(x), then the packed kernel"
             print(f"{'*' if config is default else ' '} {name:11s} M={M:5d} N={N} K={K}: {ms * 1e3:9.1f} us "
-                  f"{tops:7.1f} TOPS {weight_gbs:7.1f} GB/s of packed W  {config}")
+                  f"{tops:7.1f} TOPS {weight_gbs:7.1f} GB/s of packed W  {what}")
