@@ -391,6 +391,7 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), *flags,
         X_MODE=int(x_mode), TRANS_W=trans_w,
         UPCAST_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        enable_fp_fusion=False,  # y * scale + bias rounded twice, like torch: bit-exact A1W1
         **config,
     )
     if split > 1:
@@ -398,7 +399,7 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
         block = 1024
         _split_k_epilogue_kernel[(triton.cdiv(M * N, block),)](
             part, out, scale_ptr, bias_ptr, M, N, pad, out.stride(0), out.stride(1), *flags,
-            SPLIT_K=split, BLOCK=block,
+            SPLIT_K=split, BLOCK=block, enable_fp_fusion=False,
         )
     return out
 
