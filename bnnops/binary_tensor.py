@@ -13,7 +13,8 @@ What it supports, and why the rest is refused:
   ``load_state_dict`` and ``torch.save`` / ``torch.load(weights_only=True)``.
 - out-of-place ops that only read (``w.sum()``, ``w * 2``, ``torch.equal``...) run on the dense
   +-1 copy and return dense tensors: correct, but they build the dense weight, so the bnnops ops
-  read ``.packed`` instead.
+  read ``.packed`` instead. Torch functions listed in ``TORCH_FUNCTIONS`` skip the dense copy:
+  ``F.linear(x, w)`` (so ``nn.Linear`` with a binary weight) runs the packed W1A16 kernel.
 - view ops (other than the identity view) are refused: a view would have to be a dense temporary,
   and writing through it (``w.view(-1).mul_(-1)``) would silently change nothing.
 - in-place ops are refused: the bits change only through Bop (``bnnops.optim.Bop``) or ``copy_``;
