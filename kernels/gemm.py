@@ -436,7 +436,8 @@ def w1a16(x, words, *, scale=None, bias=None, out=None, config=None):
     """Binary-weight GEMM: y = x @ W^T (fp32 accumulation), then y * scale + bias, in x's dtype.
 
     Args:
-        x: (M, K) fp32/bf16/fp16, any strides. words: int32 (N, ceil(K/32)), contiguous.
+        x: (M, K) fp32/bf16/fp16, any strides (fp32 x must be finite: the two-TF32 split turns
+            +-inf into NaN). words: int32 (N, ceil(K/32)), contiguous.
         scale, bias: optional (N,) float tensors. out: a contiguous (M, N) buffer of x's dtype.
     """
     M, K = x.shape
