@@ -11,7 +11,11 @@ from bnnops.packing import pack_signs, packed_length, unpack_signs
 from bnnops import quantizers
 from bnnops.linear import binary_linear
 from bnnops import nn
+from bnnops import optim
 
 __version__ = "0.1.0"
 
-__all__ = ["BinaryTensor", "pack_signs", "unpack_signs", "packed_length", "kernels", "quantizers", "binary_linear", "nn"]
+__all__ = [
+    "BinaryTensor", "pack_signs", "unpack_signs", "packed_length", "kernels", "quantizers", "binary_linear", "nn",
+    "optim",
+]
