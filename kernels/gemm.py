@@ -189,25 +189,26 @@ def _epilogue(y, n, mask_n, pad, scale_ptr, bias_ptr, has_scale, has_bias):
     return y
 
 
-# has_scale / has_bias are runtime flags (they only touch the epilogue) and M only masks rows: not
-# specializing on them keeps the number of compiled variants down.
-@triton.jit(do_not_specialize=["M", "has_scale", "has_bias"])
+# has_scale / has_bias / split_k are runtime values (they only touch the loop bounds and the
+# epilogue) and M only masks rows: not specializing on them keeps the compiled variants few.
+@triton.jit(do_not_specialize=["M", "has_scale", "has_bias", "split_k"])
 def _gemm_kernel(
     x_ptr, w_ptr, y_ptr, scale_ptr, bias_ptr, part_ptr,
     M, N, R, KW,
-    stride_xm, stride_xr, stride_ym, stride_yn, has_scale, has_bias,
+    stride_xm, stride_xr, stride_ym, stride_yn, has_scale, has_bias, split_k,
     X_MODE: tl.constexpr, TRANS_W: tl.constexpr,
     UPCAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """y[M, N] = (A[M, R] @ B[R, N]) * scale[N] + bias[N], B from packed words w.
 
     A is x: real values (X_REAL), floats binarized here (X_SIGN), or int32 sign words (X_PACKED,
     (M, ceil(R/32)) with strides in words). B: TRANS_W = 0 -> B = W^T, W (N, R) as words (N, KW),
     KW = ceil(R/32); TRANS_W = 1 -> B = W, W (R, N) as words (R, KW), KW = ceil(N/32).
-    With SPLIT_K > 1, program (tile, s) sums the s-th share of the K steps into part[s] (fp32,
-    (SPLIT_K, M, N) contiguous) and ``_split_k_epilogue_kernel`` finishes y.
+    With SPLIT (split_k > 1), program (tile, s) sums the s-th share of the K steps into part[s]
+    (fp32, (split_k, M, N) contiguous) and ``_split_k_epilogue_kernel`` finishes y. (SPLIT is
+    compiled in, so the unsplit kernel keeps the registers of one epilogue; the count is not.)
     """
     # Grouped tile order: GROUP_M row tiles share each column of W tiles while it is in L2.
     pid = tl.program_id(0)
@@ -246,12 +247,12 @@ def _gemm_kernel(
     INTERLEAVED: tl.constexpr = (X_MODE == X_PACKED or SWAP_AB) and not TRANS_W and DOT_T != tl.float32
     LANES: tl.constexpr = 4 if INT else 2
     n_steps = tl.cdiv(R, BLOCK_R)
-    if SPLIT_K == 1:
-        first_step, end_step = 0, n_steps
-    else:
-        steps_per_split = tl.cdiv(n_steps, SPLIT_K)
+    if SPLIT:
+        steps_per_split = tl.cdiv(n_steps, split_k)
         first_step = tl.program_id(1) * steps_per_split
         end_step = tl.minimum(first_step + steps_per_split, n_steps)
+    else:
+        first_step, end_step = 0, n_steps
     for step in range(first_step, end_step):
         r = step * BLOCK_R + tl.arange(0, BLOCK_R)
         rw = step * BRW + tl.arange(0, BRW)
@@ -299,7 +300,7 @@ def _gemm_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:
+    if SPLIT:
         part = part_ptr + (tl.program_id(1) * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
         tl.store(part, acc.to(tl.float32), mask=mask)
     else:
@@ -310,14 +311,14 @@ def _gemm_kernel(
         tl.store(y_ptrs, _to_output(y, y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "pad", "has_scale", "has_bias"])
+@triton.jit(do_not_specialize=["M", "pad", "has_scale", "has_bias", "split_k"])
 def _split_k_epilogue_kernel(part_ptr, y_ptr, scale_ptr, bias_ptr, M, N, pad, stride_ym, stride_yn, has_scale, has_bias,
-                             SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                             split_k, BLOCK: tl.constexpr):
     """y[m, n] = epilogue(sum_s part[s, m, n]): the end of a split-K product, in a fixed order."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < M * N
     y = tl.zeros((BLOCK,), tl.float32)
-    for s in tl.static_range(SPLIT_K):
+    for s in range(split_k):
         y += tl.load(part_ptr + s * M * N + i, mask=mask, other=0.0)
     m, n = i // N, i % N
     y = _epilogue(y, n, mask, pad, scale_ptr, bias_ptr, has_scale, has_bias)
@@ -353,7 +354,7 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
     sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 132
     split = min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), triton.cdiv(R, block_r), 8)
     return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=1, SWAP_AB=True,
-                SPLIT_K=triton.next_power_of_2(split) if split > 1 else 1,
+                SPLIT_K=max(split, 1),
                 num_warps=4, num_stages=4)
 
 
@@ -376,7 +377,7 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
         y = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         y = y * scale.float() if scale is not None else y
         return out.copy_(y + bias.float() if bias is not None else y)
-    split = config["SPLIT_K"]
+    split = config.pop("SPLIT_K")
     # Absent scale / bias / workspace: any fp32 pointer, never read (one pointer type, so one
     # compiled variant).
     unused = _unused_fp32(out.device)
@@ -388,8 +389,8 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
     _gemm_kernel[grid](
         x, words, out, scale_ptr, bias_ptr, part,
         M, N, R, KW,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), *flags,
-        X_MODE=int(x_mode), TRANS_W=trans_w,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), *flags, split,
+        X_MODE=int(x_mode), TRANS_W=trans_w, SPLIT=split > 1,
         UPCAST_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         enable_fp_fusion=False,  # y * scale + bias rounded twice, like torch: bit-exact A1W1
         **config,
@@ -398,8 +399,8 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
         pad = triton.cdiv(R, config["BLOCK_R"]) * config["BLOCK_R"] - R if x_mode != X_REAL else 0
         block = 1024
         _split_k_epilogue_kernel[(triton.cdiv(M * N, block),)](
-            part, out, scale_ptr, bias_ptr, M, N, pad, out.stride(0), out.stride(1), *flags,
-            SPLIT_K=split, BLOCK=block, enable_fp_fusion=False,
+            part, out, scale_ptr, bias_ptr, M, N, pad, out.stride(0), out.stride(1), *flags, split,
+            BLOCK=block, enable_fp_fusion=False,
         )
     return out
 
