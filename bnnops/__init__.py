@@ -8,9 +8,15 @@ reference of every op; CUDA tensors run the Triton kernels in ``bnnops.kernels``
 from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor
 from bnnops.packing import pack_signs, packed_length, unpack_signs
+from bnnops import quantizers
+from bnnops.linear import binary_linear
+from bnnops import nn
 from bnnops import optim
 from bnnops.summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["BinaryTensor", "pack_signs", "unpack_signs", "packed_length", "kernels", "optim", "summary"]
+__all__ = [
+    "BinaryTensor", "pack_signs", "unpack_signs", "packed_length", "kernels", "quantizers", "binary_linear", "nn",
+    "optim", "summary",
+]

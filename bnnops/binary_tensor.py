@@ -13,7 +13,8 @@ What it supports, and why the rest is refused:
   ``load_state_dict`` and ``torch.save`` / ``torch.load(weights_only=True)``.
 - out-of-place ops that only read (``w.sum()``, ``w * 2``, ``torch.equal``...) run on the dense
   +-1 copy and return dense tensors: correct, but they build the dense weight, so the bnnops ops
-  read ``.packed`` instead.
+  read ``.packed`` instead. Torch functions listed in ``TORCH_FUNCTIONS`` skip the dense copy:
+  ``F.linear(x, w)`` (so ``nn.Linear`` with a binary weight) runs the packed W1A16 kernel.
 - view ops are refused (a view would have to be a dense temporary, and writing through it would
   silently change nothing), except the identity view and ``view(-1)``: torch.distributed flattens
   parameters with it (DDP's start-up broadcast), so it returns a dense +-1 copy that is an
@@ -30,6 +31,10 @@ from bnnops.packing import FLOAT_DTYPES, pack_weight, packed_weight_shape, unpac
 __all__ = ["BinaryTensor"]
 
 aten = torch.ops.aten
+
+# torch function -> implementation for BinaryTensor arguments, filled by the modules that own
+# the packed kernels (bnnops.linear registers F.linear).
+TORCH_FUNCTIONS = {}
 
 
 class BinaryTensor(torch.Tensor):
@@ -105,8 +110,19 @@ class BinaryTensor(torch.Tensor):
     def __tensor_unflatten__(inner_tensors, dtype, outer_size, outer_stride):
         return BinaryTensor(inner_tensors["packed"], outer_size, dtype)
 
-    # Ops reach __torch_dispatch__ below autograd; torch functions need no special handling.
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Functions in TORCH_FUNCTIONS get a packed implementation (F.linear -> the W1A16
+        # kernel, whose autograd never builds the dense weight); a handler may decline with
+        # NotImplemented. Everything else behaves as a plain tensor here and reaches
+        # __torch_dispatch__ below autograd.
+        kwargs = kwargs or {}
+        handler = TORCH_FUNCTIONS.get(func)
+        if handler is not None:
+            result = handler(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
+        return torch._C._disabled_torch_function_impl(func, types, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):

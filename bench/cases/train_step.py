@@ -128,7 +128,7 @@ def _macs(filters, dense_units):
 @case(
     "binarynet_train_step",
     cuda={"CIFAR-10 b256": dict(batch=256, filters=128, dense_units=1024)},
-    cpu={"CIFAR-10 b4 width/8": dict(batch=4, filters=16, dense_units=128)},
+    cpu={"CIFAR-10 b2 width/16": dict(batch=2, filters=8, dense_units=64)},
     tiny=dict(batch=2, filters=4, dense_units=8),
 )
 def binarynet_train_step(device, batch, filters, dense_units):

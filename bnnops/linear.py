@@ -1,0 +1,384 @@
+"""Binary linear layers: the ``bnnops::binary_linear_*`` ops, their autograd, and ``BinaryLinear``.
+
+Two products with a packed +-1 weight W (out_features N, in_features K), stored as int32 words
+(N, ceil(K/32)) in the layout of :mod:`bnnops.packing`:
+
+- **A1W1** ``torch.ops.bnnops.binary_linear_a1w1(x, weight, K, scale, bias, out_dtype)``:
+  y = sign(x) W^T * scale + bias. x is float (..., K), binarized x < 0 -> -1 else +1, or int32
+  sign words (..., ceil(K/32)). The dot product is an exact integer.
+- **W1A16** ``torch.ops.bnnops.binary_linear_w1a16(x, weight, scale, bias)``: y = x W^T * scale +
+  bias for real x (..., K), fp32 accumulation, y in x's dtype.
+- ``torch.ops.bnnops.binary_linear_grad_input(grad, weight, K)``: grad W, (..., N) -> (..., K),
+  the input gradient of both, reading W packed.
+
+scale and bias are optional per-output-channel (N,) float tensors (XNOR-Net's alpha, a bias).
+Each op's default (CPU) body is the pure-PyTorch reference below; CUDA tensors run the Triton
+kernels of ``bnnops.kernels.gemm``.
+
+:func:`binary_linear` adds autograd on top: grad_input = grad_out W through the packed-weight
+kernel, times the input quantizer's surrogate gradient; grad_weight = grad_out^T sign(x) (or
+grad_out^T x for W1A16), a dense float gradient of the weight's logical shape, which is what Bop
+consumes. The dense +-1 weight is never built on the CUDA path, forward or backward.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bnnops import kernels
+from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor
+from bnnops.packing import FLOAT_DTYPES, pack_weight, packed_length, unpack_signs_reference
+from bnnops.quantizers import MagnitudeAwareSign, get_quantizer, sign
+
+__all__ = [
+    "binary_linear",
+    "BinaryLinear",
+    "a1w1_reference",
+    "w1a16_reference",
+    "grad_input_reference",
+]
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _epilogue(y, scale, bias):
+    if scale is not None:
+        y = y * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def a1w1_reference(x, weight, K, scale=None, bias=None, out_dtype=torch.float32):
+    """sign(x) @ W^T * scale + bias in fp32 (exact: integer sums below 2^24), cast to out_dtype."""
+    xs = unpack_signs_reference(x, K, torch.float32) if x.dtype == torch.int32 else sign(x.float())
+    y = xs @ unpack_signs_reference(weight, K, torch.float32).T
+    return _epilogue(y, scale, bias).to(out_dtype)
+
+
+def w1a16_reference(x, weight, scale=None, bias=None):
+    """x @ W^T * scale + bias with fp32 accumulation, in x's dtype."""
+    y = x.float() @ unpack_signs_reference(weight, x.shape[-1], torch.float32).T
+    return _epilogue(y, scale, bias).to(x.dtype)
+
+
+def grad_input_reference(grad, weight, K):
+    """grad @ W with fp32 accumulation, in grad's dtype: (..., N) -> (..., K)."""
+    return (grad.float() @ unpack_signs_reference(weight, K, torch.float32)).to(grad.dtype)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _type_name(t):
+    return t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_words(weight, K):
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int32:
+        raise TypeError(f"the packed weight must be int32 words, got {_type_name(weight)}")
+    if weight.dim() != 2 or weight.shape[1] != packed_length(K):
+        raise ValueError(
+            f"the packed weight must have shape (out_features, ceil(K/32)) = (N, {packed_length(K)}) "
+            f"for K={K}, got {tuple(weight.shape)}"
+        )
+
+
+def _check_channel_vectors(N, device, **vectors):
+    for name, v in vectors.items():
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor) or v.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float32, bfloat16 or float16 tensor, got {_type_name(v)}")
+        if v.shape != (N,):
+            raise ValueError(f"{name} must have shape (out_features,) = ({N},), got {tuple(v.shape)}")
+        if v.device != device:
+            raise ValueError(f"{name} is on {v.device} but the input is on {device}")
+
+
+def _check_op(x, weight, K, scale, bias, *, packed_ok):
+    kinds = "float32, bfloat16 or float16" + (" (or int32 packed sign words)" if packed_ok else "")
+    if not isinstance(x, torch.Tensor) or not (x.dtype in FLOAT_DTYPES or (packed_ok and x.dtype == torch.int32)):
+        raise TypeError(f"input must be {kinds}, got {_type_name(x)}")
+    _check_words(weight, K)
+    if x.dim() == 0:
+        raise ValueError("input must have at least one dimension (..., in_features), got a scalar")
+    features = packed_length(K) if x.dtype == torch.int32 else K
+    if x.shape[-1] != features:
+        what = f"ceil(K/32) = {features} words" if x.dtype == torch.int32 else f"in_features = {K}"
+        raise ValueError(f"input's last dimension is {x.shape[-1]}, expected {what}")
+    if weight.device != x.device:
+        raise ValueError(f"the weight is on {weight.device} but the input is on {x.device}")
+    _check_channel_vectors(weight.shape[0], x.device, scale=scale, bias=bias)
+
+
+def _rows(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+@torch.library.custom_op("bnnops::binary_linear_a1w1", mutates_args=())
+def _a1w1_op(
+    x: torch.Tensor, weight: torch.Tensor, K: int, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    _check_op(x, weight, K, scale, bias, packed_ok=True)
+    return a1w1_reference(x, weight, K, scale, bias, out_dtype)
+
+
+@_a1w1_op.register_kernel("cuda")
+def _(x, weight, K, scale, bias, out_dtype):
+    _check_op(x, weight, K, scale, bias, packed_ok=True)
+    y = kernels.load("gemm").a1w1(
+        _rows(x), weight.contiguous(), K, scale=_contiguous(scale), bias=_contiguous(bias), out_dtype=out_dtype
+    )
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_a1w1_op.register_fake
+def _(x, weight, K, scale, bias, out_dtype):
+    _check_op(x, weight, K, scale, bias, packed_ok=True)
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("bnnops::binary_linear_w1a16", mutates_args=())
+def _w1a16_op(
+    x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    _check_op(x, weight, x.shape[-1] if x.dim() else 0, scale, bias, packed_ok=False)
+    return w1a16_reference(x, weight, scale, bias)
+
+
+@_w1a16_op.register_kernel("cuda")
+def _(x, weight, scale, bias):
+    _check_op(x, weight, x.shape[-1] if x.dim() else 0, scale, bias, packed_ok=False)
+    y = kernels.load("gemm").w1a16(_rows(x), weight.contiguous(), scale=_contiguous(scale), bias=_contiguous(bias))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_w1a16_op.register_fake
+def _(x, weight, scale, bias):
+    _check_op(x, weight, x.shape[-1] if x.dim() else 0, scale, bias, packed_ok=False)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _check_grad_input(grad, weight, K):
+    _check_words(weight, K)
+    if not isinstance(grad, torch.Tensor) or grad.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"grad must be float32, bfloat16 or float16, got {_type_name(grad)}")
+    if grad.dim() == 0 or grad.shape[-1] != weight.shape[0]:
+        raise ValueError(f"grad must have shape (..., out_features = {weight.shape[0]}), got {tuple(grad.shape)}")
+    if grad.device != weight.device:
+        raise ValueError(f"the weight is on {weight.device} but grad is on {grad.device}")
+
+
+@torch.library.custom_op("bnnops::binary_linear_grad_input", mutates_args=())
+def _grad_input_op(grad: torch.Tensor, weight: torch.Tensor, K: int) -> torch.Tensor:
+    _check_grad_input(grad, weight, K)
+    return grad_input_reference(grad, weight, K)
+
+
+@_grad_input_op.register_kernel("cuda")
+def _(grad, weight, K):
+    _check_grad_input(grad, weight, K)
+    return kernels.load("gemm").grad_input(_rows(grad), weight.contiguous(), K).reshape(*grad.shape[:-1], K)
+
+
+@_grad_input_op.register_fake
+def _(grad, weight, K):
+    _check_grad_input(grad, weight, K)
+    return grad.new_empty(*grad.shape[:-1], K)
+
+
+def _contiguous(t):
+    return t.contiguous() if t is not None else None
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _BinaryLinearFunction(torch.autograd.Function):
+    """y = op(x, words) * scale + bias with gradients for x, the weight and bias.
+
+    x is 2-D: float (M, K) or packed words (M, ceil(K/32)). ``weight`` is what receives the
+    gradient: a BinaryTensor, or a dense latent weight whose signs are ``words``. scale takes no
+    gradient here (see :func:`binary_linear`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, words, scale, bias, input_quantizer, weight_quantizer, out_dtype):
+        K = weight.shape[1]
+        if input_quantizer is None and x.dtype != torch.int32:
+            y = torch.ops.bnnops.binary_linear_w1a16(x, words, scale, bias)
+        else:
+            y = torch.ops.bnnops.binary_linear_a1w1(x, words, K, scale, bias, out_dtype)
+        latent = weight if weight_quantizer is not None else None
+        ctx.save_for_backward(x, words, scale, latent)
+        ctx.K = K
+        ctx.input_quantizer = input_quantizer
+        ctx.weight_quantizer = weight_quantizer
+        ctx.weight_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, words, scale, latent = ctx.saved_tensors
+        g = (grad_y * scale).to(grad_y.dtype) if scale is not None else grad_y
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.bnnops.binary_linear_grad_input(g, words, ctx.K)
+            if ctx.input_quantizer is not None:
+                grad_x = ctx.input_quantizer.grad(x, grad_x)
+        if ctx.needs_input_grad[1]:
+            if x.dtype == torch.int32:
+                x_values = torch.ops.bnnops.unpack_signs(x, ctx.K, g.dtype)
+            elif ctx.input_quantizer is not None:
+                x_values = sign(x).to(g.dtype)
+            else:
+                x_values = x.to(g.dtype)
+            grad_weight = g.T @ x_values
+            if latent is not None:
+                grad_weight = ctx.weight_quantizer.grad(latent, grad_weight)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, grad_weight, None, None, grad_bias, None, None, None
+
+
+def _check_weight(weight):
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"weight must be a BinaryTensor or a float32, bfloat16 or float16 latent weight, got {_type_name(weight)}"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+
+
+def _input_quantizer(quantizer):
+    q = get_quantizer(quantizer)
+    if isinstance(q, MagnitudeAwareSign):
+        raise ValueError(
+            "magnitude_aware_sign is a weight quantizer; use ste_sign, approx_sign or swish_sign for inputs"
+        )
+    return q
+
+
+def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=None, weight_quantizer=None):
+    """Binary linear layer: ``q(x) @ W^T * scale + bias`` with W a +-1 weight.
+
+    Args:
+        x: (..., in_features) float32 / bfloat16 / float16, any strides. With an input quantizer
+            it is binarized inside the kernel (A1W1, exact integer dot); with
+            ``input_quantizer=None`` it stays real (W1A16, fp32 accumulation). int32 x is taken as
+            packed sign words (..., ceil(in_features/32)) (A1W1, no gradient for x).
+        weight: a :class:`bnnops.BinaryTensor` (out_features, in_features), read packed; or a
+            dense float latent weight of that shape, binarized by ``weight_quantizer`` every call
+            (its signs are packed by the pack op; its gradient is the quantizer's surrogate).
+        bias: optional (out_features,) float tensor, added in the kernel's epilogue.
+        input_quantizer: a quantizer name or :class:`bnnops.quantizers.SignQuantizer` for x, or
+            None for real activations. Its surrogate gradient shapes grad_input.
+        scale: optional (out_features,) float tensor multiplying each output channel (XNOR-Net's
+            alpha), fused in the epilogue; learnable when it requires grad.
+        weight_quantizer: for a dense latent weight: a quantizer (default ``"ste_sign"``);
+            ``"magnitude_aware_sign"`` adds its per-channel mean |w| to ``scale``. Must be None
+            for a BinaryTensor weight.
+
+    Returns:
+        (..., out_features) in x's dtype (float32 for packed x).
+
+    Gradients: x gets grad_out W (W read packed) times the input quantizer's surrogate; the
+    weight gets a dense grad_out^T sign(x) (grad_out^T x for W1A16) of its logical shape and dtype.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES and x.dtype != torch.int32:
+        raise TypeError(f"x must be float32, bfloat16 or float16 (or int32 packed sign words), got {x.dtype}")
+    _check_weight(weight)
+    if x.dtype in FLOAT_DTYPES and x.dtype != weight.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if isinstance(bias, torch.Tensor) and x.dtype in FLOAT_DTYPES and bias.dtype != x.dtype:
+        raise TypeError(f"bias ({_type_name(bias)}) and x ({x.dtype}) must have the same dtype")
+    if weight.device != x.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    N, K = weight.shape
+    iq = _input_quantizer(input_quantizer)
+    if isinstance(weight, BinaryTensor):
+        if weight_quantizer is not None:
+            raise ValueError("a BinaryTensor weight is already binary: weight_quantizer must be None")
+        wq, words = None, weight.packed
+    else:
+        wq = get_quantizer(weight_quantizer if weight_quantizer is not None else "ste_sign")
+        words = pack_weight(weight.detach())
+        if isinstance(wq, MagnitudeAwareSign):
+            alpha = wq.scale(weight)
+            scale = alpha if scale is None else scale * alpha.to(scale.dtype)
+    _check_op(x, words, K, scale, bias, packed_ok=True)
+    out_dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32
+
+    x2d = _rows(x)
+    if scale is not None and scale.requires_grad:
+        # scale's gradient needs the product before scale and bias: apply them outside.
+        y = _BinaryLinearFunction.apply(x2d, weight, words, None, None, iq, wq, torch.float32)
+        y = _epilogue(y, scale, bias).to(out_dtype)
+    else:
+        y = _BinaryLinearFunction.apply(x2d, weight, words, scale, bias, iq, wq, out_dtype)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def _f_linear(input, weight, bias=None):
+    """``F.linear(x, binary_weight)`` (so also ``nn.Linear``): the W1A16 product, weight read packed."""
+    if not isinstance(weight, BinaryTensor) or isinstance(input, BinaryTensor) or isinstance(bias, BinaryTensor):
+        return NotImplemented
+    return binary_linear(input, weight, bias, input_quantizer=None)
+
+
+TORCH_FUNCTIONS[F.linear] = _f_linear
+
+
+class BinaryLinear(nn.Module):
+    """A linear layer with +-1 weights (and, by default, +-1 inputs) on the binary GEMM kernels.
+
+    Args:
+        in_features, out_features, bias: as :class:`torch.nn.Linear`.
+        input_quantizer: binarizes the input (a name or SignQuantizer); None keeps real inputs
+            (W1A16: first/last layers, binary-weight networks).
+        weight_quantizer: None (default): the weight is a packed :class:`bnnops.BinaryTensor`
+            parameter, trained by Bop (:mod:`bnnops.optim`). A quantizer (e.g. ``"ste_sign"``):
+            the weight is a float latent parameter binarized every forward (latent-weight training
+            with a torch optimizer), still running the binary kernels.
+        device, dtype: as :class:`torch.nn.Linear`.
+
+    Init: like :class:`torch.nn.Linear` (Kaiming-uniform weight, uniform bias); the binary weight
+    holds the signs of that init.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, input_quantizer="ste_sign", weight_quantizer=None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.input_quantizer = _input_quantizer(input_quantizer)
+        self.weight_quantizer = get_quantizer(weight_quantizer)
+        factory = dict(device=device, dtype=dtype)
+        w = torch.empty(out_features, in_features, **factory)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.weight = nn.Parameter(w if self.weight_quantizer is not None else BinaryTensor.from_float(w))
+        if bias:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x):
+        return binary_linear(x, self.weight, self.bias, input_quantizer=self.input_quantizer,
+                             weight_quantizer=self.weight_quantizer)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_quantizer={self.input_quantizer}, weight_quantizer={self.weight_quantizer}")

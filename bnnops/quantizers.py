@@ -1,0 +1,180 @@
+"""Binary quantizers: sign in the forward pass, a surrogate gradient in the backward pass.
+
+Modelled on larq's ``larq/quantizers.py`` (the Keras library of the Bop paper's authors). Every
+quantizer binarizes with ``x < 0 -> -1, else +1``: sign(0) = +1, and NaN (for which ``x < 0`` is
+false) maps to +1, exactly like the bnnops packing format, so binarizing then packing, or packing
+directly, give the same bits.
+
+A quantizer is a :class:`SignQuantizer`: its surrogate derivative ``q.derivative(x)`` is a plain
+function of the input, and ``q.grad(x, grad_out)`` is the one place it is applied. Calling the
+quantizer (``ste_sign(x)``) runs an autograd function built on ``grad``; the fused binary linear
+(:func:`bnnops.binary_linear`) binarizes its input inside the kernel and calls the same ``grad`` in
+its backward, so both share one gradient code path.
+
+Quantizers are looked up by name with :func:`get_quantizer` (``"ste_sign"``, ``"approx_sign"``,
+``"swish_sign"``, ``"magnitude_aware_sign"``) or passed as objects, e.g. ``SwishSign(beta=10)``.
+"""
+
+import torch
+
+__all__ = [
+    "SignQuantizer",
+    "SteSign",
+    "ApproxSign",
+    "SwishSign",
+    "MagnitudeAwareSign",
+    "ste_sign",
+    "approx_sign",
+    "swish_sign",
+    "magnitude_aware_sign",
+    "get_quantizer",
+    "sign",
+]
+
+
+def sign(x):
+    """Binarize: -1 where ``x < 0``, else +1 (sign(0) = +1), in x's dtype, no gradient."""
+    return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+
+
+class _SurrogateSign(torch.autograd.Function):
+    """sign(x) forward, ``quantizer.grad(x, grad_out)`` backward."""
+
+    @staticmethod
+    def forward(ctx, x, quantizer):
+        ctx.save_for_backward(x)
+        ctx.quantizer = quantizer
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return ctx.quantizer.grad(x, grad_out), None
+
+
+class SignQuantizer:
+    """Base of the binary quantizers: forward sign(x), backward ``grad_out * derivative(x)``.
+
+    Subclasses define :meth:`derivative`, the surrogate for the derivative of sign, as a function
+    of the quantizer's input. Instances are callable and compare equal when their type and
+    parameters match.
+    """
+
+    name = None
+
+    def derivative(self, x):
+        """The surrogate derivative d sign(x) / dx, elementwise, in x's dtype."""
+        raise NotImplementedError
+
+    def grad(self, x, grad_out):
+        """The input gradient given ``grad_out``, the gradient with respect to sign(x)."""
+        return grad_out * self.derivative(x).to(grad_out.dtype)
+
+    def __call__(self, x):
+        return _SurrogateSign.apply(x, self)
+
+    def _params(self):
+        return tuple(sorted(vars(self).items()))
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self._params() == other._params()
+
+    def __hash__(self):
+        return hash((type(self), self._params()))
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v!r}" for k, v in self._params())
+        return f"{type(self).__name__}({params})"
+
+
+class SteSign(SignQuantizer):
+    r"""Sign with the straight-through estimator: gradient 1 where ``|x| <= clip_value``, else 0.
+
+    Source: larq ``ste_sign``; Courbariaux et al., "Binarized Neural Networks: Training Deep
+    Neural Networks with Weights and Activations Constrained to +1 or -1" (arXiv 1602.02830).
+    """
+
+    name = "ste_sign"
+
+    def __init__(self, clip_value=1.0):
+        self.clip_value = float(clip_value)
+
+    def derivative(self, x):
+        return (x.abs() <= self.clip_value).to(x.dtype)
+
+
+class ApproxSign(SignQuantizer):
+    r"""Sign with Bi-Real Net's ApproxSign gradient: ``2 - 2|x|`` for ``|x| <= 1``, else 0.
+
+    The derivative of the piecewise-quadratic approximation of sign. Source: larq
+    ``approx_sign``; Liu et al., "Bi-Real Net: Enhancing the Performance of 1-bit CNNs With
+    Improved Representational Capability and Advanced Training Algorithm" (arXiv 1808.00278).
+    """
+
+    name = "approx_sign"
+
+    def derivative(self, x):
+        return torch.clamp(2 - 2 * x.abs(), min=0)
+
+
+class SwishSign(SignQuantizer):
+    r"""Sign with the SignSwish gradient: ``beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))``.
+
+    The derivative of ``2 sigmoid(beta x)(1 + beta x (1 - sigmoid(beta x))) - 1``; larger beta is
+    closer to sign. Source: larq ``swish_sign`` (beta = 5); Darabi et al., "BNN+: Improved Binary
+    Network Training" (arXiv 1812.11800).
+    """
+
+    name = "swish_sign"
+
+    def __init__(self, beta=5.0):
+        self.beta = float(beta)
+
+    def derivative(self, x):
+        # At least fp32: cosh overflows fp16 early (the result is then 0, as it should be).
+        bx = self.beta * x.to(torch.promote_types(x.dtype, torch.float32))
+        d = self.beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx))
+        return d.to(x.dtype)
+
+
+class MagnitudeAwareSign(SteSign):
+    r"""XNOR-Net / Bi-Real Net weight binarizer: ``alpha * sign(w)`` with alpha the mean ``|w|``.
+
+    alpha is taken per output channel: over every dimension but 0 of a PyTorch weight (out, in,
+    ...) (larq reduces over all but the last axis of a Keras kernel, which is the same channel).
+    alpha is under stop-gradient and the sign uses the straight-through estimator, so the gradient
+    is ``alpha * grad_out`` where ``|w| <= clip_value``, else 0. Source: larq
+    ``magnitude_aware_sign``; Rastegari et al., "XNOR-Net" (arXiv 1603.05279) for alpha; Liu et
+    al., "Bi-Real Net" (arXiv 1808.00278).
+
+    In :func:`bnnops.binary_linear` the sign is packed and alpha goes to the kernel's
+    per-output-channel scale.
+    """
+
+    name = "magnitude_aware_sign"
+
+    def scale(self, w):
+        """alpha, the detached per-output-channel mean |w|: float32 of shape (out,) ((1,) for 1-D w)."""
+        magnitude = w.detach().abs().float()
+        return magnitude.flatten(1).mean(1) if w.dim() > 1 else magnitude.mean().reshape(1)
+
+    def __call__(self, w):
+        alpha = self.scale(w).to(w.dtype)
+        return alpha.view(-1, *([1] * (w.dim() - 1))) * super().__call__(w)
+
+
+ste_sign = SteSign()
+approx_sign = ApproxSign()
+swish_sign = SwishSign()
+magnitude_aware_sign = MagnitudeAwareSign()
+
+_BY_NAME = {q.name: q for q in (ste_sign, approx_sign, swish_sign, magnitude_aware_sign)}
+
+
+def get_quantizer(quantizer):
+    """A :class:`SignQuantizer` from a name (see the module docstring) or an instance; None stays None."""
+    if quantizer is None or isinstance(quantizer, SignQuantizer):
+        return quantizer
+    if isinstance(quantizer, str) and quantizer in _BY_NAME:
+        return _BY_NAME[quantizer]
+    raise ValueError(f"unknown quantizer {quantizer!r}; expected one of {sorted(_BY_NAME)} or a SignQuantizer")

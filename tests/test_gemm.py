@@ -1,0 +1,162 @@
+"""The Triton launchers of bnnops.kernels.gemm against the pure-PyTorch references.
+
+Every case uses ragged sizes (K not a multiple of 32, M and N not multiples of any block, M = 1)
+that make several tiles in M, N and K: without CUDA the launchers run in Triton's interpreter (see
+conftest.py), so shapes stay small and small block configs are added; natively, larger shapes
+tile the shape table's own blocks.
+"""
+
+import pytest
+import torch
+
+from bnnops import kernels
+from bnnops.linear import a1w1_reference, grad_input_reference, w1a16_reference
+from bnnops.packing import pack_signs_reference
+from conftest import DEVICE, FLOAT_DTYPES, poisoned, random_signs_input
+
+if DEVICE == "cuda":
+    # (M, N, K): M = 1 and sizes not multiples of any block or of 32, large enough for several
+    # tiles of the shape table's blocks in every dimension, for both the small-batch (M <= 16)
+    # and the large-batch configs. Each extra config is a compile, so only the table runs.
+    SHAPES = [(1, 200, 1000), (20, 150, 333), (130, 300, 700)]
+    CONFIGS, CONFIG_IDS = [None], ["table"]
+else:
+    # The interpreter is slow: small sizes, plus small blocks that make several tiles in M, N and
+    # K, with the batch as the dot's M operand and (SWAP_AB, the small-batch layout) as its N.
+    SHAPES = [(1, 33, 70), (37, 45, 100), (20, 70, 33)]
+    # Split-K sums parts of K in separate programs, then a second kernel adds them up.
+    SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=64, GROUP_M=2, SWAP_AB=False, SPLIT_K=1, num_warps=4, num_stages=2)
+    SWAPPED = dict(SMALL, SWAP_AB=True, SPLIT_K=2)
+    CONFIGS, CONFIG_IDS = [None, SMALL, SWAPPED], ["table", "small", "swapped-split"]
+
+# Rounding of one value to each dtype (half an ulp, relative).
+ROUND = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def every_config_shape_dtype(test):
+    """Run a test for each config, shape and float dtype."""
+    test = pytest.mark.parametrize("dtype", FLOAT_DTYPES)(test)
+    test = pytest.mark.parametrize("M,N,K", SHAPES)(test)
+    return pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)(test)
+
+
+@pytest.fixture(scope="module")
+def gemm():
+    return kernels.load("gemm")
+
+
+def weight_words(N, K, device, garbage_padding=True):
+    """Packed random signs (N, ceil(K/32)); by default with ones in the padding bits, which the
+    format says are 0: the kernels mask k >= K, so they must not change any result."""
+    words = pack_signs_reference(torch.randn(N, K))
+    if garbage_padding and K % 32:
+        words[:, -1] |= torch.tensor(-(1 << (K % 32)), dtype=torch.int32)
+    return words.to(device)
+
+
+def channel_vectors(N, device, with_scale, with_bias):
+    scale = torch.rand(N, device=device) + 0.5 if with_scale else None
+    bias = torch.randn(N, device=device) if with_bias else None
+    return scale, bias
+
+
+def assert_close_dot(y, ref, abs_sum):
+    """y (any dtype) against the fp32 reference ref of a dot product.
+
+    Both accumulate in fp32 in different orders, and fp32 activations enter the tensor cores as
+    two TF32 terms, each product exact to about 2^-20 |x|: together at most 2^-18 * sum |x_k| (with
+    abs_sum = sum_k |x_k| times |scale|). Then y is rounded once to its dtype: half an ulp of |ref|.
+    """
+    bound = ROUND[y.dtype] * ref.abs() + 2.0**-18 * abs_sum + 1e-30
+    err = (y.float().cpu() - ref.float().cpu()).abs()
+    assert torch.isfinite(y).all()
+    worst = err.argmax()
+    assert (err <= bound.cpu()).all(), f"error {err.flatten()[worst]} > bound {bound.flatten()[worst]}"
+
+
+@every_config_shape_dtype
+def test_a1w1_float_input(gemm, device, config, M, N, K, dtype):
+    # Binarized in the kernel: exact integer results, in fp32 and in the activation dtype.
+    x = random_signs_input((M, K), dtype, device)
+    words = weight_words(N, K, device)
+    scale, bias = channel_vectors(N, device, with_scale=(M, N, K) == SHAPES[1], with_bias=(M, N, K) != SHAPES[0])
+    out = poisoned((M, N), dtype, device)
+    y = gemm.a1w1(x, words, K, scale=scale, bias=bias, out_dtype=dtype, out=out, config=config, prepack=False)
+    assert y is out
+    ref = a1w1_reference(x.cpu(), words.cpu(), K, _cpu(scale), _cpu(bias), dtype)
+    assert torch.equal(y.cpu(), ref)
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_a1w1_packed_input(gemm, device, M, N, K):
+    x = random_signs_input((M, K), torch.float32, device)
+    x_words = pack_signs_reference(x.cpu())
+    x_words[:, -1] |= torch.tensor(-(1 << (K % 32)), dtype=torch.int32)  # garbage padding again
+    words = weight_words(N, K, device)
+    ref = a1w1_reference(x.cpu(), words.cpu(), K)
+    for config in CONFIGS:
+        out = poisoned((M, N), torch.float32, device)
+        assert torch.equal(gemm.a1w1(x_words.to(device), words, K, out=out, config=config).cpu(), ref)
+    # Float input packed first by the pack kernel (what large shapes do), then the packed path.
+    assert torch.equal(gemm.a1w1(x, words, K, prepack=True).cpu(), ref)
+
+
+def test_a1w1_exact_at_large_k(gemm, device):
+    # Integer results up to K must come out exact: all-minus x against all-plus rows gives -K.
+    K = 1000
+    x = -torch.ones(2, K, device=device)
+    words = weight_words(3, K, device, garbage_padding=False)
+    words[0] = 0  # an all +1 row
+    y = gemm.a1w1(x, words, K)
+    assert y[:, 0].tolist() == [-K, -K]
+    assert torch.equal(y.cpu(), a1w1_reference(x.cpu(), words.cpu(), K))
+
+
+@every_config_shape_dtype
+def test_w1a16(gemm, device, config, M, N, K, dtype):
+    x = random_signs_input((M, K), dtype, device, finite=True)
+    words = weight_words(N, K, device)
+    scale, bias = channel_vectors(N, device, with_scale=(M, N, K) != SHAPES[2], with_bias=(M, N, K) != SHAPES[0])
+    out = poisoned((M, N), dtype, device)
+    y = gemm.w1a16(x, words, scale=scale, bias=bias, out=out, config=config)
+    assert y is out and y.dtype == dtype
+    ref = w1a16_reference(x.cpu().float(), words.cpu(), _cpu(scale), _cpu(bias))
+    abs_sum = x.cpu().float().abs().sum(1, keepdim=True) * (scale.cpu().abs() if scale is not None else 1)
+    assert_close_dot(y, ref, abs_sum)
+
+
+@every_config_shape_dtype
+def test_grad_input(gemm, device, config, M, N, K, dtype):
+    g = random_signs_input((M, N), dtype, device, finite=True)
+    words = weight_words(N, K, device)
+    out = poisoned((M, K), dtype, device)
+    y = gemm.grad_input(g, words, K, out=out, config=config)
+    assert y is out and y.dtype == dtype
+    ref = grad_input_reference(g.cpu().float(), words.cpu(), K)
+    assert_close_dot(y, ref, g.cpu().float().abs().sum(1, keepdim=True))
+
+
+def test_non_contiguous_inputs(gemm, device):
+    K, N = 70, 40
+    x = torch.randn(K, 9, device=device).t()  # (9, 70) with strides (1, 9)
+    words = weight_words(N, K, device)
+    assert torch.equal(gemm.a1w1(x, words, K, prepack=False).cpu(), a1w1_reference(x.cpu(), words.cpu(), K))
+    y = gemm.w1a16(x, words)
+    assert_close_dot(y, w1a16_reference(x.cpu(), words.cpu()), x.cpu().abs().sum(1, keepdim=True))
+    g = torch.randn(N, 9, device=device).t()
+    assert_close_dot(gemm.grad_input(g, words, K), grad_input_reference(g.cpu(), words.cpu(), K),
+                     g.cpu().abs().sum(1, keepdim=True))
+
+
+def test_empty(gemm, device):
+    words = weight_words(5, 40, device)
+    assert gemm.a1w1(torch.randn(0, 40, device=device), words, 40).shape == (0, 5)
+    assert gemm.w1a16(torch.randn(0, 40, device=device), words).shape == (0, 5)
+    # K = 0: an empty dot is 0, and the epilogue still applies.
+    bias = torch.randn(5, device=device)
+    y = gemm.w1a16(torch.randn(3, 0, device=device), torch.zeros(5, 0, dtype=torch.int32, device=device), bias=bias)
+    assert torch.equal(y, bias.expand(3, 5))
+
+
+def _cpu(t):
+    return t.cpu() if t is not None else None
