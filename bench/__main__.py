@@ -1,0 +1,107 @@
+"""``python -m bench``: the kernel benchmark, run from a checkout (see bench/README.md).
+
+Measures the machine's ceilings, then every registered case beside its baselines, prints one
+table and writes results.json, speedup.png and table.md into the output directory. Without a GPU
+it times the CPU reference path at small sizes and says so.
+"""
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import machine, report, runner
+from bench.registry import load_cases, plan
+
+BENCH_DIR = Path(__file__).resolve().parent
+CPU_BUDGET_S = 80
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="only each case's headline shape, shorter timing")
+    p.add_argument("--filter", metavar="PATTERN", help="regular expression searched in '<case> <shape>'")
+    p.add_argument("--out", metavar="DIR", type=Path, help="output directory (default bench/out/<timestamp>)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
+    p.add_argument("--budget", metavar="SECONDS", type=float,
+                   help="start no new shape after this many seconds; the rest are recorded as skipped "
+                        f"(default: none on CUDA, {CPU_BUDGET_S} s on CPU, which keeps a CPU run under 2 minutes)")
+    p.add_argument("--list", action="store_true", help="list the cases and shapes that would run, and exit")
+    p.add_argument("--profile", metavar="NAME",
+                   help="write a torch.profiler Chrome trace of the first case/shape matching NAME (a regex)")
+    p.add_argument("--record", metavar="RUN_JSON", type=Path,
+                   help="copy a run's results.json into --results-dir with its README markdown, print it, exit")
+    p.add_argument("--results-dir", metavar="DIR", type=Path, default=BENCH_DIR / "results",
+                   help="where --record writes (default bench/results)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.record:
+        path, text = report.record(args.record, args.results_dir)
+        print(text)
+        print(f"recorded {path} and {path.with_suffix('.md')}", file=sys.stderr)
+        return 0
+
+    device = args.device or machine.default_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("python -m bench: --device cuda asked for, but torch sees no CUDA GPU")
+    size = "quick" if args.quick else "full"
+    cases, load_errors = load_cases()
+    for name, text in load_errors:
+        print(f"bench/cases/{name}.py failed to import; its cases are missing:\n{text}", file=sys.stderr)
+    items = plan(cases, device, size, args.profile or args.filter)
+
+    if args.list:
+        headline = {(c.name, label) for c, label, _ in plan(cases, device, "quick")}
+        for c, label, params in items:
+            mark = "  [headline]" if (c.name, label) in headline else ""
+            print(f"{c.name:20} {label:28} {runner.jsonable(params)}{mark}")
+        return 1 if load_errors else 0
+    if not items:
+        sys.exit(f"python -m bench: no {device} case matches {args.profile or args.filter!r}; see --list")
+
+    out = args.out or BENCH_DIR / "out" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        case, label, _ = items[0]
+        print(f"profiling {case.name} {label} on {device}", file=sys.stderr)
+        path = runner.profile(items[0], device, out)
+        print(f"wrote {path} (open it in https://ui.perfetto.dev or chrome://tracing)", file=sys.stderr)
+        return 0
+
+    if device != "cuda":
+        print(report.CPU_NOTE, file=sys.stderr)
+    print(f"measuring the ceilings of {device} ...", file=sys.stderr, flush=True)
+    meta = dict(machine.describe(device), size=size, filter=args.filter, argv=sys.argv[1:])
+    document = {"meta": meta, "ceilings": machine.measure_ceilings(device, args.quick), "results": [],
+                "load_errors": load_errors}
+    print(f"ceilings: {report.describe_ceilings(document['ceilings'])}", file=sys.stderr)
+    results_json = out / "results.json"
+
+    def save(rows):
+        document["results"] = rows
+        report.write_json(results_json, document)
+
+    budget = args.budget if args.budget is not None else (None if device == "cuda" else CPU_BUDGET_S)
+    rows = runner.run(items, device, args.quick, document["ceilings"], on_row=save, budget_s=budget)
+    # Run order puts headline shapes first; the table follows the registry's order.
+    order = {(c.name, label): i for i, (c, label, _) in enumerate(plan(cases, device, size))}
+    save(sorted(rows, key=lambda r: order[(r["case"], r["shape"])]))
+    (out / "table.md").write_text(report.markdown(document))
+    wrote = [results_json, out / "table.md"]
+    if report.chart(document, out / "speedup.png"):
+        wrote.append(out / "speedup.png")
+    else:
+        print("matplotlib is not installed: no speedup.png (pip install matplotlib)", file=sys.stderr)
+    print(report.text_report(document))
+    print(f"wrote {', '.join(str(p) for p in wrote)}", file=sys.stderr)
+    failed = load_errors or any("error" in r for r in rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The benchmarks cannot rot: every registered case runs once at tiny size, and the main job
+(``python -m bench --quick``) and the pytest-benchmark suite run end to end. No timing is asserted:
+speed lives in the benchmarks themselves.
+"""
+
+import importlib.util
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import Workload, case, load_cases, registry, report, runner
+from bench.__main__ import main as bench_main
+from bench.timing import median_seconds
+
+REPO = Path(__file__).resolve().parent.parent
+CASES, LOAD_ERRORS = load_cases()
+
+
+def test_every_case_module_imports():
+    assert not LOAD_ERRORS, "\n".join(text for _, text in LOAD_ERRORS)
+    assert {"pack_signs", "unpack_signs"} <= {c.name for c in CASES}
+
+
+@pytest.mark.parametrize("bench_case", CASES, ids=lambda c: c.name)
+def test_case_body_runs_at_tiny_size(bench_case, device):
+    prepared = runner.Prepared(bench_case, "tiny", bench_case.tiny, device)
+    assert isinstance(prepared.work, Workload)
+    assert list(prepared.fns)[0] == "ours"
+    for fn in prepared.fns.values():
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("bench_case", CASES, ids=lambda c: c.name)
+def test_case_shapes_fit_the_setup_signature(bench_case):
+    # GPU shapes are never built here: a misspelt parameter would otherwise show first on the GPU.
+    signature = inspect.signature(bench_case.setup)
+    for device in ("cuda", "cpu"):
+        for label, params in bench_case.shapes(device, "full"):
+            signature.bind(device, **params)
+
+
+def test_workload_rejects_what_cannot_be_rated():
+    ours = lambda: None  # noqa: E731
+    with pytest.raises(ValueError, match="bound"):
+        Workload(ours=ours, baselines={}, bound="fp8", bytes=1)
+    with pytest.raises(ValueError, match="ops"):
+        Workload(ours=ours, baselines={}, bound="int8", bytes=1)
+    with pytest.raises(ValueError, match="bytes"):
+        Workload(ours=ours, baselines={}, bound="memory", bytes=0)
+    with pytest.raises(ValueError, match="ours"):
+        Workload(ours=ours, baselines={"ours": ours}, bound="memory", bytes=1)
+
+
+def test_case_registration_is_checked():
+    shapes = {"a": {"n": 1}}
+    with pytest.raises(ValueError, match="registered twice"):
+        case("pack_signs", cuda=shapes, cpu=shapes, tiny={"n": 1})
+    with pytest.raises(ValueError, match="quick labels"):
+        case("never_registered", cuda=shapes, cpu=shapes, tiny={"n": 1}, quick=["b"])
+
+
+def test_plan_runs_headline_shapes_first_and_filters():
+    def setup(device, n):
+        raise AssertionError("plan must not build inputs")
+
+    fake = [
+        registry.Case(name, setup, cuda={"big": {"n": 2}, "head": {"n": 1}}, cpu={"c": {"n": 1}}, tiny={"n": 1},
+                      quick=("head",))
+        for name in ("k1", "k2")
+    ]
+    order = [(c.name, label) for c, label, _ in registry.plan(fake, "cuda", "full")]
+    assert order == [("k1", "head"), ("k2", "head"), ("k1", "big"), ("k2", "big")]
+    assert [(c.name, label) for c, label, _ in registry.plan(fake, "cuda", "full", "K2 B")] == [("k2", "big")]
+    assert [label for _, label, _ in registry.plan(fake, "cpu", "quick")] == ["c", "c"]
+
+
+def test_cpu_timer_takes_the_median_of_several_calls():
+    calls = []
+    seconds = median_seconds(lambda: calls.append(1), "cpu", quick=True)
+    assert seconds > 0 and len(calls) >= 1 + 3  # a warm-up call, then at least 3 timed
+
+
+def test_main_job_quick_end_to_end(tmp_path, capsys):
+    # `python -m bench` is `sys.exit(main())`; in-process saves a second torch import.
+    out = tmp_path / "run"
+    status = bench_main(["--quick", "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert status == 0, printed.out + printed.err
+    assert report.CPU_NOTE in printed.out and "speedup" in printed.out
+    document = json.loads((out / "results.json").read_text())
+    assert document["meta"]["mode"] == "cpu-reference"
+    assert set(document["ceilings"]) == set(registry.BOUNDS)
+    rows = document["results"]
+    assert {r["case"] for r in rows} == {c.name for c in CASES}
+    assert all(r["ours_s"] > 0 and r["rate"] > 0 for r in rows), rows
+    assert (out / "table.md").read_text().count("\n|") >= len(rows)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --record turns the run into the README markdown beside a copy of the JSON.
+    assert bench_main(["--record", str(out / "results.json"), "--results-dir", str(tmp_path / "results")]) == 0
+    recorded = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert len(recorded) == 2 and recorded[0].endswith("_cpu-reference.json") and recorded[1].endswith(".md")
+    text = (tmp_path / "results" / recorded[1]).read_text()
+    assert report.CPU_NOTE in text and all(f"| {r['case']} |" in text for r in rows)
+
+
+def test_benchmark_suite_runs_at_tiny_size():
+    pytest.importorskip("pytest_benchmark")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "-q", "--bench-size", "tiny", "--benchmark-disable",
+         "-p", "no:cacheprovider"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(CASES)} passed" in done.stdout
