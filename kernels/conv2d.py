@@ -14,56 +14,59 @@ grid axis 1 is the group), and the reduction K = kh*kw*Cg walks tap by tap, BLOC
 time, in the order of the packed weight layout (``bnnops.packing``: words (O, kh, kw, ceil(Cg/32)),
 bit j of word [o, r, s, w] is weight[o, 32w + j, r, s]). No im2col tensor exists: each K step loads
 the [BLOCK_M, BLOCK_K] input window of its tap (masked at the borders, where the pad value is put in)
-and a [BLOCK_K, BLOCK_N] slab of weight signs, and does one ``tl.dot``: int8 +-1 into int32 (exact)
-for A1W1; TF32 products (exact for 16-bit inputs times +-1, 3xTF32 for fp32) into fp32 for W1A16.
-The epilogue applies the per-output-channel scale, then the bias, in fp32, and stores in the input's
-dtype; the output is channels_last when the input is.
+and a [BLOCK_K, BLOCK_N] slab of weight signs, and does one ``tl.dot`` (A1W1: +-1 in fp8 e4m3 or
+int8, exact; W1A16: TF32 products, exact for 16-bit inputs times +-1, 3xTF32 for fp32). The epilogue
+applies the per-output-channel scale, then the bias, in fp32, and stores in the input's dtype; the
+output is channels_last when the input is.
 
 Operand routes (``a_route`` / ``b_route`` of :func:`conv2d`; the defaults are the fast ones):
 
-- A, the activations (A1W1). ``"int8"`` (default): one pre-pass writes sign(x) as int8 +-1
-  channels-last (N, H, W, C), so the K loop's A operand is a plain masked int8 load that goes through
-  cp.async straight to shared memory. ``"sign"``: the K loop reads x itself (any float dtype, NCHW
-  or channels_last) and binarizes every loaded element in registers.
+- A, the activations (A1W1). ``"fp8"`` (default) and ``"int8"``: one pre-pass writes sign(x) as +-1
+  channels-last (N, H, W, C), 1 byte per element, so the K loop's A operand is a plain masked load
+  that goes through cp.async straight to shared memory and the tensor cores. fp8 accumulates in fp32,
+  int8 in int32: both exact (fp8 for K = kh*kw*Cg <= 2^14, see FP8_EXACT_K; above, "int8" runs).
+  ``"sign"``: the K loop reads x itself (channels_last; an NCHW x is copied first) and binarizes every
+  loaded element in registers.
 - B, the weights. ``"unpacked"`` (default): the packed words are unpacked once per call (the pack
-  module's unpack kernel) into a +-1 workspace (O, kh, kw, 32*ceil(Cg/32)) of int8 (A1W1) or fp32
-  (W1A16): 8 times the packed bytes, 2.4 MB for ResNet-18's largest layer, read from L2 by every
-  program. ``"bits"``: every K step loads the packed words and unpacks them in registers, so no
-  dense weight ever exists.
+  module's unpack kernel) into a +-1 workspace (O, kh, kw, 32*ceil(Cg/32)) in the dot's dtype: 8
+  times the packed bytes (2.4 MB for ResNet-18's largest layer, read from L2 by every program).
+  ``"bits"``: every K step loads the packed words and unpacks them in registers, so no dense weight
+  ever exists.
 
 Two numbers for one layer: ResNet-18's conv3_x 3x3 (28x28, 128 -> 128 channels, stride 1, pad 1)
 at batch 256, A1W1, bf16 in and out (M = 200704, N = 128, K = 1152):
 
 - operations: 2*M*N*K = 59.2 G (every 3x3 stride-1 layer of ResNet-18 has the same count): 30 us at
-  the H100's 1979 dense int8 TOPS; the cuDNN bf16 baseline's peak (989 TFLOP/s) gives it 60 us.
+  the H100's 1979 dense int8/fp8 TOPS; the cuDNN bf16 baseline's peak (989 TFLOP/s) gives it 60 us.
 - fewest bytes: x read once and y written once in bf16, 2 * 25.7 M elements * 2 B = 103 MB (the
-  packed weight is 18 KB): 34 us at 3.0 TB/s. The int8 A pre-pass adds 1 B written and 1 B read per
-  input element (+51 MB, +17 us); packing x to bits instead would add 1/4 B (+6 MB).
+  packed weight is 18 KB): 34 us at 3.0 TB/s. The 1-byte A pre-pass adds 1 B written and 1 B read
+  per input element (+51 MB, +17 us); packing x to bits instead would add 1/4 B (+6 MB).
 
-So the layer sits near the ridge (575 ops per byte against the H100's ~650 for int8), and what
-decides the speed is the *work per operand element inside the K loop*. An H100 SM does 4096 int8
-MACs per clock on its tensor cores but issues only 4 warp-instructions per clock, and implicit GEMM
-reloads every input element once per tap (9 times for 3x3) and once per BLOCK_N column tile.
-Counting the SASS of the K loop (sm_90, Triton 3.9, per warp per K step, BLOCK 128x128x64, 8 warps;
-MMA needs 256 clocks per step):
+So the layer sits near the ridge (575 ops per byte against the H100's ~650), and what decides the
+speed is the *work per operand element inside the K loop*: an H100 SM does 4096 8-bit MACs per clock
+on its tensor cores but issues only 4 warp-instructions per clock, and implicit GEMM reloads every
+input element once per tap (9 times for 3x3) and once per BLOCK_N column tile. Counting the SASS of
+the K loop (sm_90, compiled offline with Triton 3.9; per warp per K step at BLOCK 128x128x128 and 8
+warps, where the MMA takes 512 clocks per step):
 
-- A int8 + B unpacked: 129 instructions (258 issue clocks): loads go through cp.async, the MMA and
-  the issue are balanced; BLOCK_K = 128 or BLOCK_M = 256 make it MMA-bound (205 and 184 instructions
-  for 512 MMA clocks).
-- A int8 + B bits: 387 (unpacking, shuffling through shared memory), about 3x the MMA time.
-- A sign (binarize in the loop), either B: 1700-2000 with register spills: the loaded bf16 tile goes
-  through registers for the compare, which defeats cp.async pipelining.
-- A read as bits from a packed pre-pass (the bytes-minimal design) measured 1000-2600 with spills
-  and is not offered.
+- A fp8 or int8 + B unpacked: 205 instructions (410 issue clocks), no spills. Triton makes the fp8
+  wgmma asynchronous (``warp_group_dot_wait`` pendings=1: the next step's address math and cp.async
+  overlap the MMA, so a step costs about max(410, 512)) but waits for an int8 wgmma right after
+  issuing it (pendings=0: about 410 + 512). That difference is why fp8 is the default.
+- B bits: 720-810 (unpacking and shuffling through shared memory), and the wgmma turns synchronous.
+- A sign (binarize in the loop): 565 with a channels_last x and a synchronous wgmma; an NCHW x
+  (gathers along C) reached 2500-4100 with register spills, hence the channels_last copy.
+- A unpacked from a bit-packed pre-pass (the bytes-minimal design): 1000-2600 with spills; not offered.
 
-Hence the defaults: both operands reach the K loop as ready int8 (the 1-bit minimum of bytes is not
-worth its unpacking work on Hopper), at the cost of +51 MB for this layer and of an int8 weight
-workspace. Tiles: BLOCK_K is a multiple of 32 (a packed word, and the int8 MMA's K); BLOCK_M of
-128-256 pixels and BLOCK_N of 64-128 channels keep the per-step address and mask work (the implicit
-GEMM's overhead: a tap offset and four bounds compares per row) at or below the MMA time, with the
-int32 accumulator in registers (a 256x128 or 128x256 tile needs 255 registers and spills, so none is
-listed; every listed config compiles to <= 238 registers with no spill). ``Og`` prunes BLOCK_N above
-it. The autotune list is short on purpose: each config is a compile on the GPU's time budget.
+Hence the defaults: both operands reach the K loop as ready 1-byte +-1 values (the 1-bit minimum of
+bytes is not worth its unpacking work on Hopper), at the cost of +51 MB for this layer and of a
+weight workspace. Tiles: BLOCK_K is a multiple of 32 (a packed word, and the 8-bit MMA's K); BLOCK_M
+of 128-256 pixels and BLOCK_N of 64-128 channels keep the per-step address and mask work (the
+implicit GEMM's overhead: a tap offset and four bounds compares per row) at or below the MMA time,
+with the accumulator in registers (a 256x128 or 128x256 tile needs 255 registers and spills, so none
+is listed; every listed config compiles to <= 238 registers with no spill). ``Og`` prunes BLOCK_N
+above it. The autotune list is short on purpose: each config is a compile on the GPU's time budget.
+W1A16 (a few-channel first layer, not the hot path) runs one fixed config.
 """
 
 import os
@@ -77,9 +80,16 @@ from bnnops.kernels.pack import unpack_signs
 # A-operand modes of the kernel (constexpr): what the A pointer holds and how it becomes a tl.dot operand.
 A_REAL = 0  # float input used as is (W1A16)
 A_SIGN = 1  # float input binarized in registers (A1W1)
-A_INT8 = 2  # int8 +-1 channels-last input from the sign pre-pass (A1W1)
-A_ROUTES = {"int8": A_INT8, "sign": A_SIGN}
+A_INT8 = 2  # int8 +-1 channels-last input from the sign pre-pass (A1W1), int32 accumulator
+A_FP8 = 3  # fp8 e4m3 +-1 channels-last input from the sign pre-pass (A1W1), fp32 accumulator
+A_ROUTES = {"fp8": A_FP8, "int8": A_INT8, "sign": A_SIGN}
 B_ROUTES = ("unpacked", "bits")
+# Hopper's fp8 MMA adds into an accumulator of about 14 significant bits (1 sign, 8 exponent, 13
+# mantissa: the DeepSeek-V3 report's "around 14 bits"), so sums of +-1 products are exact while
+# |sum| <= K <= 2**14; beyond that the "fp8" route falls back to "int8".
+FP8_EXACT_K = 2**14
+# Operand dtype of the dot, per A mode: what the pre-pass and the unpacked weight are written in.
+DOT_DTYPES = {A_REAL: torch.float32, A_SIGN: torch.int8, A_INT8: torch.int8, A_FP8: torch.float8_e4m3fn}
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -97,6 +107,8 @@ INTERPRETER_CONFIGS = [(32, 32, 32, 4, 1)]
 # dominates) run this config untuned; tuning them would cost compiles and gain nothing.
 SMALL_CONFIG = (64, 64, 64, 4, 3)
 SMALL_MACS = 2**27
+# W1A16's fp32 operand tiles take 4 bytes an element: a small BLOCK_K keeps its stages in shared memory.
+W1A16_CONFIG = (64, 64, 32, 4, 3)
 
 
 def _config(m, n, k, warps, stages):
@@ -156,7 +168,7 @@ def _conv2d_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_words = tl.cdiv(Cg, 32)  # words per tap of the packed weight
 
-    if A_MODE == 0:
+    if A_MODE == 0 or A_MODE == 3:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -176,7 +188,7 @@ def _conv2d_kernel(
         c = c0 + offs_k
         c_ok = c < Cg
         valid = inside[:, None] & c_ok[None, :]
-        a = tl.load(a_ptr + rows[:, None] + (group * Cg + c)[None, :] * sac, mask=valid, other=0)
+        a = tl.load(a_ptr + rows[:, None] + (group * Cg + c)[None, :] * sac, mask=valid, other=0.0)
         if A_MODE == 0:
             # W1A16 multiplies in fp32 (see the dot below).
             a = a.to(tl.float32)
@@ -186,7 +198,7 @@ def _conv2d_kernel(
         # Outside the image the pad value; past the group's channels (the K tail) always 0, so the
         # weight's padding bits (+1) meet a zero. Masked loads already read 0 for both.
         if A_MODE == 1 or PAD_VALUE != 0:
-            fill = tl.where(c_ok, PAD_VALUE, 0).to(a.dtype)
+            fill = tl.where(c_ok, PAD_VALUE * 1.0, 0.0).to(a.dtype)
             a = tl.where(valid, a, fill[None, :])
 
         # ---- B: [BLOCK_K, BLOCK_N] weight signs of this tap ----
@@ -196,9 +208,11 @@ def _conv2d_kernel(
             words = tl.load(w_ptr + w_tap[:, None] + wrd[None, :],
                             mask=n_ok[:, None] & (wrd < n_words)[None, :], other=0)
             b = tl.trans(_signs_of_words(words, BLOCK_K))
+            if A_MODE == 3:
+                b = b.to(tl.float32).to(tl.float8e4nv)
         else:
             # The unpacked workspace (O, kh, kw, 32 * n_words); the K tail is masked like A's.
-            b = tl.load(w_ptr + w_tap[None, :] + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0)
+            b = tl.load(w_ptr + w_tap[None, :] + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
 
         if A_MODE == 0:
             # TF32 products of a 16-bit input and +-1 are exact (tf32 holds bf16's exponent and
@@ -206,6 +220,11 @@ def _conv2d_kernel(
             # would run twice as fast, but the interpreter cannot do bf16 arithmetic and W1A16 is
             # the few-channel first layer, not the hot path.
             acc = tl.dot(a, b.to(tl.float32), acc, input_precision=PRECISION)
+        elif A_MODE == 3:
+            # +-1 and 0 are exact in fp8 and so are their products; the sums are exact integers
+            # for K <= FP8_EXACT_K. Triton pipelines an fp8 wgmma (the next step's loads and
+            # address math overlap it) but waits for an int8 one at once: the point of this mode.
+            acc = tl.dot(a, b, acc)
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
@@ -231,14 +250,15 @@ def _conv2d_kernel(
 @triton.jit
 def _sign_nhwc_kernel(x_ptr, out_ptr, P, C, HW, W, sxn, sxc, sxh, sxw,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """x (N, C, H, W) any strides, float -> int8 +-1 (N, H, W, C) contiguous; sign(0) = +1."""
+    """x (N, C, H, W) any strides, float -> +-1 (N, H, W, C) contiguous in out's dtype (int8 or
+    fp8); sign(0) = +1."""
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = p % HW
     src = (p // HW) * sxn + (hw // W) * sxh + (hw % W) * sxw
     mask = (p < P)[:, None] & (c < C)[None, :]
     x = tl.load(x_ptr + src[:, None] + c[None, :] * sxc, mask=mask, other=0)
-    s = tl.where(x.to(tl.float32) < 0, -1, 1).to(tl.int8)
+    s = tl.where(x.to(tl.float32) < 0, -1.0, 1.0).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + p[:, None] * C + c[None, :], s, mask=mask)
 
 
@@ -252,9 +272,9 @@ def output_is_channels_last(x):
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _sign_nhwc(x):
+def _sign_nhwc(x, dtype):
     N, C, H, W = x.shape
-    out = torch.empty((N, H, W, C), dtype=torch.int8, device=x.device)
+    out = torch.empty((N, H, W, C), dtype=dtype, device=x.device)
     P = N * H * W
     if P == 0 or C == 0:
         return out
@@ -265,18 +285,19 @@ def _sign_nhwc(x):
 
 
 def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1),
-           groups=1, pad_value=0.0, binarize=True, a_route="int8", b_route="unpacked", out=None, config=None):
+           groups=1, pad_value=0.0, binarize=True, a_route="fp8", b_route="unpacked", out=None, config=None):
     """Binary (A1W1) or binary-weight (W1A16) conv2d of ``x`` with a packed +-1 weight.
 
     Args:
-        x: (N, C, H, W) float32, bfloat16 or float16, any strides (NCHW and channels_last run natively).
+        x: (N, C, H, W) float32, bfloat16 or float16, any strides (the pre-pass reads NCHW and
+            channels_last natively; the "sign" route and W1A16 copy a non-channels_last x).
         words: int32 (O, kh, kw, ceil(Cg/32)) packed weight, Cg = C / groups (``bnnops.packing`` layout).
         bias, scale: optional (O,) float tensors: y = scale * conv + bias, computed in fp32.
         stride, dilation: (sh, sw), (dh, dw). padding: (top, bottom, left, right).
         groups: divides C and O. pad_value: 0.0, 1.0 or -1.0, the value the input is padded with.
         binarize: True for A1W1 (sign of x, exact int32 accumulation), False for W1A16 (x as is).
-        a_route: "int8" or "sign", b_route: "unpacked" or "bits" (module docstring); a_route is
-            ignored for W1A16, which always reads x.
+        a_route: "fp8", "int8" or "sign"; b_route: "unpacked" or "bits" (module docstring). "fp8"
+            runs "int8" when kh*kw*Cg > FP8_EXACT_K; a_route is ignored for W1A16 (x is read as is).
         out: optional output (N, O, OH, OW) of x's dtype to write into (any strides).
         config: optional (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to launch untuned (sweeps).
 
@@ -296,18 +317,20 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
     if out.numel() == 0:
         return out
 
-    if not binarize:
-        a_mode, a, a_strides = A_REAL, x, x.stride()
-    elif A_ROUTES[a_route] == A_SIGN:
-        a_mode, a, a_strides = A_SIGN, x, x.stride()
+    a_mode = A_ROUTES[a_route] if binarize else A_REAL
+    if a_mode == A_FP8 and KH * KW * Cg > FP8_EXACT_K:
+        a_mode = A_INT8
+    if a_mode in (A_REAL, A_SIGN):
+        # Channels along K must be contiguous for vector loads (an NCHW x makes every A load a gather).
+        a = x.contiguous(memory_format=torch.channels_last)
+        a_strides = a.stride()
     else:
-        a = _sign_nhwc(x)  # (N, H, W, C)
-        a_mode, a_strides = A_INT8, (a.stride(0), a.stride(3), a.stride(1), a.stride(2))
+        a = _sign_nhwc(x, DOT_DTYPES[a_mode])  # (N, H, W, C)
+        a_strides = (a.stride(0), a.stride(3), a.stride(1), a.stride(2))
     if b_route == "bits":
         w = words
     else:
-        w = torch.empty((O, KH, KW, 32 * n_words), dtype=torch.int8 if binarize else torch.float32,
-                        device=x.device)
+        w = torch.empty((O, KH, KW, 32 * n_words), dtype=DOT_DTYPES[a_mode], device=x.device)
         unpack_signs(words, 32 * n_words, w.dtype, out=w)
 
     dummy = out  # never read when HAS_SCALE / HAS_BIAS is False
@@ -326,8 +349,11 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
     def grid(m):
         return (triton.cdiv(N * OH * OW, m["BLOCK_M"]) * triton.cdiv(Og, m["BLOCK_N"]), groups)
 
-    if config is None and not _INTERPRET and N * OH * OW * O * Cg * KH * KW < SMALL_MACS:
-        config = SMALL_CONFIG
+    if config is None and not _INTERPRET:
+        if a_mode == A_REAL:
+            config = W1A16_CONFIG
+        elif N * OH * OW * O * Cg * KH * KW < SMALL_MACS:
+            config = SMALL_CONFIG
     if config is None:
         _conv2d_kernel[grid](*args, **meta)
     else:

@@ -48,21 +48,22 @@ def test_reference_is_f_conv2d_with_explicit_pad_value():
 # (N, C, H, W, O, kernel, stride, padding (t, b, l, r), dilation, groups, pad_value, dtype,
 #  channels_last, scale_bias, binarize, a_route, b_route)
 CASES = [
-    (2, 3, 7, 9, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.0, "fp32", False, False, True, "int8", "unpacked"),
-    (1, 31, 5, 7, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.0, "bf16", True, True, True, "int8", "unpacked"),
+    (2, 3, 7, 9, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.0, "fp32", False, False, True, "fp8", "unpacked"),
+    (1, 31, 5, 7, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.0, "bf16", True, True, True, "fp8", "unpacked"),
     (2, 33, 7, 5, 40, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, 1.0, "bf16", False, False, True, "int8", "unpacked"),
-    (1, 64, 6, 6, 33, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, -1.0, "fp16", True, False, True, "int8", "unpacked"),
+    (1, 64, 6, 6, 33, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, -1.0, "fp16", True, False, True, "fp8", "unpacked"),
     (1, 100, 5, 5, 7, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1, -1.0, "fp32", True, True, True, "int8", "unpacked"),
-    (2, 5, 9, 8, 4, (5, 5), (1, 2), (2, 1, 2, 2), (1, 1), 1, 1.0, "fp16", False, True, True, "int8", "unpacked"),
-    (1, 40, 7, 7, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2, 1.0, "bf16", True, False, True, "int8", "unpacked"),
+    (2, 5, 9, 8, 4, (5, 5), (1, 2), (2, 1, 2, 2), (1, 1), 1, 1.0, "fp16", False, True, True, "fp8", "unpacked"),
+    (1, 40, 7, 7, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2, 1.0, "bf16", True, False, True, "fp8", "unpacked"),
     (2, 8, 5, 6, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8, 0.0, "fp32", False, True, True, "int8", "unpacked"),
     (1, 33, 7, 6, 9, (3, 3), (2, 1), (1, 1, 0, 1), (1, 1), 3, -1.0, "bf16", False, True, True, "int8", "bits"),
+    (1, 36, 6, 5, 6, (3, 3), (1, 1), (0, 1, 1, 0), (1, 1), 1, 1.0, "fp32", True, False, True, "fp8", "bits"),
     (2, 31, 6, 5, 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 1.0, "fp16", True, True, True, "sign", "bits"),
     (1, 35, 5, 7, 6, (3, 3), (1, 1), (1, 1, 1, 1), (2, 1), 1, 0.0, "bf16", False, False, True, "sign", "unpacked"),
     # W1A16: real inputs (a first layer), including a pad value on real data.
-    (2, 3, 9, 7, 8, (5, 5), (2, 2), (2, 2, 2, 2), (1, 1), 1, 0.0, "fp32", False, True, False, "int8", "unpacked"),
-    (1, 34, 6, 5, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2, 1.0, "bf16", True, True, False, "int8", "bits"),
-    (2, 6, 5, 7, 5, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.0, "fp16", True, False, False, "int8", "unpacked"),
+    (2, 3, 9, 7, 8, (5, 5), (2, 2), (2, 2, 2, 2), (1, 1), 1, 0.0, "fp32", False, True, False, "fp8", "unpacked"),
+    (1, 34, 6, 5, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2, 1.0, "bf16", True, True, False, "fp8", "bits"),
+    (2, 6, 5, 7, 5, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.0, "fp16", True, False, False, "fp8", "unpacked"),
 ]
 
 
@@ -116,6 +117,24 @@ def test_kernel_matches_reference(conv_kernels, device, c):
     else:
         rtol, atol = _tolerance(dtype, binarize, x.float(), kh * kw * C // groups)
         torch.testing.assert_close(y, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("C, kernel, a_route", [(512, 3, "fp8"), (512, 3, "int8"), (16384, 1, "fp8")],
+                         ids=["K4608-fp8", "K4608-int8", "K16384-fp8"])
+def test_kernel_exact_at_the_largest_sums(conv_kernels, device, C, kernel, a_route):
+    # Output channel 0 sums K products of +1 and channel 1 K products of -1 at the centre pixel:
+    # the extremes an fp8 accumulator must still hold exactly (FP8_EXACT_K = 16384). The second
+    # image and the other channels are random. BLOCK_K = 128 keeps the interpreter's step count low.
+    x = torch.randn(2, C, kernel, kernel)
+    x[0] = 1.0
+    dense = torch.randn(4, C, kernel, kernel)
+    dense[0], dense[1] = 1.0, -1.0
+    words = pack_weight(dense)
+    pad = (kernel // 2,) * 4
+    expected = binary_conv2d_reference(x, words, padding=pad)
+    assert expected[0, 0, kernel // 2, kernel // 2] == C * kernel * kernel
+    y = conv_kernels.conv2d(x.to(device), words.to(device), padding=pad, a_route=a_route, config=(32, 32, 128, 4, 2))
+    assert torch.equal(y.cpu(), expected)
 
 
 def test_kernel_allocates_in_the_input_memory_format(conv_kernels, device):
