@@ -291,8 +291,9 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
     Args:
         x: (N, C, H, W) float32, bfloat16 or float16, any strides (the pre-pass reads NCHW and
             channels_last natively; the "sign" route and W1A16 copy a non-channels_last x).
-        words: int32 (O, kh, kw, ceil(Cg/32)) packed weight, Cg = C / groups (``bnnops.packing`` layout).
-        bias, scale: optional (O,) float tensors: y = scale * conv + bias, computed in fp32.
+        words: int32 (O, kh, kw, ceil(Cg/32)) packed weight, Cg = C / groups (``bnnops.packing`` layout),
+            last dimension contiguous.
+        bias, scale: optional contiguous (O,) float tensors: y = scale * conv + bias, computed in fp32.
         stride, dilation: (sh, sw), (dh, dw). padding: (top, bottom, left, right).
         groups: divides C and O. pad_value: 0.0, 1.0 or -1.0, the value the input is padded with.
         binarize: True for A1W1 (sign of x, exact int32 accumulation), False for W1A16 (x as is).
