@@ -9,7 +9,8 @@ from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor
 from bnnops import conv  # noqa: F401  (registers torch.ops.bnnops.binary_conv2d)
 from bnnops.packing import pack_signs, packed_length, unpack_signs
+from bnnops import optim
 
 __version__ = "0.1.0"
 
-__all__ = ["BinaryTensor", "pack_signs", "unpack_signs", "packed_length", "kernels"]
+__all__ = ["BinaryTensor", "pack_signs", "unpack_signs", "packed_length", "kernels", "optim"]

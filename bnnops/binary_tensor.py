@@ -14,8 +14,10 @@ What it supports, and why the rest is refused:
 - out-of-place ops that only read (``w.sum()``, ``w * 2``, ``torch.equal``...) run on the dense
   +-1 copy and return dense tensors: correct, but they build the dense weight, so the bnnops ops
   read ``.packed`` instead.
-- view ops (other than the identity view) are refused: a view would have to be a dense temporary,
-  and writing through it (``w.view(-1).mul_(-1)``) would silently change nothing.
+- view ops are refused (a view would have to be a dense temporary, and writing through it would
+  silently change nothing), except the identity view and ``view(-1)``: torch.distributed flattens
+  parameters with it (DDP's start-up broadcast), so it returns a dense +-1 copy that is an
+  inference tensor, which refuses writes: ``w.view(-1).mul_(-1)`` raises.
 - in-place ops are refused: the bits change only through Bop (``bnnops.optim.Bop``) or ``copy_``;
   an SGD step on a binary weight must fail loudly rather than corrupt or be ignored.
 """
@@ -144,6 +146,10 @@ def _alias(x):
 
 
 def _view(x, size):
+    if list(size) == [-1] and x.dim() > 1:
+        # torch.distributed flattens parameters to broadcast them (DDP's start-up sync) and writes
+        # the result back with copy_, which repacks; the flat tensor cannot alias packed bits.
+        return _FlatCopy(x.dequantize().view(-1))
     if list(size) != list(x.shape) and not (list(size) == [-1] and x.dim() == 1):
         raise RuntimeError(
             f"BinaryTensor of shape {tuple(x.shape)} cannot be viewed as {tuple(size)}: the bits are "
@@ -175,6 +181,34 @@ def _copy_(dst, src, non_blocking=False):
         _check_dense_source(src)
         dst.packed.copy_(pack_weight(src.to(dst.device)))
     return dst
+
+
+class _FlatCopy(torch.Tensor):
+    """What ``BinaryTensor.view(-1)`` returns: a dense +-1 copy that refuses writes.
+
+    It is not a view of the bits, so a write through it would be lost; refusing writes keeps
+    ``w.view(-1).mul_(-1)`` loud while torch.distributed, which only reads it, works.
+    """
+
+    @staticmethod
+    def __new__(cls, dense):
+        return torch.Tensor._make_wrapper_subclass(cls, dense.shape, dtype=dense.dtype, device=dense.device)
+
+    def __init__(self, dense):
+        self.dense = dense
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable:
+            raise RuntimeError(
+                f"{func} on BinaryTensor.view(-1): that flat tensor is a dense copy of the packed "
+                "bits, so the write would be lost. Write to the BinaryTensor with copy_, or train it with Bop."
+            )
+        args, kwargs = tree_map_only(cls, lambda t: t.dense, (args, kwargs or {}))
+        out = func(*args, **kwargs)
+        return _FlatCopy(out) if func.is_view else out  # a view of the copy is a copy too
 
 
 _HANDLERS = {

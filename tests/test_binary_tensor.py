@@ -99,6 +99,7 @@ def test_in_place_and_view_ops_refused(device):
             with pytest.raises(RuntimeError, match="in-place op"):
                 mutate()
         for view in (lambda: p.view(-1), lambda: p.t(), lambda: p[0], lambda: p.reshape(2, 80)):
+            # view(-1) is a dense copy for torch.distributed that refuses writes.
             with pytest.raises(RuntimeError, match="view|viewed"):
                 view().mul_(-1)
     p.grad = torch.randn(4, 40, device=device)
@@ -106,6 +107,10 @@ def test_in_place_and_view_ops_refused(device):
         torch.optim.SGD(m.parameters(), lr=0.1).step()
     assert torch.equal(p.packed, before)
     assert torch.equal(p.view(4, 40).packed, before)  # the identity view is an alias
+    flat = p.detach().view(-1)
+    assert torch.equal(torch.cat([flat, flat]), p.dequantize().view(-1).repeat(2))
+    with pytest.raises(RuntimeError, match="write would be lost"):
+        flat.view(4, 40).neg_()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,0 +1,393 @@
+"""The Bop step as one fused Triton pass over many tensors (Helwegen et al. 2019, arXiv 1906.02107).
+
+Per binary weight w in {-1, +1} with gradient g and gradient average m (``bnnops.optim.Bop``)::
+
+    m <- m + gamma * (g - m)                                 (elements with finite g only)
+    flip w where  w * m_hat > threshold  (strict),  m_hat = m
+    second order (Bop2ndOrder): also v <- v + sigma * (g*g - v), m_hat = m / (sqrt(v) + 1e-10)
+
+An element whose gradient is NaN or +-inf is left alone for the step: its m, v and sign keep their
+values and it does not flip (so one bad gradient element corrupts nothing, not even its own state).
+
+One pass reads g, m (and v) and the weight, writes m (and v) and the weight, and counts the flips
+per tensor (exact int64, one atomic add per program into the tensor's slot). Each program owns
+BLOCK_WORDS whole 32-element words of one tensor, so bits are written without atomics, and only
+the words (or dense elements) that flip are stored.
+
+Many tensors per launch: the launcher builds a small int64 table (column-major, ``_COLUMNS``) with
+each tensor's addresses, geometry, first program and fp32 hyperparameters; a program finds its
+tensor by a binary search over the first-program column. Tensors are grouped into launches by
+what must be compile-time constant (gradient dtype, state dtype, weight kind, layout), so a whole
+model's binary weights step in one or two launches.
+
+Layouts. A packed weight is seen as (O, R, C) with R = prod(kernel dims): word [o, r, wc] bit j
+is logical element [o, 32wc + j, r] (the weight layout of ``bnnops.packing``). m (and v) are kept
+in that element order, (O, R, C) contiguous, so they stream like the words; g is read in place,
+through the strides of ``g.movedim(1, -1)`` viewed as (O, R, C) (a contiguous conv gradient is
+strided along C; a linear or channels-last gradient is laid out like m). A dense weight is one
+flat row of whole words plus its ragged tail (numel % 32 elements) as a (1, 1, numel % 32)
+tensor. Two constexpr flags pick the addressing, per launch:
+
+- ``FLAT``: C is a multiple of 32, so element j of word q is 32q + j of m (and v, dense w), masks
+  are per word, and the pointers (checked 16-byte aligned on the host) are hinted so these
+  tensors move in 16-byte vector loads and stores. Otherwise the element index is computed from
+  (row, C) and masked against C (ragged C).
+- ``G_FLAT``: g is laid out like m (and aligned): the same offsets and hints. Otherwise g's
+  offsets come from its (O, R, C) strides (scalar loads: a contiguous conv gradient).
+
+Rounding, identical on the GPU and in the interpreter, and equal to the reference bit for bit:
+every multiply and add rounds to fp32 on its own (kernels launch with ``enable_fp_fusion=False``,
+so ``m + gamma * (g - m)`` is not contracted into an FMA, which rounds once); sqrt and division
+are the IEEE round-to-nearest ``sqrt_rn`` / ``div_rn``; gamma, sigma and threshold are rounded to
+fp32 (as torch does with a Python scalar and an fp32 tensor). bf16 state is computed in fp32 and
+rounded to nearest-even on the bits (the interpreter's fp32->bf16 cast truncates); the flip test
+uses the stored (rounded) value.
+
+Cost (two numbers): per binary weight the pass must move 12.25 bytes with fp32 state (4 B of g
+read, 4 B of m read and written, 1 bit of w read and at most 1 written), 8.25 bytes with bf16
+state, 20.25 with the second moment; the arithmetic (~8 flops) is negligible, so the ceiling is
+bandwidth: at 3.0 TB/s (an H100's device-to-device copy) 1e9 weights cannot step faster than 4.1
+ms. The measured numbers (H100, fraction of copy bandwidth and ratio to eager PyTorch Bop on
+dense weights) are recorded by the benchmark in ``bench/results/``: not measured yet.
+"""
+
+import contextlib
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+# 64 words = 2048 elements per program, 16 per thread with 4 warps: 16 KB of g and m in flight
+# per program, several programs per SM, enough for a streaming pass. Worth a sweep on the GPU
+# (32/64/128 words x 4/8 warps); correctness does not depend on it.
+BLOCK_WORDS = 64
+NUM_WARPS = 4
+
+# Columns of the launch table: int64, column-major (column c of tensor t at c * n + t), so the
+# first-program column is one sorted array for the binary search.
+_COLUMNS = (
+    "g", "m", "v", "w",          # addresses (v is 0 without a second moment)
+    "first_block", "n_words",    # the tensor's first program, its number of (virtual) words
+    "C", "words_per_row", "R",   # geometry of the (O, R, C) view: packed length, ceil(C/32), prod(kernel)
+    "gs_o", "gs_r", "gs_c",      # strides of g in that view, in elements
+    "gamma", "threshold", "sigma",  # fp32 bit patterns
+    "slot",                      # where the tensor's flips are counted
+)
+_COL = {name: tl.constexpr(i) for i, name in enumerate(_COLUMNS)}
+_G, _M, _V, _W = _COL["g"], _COL["m"], _COL["v"], _COL["w"]
+_FIRST_BLOCK, _N_WORDS = _COL["first_block"], _COL["n_words"]
+_C, _WORDS_PER_ROW, _R = _COL["C"], _COL["words_per_row"], _COL["R"]
+_GS_O, _GS_R, _GS_C = _COL["gs_o"], _COL["gs_r"], _COL["gs_c"]
+_GAMMA, _THRESHOLD, _SIGMA, _SLOT = _COL["gamma"], _COL["threshold"], _COL["sigma"], _COL["slot"]
+
+
+@triton.jit
+def _column(table, col, t, n):
+    return tl.load(table + col * n + t)
+
+
+@triton.jit
+def _fp32_column(table, col, t, n):
+    # The low 32 bits of the int64 entry are the fp32 bit pattern.
+    return _column(table, col, t, n).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_state(ptr, mask, STATE_BF16: tl.constexpr):
+    if STATE_BF16:
+        # bf16 bits (addressed as uint16) to fp32: exact, and no bf16 arithmetic for the interpreter.
+        bits = tl.load(ptr, mask=mask, other=0)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_state(ptr, x, mask, STATE_BF16: tl.constexpr):
+    """Store fp32 ``x`` in the state's dtype; return the stored value as fp32."""
+    if STATE_BF16:
+        # Round to nearest, ties to even, on the bits: what torch's .to(bfloat16) does; the
+        # interpreter's fp32->bf16 cast truncates instead. (m stays finite, see the module doc.)
+        u = x.to(tl.uint32, bitcast=True)
+        bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
+        tl.store(ptr, bits, mask=mask)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        tl.store(ptr, x, mask=mask)
+        return x
+
+
+@triton.jit
+def _row_and_channel(word, bit, words_per_row):
+    """Row (o * R + r) of each word and logical channel c = 32 * (word in row) + bit of each element."""
+    row = word // words_per_row
+    return row, (word - row * words_per_row)[:, None] * 32 + bit[None, :]
+
+
+@triton.jit
+def _moving_average(old, target, rate, finite):
+    # old + rate * (target - old), three fp32 roundings (no FMA: enable_fp_fusion=False).
+    return tl.where(finite, old + rate * (target - old), old)
+
+
+@triton.jit
+def _bop_kernel(
+    table,
+    n_tensors,
+    flips,
+    G_DTYPE: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    PACKED: tl.constexpr,
+    FLAT: tl.constexpr,
+    G_FLAT: tl.constexpr,
+    STATE_BF16: tl.constexpr,
+    SECOND_ORDER: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    BLOCK_WORDS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # This program's tensor: the last t with first_block[t] <= pid.
+    lo = pid * 0
+    hi = n_tensors - 1
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        up = _column(table, _FIRST_BLOCK, mid, n_tensors) <= pid
+        lo = tl.where(up, mid, lo)
+        hi = tl.where(up, hi, mid - 1)
+    t = lo
+
+    g_ptr = _column(table, _G, t, n_tensors).to(tl.pointer_type(G_DTYPE))
+    if STATE_BF16:  # addressed as its uint16 bits
+        m_ptr = _column(table, _M, t, n_tensors).to(tl.pointer_type(tl.uint16))
+        v_ptr = _column(table, _V, t, n_tensors).to(tl.pointer_type(tl.uint16))
+    else:
+        m_ptr = _column(table, _M, t, n_tensors).to(tl.pointer_type(tl.float32))
+        v_ptr = _column(table, _V, t, n_tensors).to(tl.pointer_type(tl.float32))
+    w_ptr = _column(table, _W, t, n_tensors).to(tl.pointer_type(W_DTYPE))
+    n_words = _column(table, _N_WORDS, t, n_tensors)
+    first_block = _column(table, _FIRST_BLOCK, t, n_tensors)
+
+    word = (pid - first_block).to(tl.int64) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
+    bit = tl.arange(0, 32)
+    word_mask = word < n_words
+    if FLAT:
+        # Every word is full and m (v, dense w) sit in word order: element e = 32 * word + bit.
+        # The host checked 16-byte alignment of every pointer hinted here.
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        e = word[:, None] * 32 + bit[None, :]
+        mask = tl.broadcast_to(word_mask[:, None], (BLOCK_WORDS, 32))
+    else:
+        C = _column(table, _C, t, n_tensors)
+        row, c = _row_and_channel(word, bit, _column(table, _WORDS_PER_ROW, t, n_tensors))
+        e = row[:, None] * C + c
+        mask = word_mask[:, None] & (c < C)
+    if G_FLAT:
+        # g is laid out like m (a linear or channels-last gradient).
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        g_off = e
+    else:
+        R = _column(table, _R, t, n_tensors)
+        row, c = _row_and_channel(word, bit, _column(table, _WORDS_PER_ROW, t, n_tensors))
+        o = row // R
+        r = row - o * R
+        g_off = (
+            (o * _column(table, _GS_O, t, n_tensors) + r * _column(table, _GS_R, t, n_tensors))[:, None]
+            + c * _column(table, _GS_C, t, n_tensors)
+        )
+
+    g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+    finite = tl.abs(g) < float("inf")  # false for NaN and +-inf
+    m = _moving_average(_load_state(m_ptr + e, mask, STATE_BF16), g, _fp32_column(table, _GAMMA, t, n_tensors), finite)
+    m = _store_state(m_ptr + e, m, mask, STATE_BF16)
+    if SECOND_ORDER:
+        v = _load_state(v_ptr + e, mask, STATE_BF16)
+        v = _moving_average(v, g * g, _fp32_column(table, _SIGMA, t, n_tensors), finite)
+        v = _store_state(v_ptr + e, v, mask, STATE_BF16)
+        m = tl.div_rn(m, tl.sqrt_rn(v) + 1e-10)
+
+    threshold = _fp32_column(table, _THRESHOLD, t, n_tensors)
+    if PACKED:
+        words = tl.load(w_ptr + word, mask=word_mask, other=0)
+        negative = ((words[:, None] >> bit[None, :]) & 1) != 0  # bit 1 means -1
+    else:
+        w = tl.load(w_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        negative = w < 0
+    flip = mask & finite & tl.where(negative, -m > threshold, m > threshold)
+
+    if PACKED:
+        # Distinct powers of two: the sum is their OR (bit 31 wraps to the sign bit, as intended).
+        flip_bits = tl.sum(flip.to(tl.int32) << bit[None, :], axis=1)
+        tl.store(w_ptr + word, words ^ flip_bits, mask=word_mask & (flip_bits != 0))
+    else:
+        # -w is exact in fp32 and converts back exactly (dense weights hold +-1).
+        tl.store(w_ptr + e, (-w).to(W_DTYPE), mask=flip)
+    n_flips = tl.sum(flip.to(tl.int32)).to(tl.int64)
+    # A counter, not an ordering point: relaxed is enough.
+    tl.atomic_add(flips + _column(table, _SLOT, t, n_tensors), n_flips, mask=n_flips > 0, sem="relaxed")
+
+
+_TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _fp32_bits(x):
+    # struct rounds the double to the nearest fp32, as torch does with a Python scalar.
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# Layout checks on shape and stride tuples: plain Python, as this runs per tensor per step.
+
+
+def _packed_order(x):
+    """x laid out in the packed layout's element order: (O, *kernel, C) contiguous."""
+    if x.dim() == 1:
+        return x.is_contiguous()
+    shape, stride = x.shape, x.stride()
+    expected = 1
+    for n, st in reversed(list(zip((shape[0], *shape[2:], shape[1]), (stride[0], *stride[2:], stride[1])))):
+        if n != 1 and st != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _rows_view_strides(g):
+    """Strides (o, r, c) of ``g.movedim(1, -1)`` seen as (O, R, C), or None if not viewable."""
+    stride = g.stride()
+    if g.dim() == 1:
+        return (0, 0, stride[0])
+    kernel = [(n, st) for n, st in zip(g.shape[2:], stride[2:]) if n != 1]
+    # The kernel dims merge into one when each steps over the whole of the next.
+    if any(st != st_next * n_next for (_, st), (n_next, st_next) in zip(kernel, kernel[1:])):
+        return None
+    return (stride[0], kernel[-1][1] if kernel else 0, stride[1])
+
+
+def _check_state(name, s, g, packed):
+    if s.shape != g.shape or s.device != g.device or s.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"Bop state {name} must be float32 or bfloat16 of shape {tuple(g.shape)} on {g.device}")
+    if not (_packed_order(s) if packed else s.is_contiguous()):
+        want = "in the packed layout's element order (s.movedim(1, -1) contiguous)" if packed else "contiguous"
+        raise ValueError(f"Bop state {name} must be {want}")
+
+
+def _address(x, offset):
+    return 0 if x is None else x.data_ptr() + offset * x.element_size()
+
+
+def bop_step(grads, weights, ms, gammas, thresholds, *, vs=None, sigmas=None, flips=None):
+    """One fused Bop step, in place, over many tensors on one device.
+
+    Args:
+        grads: list of float32/bfloat16/float16 gradients, each of its weight's logical shape.
+            A packed weight's gradient may have any strides: it is read through
+            ``g.movedim(1, -1)`` viewed as (O, R, C) (copied first if not viewable so); a dense
+            weight's gradient must be contiguous.
+        weights: list, per gradient, either the int32 packed words of a binary weight (the
+            layout of ``bnnops.packing``: (N, ceil(K/32)) for (N, K), (O, *kernel, ceil(C/32))
+            for (O, C, *kernel), (ceil(K/32),) for (K,)), or a dense contiguous float tensor of
+            +-1 of the gradient's shape.
+        ms: gradient averages, float32 or bfloat16, of the logical shape: for packed weights in
+            the packed layout's element order (``m.movedim(1, -1)`` contiguous), for dense
+            weights contiguous.
+        gammas, thresholds: floats, one per tensor (rounded to fp32).
+        vs, sigmas: second moments (like ``ms``, same dtypes) and their rates for Bop2ndOrder,
+            or None for first-order Bop. One call is either first or second order.
+        flips: optional int64 tensor (len(grads),) on the device to count into (zeroed first).
+
+    Returns:
+        int64 tensor (len(grads),): how many weights of each tensor flipped.
+    """
+    n = len(grads)
+    second = vs is not None
+    if not (len(weights) == len(ms) == len(gammas) == len(thresholds) == n):
+        raise ValueError("bop_step needs one weight, state, gamma and threshold per gradient")
+    if second and not (sigmas is not None and len(vs) == len(sigmas) == n):
+        raise ValueError("bop_step with second moments needs one v and one sigma per gradient")
+    device = grads[0].device if n else torch.device("cpu")
+    flips = torch.zeros(n, dtype=torch.int64, device=device) if flips is None else flips.zero_()
+    launches = {}  # constexpr key -> table rows (dicts of column values)
+    # Gradients copied to a readable layout must stay allocated until their kernel is launched
+    # (after that the caching allocator orders any reuse after the kernel on the stream).
+    copies = []
+    for i in range(n):
+        g, w, m, v = grads[i], weights[i], ms[i], vs[i] if second else None
+        packed = w.dtype == torch.int32
+        if g.device != device or w.device != device:
+            raise ValueError(f"bop_step tensors must all be on {device}, got {g.device} and {w.device}")
+        if g.dtype not in _TL_FLOAT or g.dim() == 0:
+            raise ValueError(f"bop_step gradient {i} must be float32/bfloat16/float16 of rank >= 1, got {g.dtype}, rank {g.dim()}")
+        for name, s in (("m", m), ("v", v)):
+            if s is not None:
+                _check_state(name, s, g, packed)
+        if second and v.dtype != m.dtype:
+            raise ValueError("bop_step: m and v must have the same dtype")
+        if g.numel() == 0:
+            continue
+        hyper = dict(
+            gamma=_fp32_bits(gammas[i]),
+            threshold=_fp32_bits(thresholds[i]),
+            sigma=_fp32_bits(sigmas[i]) if second else 0,
+            slot=i,
+        )
+        if packed:
+            O, C = (1, g.shape[0]) if g.dim() == 1 else g.shape[:2]
+            expected = (_cdiv(C, 32),) if g.dim() == 1 else (O, *g.shape[2:], _cdiv(C, 32))
+            if tuple(w.shape) != expected or not w.is_contiguous():
+                raise ValueError(
+                    f"packed words {tuple(w.shape)} do not hold a weight of shape {tuple(g.shape)} "
+                    f"(expected contiguous words {expected})"
+                )
+            strides = _rows_view_strides(g)
+            if strides is None:
+                g = g.contiguous()
+                copies.append(g)
+                strides = _rows_view_strides(g)
+            parts = [(0, C, g.numel() // (O * C), strides, w.numel())]
+            w_dtype = tl.int32
+            g_flat = _packed_order(g)
+        else:
+            if w.shape != g.shape or w.dtype not in _TL_FLOAT or not (w.is_contiguous() and g.is_contiguous()):
+                raise ValueError(
+                    f"dense weight {i} must be a contiguous float tensor of the gradient's shape "
+                    f"{tuple(g.shape)}, with a contiguous gradient"
+                )
+            # A flat body of whole 32-element words, and the ragged tail as a (1, 1, rest) tensor.
+            body = g.numel() - g.numel() % 32
+            parts = [(0, body, 1, (0, 0, 1), body // 32), (body, g.numel() - body, 1, (0, 0, 1), 1)]
+            w_dtype = _TL_FLOAT[w.dtype]
+            g_flat = True
+        for offset, C, R, (gs_o, gs_r, gs_c), n_words in parts:
+            if C == 0:
+                continue
+            at = {name: _address(x, offset) for name, x in (("g", g), ("m", m), ("v", v), ("w", w))}
+            flat = C % 32 == 0 and all(at[name] % 16 == 0 for name in "mvw")
+            key = (g.dtype, m.dtype == torch.bfloat16, w_dtype, packed, flat, g_flat and at["g"] % 16 == 0)
+            launches.setdefault(key, []).append(dict(
+                **at, n_words=n_words, C=C, words_per_row=_cdiv(C, 32), R=R, gs_o=gs_o, gs_r=gs_r, gs_c=gs_c,
+                **hyper,
+            ))
+
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for (g_dtype, state_bf16, w_dtype, packed, flat, g_flat), rows in launches.items():
+            first = 0
+            for row in rows:
+                row["first_block"] = first
+                first += _cdiv(row["n_words"], BLOCK_WORDS)
+            table = torch.tensor([[row[c] for row in rows] for c in _COLUMNS], dtype=torch.int64)
+            if device.type == "cuda":
+                # Pinned, so the copy is asynchronous: no host sync inside an optimizer step.
+                table = table.pin_memory().to(device, non_blocking=True)
+            _bop_kernel[(first,)](
+                table, len(rows), flips,
+                G_DTYPE=_TL_FLOAT[g_dtype], W_DTYPE=w_dtype, PACKED=packed, FLAT=flat, G_FLAT=g_flat,
+                STATE_BF16=state_bf16, SECOND_ORDER=second, SEARCH_STEPS=(len(rows) - 1).bit_length(),
+                BLOCK_WORDS=BLOCK_WORDS, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
+    return flips

@@ -1,0 +1,280 @@
+"""Bop and Bop2ndOrder: optimizers that flip binary weights (Helwegen et al., NeurIPS 2019).
+
+"Latent Weights Do Not Exist" (arXiv 1906.02107): a binary weight w in {-1, +1} keeps only an
+exponential moving average m of its gradient g and flips when m is strong enough and points the
+same way as w::
+
+    m <- m + gamma * (g - m)
+    flip w where w * m > threshold          (strict: equality does not flip)
+
+Bop2ndOrder (Suarez-Ramirez et al. 2021) also keeps the second moment v and normalizes m by it::
+
+    v <- v + sigma * (g^2 - v)
+    flip w where w * m / (sqrt(v) + 1e-10) > threshold
+
+gamma is the param-group key ``"lr"``, so every ``torch.optim.lr_scheduler`` schedules it; the
+threshold has :class:`bnnops.optim.ThresholdScheduler`.
+
+Parameters: ``bnnops.BinaryTensor`` parameters (the bits of ``p.packed`` flip in place; ``p.grad``
+is a dense float tensor of the logical shape) and dense float parameters holding only +1 and -1
+(their signs flip; checked once, when their state is created).
+
+Paths: CUDA parameters take the fused Triton kernel (``bnnops.kernels.bop``: one pass over g, m
+and the packed words for a whole model, a few launches), CPU parameters the pure-PyTorch
+reference below. Both give the same bits: see the rounding notes in ``bnnops.kernels.bop``.
+
+Non-finite gradients: an element whose gradient is NaN or +-inf is skipped for the step (its m, v
+and sign are unchanged and it does not flip); every other element steps normally. No host sync is
+needed for this. With ``torch.amp.GradScaler`` a step with any inf/NaN gradient is skipped whole
+by the scaler, as for every torch optimizer.
+
+Flip statistics: after ``step``, ``optimizer.state[p]["flips"]`` is a 0-d int64 tensor on p's
+device, the number of p's weights that flipped at p's last step (counted by the kernel, no extra
+pass); :meth:`Bop.flip_ratio` is larq's FlipRatio metric. Reading them syncs; ``step`` does not.
+
+State per parameter: ``m`` (and ``v``) of the logical shape in ``state_dtype``: float32 by default
+(the fused and reference paths agree bit for bit), or bfloat16 (half the memory; m is computed in
+fp32 and rounded to nearest-even when stored, so increments smaller than half a bf16 ulp of m are
+lost: m then stalls near 2^8 * gamma * |g| instead of tracking g, which is still far above the
+usual thresholds but biases the average). For a BinaryTensor, m is stored in the packed layout's
+element order (``m.movedim(1, -1)`` is contiguous) so the kernel streams it like the words.
+"""
+
+import os
+
+import torch
+from torch.optim.optimizer import Optimizer
+
+from bnnops import kernels
+from bnnops.binary_tensor import BinaryTensor
+from bnnops.packing import pack_weight
+
+__all__ = ["Bop", "Bop2ndOrder", "bop_reference_"]
+
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+# sqrt(v) + eps in Bop2ndOrder's denominator (as in larq); rounded to fp32 in both paths.
+SECOND_ORDER_EPS = 1e-10
+
+
+def _moving_average_(state, target, rate, finite):
+    """state <- state + rate * (target - state) where ``finite``: fp32, one rounding per operation."""
+    old = state.float()
+    new = old + (target - old) * rate
+    state.copy_(torch.where(finite, new, old))  # rounds to nearest-even into bf16 state
+    return state.float()
+
+
+def bop_reference_(w, g, m, gamma, threshold, v=None, sigma=None):
+    """One Bop step on one tensor, in place, in plain PyTorch (the rule of the module docstring).
+
+    Args:
+        w: a ``BinaryTensor`` (its ``packed`` words flip) or a dense float tensor of +-1.
+        g: the gradient, float32/bfloat16/float16, of w's logical shape.
+        m: the gradient average, float32 or bfloat16, of w's shape (any strides).
+        gamma, threshold: floats (rounded to fp32 by torch's scalar arithmetic).
+        v, sigma: the second moment and its rate for Bop2ndOrder, or None.
+
+    Returns:
+        0-d int64 tensor on w's device: how many weights flipped.
+
+    Each operation rounds to fp32 on its own (``(g - m) * gamma`` then ``+ m``), which is what the
+    kernel computes with FMA contraction off. Elements with a non-finite gradient are left alone.
+    """
+    g = g.float()
+    finite = torch.isfinite(g)
+    m_hat = _moving_average_(m, g, gamma, finite)
+    if v is not None:
+        m_hat = m_hat / (_moving_average_(v, g * g, sigma, finite).sqrt() + SECOND_ORDER_EPS)
+    negative = (w.dequantize() if isinstance(w, BinaryTensor) else w) < 0
+    flip = finite & torch.where(negative, -m_hat > threshold, m_hat > threshold)
+    if isinstance(w, BinaryTensor):
+        w.packed.bitwise_xor_(pack_weight(torch.where(flip, -1.0, 1.0)))
+    else:
+        w.copy_(torch.where(flip, -w, w))
+    return flip.sum(dtype=torch.int64)
+
+
+def _new_state(p, dtype):
+    """Zero state for parameter p: a BinaryTensor's in the packed layout's element order."""
+    if isinstance(p, BinaryTensor) and p.dim() > 1:
+        return torch.zeros(p.shape[0], *p.shape[2:], p.shape[1], dtype=dtype, device=p.device).movedim(-1, 1)
+    if isinstance(p, BinaryTensor):
+        return torch.zeros(p.shape, dtype=dtype, device=p.device)
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class Bop(Optimizer):
+    """The Binary Optimizer: flips +-1 weights whose gradient average agrees with them.
+
+    Args:
+        params: iterable of parameters or param-group dicts: ``BinaryTensor`` parameters and/or
+            dense float parameters holding only +-1.
+        lr: gamma, the adaptivity rate of m, in [0, 1] (paper: 1e-4). Named ``lr`` so
+            ``torch.optim.lr_scheduler`` schedules it.
+        threshold: tau >= 0 (paper: 1e-8).
+        state_dtype: torch.float32 (default) or torch.bfloat16, for m (per group).
+        fused: True runs the Triton kernel (CUDA parameters; on CPU only under the Triton
+            interpreter, ``TRITON_INTERPRET=1``, for tests); False the PyTorch reference; None
+            (default) the kernel for CUDA parameters and the reference for CPU ones. Dense
+            parameters whose value or gradient is not contiguous always take the reference.
+        differentiable: must be False (a flip is not differentiable).
+
+    Sparse gradients are refused; parameters whose ``.grad`` is None are skipped. See the module
+    docstring for the rule, non-finite gradients, flip statistics and state.
+    """
+
+    _second_order = False
+
+    def __init__(self, params, lr=1e-4, threshold=1e-8, *, state_dtype=torch.float32, fused=None, differentiable=False):
+        self._init(params, dict(lr=lr, threshold=threshold), state_dtype, fused, differentiable)
+
+    def _init(self, params, hyper, state_dtype, fused, differentiable):
+        if differentiable:
+            raise ValueError(f"{type(self).__name__} does not support differentiable=True: a sign flip has no gradient")
+        defaults = dict(hyper, state_dtype=state_dtype, fused=fused, differentiable=False)
+        self._check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def _check_hyperparameters(self, group):
+        name = type(self).__name__
+        for key in ("lr", "threshold", "sigma"):
+            if key in group and not isinstance(group[key], (float, int)):
+                raise TypeError(f"{name} {key} must be a Python number, got {type(group[key]).__name__}")
+        if not 0.0 <= group["lr"] <= 1.0:
+            raise ValueError(f"{name} lr (gamma) must be in [0, 1], got {group['lr']}")
+        if not 0.0 <= group.get("sigma", 0.0) <= 1.0:
+            raise ValueError(f"{name} sigma must be in [0, 1], got {group['sigma']}")
+        if not group["threshold"] >= 0.0:
+            raise ValueError(f"{name} threshold must be >= 0, got {group['threshold']}")
+        if group["state_dtype"] not in STATE_DTYPES:
+            raise TypeError(f"{name} state_dtype must be torch.float32 or torch.bfloat16, got {group['state_dtype']}")
+        if group["fused"] not in (None, True, False):
+            raise TypeError(f"{name} fused must be None, True or False, got {group['fused']!r}")
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group):
+        self._check_hyperparameters(group)
+        for p in group["params"]:
+            if not (isinstance(p, BinaryTensor) or p.is_floating_point()):
+                raise TypeError(
+                    f"{type(self).__name__} trains BinaryTensor parameters and dense float parameters of +-1, "
+                    f"got a {p.dtype} parameter of shape {tuple(p.shape)}"
+                )
+            if group["fused"] and not (p.is_cuda or _interpreting()):
+                raise ValueError(
+                    f"{type(self).__name__}(fused=True) needs CUDA parameters (the Triton kernel), got one on "
+                    f"{p.device}; use fused=None or False for the PyTorch reference"
+                )
+
+    def _state_for(self, p, group):
+        state = self.state[p]
+        if not state:
+            if not isinstance(p, BinaryTensor) and not torch.all((p == 1) | (p == -1)):
+                raise ValueError(
+                    f"{type(self).__name__} trains dense parameters that hold only +1 and -1; the parameter of shape "
+                    f"{tuple(p.shape)} holds other values. Binarize it first (e.g. torch.where(w < 0, -1.0, 1.0)) or make "
+                    "it a bnnops.BinaryTensor."
+                )
+            state["m"] = _new_state(p, group["state_dtype"])
+            if self._second_order:
+                state["v"] = _new_state(p, group["state_dtype"])
+            state["flips"] = torch.zeros((), dtype=torch.int64, device=p.device)
+        return state
+
+    def _fused(self, p, group):
+        if group["fused"] is not None:
+            fused = group["fused"]
+        else:
+            fused = p.is_cuda and kernels.triton_available()
+        return fused and (isinstance(p, BinaryTensor) or (p.is_contiguous() and p.grad.is_contiguous()))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Bop step over every parameter with a gradient; returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches = {}  # device -> [(param, state, group)] for the fused kernel
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self._state_for(p, group)
+                if self._fused(p, group):
+                    batches.setdefault(p.device, []).append((p, state, group))
+                else:
+                    state["flips"] = bop_reference_(
+                        p, p.grad, state["m"], group["lr"], group["threshold"], state.get("v"), group.get("sigma")
+                    )
+        for batch in batches.values():
+            self._fused_step(batch)
+        return loss
+
+    def _fused_step(self, batch):
+        second = self._second_order
+        flips = kernels.load("bop").bop_step(
+            [p.grad for p, _, _ in batch],
+            [p.packed if isinstance(p, BinaryTensor) else p for p, _, _ in batch],
+            [s["m"] for _, s, _ in batch],
+            [g["lr"] for _, _, g in batch],
+            [g["threshold"] for _, _, g in batch],
+            vs=[s["v"] for _, s, _ in batch] if second else None,
+            sigmas=[g["sigma"] for _, _, g in batch] if second else None,
+        )
+        for i, (_, state, _) in enumerate(batch):
+            state["flips"] = flips[i]
+
+    def flip_ratio(self, params=None):
+        """larq's FlipRatio: flipped weights / weights over ``params`` (default: all with state).
+
+        Counts the flips of each parameter's last step. Returns a 0-d float32 tensor on the
+        parameters' device (reading it syncs), or None when no parameter has stepped.
+        """
+        params = [p for p in (params if params is not None else self.state) if "flips" in self.state.get(p, {})]
+        if not params:
+            return None
+        flips = torch.stack([self.state[p]["flips"] for p in params]).sum()
+        return flips.float() / sum(p.numel() for p in params)
+
+    def load_state_dict(self, state_dict):
+        """Load like torch, but keep m and v in each group's ``state_dtype`` and layout.
+
+        torch casts floating state to the parameter's dtype, which would round fp32 state of a
+        bf16 parameter; here the saved tensors are copied into fresh state of the right dtype.
+        """
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        for group in self.param_groups:
+            for p in group["params"]:
+                entry = saved.get(next(saved_ids))
+                for key in ("m", "v"):
+                    if entry is not None and key in entry:
+                        self.state[p][key] = _new_state(p, group["state_dtype"]).copy_(entry[key])
+
+
+class Bop2ndOrder(Bop):
+    """Bop with a second-moment normalization (Suarez-Ramirez et al. 2021).
+
+    Like :class:`Bop` plus ``sigma`` (the rate of the second moment v, in [0, 1]); flips where
+    ``w * m / (sqrt(v) + 1e-10) > threshold``. Defaults: lr (gamma) 1e-6, threshold 1e-6, sigma 1e-2.
+    """
+
+    _second_order = True
+
+    def __init__(self, params, lr=1e-6, threshold=1e-6, sigma=1e-2, *, state_dtype=torch.float32, fused=None, differentiable=False):
+        self._init(params, dict(lr=lr, threshold=threshold, sigma=sigma), state_dtype, fused, differentiable)

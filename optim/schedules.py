@@ -1,0 +1,63 @@
+"""A scheduler for Bop's threshold (gamma is the param-group key "lr": use torch's LR schedulers).
+
+The paper keeps tau = 1e-8 fixed and decays gamma (CIFAR-10: x0.1 every 100 epochs, ImageNet:
+1e-4 -> 1e-6 linearly), so gamma's schedule is any ``torch.optim.lr_scheduler`` on the Bop
+optimizer; the threshold, a key torch's schedulers never touch, has this one.
+"""
+
+from bnnops.optim.bop import Bop
+
+__all__ = ["ThresholdScheduler"]
+
+
+class ThresholdScheduler:
+    """Set each group's threshold to ``initial_threshold * factor(step)``, like ``LambdaLR`` for lr.
+
+    Args:
+        optimizer: a :class:`bnnops.optim.Bop` (or Bop2ndOrder).
+        factor: a function of the step count (an int, 0 at construction) returning a float
+            multiplier, or a list of such functions, one per param group.
+        last_epoch: the step count to resume from (-1 starts fresh), as in torch's schedulers.
+
+    Each group's starting threshold is kept in the group as ``"initial_threshold"``, so it is saved
+    in the optimizer's ``state_dict`` along with the current ``"threshold"``; this scheduler's own
+    ``state_dict`` holds its step count (the functions are code, not state, as in ``LambdaLR``).
+    Call :meth:`step` after the optimizer's step, once per epoch or per batch as the schedule reads.
+
+    Example: ``ThresholdScheduler(bop, lambda epoch: 0.5 ** (epoch // 10))`` halves tau every 10 epochs.
+    """
+
+    def __init__(self, optimizer, factor, last_epoch=-1):
+        if not isinstance(optimizer, Bop):
+            raise TypeError(f"ThresholdScheduler schedules a bnnops.optim.Bop, got {type(optimizer).__name__}")
+        groups = optimizer.param_groups
+        factors = list(factor) if isinstance(factor, (list, tuple)) else [factor] * len(groups)
+        if len(factors) != len(groups) or not all(callable(f) for f in factors):
+            raise ValueError(f"ThresholdScheduler needs one callable factor or one per param group ({len(groups)})")
+        for group in groups:
+            group.setdefault("initial_threshold", group["threshold"])
+        self.optimizer = optimizer
+        self.factors = factors
+        self.last_epoch = last_epoch
+        self.step()
+
+    def step(self):
+        """Advance the step count and set every group's threshold from it."""
+        self.last_epoch += 1
+        self._apply()
+
+    def _apply(self):
+        for group, factor in zip(self.optimizer.param_groups, self.factors):
+            group["threshold"] = group["initial_threshold"] * factor(self.last_epoch)
+
+    def get_last_threshold(self):
+        """The thresholds of the groups, as last set."""
+        return [group["threshold"] for group in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state_dict):
+        """Restore the step count and set the thresholds from it (in either order with the optimizer's load)."""
+        self.last_epoch = state_dict["last_epoch"]
+        self._apply()
