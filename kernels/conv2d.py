@@ -13,8 +13,8 @@ Implicit GEMM: rows are output pixels (M = N*OH*OW), columns the output channels
 grid axis 1 is the group), and the reduction K = kh*kw*Cg walks tap by tap, BLOCK_K channels at a
 time, in the order of the packed weight layout (``bnnops.packing``: words (O, kh, kw, ceil(Cg/32)),
 bit j of word [o, r, s, w] is weight[o, 32w + j, r, s]). No im2col tensor exists: each K step loads
-the [BLOCK_M, BLOCK_K] input window of its tap (masked at the borders, where the pad value is put in)
-and a [BLOCK_K, BLOCK_N] slab of weight signs, and does one ``tl.dot`` (A1W1: +-1 in fp8 e4m3 or
+the [BLOCK_M, BLOCK_K] input window of its tap (from a pre-padded copy, or masked at the borders
+where the pad value is put in) and a [BLOCK_K, BLOCK_N] slab of weight signs, and does one ``tl.dot`` (A1W1: +-1 in fp8 e4m3 or
 int8, exact; W1A16: TF32 products, exact for 16-bit inputs times +-1, 3xTF32 for fp32). The epilogue
 applies the per-output-channel scale, then the bias, in fp32, and stores in the input's dtype; the
 output is channels_last when the input is.
@@ -22,11 +22,13 @@ output is channels_last when the input is.
 Operand routes (``a_route`` / ``b_route`` of :func:`conv2d`; the defaults are the fast ones):
 
 - A, the activations (A1W1). ``"fp8"`` (default) and ``"int8"``: one pre-pass writes sign(x) as +-1
-  channels-last (N, H, W, C), 1 byte per element, so the K loop's A operand is a plain masked load
-  that goes through cp.async straight to shared memory and the tensor cores. fp8 accumulates in fp32,
-  int8 in int32: both exact (fp8 for K = kh*kw*Cg <= 2^14, see FP8_EXACT_K; above, "int8" runs).
-  ``"sign"``: the K loop reads x itself (channels_last; an NCHW x is copied first) and binarizes every
-  loaded element in registers.
+  channels-last *with the padding written in* (N, H + pads, W + pads, C), 1 byte per element, so the
+  K loop's A operand is a plain load (masked only at the last pixel tile and the channel tail) that
+  goes through cp.async straight to shared memory and the tensor cores, with no bounds checks and no
+  pad-value select. fp8 e4m3 accumulates in fp32, int8 in int32: both exact (fp8 while K = kh*kw*Cg
+  <= 2^14, see FP8_EXACT_K; above, "int8" runs). ``"sign"``: the K loop reads x itself
+  (channels_last; an NCHW x is copied first), binarizes every loaded element in registers and
+  substitutes the pad value at the borders.
 - B, the weights. ``"unpacked"`` (default): the packed words are unpacked once per call (the pack
   module's unpack kernel) into a +-1 workspace (O, kh, kw, 32*ceil(Cg/32)) in the dot's dtype: 8
   times the packed bytes (2.4 MB for ResNet-18's largest layer, read from L2 by every program).
@@ -39,32 +41,33 @@ at batch 256, A1W1, bf16 in and out (M = 200704, N = 128, K = 1152):
 - operations: 2*M*N*K = 59.2 G (every 3x3 stride-1 layer of ResNet-18 has the same count): 30 us at
   the H100's 1979 dense int8/fp8 TOPS; the cuDNN bf16 baseline's peak (989 TFLOP/s) gives it 60 us.
 - fewest bytes: x read once and y written once in bf16, 2 * 25.7 M elements * 2 B = 103 MB (the
-  packed weight is 18 KB): 34 us at 3.0 TB/s. The 1-byte A pre-pass adds 1 B written and 1 B read
-  per input element (+51 MB, +17 us); packing x to bits instead would add 1/4 B (+6 MB).
+  packed weight is 18 KB): 34 us at 3.0 TB/s. The 1-byte padded A pre-pass adds 1 B written and 1 B
+  read per (padded) input element (+55 MB, +18 us); packing x to bits instead would add 1/4 B.
 
 So the layer sits near the ridge (575 ops per byte against the H100's ~650), and what decides the
 speed is the *work per operand element inside the K loop*: an H100 SM does 4096 8-bit MACs per clock
 on its tensor cores but issues only 4 warp-instructions per clock, and implicit GEMM reloads every
 input element once per tap (9 times for 3x3) and once per BLOCK_N column tile. Counting the SASS of
-the K loop (sm_90, compiled offline with Triton 3.9; per warp per K step at BLOCK 128x128x128 and 8
-warps, where the MMA takes 512 clocks per step):
+the K loop (sm_90, compiled offline with Triton 3.6, the GPU machine's version; per warp per K step
+at BLOCK 128x128x128 and 8 warps, where the MMA takes 512 clocks per step):
 
-- A fp8 or int8 + B unpacked: 205 instructions (410 issue clocks), no spills. Triton makes the fp8
-  wgmma asynchronous (``warp_group_dot_wait`` pendings=1: the next step's address math and cp.async
-  overlap the MMA, so a step costs about max(410, 512)) but waits for an int8 wgmma right after
-  issuing it (pendings=0: about 410 + 512). That difference is why fp8 is the default.
-- B bits: 720-810 (unpacking and shuffling through shared memory), and the wgmma turns synchronous.
-- A sign (binarize in the loop): 565 with a channels_last x and a synchronous wgmma; an NCHW x
+- A fp8 or int8 (pre-padded) + B unpacked: 168 instructions (336 issue clocks), no spills, for every
+  pad value. Triton makes the fp8 wgmma asynchronous (``warp_group_dot_wait`` pendings=1: the next
+  step's address math and cp.async overlap the MMA, a step costs about max(336, 512)) but waits for
+  an int8 wgmma right after issuing it (pendings=0: about 336 + 512). Hence fp8 by default.
+  Substituting the pad value in the loop instead (before pre-padding) cost 435 and a synchronous MMA.
+- B bits: 680-780 (unpacking and shuffling through shared memory), and the wgmma turns synchronous.
+- A sign (binarize in the loop): 545-550 with a channels_last x and a synchronous wgmma; an NCHW x
   (gathers along C) reached 2500-4100 with register spills, hence the channels_last copy.
 - A unpacked from a bit-packed pre-pass (the bytes-minimal design): 1000-2600 with spills; not offered.
 
 Hence the defaults: both operands reach the K loop as ready 1-byte +-1 values (the 1-bit minimum of
-bytes is not worth its unpacking work on Hopper), at the cost of +51 MB for this layer and of a
+bytes is not worth its unpacking work on Hopper), at the cost of +55 MB for this layer and of a
 weight workspace. Tiles: BLOCK_K is a multiple of 32 (a packed word, and the 8-bit MMA's K); BLOCK_M
 of 128-256 pixels and BLOCK_N of 64-128 channels keep the per-step address and mask work (the
 implicit GEMM's overhead: a tap offset and four bounds compares per row) at or below the MMA time,
 with the accumulator in registers (a 256x128 or 128x256 tile needs 255 registers and spills, so none
-is listed; every listed config compiles to <= 238 registers with no spill). ``Og`` prunes BLOCK_N
+is listed; every listed config compiles with no spill in Triton 3.6 and 3.9). ``Og`` prunes BLOCK_N
 above it. The autotune list is short on purpose: each config is a compile on the GPU's time budget.
 W1A16 (a few-channel first layer, not the hot path) runs one fixed config.
 """
@@ -183,7 +186,11 @@ def _conv2d_kernel(
         # ---- A: [BLOCK_M, BLOCK_K] input window of this tap, pad value outside the image ----
         ih = ih0 + r * dil_h
         iw = iw0 + s * dil_w
-        inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if A_MODE == 2 or A_MODE == 3:
+            # The pre-pass wrote the padding, pad value included: every tap reads inside it.
+            inside = m_ok
+        else:
+            inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         rows = a_row + ih * sah + iw * saw
         c = c0 + offs_k
         c_ok = c < Cg
@@ -248,18 +255,21 @@ def _conv2d_kernel(
 
 
 @triton.jit
-def _sign_nhwc_kernel(x_ptr, out_ptr, P, C, HW, W, sxn, sxc, sxh, sxw,
+def _sign_nhwc_kernel(x_ptr, out_ptr, P, C, H, W, HWp, Wp, pad_h, pad_w, pad_value, sxn, sxc, sxh, sxw,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """x (N, C, H, W) any strides, float -> +-1 (N, H, W, C) contiguous in out's dtype (int8 or
-    fp8); sign(0) = +1."""
+    """x (N, C, H, W) any strides, float -> padded +-1 (N, Hp, Wp, C) contiguous in out's dtype (int8
+    or fp8): sign(x) (sign(0) = +1) inside, pad_value on the border of pad_h / pad_w before."""
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = p % HW
-    src = (p // HW) * sxn + (hw // W) * sxh + (hw % W) * sxw
+    hw = p % HWp
+    h = hw // Wp - pad_h
+    w = hw % Wp - pad_w
+    inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
     mask = (p < P)[:, None] & (c < C)[None, :]
-    x = tl.load(x_ptr + src[:, None] + c[None, :] * sxc, mask=mask, other=0)
-    s = tl.where(x.to(tl.float32) < 0, -1.0, 1.0).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + p[:, None] * C + c[None, :], s, mask=mask)
+    src = (p // HWp) * sxn + h * sxh + w * sxw
+    x = tl.load(x_ptr + src[:, None] + c[None, :] * sxc, mask=mask & inside[:, None], other=0)
+    s = tl.where(inside[:, None], tl.where(x.to(tl.float32) < 0, -1.0, 1.0), pad_value)
+    tl.store(out_ptr + p[:, None] * C + c[None, :], s.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def output_size(size, kernel, stride, pad_before, pad_after, dilation):
@@ -272,15 +282,19 @@ def output_is_channels_last(x):
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _sign_nhwc(x, dtype):
+def _sign_nhwc(x, dtype, padding=(0, 0, 0, 0), pad_value=0.0):
+    """sign(x) as +-1 of ``dtype``, channels-last and padded: (N, H + top + bottom, W + left + right, C)."""
     N, C, H, W = x.shape
-    out = torch.empty((N, H, W, C), dtype=dtype, device=x.device)
-    P = N * H * W
+    pt, pb, pl, pr = padding
+    Hp, Wp = H + pt + pb, W + pl + pr
+    out = torch.empty((N, Hp, Wp, C), dtype=dtype, device=x.device)
+    P = N * Hp * Wp
     if P == 0 or C == 0:
         return out
     BLOCK_P, BLOCK_C = 64, min(64, triton.next_power_of_2(C))
     grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))
-    _sign_nhwc_kernel[grid](x, out, P, C, H * W, W, *x.stride(), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    _sign_nhwc_kernel[grid](x, out, P, C, H, W, Hp * Wp, Wp, pt, pl, float(pad_value), *x.stride(),
+                            BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     return out
 
 
@@ -324,10 +338,13 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
     if a_mode in (A_REAL, A_SIGN):
         # Channels along K must be contiguous for vector loads (an NCHW x makes every A load a gather).
         a = x.contiguous(memory_format=torch.channels_last)
-        a_strides = a.stride()
+        a_strides, a_size, a_pad, a_pad_value = a.stride(), (H, W), (pt, pl), pad_value
     else:
-        a = _sign_nhwc(x, DOT_DTYPES[a_mode])  # (N, H, W, C)
+        # Padded by the pre-pass: the K loop then needs no bounds checks and no pad-value select
+        # (a select would send the operand through registers and make the wgmma synchronous).
+        a = _sign_nhwc(x, DOT_DTYPES[a_mode], padding, pad_value)  # (N, Hp, Wp, C)
         a_strides = (a.stride(0), a.stride(3), a.stride(1), a.stride(2))
+        a_size, a_pad, a_pad_value = (a.shape[1], a.shape[2]), (0, 0), 0.0
     if b_route == "bits":
         w = words
     else:
@@ -337,12 +354,12 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
     dummy = out  # never read when HAS_SCALE / HAS_BIAS is False
     args = (
         a, w, out, dummy if scale is None else scale, dummy if bias is None else bias,
-        N * OH * OW, H, W, OH, OW, Cg, Og, KH * KW, KW,
+        N * OH * OW, *a_size, OH, OW, Cg, Og, KH * KW, KW,
         *a_strides, w.stride(0), w.stride(1), w.stride(2), *out.stride(),
-        stride[0], stride[1], pt, pl, dilation[0], dilation[1],
+        stride[0], stride[1], *a_pad, dilation[0], dilation[1],
     )
     meta = dict(
-        PAD_VALUE=int(pad_value), A_MODE=a_mode, B_BITS=b_route == "bits",
+        PAD_VALUE=int(a_pad_value), A_MODE=a_mode, B_BITS=b_route == "bits",
         PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32",
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
     )
