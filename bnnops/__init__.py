@@ -7,6 +7,7 @@ reference of every op; CUDA tensors run the Triton kernels in ``bnnops.kernels``
 
 from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor
+from bnnops import conv  # noqa: F401  (registers torch.ops.bnnops.binary_conv2d)
 from bnnops.packing import pack_signs, packed_length, unpack_signs
 from bnnops import quantizers
 from bnnops.linear import binary_linear

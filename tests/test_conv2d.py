@@ -1,0 +1,202 @@
+"""bnnops::binary_conv2d: the reference against F.conv2d by hand, the Triton implicit-GEMM launcher
+against the reference (interpreter on CPU, native on CUDA), the op's registration, checks and
+torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnnops.conv  # noqa: F401  (registers bnnops::binary_conv2d)
+from bnnops import kernels
+from bnnops.conv import binary_conv2d_reference
+from bnnops.packing import pack_weight
+from conftest import poisoned, random_signs_input
+
+FP = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def conv_kernels():
+    return kernels.load("conv2d")
+
+
+def signs(t):
+    return torch.where(t < 0, -1.0, 1.0)
+
+
+def test_reference_is_f_conv2d_with_explicit_pad_value():
+    # All-ones input and weight, 3x3: a corner output sees 4 image values and 5 padded ones, so it
+    # is 4 with zero padding, 9 with pad_value +1 and 4 - 5 = -1 with -1 (larq's pad_values).
+    x = torch.ones(1, 1, 4, 5)
+    w = pack_weight(torch.ones(1, 1, 3, 3))
+    corner = {0.0: 4.0, 1.0: 9.0, -1.0: -1.0}
+    for pad_value, expected in corner.items():
+        y = binary_conv2d_reference(x, w, padding=(1, 1, 1, 1), pad_value=pad_value)
+        assert y.shape == (1, 1, 4, 5)
+        assert y[0, 0, 0, 0].item() == expected and y[0, 0, 1, 1].item() == 9.0
+    # Random +-1 data: the same as F.conv2d on the dense weight after an explicit pad.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 7, 9, generator=g)
+    dense = torch.randn(4, 3, 3, 2, generator=g)
+    y = binary_conv2d_reference(x, pack_weight(dense), torch.arange(4.0), torch.full((4,), 0.5),
+                                (2, 1), (1, 0, 2, 1), (1, 2), 2, -1.0, True)
+    padded = F.pad(signs(x), (2, 1, 1, 0), value=-1.0)
+    expected = F.conv2d(padded, signs(dense), None, (2, 1), 0, (1, 2), 2) * 0.5 + torch.arange(4.0).view(1, 4, 1, 1)
+    assert torch.equal(y, expected)
+
+
+# (N, C, H, W, O, kernel, stride, padding (t, b, l, r), dilation, groups, pad_value, dtype,
+#  channels_last, scale_bias, binarize, a_route, b_route)
+CASES = [
+    (2, 3, 7, 9, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.0, "fp32", False, False, True, "fp8", "unpacked"),
+    (1, 31, 5, 7, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.0, "bf16", True, True, True, "fp8", "unpacked"),
+    (2, 33, 7, 5, 40, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, 1.0, "bf16", False, False, True, "int8", "unpacked"),
+    (1, 64, 6, 6, 33, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, -1.0, "fp16", True, False, True, "fp8", "unpacked"),
+    (1, 100, 5, 5, 7, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1, -1.0, "fp32", True, True, True, "int8", "unpacked"),
+    (2, 5, 9, 8, 4, (5, 5), (1, 2), (2, 1, 2, 2), (1, 1), 1, 1.0, "fp16", False, True, True, "fp8", "unpacked"),
+    (1, 40, 7, 7, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2, 1.0, "bf16", True, False, True, "fp8", "unpacked"),
+    (2, 8, 5, 6, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8, 0.0, "fp32", False, True, True, "int8", "unpacked"),
+    (1, 33, 7, 6, 9, (3, 3), (2, 1), (1, 1, 0, 1), (1, 1), 3, -1.0, "bf16", False, True, True, "int8", "bits"),
+    (1, 36, 6, 5, 6, (3, 3), (1, 1), (0, 1, 1, 0), (1, 1), 1, 1.0, "fp32", True, False, True, "fp8", "bits"),
+    (2, 31, 6, 5, 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 1.0, "fp16", True, True, True, "sign", "bits"),
+    (1, 35, 5, 7, 6, (3, 3), (1, 1), (1, 1, 1, 1), (2, 1), 1, 0.0, "bf16", False, False, True, "sign", "unpacked"),
+    # W1A16: real inputs (a first layer), including a pad value on real data.
+    (2, 3, 9, 7, 8, (5, 5), (2, 2), (2, 2, 2, 2), (1, 1), 1, 0.0, "fp32", False, True, False, "fp8", "unpacked"),
+    (1, 34, 6, 5, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2, 1.0, "bf16", True, True, False, "fp8", "bits"),
+    (2, 6, 5, 7, 5, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.0, "fp16", True, False, False, "fp8", "unpacked"),
+]
+
+
+def _case_id(c):
+    N, C, H, W, O, k, st, pad, dil, g, pv, dt, cl, sb, binarize, ar, br = c
+    return (f"{'a1w1' if binarize else 'w1a16'}-N{N}C{C}x{H}x{W}-O{O}k{k[0]}x{k[1]}-s{st[0]}{st[1]}-d{dil[0]}{dil[1]}"
+            f"-g{g}-pad{pv:+.0f}-{dt}{'-cl' if cl else ''}{'-sb' if sb else ''}-{ar}-{br}")
+
+
+def _tolerance(dtype, binarize, x, K):
+    """(rtol, atol) against the fp32 reference.
+
+    A1W1 sums are exact integers and so is their conversion to the output dtype when there is no
+    epilogue arithmetic; scale * acc + bias in fp32 may differ from torch's separate mul and add by
+    one fp32 rounding (an FMA on the GPU), which the final rounding to a 16-bit dtype can turn into
+    one ulp of that dtype. W1A16 products are exact (16-bit x times +-1 in TF32) or 3xTF32 (fp32 x,
+    ~2^-21 relative), and the fp32 sums differ from the reference's by order: at most K * 2^-20 *
+    max|x| in all, plus one ulp of the output dtype.
+    """
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    atol = 0.0 if binarize else K * 2.0**-20 * x.abs().max().item()
+    return 2 * ulp, atol
+
+
+@pytest.mark.parametrize("c", CASES, ids=_case_id)
+def test_kernel_matches_reference(conv_kernels, device, c):
+    N, C, H, W, O, (kh, kw), stride, padding, dilation, groups, pad_value, dt, cl, sb, binarize, ar, br = c
+    dtype = FP[dt]
+    g = torch.Generator().manual_seed(C * 1000 + O)
+    x = random_signs_input((N, C, H, W), dtype, "cpu", generator=g, finite=not binarize)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dense = torch.randn(O, C // groups, kh, kw, generator=g)
+    words = pack_weight(dense)
+    scale = torch.rand(O, generator=g) + 0.5 if sb else None
+    bias = torch.randn(O, generator=g) if sb else None
+    expected = binary_conv2d_reference(x, words, bias, scale, stride, padding, dilation, groups, pad_value, binarize)
+
+    out = poisoned(expected.shape, dtype, device)
+    if cl:
+        out = out.contiguous(memory_format=torch.channels_last)
+    to = (lambda t: None if t is None else t.to(device))
+    y = conv_kernels.conv2d(
+        x.to(device), words.to(device), bias=to(bias), scale=to(scale), stride=stride, padding=padding,
+        dilation=dilation, groups=groups, pad_value=pad_value, binarize=binarize, a_route=ar, b_route=br, out=out,
+    )
+    assert y is out
+    y = y.cpu()
+    if binarize and not sb:
+        assert torch.equal(y, expected)  # exact integers
+    else:
+        rtol, atol = _tolerance(dtype, binarize, x.float(), kh * kw * C // groups)
+        torch.testing.assert_close(y, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("C, kernel, a_route", [(512, 3, "fp8"), (512, 3, "int8"), (16384, 1, "fp8")],
+                         ids=["K4608-fp8", "K4608-int8", "K16384-fp8"])
+def test_kernel_exact_at_the_largest_sums(conv_kernels, device, C, kernel, a_route):
+    # Output channel 0 sums K products of +1 and channel 1 K products of -1 at the centre pixel:
+    # the extremes an fp8 accumulator must still hold exactly (FP8_EXACT_K = 16384). The second
+    # image and the other channels are random. BLOCK_K = 128 keeps the interpreter's step count low.
+    x = torch.randn(2, C, kernel, kernel)
+    x[0] = 1.0
+    dense = torch.randn(4, C, kernel, kernel)
+    dense[0], dense[1] = 1.0, -1.0
+    words = pack_weight(dense)
+    pad = (kernel // 2,) * 4
+    expected = binary_conv2d_reference(x, words, padding=pad)
+    assert expected[0, 0, kernel // 2, kernel // 2] == C * kernel * kernel
+    y = conv_kernels.conv2d(x.to(device), words.to(device), padding=pad, a_route=a_route, config=(32, 32, 128, 4, 2))
+    assert torch.equal(y.cpu(), expected)
+
+
+def test_kernel_allocates_in_the_input_memory_format(conv_kernels, device):
+    x = torch.randn(2, 33, 6, 5, device=device)
+    words = pack_weight(torch.randn(8, 33, 3, 3)).to(device)
+    for x_in, channels_last in ((x, False), (x.contiguous(memory_format=torch.channels_last), True),
+                                (x[:, :, :, 1:], False)):  # a non-contiguous NCHW view
+        y = conv_kernels.conv2d(x_in, words, padding=(1, 1, 1, 1))
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        expected = binary_conv2d_reference(x_in.cpu(), words.cpu(), padding=(1, 1, 1, 1))
+        assert torch.equal(y.cpu(), expected)
+
+
+def test_op_matches_reference_and_opcheck(device):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 33, 7, 6, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    words = pack_weight(torch.randn(9, 11, 3, 3, generator=g)).to(device)
+    bias = torch.randn(9, generator=g).to(device)
+    args = (x, words, bias, None, [2, 1], [1, 1, 1, 0], [1, 1], 3, 1.0, True)
+    y = torch.ops.bnnops.binary_conv2d(*args)
+    expected = binary_conv2d_reference(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    torch.testing.assert_close(y.cpu(), expected, rtol=2.0**-22, atol=0.0)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.bnnops.binary_conv2d, args)
+    w1a16 = (x.half(), words, None, torch.rand(9, device=device), [1, 1], [0, 0, 0, 0], [1, 1], 3, 0.0, False)
+    torch.library.opcheck(torch.ops.bnnops.binary_conv2d, w1a16)
+
+
+def test_op_under_torch_compile(device):
+    x = torch.randn(2, 31, 6, 7, device=device)
+    words = pack_weight(torch.randn(5, 31, 3, 3)).to(device)
+
+    def f(x):
+        return torch.ops.bnnops.binary_conv2d(x, words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, -1.0, True).relu()
+
+    # aot_eager traces the op through fake tensors like inductor does, without inductor's C++ compile time.
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+
+
+def test_op_rejects_bad_input(device):
+    x = torch.randn(2, 8, 5, 5, device=device)
+    words = pack_weight(torch.randn(4, 8, 3, 3)).to(device)
+    op = torch.ops.bnnops.binary_conv2d
+
+    def call(x=x, words=words, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), groups=1, pad_value=0.0):
+        return op(x, words, bias, None, list(stride), list(padding), [1, 1], groups, pad_value, True)
+
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        call(x=x.to(torch.int32))
+    with pytest.raises(ValueError, match="rank 4"):
+        call(x=x[0])
+    with pytest.raises(TypeError, match="int32 packed words"):
+        call(words=words.float())
+    with pytest.raises(ValueError, match=r"9 channels in 1 group\(s\)|words per tap"):
+        call(x=torch.randn(2, 40, 5, 5, device=device))
+    with pytest.raises(ValueError, match="divide"):
+        call(groups=3)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        call(x=torch.randn(2, 8, 2, 5, device=device))
+    with pytest.raises(ValueError, match="pad_value"):
+        call(pad_value=0.5)
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        call(bias=torch.randn(5, device=device))
+    with pytest.raises(ValueError, match="padding 4"):
+        call(padding=(1, 1))
