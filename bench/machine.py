@@ -42,7 +42,9 @@ def measure_ceilings(device, quick=False):
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     # Random int8 in [-128, 127]: _int_mm accumulates in int32, which cannot overflow at this n.
     a8 = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
-    b8 = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
+    # Column-major second operand: cuBLASLt's fast int8 path is the "TN" layout; a row-major b8
+    # measured 130 TOPS on an H100 (a slow fallback), against ~970 for the same product in TN.
+    b8 = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8).t()
     runs = {
         "memory": (f"copy of {src.nbytes / 2**20:.0f} MiB, read + write", 2 * src.nbytes, lambda: dst.copy_(src)),
         "bf16": (f"bf16 torch.matmul {n}^3", 2 * n**3, lambda: torch.matmul(a, b)),

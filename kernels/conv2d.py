@@ -86,7 +86,6 @@ A_SIGN = 1  # float input binarized in registers (A1W1)
 A_INT8 = 2  # int8 +-1 channels-last input from the sign pre-pass (A1W1), int32 accumulator
 A_FP8 = 3  # fp8 e4m3 +-1 channels-last input from the sign pre-pass (A1W1), fp32 accumulator
 A_ROUTES = {"fp8": A_FP8, "int8": A_INT8, "sign": A_SIGN}
-B_ROUTES = ("unpacked", "bits")
 # Hopper's fp8 MMA adds into an accumulator of about 14 significant bits (1 sign, 8 exponent, 13
 # mantissa: the DeepSeek-V3 report's "around 14 bits"), so sums of +-1 products are exact while
 # |sum| <= K <= 2**14; beyond that the "fp8" route falls back to "int8".
@@ -139,7 +138,7 @@ def _signs_of_words(words, BLOCK_K: tl.constexpr):
 def _conv2d_kernel(
     a_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr,
     M, H, W, OH, OW, Cg, Og, n_taps, KW,
-    san, sac, sah, saw,  # strides of the A source (x, or the int8 pre-pass) in elements
+    san, sac, sah, saw,  # strides of the A source (x, or the padded pre-pass) in elements
     swo, swr, sws,  # strides of the weight source over (o, r, s); its last dim is contiguous
     son, soc, soh, sow,  # strides of the output
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,

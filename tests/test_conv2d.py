@@ -2,6 +2,10 @@
 against the reference (interpreter on CPU, native on CUDA), the op's registration, checks and
 torch.compile."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,3 +204,43 @@ def test_op_rejects_bad_input(device):
         call(bias=torch.randn(5, device=device))
     with pytest.raises(ValueError, match="padding 4"):
         call(padding=(1, 1))
+
+
+# Compiles the default route (fp8 operands from the pre-pass, which writes the padding whatever its
+# value, so the kernel sees PAD_VALUE=0; unpacked weight; scale and bias) for sm_90 in a process without the interpreter (no GPU needed: Triton ships ptxas), with every
+# GPU config, and prints what the tests check: the TTGIR's wgmma waits and the cubin size.
+_COMPILE_FOR_H100 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bnnops.kernels import conv2d
+fn = conv2d._conv2d_kernel.fn
+for m, n, k, warps, stages in conv2d.GPU_CONFIGS + [conv2d.SMALL_CONFIG]:
+    consts = dict(PAD_VALUE=0, A_MODE=conv2d.A_FP8, B_BITS=False, PRECISION="tf32", HAS_SCALE=True, HAS_BIAS=True,
+                  BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, sac=1)
+    pointers = {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "scale_ptr": "*fp32", "bias_ptr": "*fp32"}
+    signature = {a: "constexpr" if a in consts else pointers.get(a, "i32") for a in fn.arg_names}
+    # What a launch on ResNet shapes specializes: 16-byte aligned pointers, strides and channel
+    # counts divisible by 16 (without it there are no 16-byte cp.async loads to pipeline).
+    aligned = set(pointers) | {"san", "sah", "saw", "swo", "swr", "sws", "son", "soh", "sow", "Cg", "Og"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    waits = [line.split("pendings = ")[1][0] for line in kernel.asm["ttgir"].splitlines() if "warp_group_dot_wait" in line]
+    print(m, n, k, "waits", ",".join(waits), "cubin", len(kernel.asm["cubin"]))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests run the compiled kernel itself")
+def test_default_route_compiles_for_h100_with_async_mma():
+    """Every GPU config of the default route compiles for sm_90, and its fp8 wgmma is asynchronous
+    (a wait with 1 pending inside the K loop): the reason fp8 is the default (kernels/conv2d.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], env=env, capture_output=True, text=True)
+    if run.returncode != 0 and ("ptxas" in run.stderr or "backend" in run.stderr.lower()):
+        pytest.skip(f"this Triton build cannot compile for CUDA offline: {run.stderr[-300:]}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 6
+    for line in lines:
+        assert "waits 1," in line, line
