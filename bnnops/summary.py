@@ -35,7 +35,7 @@ from torch import nn
 from bnnops.binary_tensor import BinaryTensor
 from bnnops.packing import packed_weight_shape
 
-__all__ = ["summary", "ModelSummary", "LayerSummary"]
+__all__ = ["summary", "ModelSummary", "LayerSummary", "is_binary_weight"]
 
 _MAC_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -151,7 +151,9 @@ def _human(n):
         n /= 1024
 
 
-def _is_binary_weight(module, name, tensor):
+def is_binary_weight(module, name, tensor):
+    """Whether ``module``'s parameter ``name`` (the tensor ``tensor``) is a binary weight: a packed
+    BinaryTensor, or the latent ``weight`` of a layer with a ``weight_quantizer``."""
     if isinstance(tensor, BinaryTensor):
         return True
     return name == "weight" and getattr(module, "weight_quantizer", None) is not None
@@ -163,7 +165,7 @@ def _layer_row(name, module, output):
     for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
         if not p.is_floating_point():
             continue
-        if _is_binary_weight(module, pname, p):
+        if is_binary_weight(module, pname, p):
             binary_params += p.numel()
             memory += 4 * math.prod(packed_weight_shape(p.shape))
             weight_binary = weight_binary or pname == "weight"

@@ -41,8 +41,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-import bnnops.optim
 from bnnops import data, models
+from bnnops.optim import BinaryAndReal, Bop, Bop2ndOrder, split_parameters
+from bnnops.summary import is_binary_weight
 
 __all__ = ["TrainConfig", "PRESETS", "OPTIMIZERS", "train", "main"]
 
@@ -109,14 +110,9 @@ class TrainConfig:
 
 
 def _binary_weights(model):
-    """(name, parameter) of every binary weight: the BinaryTensor parameters, and the latent
-    weights of layers with a weight quantizer."""
-    out = []
-    for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if isinstance(p, bnnops.BinaryTensor) or (pname == "weight" and getattr(module, "weight_quantizer", None)):
-                out.append((f"{name}.{pname}" if name else pname, p))
-    return out
+    """(name, parameter) of every binary weight (packed, or latent with a weight quantizer)."""
+    return [(f"{name}.{pname}" if name else pname, p) for name, module in model.named_modules()
+            for pname, p in module.named_parameters(recurse=False) if is_binary_weight(module, pname, p)]
 
 
 class _Optimization:
@@ -126,12 +122,12 @@ class _Optimization:
         self.cfg = cfg
         self.weights = _binary_weights(model)
         if cfg.optimizer in ("bop", "bop2"):
-            binary, real = bnnops.optim.split_parameters(model)
+            binary, real = split_parameters(model)
             if not binary:
                 raise ValueError(f"{cfg.model} has no BinaryTensor weights for Bop to train")
-            bop = (bnnops.optim.Bop(binary, lr=cfg.gamma, threshold=cfg.threshold) if cfg.optimizer == "bop" else
-                   bnnops.optim.Bop2ndOrder(binary, lr=cfg.gamma, threshold=cfg.threshold, sigma=cfg.sigma))
-            self.optimizer = bnnops.optim.BinaryAndReal(bop, torch.optim.Adam(real, lr=cfg.adam_lr))
+            bop = (Bop(binary, lr=cfg.gamma, threshold=cfg.threshold) if cfg.optimizer == "bop" else
+                   Bop2ndOrder(binary, lr=cfg.gamma, threshold=cfg.threshold, sigma=cfg.sigma))
+            self.optimizer = BinaryAndReal(bop, torch.optim.Adam(real, lr=cfg.adam_lr))
             decayed = bop
         elif cfg.optimizer == "latent-adam":
             self.optimizer = decayed = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.adam_lr)

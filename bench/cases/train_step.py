@@ -61,6 +61,8 @@ def plain_pytorch_copy(model):
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, BinaryConv2d):
+            if module.pad_value != 0:
+                raise ValueError(f"{name}: nn.Conv2d pads with zeros only, this layer pads with {module.pad_value}")
             twin = SteConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                              module.padding, module.dilation, module.groups, module.bias is not None,
                              binarize_input=module.input_quantizer is not None)
