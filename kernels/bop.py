@@ -10,7 +10,9 @@ An element whose gradient is NaN or +-inf is left alone for the step: its m, v a
 values and it does not flip (so one bad gradient element corrupts nothing, not even its own state).
 
 One pass reads g, m (and v) and the weight, writes m (and v) and the weight, and counts the flips
-per tensor (exact int64, one atomic add per program into the tensor's slot). Each program owns
+per tensor (exact int64, one atomic add per program into the tensor's slot). It also zeroes the
+tensor's slot in the counters the next step will count into (two buffers alternate), so a step
+needs no memset launch of its own. Each program owns
 BLOCK_WORDS whole 32-element words of one tensor, so bits are written without atomics, and only
 the words (or dense elements) that flip are stored.
 
@@ -140,6 +142,7 @@ def _bop_kernel(
     hyper,
     n_rows,
     flips,
+    flips_next,
     G_DTYPE: tl.constexpr,
     W_DTYPE: tl.constexpr,
     PACKED: tl.constexpr,
@@ -230,8 +233,10 @@ def _bop_kernel(
         # -w is exact in fp32 and converts back exactly (dense weights hold +-1).
         tl.store(w_ptr + e, (-w).to(W_DTYPE), mask=flip)
     n_flips = tl.sum(flip.to(tl.int32)).to(tl.int64)
+    slot = _column(table, _SLOT, t, n_rows)
     # A counter, not an ordering point: relaxed is enough.
-    tl.atomic_add(flips + _column(table, _SLOT, t, n_rows), n_flips, mask=n_flips > 0, sem="relaxed")
+    tl.atomic_add(flips + slot, n_flips, mask=n_flips > 0, sem="relaxed")
+    tl.store(flips_next + slot, 0, mask=pid == first_block)
 
 
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -326,11 +331,11 @@ class _Launch:
         self.device = device
         self.g_values = self.g_addresses = None
 
-    def __call__(self, g_pointers, hyper, flips):
+    def __call__(self, g_pointers, hyper, flips, flips_next):
         g_values = [g_pointers[i] + offset for i, offset in self.g_rows]
         if g_values != self.g_values:
             self.g_values, self.g_addresses = g_values, _upload(g_values, torch.int64, self.device)
-        _bop_kernel[self.grid](self.table, self.g_addresses, hyper, self.n_rows, flips, **self.constexprs)
+        _bop_kernel[self.grid](self.table, self.g_addresses, hyper, self.n_rows, flips, flips_next, **self.constexprs)
 
 
 class _Plan:
@@ -405,11 +410,21 @@ class _Plan:
                 ))
                 g_rows.append((i, offset * g.element_size()))
         self.launches = [_Launch(rows, g_rows, dict(k), device, config) for k, (rows, g_rows) in launches.items()]
-        self.flips = torch.zeros(n, dtype=torch.int64, device=device)
+        # Flip counters: two buffers that steps use in turn; each step's kernel zeroes the other.
+        self.buffers = torch.zeros(2, n, dtype=torch.int64, device=device).unbind()
+        self.views = tuple(b.unbind() for b in self.buffers)  # per tensor, made once
+        self.turn = 0
+        self.counts = None
         self.hyper_values = self.hyper = None
 
     def run(self, grads, gammas, thresholds, sigmas, flips):
-        flips = (self.flips if flips is None else flips).zero_()
+        if flips is None:
+            flips, self.counts = self.buffers[self.turn], self.views[self.turn]
+            self.turn ^= 1
+        else:
+            flips.zero_()
+            self.counts = flips.unbind()
+        flips_next = self.buffers[self.turn]  # zeroed by this step's kernels
         values = (list(gammas), list(thresholds), None if sigmas is None else list(sigmas))
         if values != self.hyper_values:
             n_rows = len(values[0])
@@ -429,7 +444,7 @@ class _Plan:
         g_pointers = [g.data_ptr() for g in grads]
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             for launch in self.launches:
-                launch(g_pointers, self.hyper, flips)
+                launch(g_pointers, self.hyper, flips, flips_next)
         return flips
 
 
@@ -451,9 +466,14 @@ class FusedBop:
         self.rebuilt = False
         self.config = config or (BLOCK_WORDS, NUM_WARPS)
 
+    @property
+    def counts(self):
+        """The flip counts of the last step, one 0-d int64 tensor per tensor (views of its buffer)."""
+        return self._plan.counts
+
     def step(self, grads, weights, ms, gammas, thresholds, *, vs=None, sigmas=None, hyper_rows=None, flips=None):
-        """One fused step; see :func:`bop_step`. Without ``flips``, counts into a buffer of this object
-        that later calls overwrite while the tensors keep their layout key."""
+        """One fused step; see :func:`bop_step`. Without ``flips``, counts into one of two buffers of
+        this object that the following steps overwrite (zero, then count again)."""
         n = len(grads)
         if not (len(weights) == len(ms) == n) or (vs is not None and len(vs) != n):
             raise ValueError("bop_step needs one weight and one state (m, and v when given) per gradient")

@@ -30,7 +30,7 @@ by the scaler, as for every torch optimizer.
 
 Flip statistics: after ``step``, ``optimizer.state[p]["flips"]`` is a 0-d int64 tensor on p's
 device, the number of p's weights that flipped at p's last step (counted by the kernel, no extra
-pass). On the fused path it is a view of one counter buffer that each step overwrites in place
+pass). On the fused path it is a view of a counter buffer that later steps overwrite in place
 (clone it to keep a value). :meth:`Bop.flip_ratio` is larq's FlipRatio metric. Reading them syncs;
 ``step`` does not.
 
@@ -262,15 +262,12 @@ class Bop(Optimizer):
         if stepper is None:
             stepper = self._steppers[device] = kernels.load("bop").FusedBop()
         groups = self.param_groups
-        flips = stepper.step(
+        stepper.step(
             grads, weights, ms, [g["lr"] for g in groups], [g["threshold"] for g in groups],
             vs=vs, sigmas=[g["sigma"] for g in groups] if vs is not None else None, hyper_rows=rows,
         )
-        if stepper.rebuilt:
-            # The stepper counts into one buffer that each later step overwrites: views of it,
-            # made once per table build, are the per-parameter counters.
-            for state, count in zip(states, flips.unbind()):
-                state["flips"] = count
+        for state, count in zip(states, stepper.counts):
+            state["flips"] = count
 
     def flip_ratio(self, params=None):
         """larq's FlipRatio: flipped weights / weights over ``params`` (default: all with state).
