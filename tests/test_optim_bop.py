@@ -265,6 +265,13 @@ def _channels_last_gradients(model, opt):
             p.grad = p.grad.to(memory_format=torch.channels_last)
 
 
+def _kernel_transposed_gradients(model, opt):
+    # Strides the kernel cannot merge into one row stride: the step reads a contiguous copy.
+    for p in model.ws:
+        if p.dim() == 4 and p.grad is not None:
+            p.grad = p.grad.transpose(2, 3).contiguous().transpose(2, 3)
+
+
 def _save(checkpoints):
     def save(model, opt):
         checkpoints[id(opt)] = copy.deepcopy((model.state_dict(), opt.state_dict()))
@@ -315,6 +322,8 @@ def test_fused_tables_follow_moved_tensors(device):
         (_reallocate_gradients, False),  # only gradient addresses change: uploaded, tables kept
         (_drop_gradients, True),
         (_channels_last_gradients, True),
+        (_kernel_transposed_gradients, True),
+        (_move_nothing, False),  # a new copy of those gradients each step: a new address
         (_reallocate_gradients, True),  # back to contiguous gradients
         (_save(checkpoints), False),
         (_move_nothing, False),
