@@ -361,10 +361,15 @@ def test_fused_step_does_not_sync(device):
     gen = torch.Generator().manual_seed(8)
     random_grads(model, gen, 1, device)
     opt.step()  # creating the state checks the dense weights' values, which syncs
+    grads = []  # made first: copying them to the GPU syncs
+    for step in range(2, 5):  # table rebuilds, new gradient addresses and hyperparameters
+        random_grads(model, gen, step, device)
+        grads.append([p.grad for p in model.ws])
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for step in range(2, 5):  # table rebuilds, new gradient addresses and hyperparameters
-            random_grads(model, gen, step, device)
+        for step_grads in grads:
+            for p, g in zip(model.ws, step_grads):
+                p.grad = g
             opt.param_groups[0]["lr"] *= 0.5
             opt.step()
     finally:
