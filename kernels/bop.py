@@ -12,9 +12,9 @@ values and it does not flip (so one bad gradient element corrupts nothing, not e
 One pass reads g, m (and v) and the weight, writes m (and v) and the weight, and counts the flips
 per tensor (exact int64, one atomic add per program into the tensor's slot). It also zeroes the
 tensor's slot in the counters the next step will count into (two buffers alternate), so a step
-needs no memset launch of its own. Each program owns
-BLOCK_WORDS whole 32-element words of one tensor, so bits are written without atomics, and only
-the words (or dense elements) that flip are stored.
+needs no memset launch of its own. Each program owns BLOCK_WORDS whole 32-element words of one
+tensor, so bits are written without atomics, and only the words (or dense elements) that flip are
+stored.
 
 Many tensors per launch: the launcher builds a small int64 table (column-major, ``_COLUMNS``) with
 each tensor's state and weight addresses, geometry, first program and hyperparameter row; a
@@ -26,8 +26,10 @@ or two launches.
 
 Host cost. An optimizer keeps a :class:`FusedBop`: it validates the tensors and uploads the tables
 once, then per step only compares a key of plain attribute reads (~1 us per tensor), re-uploads
-the gradient addresses or hyperparameters when they changed (one pinned, asynchronous copy each),
-zeroes the flip counters and launches. Nothing waits for the device.
+the gradient addresses or hyperparameters when they changed (one pinned, asynchronous copy each)
+and launches. Nothing waits for the device. ``Bop.step()`` then costs about 40 us plus 2.5 us
+per tensor of host time on a 2-core CPU with the launch stubbed (it was 85 us plus 37 us per
+tensor when the tables were rebuilt every step), plus one Triton launch per table.
 
 Layouts. A packed weight is seen as (O, R, C) with R = prod(kernel dims): word [o, r, wc] bit j
 is logical element [o, 32wc + j, r] (the weight layout of ``bnnops.packing``). m (and v) are kept
