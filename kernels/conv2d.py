@@ -32,36 +32,43 @@ Two launches per call:
    equals the reference bit for bit), and stores in the input's dtype; the output is channels_last
    when the input is.
 
-Why the operands are materialized (measured by counting the K loop's SASS, sm_90, Triton 3.6, per
-warp per K step at BLOCK 128x128x128 and 8 warps, where the MMA takes 512 clocks): with 1-byte +-1
-operands ready in memory the loop is 168 instructions and Triton makes the fp8 wgmma asynchronous
-(``warp_group_dot_wait`` pendings=1: the next step's loads overlap the MMA); binarizing x in the loop
-cost 545 instructions and a synchronous wgmma, substituting the pad value in the loop 435, unpacking
-weight bits in the loop 680-780 with a synchronous wgmma, and reading bit-packed activations 1000-2600
-with spills. Triton waits for an int8 wgmma at once (pendings=0), hence fp8 by default.
+Why the operands are materialized (counted in the K loop's SASS, sm_90, Triton 3.6, per warp per K
+step at BLOCK 128x128x128 and 8 warps, where the MMA takes 512 clocks): with 1-byte +-1 operands in
+memory and no masks the loop is 87 instructions (168 with the row and K masks of the first version)
+and Triton makes the fp8 wgmma asynchronous (``warp_group_dot_wait`` pendings=1: the next step's
+loads overlap the MMA); binarizing x in the loop cost 545 instructions and a synchronous wgmma,
+substituting the pad value in the loop 435, unpacking weight bits in the loop 680-780 with a
+synchronous wgmma, reading bit-packed activations 1000-2600 with spills. Triton waits for an int8
+wgmma at once (pendings=0), hence fp8 by default. Every config picked for ResNet-18 issues its loop
+in a quarter of its MMA time or less (e.g. 128x256x128: 112 instructions, 224 issue clocks against
+1024 MMA clocks), so the MMA issue rate is not what limits it.
 
 Two numbers for ResNet-18's 3x3 stride-1 layers at batch 256, A1W1, bf16 in and out (every such
 layer does 2*M*N*K = 59.2 G operations: 30 us at the H100's 1979 dense fp8/int8 TOPS, 60 us at the
 989 bf16 TFLOP/s of the cuDNN baseline):
 
 - fewest bytes, x read once and y written once in bf16: 103 MB for conv2_x (56x56x64), 34 us at
-  3.0 TB/s; the padded fp8 copy adds 55 MB written and read once from HBM (~18 us on conv2_x, ~2 us
-  on conv5_x).
-- what the K loop really moves: L2 -> SM, each input element once per tap (9 times for 3x3) and
-  once per column tile, plus the weight slab once per row tile: BLOCK_M*BLOCK_K + BLOCK_K*BLOCK_N
-  bytes for 2*BLOCK_M*BLOCK_N*BLOCK_K operations, 85 ops/byte at 128x64 tiles (conv2_x, Og = 64)
-  and 128 at 128x128. An SM's tensor cores do 8192 8-bit ops a clock; H100's L2 delivers roughly
-  30-40 bytes per SM per clock, so these tiles are L2-bound at about 1/3 (128x64) to 1/2 (128x128)
-  of the fp8 peak: ~650-950 TOPS, 60-90 us per layer, before the prepare pass. That, not the MMA
-  issue rate, is the ceiling of this design; a bigger tile (256x128) would raise it but needs more
-  registers than Triton 3.6 gives without spilling (the accumulator alone is 128 per thread).
+  3.0 TB/s. The prepare pass reads x (51 MB) and writes the padded fp8 copy (55 MB, which the
+  kernel reads back): ~40 us on conv2_x at 2.7 TB/s, ~8 us on conv5_x.
+- what the K loop moves from L2 to the SMs, the real limit: each input element once per tap (9
+  times for 3x3) and once per column tile, the weight once per row tile, BLOCK_M*BLOCK_K +
+  BLOCK_K*BLOCK_N bytes per 2*BLOCK_M*BLOCK_N*BLOCK_K operations. An SM's tensor cores do 8192
+  8-bit operations a clock but H100's L2 delivers ~5.5 TB/s in all, ~23 bytes per SM per clock.
+  The first GPU run fits this: conv5_x at 128x128 tiles moved 462 MB in ~85 us (5.4 TB/s). Hence
+  the largest tiles that fit the registers (pick_config): conv2_x 256x64 (577 MB + 51 MB of
+  output: ~110 us), conv3_x 256x128 (~370 MB: ~68 us), conv4_x and conv5_x 128x256 (~350 MB:
+  ~63 us). Async copies bypass L1 (cp.async.cg, whatever the cache modifier), so the 9 taps'
+  overlapping windows are not reused on chip; that, TMA multicast or a 256x256 tile (more registers
+  than a Triton 3.6 warpgroup has) is what a faster design would need.
 
-Measured on an H100 (torch 2.11, Triton 3.6, first GPU run, the previous version of this file):
-at batch 256 the kernel with its passes took 256 us on conv2_x (cuDNN bf16 147.5 us; BLOCK_K was
-128 against Cg = 64, half of every step masked, fixed here by BLOCK_K <= Cg) and 98-117 us on conv5_x
-(cuDNN 84 us); the sign pass alone 58.6 us on conv2_x (1.8 TB/s). Through the op at batch 64 every
-layer took ~400 us: host time (the custom-op dispatch, three Triton launches and the autotuner), not
-GPU time. Hence two launches, no autotuner (``pick_config``), few arguments. Not yet measured.
+Predicted for the op at batch 256 (prepare + kernel), from these bytes: conv2_x ~150 us (cuDNN bf16
+147.5 us in the first run), conv3_x ~90 (92.6), conv4_x ~75 (76.7), conv5_x ~70 (84): about 1.0-1.2x
+cuDNN, short of the 1.5x target. Measured in the first GPU run with the previous version (three
+launches, autotuned, BLOCK_K = 128 against Cg = 64 on conv2_x, i.e. half of every step masked):
+256 us on conv2_x (sign pass alone 58.6 us, 1.8 TB/s) and 98-117 us on conv5_x; through the op at
+batch 64 every layer took ~400 us: host time (custom-op dispatch, three Triton launches, the
+autotuner, ~3 us per host call of triton.cdiv), which this version cuts to two launches and ~36 us
+of launcher Python on a slow CPU.
 """
 
 import functools
@@ -89,12 +96,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
 # W1A16's fp32 operand tiles take 4 bytes an element: a small BLOCK_K keeps its stages in shared memory.
 W1A16_CONFIG = (64, 64, 32, 4, 3)
-# Output tiles per SM below which pick_config shrinks the tile (fewer than two full waves of
-# one-CTA-per-SM tiles lose up to half the GPU to the last wave).
-MIN_WAVES = 2
+# Output tiles per SM below which pick_config shrinks the tile. One: a partial last wave costs less
+# than smaller tiles would, since the K loop is bound by L2 bandwidth, which the last wave's fewer
+# SMs share (module docstring: ResNet's conv5_x at batch 256, 196 tiles of 128x256 on 132 SMs).
+MIN_WAVES = 1
 # Prepare pass: elements of x per program (16 KB of bf16 read) and words of weight per program.
 PREP_ELEMENTS = 8192
 PREP_WORDS = 128
+
+
+def _cdiv(a, b):
+    # Not triton.cdiv on the host: a ConstexprFunction call costs ~3 us, a launch needs several.
+    return -(-a // b)
 
 
 def _tile(block_m, block_n, block_k):
@@ -124,7 +137,7 @@ def pick_config(M, Og, Cg, a_mode, n_sms=132, out_bytes=2):
     block_m = 128 if block_n == 256 else 256
     largest = 128 * 128 if out_bytes > 2 else 256 * 128
     while block_m * block_n > 64 * 64 and (
-        block_m * block_n > largest or triton.cdiv(M, block_m) * triton.cdiv(Og, block_n) < MIN_WAVES * n_sms
+        block_m * block_n > largest or _cdiv(M, block_m) * _cdiv(Og, block_n) < MIN_WAVES * n_sms
     ):
         if block_n > block_m:
             block_n //= 2
@@ -297,21 +310,18 @@ def prepare(x, words, dtype, binarize=True, padding=(0, 0, 0, 0), pad_value=0.0)
 
     Returns ``(a, w)``: a = the input, binarized to +-1 (``binarize``) or as is, channels-last and
     padded with ``pad_value``: (N, H + top + bottom, W + left + right, C); w = the packed ``words``
-    (O, kh, kw, n) unpacked to +-1: (O, kh, kw, 32 n). Both are views of one allocation.
+    (O, kh, kw, n) unpacked to +-1: (O, kh, kw, 32 n).
     """
     N, C, H, W = x.shape
     pt, pb, pl, pr = padding
     Hp, Wp = H + pt + pb, W + pl + pr
     P, n_words = N * Hp * Wp, words.numel()
-    # One allocation; w starts at a 128-byte boundary for aligned vector loads.
-    a_elems = -(-P * C // 128) * 128
-    buf = torch.empty(a_elems + 32 * n_words, dtype=dtype, device=x.device)
-    a = buf[:P * C].view(N, Hp, Wp, C)
-    w = buf[a_elems:].view(*words.shape[:-1], 32 * words.shape[-1])
-    block_c = min(64, triton.next_power_of_2(max(C, 1)))
+    a = torch.empty((N, Hp, Wp, C), dtype=dtype, device=x.device)
+    w = torch.empty((*words.shape[:-1], 32 * words.shape[-1]), dtype=dtype, device=x.device)
+    block_c = min(64, 1 << max(C - 1, 0).bit_length())
     block_p = PREP_ELEMENTS // block_c
-    n_x = triton.cdiv(P, block_p) * triton.cdiv(C, block_c) if P * C else 0
-    n_w = triton.cdiv(n_words, PREP_WORDS)
+    n_x = _cdiv(P, block_p) * _cdiv(C, block_c) if P * C else 0
+    n_w = _cdiv(n_words, PREP_WORDS)
     if n_x + n_w:
         _prepare_kernel[(n_x + n_w,)](
             x, a, words, w, P, C, H, W, Hp * Wp, Wp, pt, pl, float(pad_value), *x.stride(), n_x, n_words,
@@ -363,7 +373,7 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
     M = N * OH * OW
     block_m, block_n, block_k, warps, stages = config or pick_config(M, Og, Cg, a_mode, _sm_count(x.device), x.element_size())
     dummy = out  # never read when HAS_SCALE / HAS_BIAS is False
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(Og, block_n), groups)
+    grid = (_cdiv(M, block_m) * _cdiv(Og, block_n), groups)
     _conv2d_kernel[grid](
         a, w, out, dummy if scale is None else scale, dummy if bias is None else bias,
         M, OH, OW, a.shape[2], a.shape[1] * a.shape[2], C, Cg, Og, KH * KW, KW, *out.stride(),
