@@ -4,7 +4,9 @@ ResNet-18's 3x3 stride-1 convolutions at batch 64 and 256, zero padding 1: our o
 channels-last input and reads the packed weight; the baseline is cuDNN (``F.conv2d``) in bf16,
 channels_last, on the same +-1 values (already binarized: the sign pass a latent-weight BNN would
 run before it is not timed). Each layer does 2*N*H*W*O*C*9 operations (59.2 G at batch 256 for all
-four) and moves at least x and y once in bf16 plus the packed weight.
+four) and moves at least x and y once in bf16 plus the packed weight. Both are timed eagerly, as a
+user calls them: at batch 64 the op's GPU time (~20-40 us) is below its host time (custom-op
+dispatch plus two Triton launches, ~100 us or more), which the sweep below measures on its own.
 
 Run as a script (GPU only) for the sweep that decides what is still open, in about 40 s::
 
