@@ -7,16 +7,16 @@ reference of every op; CUDA tensors run the Triton kernels in ``bnnops.kernels``
 
 from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor
-from bnnops import conv  # noqa: F401  (registers torch.ops.bnnops.binary_conv2d)
 from bnnops.packing import pack_signs, packed_length, unpack_signs
 from bnnops import quantizers
 from bnnops.linear import binary_linear
+from bnnops.conv import binary_conv2d
 from bnnops import nn
 from bnnops import optim
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BinaryTensor", "pack_signs", "unpack_signs", "packed_length", "kernels", "quantizers", "binary_linear", "nn",
-    "optim",
+    "BinaryTensor", "pack_signs", "unpack_signs", "packed_length", "kernels", "quantizers", "binary_linear",
+    "binary_conv2d", "nn", "optim",
 ]

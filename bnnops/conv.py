@@ -1,4 +1,4 @@
-"""Binary conv2d: the pure-PyTorch reference and the ``bnnops::binary_conv2d`` op.
+"""Binary conv2d: the ``bnnops::binary_conv2d`` op and its reference, ``binary_conv2d`` and ``BinaryConv2d``.
 
 ``torch.ops.bnnops.binary_conv2d(x, weight, bias, scale, stride, padding, dilation, groups,
 pad_value, binarize)`` computes, for ``x`` (N, C, H, W) and the packed words ``weight``
@@ -13,17 +13,27 @@ padding; +1 / -1 (larq's ``pad_values``) keep every input of a binary layer exac
 is (top, bottom, left, right). The output has x's dtype, is computed in fp32 (one rounding at the
 end), and is channels_last when x is. CPU tensors run the reference below, CUDA tensors the Triton
 implicit-GEMM kernel of ``bnnops.kernels.conv2d``, which reads the packed weight.
+
+:func:`binary_conv2d` adds autograd and the nn.Conv2d-style arguments on top (a BinaryTensor or a
+float latent weight, input and weight quantizers from :mod:`bnnops.quantizers`, padding "same"), and
+:class:`BinaryConv2d` is the layer. ``F.conv2d`` (so ``nn.Conv2d``) on a BinaryTensor weight runs
+the W1A16 op.
 """
 
+import math
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bnnops import kernels
-from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference
+from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor
+from bnnops.packing import FLOAT_DTYPES, pack_weight, packed_length, unpack_signs_reference, unpack_weight
+from bnnops.linear import _input_quantizer
+from bnnops.quantizers import MagnitudeAwareSign, get_quantizer, sign
 
-__all__ = ["binary_conv2d_reference", "output_shape"]
+__all__ = ["binary_conv2d", "BinaryConv2d", "binary_conv2d_reference", "conv_padding", "output_shape"]
 
 PAD_VALUES = (0.0, 1.0, -1.0)
 
@@ -120,9 +130,11 @@ def _binary_conv2d_op(
 @_binary_conv2d_op.register_kernel("cuda")
 def _(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
     _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value)
+    # The kernel reads words, bias and scale with unit stride along their last dimension.
+    contiguous = (lambda t: None if t is None else t.contiguous())
     return kernels.load("conv2d").conv2d(
-        x, weight, bias=bias, scale=scale, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, pad_value=pad_value, binarize=binarize,
+        x, weight.contiguous(), bias=contiguous(bias), scale=contiguous(scale), stride=stride, padding=padding,
+        dilation=dilation, groups=groups, pad_value=pad_value, binarize=binarize,
     )
 
 
@@ -132,3 +144,242 @@ def _(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, bina
     fmt = torch.channels_last if _output_is_channels_last(x) else torch.contiguous_format
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+# ----------------------------------------------------------------------------- autograd and API
+
+
+def _pair(v, what):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{what} must be an int or a pair of ints, got {v}")
+    return v
+
+
+def conv_padding(padding, kernel_size, stride, dilation):
+    """(top, bottom, left, right) from nn.Conv2d's ``padding``: an int, a pair, "valid" or "same".
+
+    "same" (stride 1 only, as in PyTorch) pads d*(k-1) in all, the odd one at the bottom/right.
+    kernel_size, stride and dilation are ints or pairs.
+    """
+    kernel_size, stride, dilation = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        if stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1 (as in torch.nn.Conv2d), got stride={stride}")
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        return (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
+    ph, pw = _pair(padding, "padding")
+    return (ph, ph, pw, pw)
+
+
+class _BinaryConv2dFunction(torch.autograd.Function):
+    """y = conv(a(x), sign(weight)) * scale + bias with gradients for x, the weight and bias.
+
+    The forward runs ``bnnops::binary_conv2d`` on the packed ``words``. ``weight`` is what receives
+    the gradient: a BinaryTensor, or a dense latent weight whose signs are ``words``. The backward
+    runs cuDNN (``aten.convolution_backward``) on the +-1 values: grad_input (then the input
+    quantizer's surrogate, as in :func:`bnnops.binary_linear`) and a dense float grad_weight, which
+    is what Bop consumes. Padded positions are constants: they get no gradient, and with a pad value
+    of +-1 they still contribute to grad_weight. scale takes no gradient here.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, words, scale, bias, geometry, input_quantizer, weight_quantizer):
+        stride, padding, dilation, groups, pad_value = geometry
+        y = torch.ops.bnnops.binary_conv2d(x, words, bias, scale, list(stride), list(padding), list(dilation),
+                                           groups, pad_value, input_quantizer is not None)
+        latent = weight if weight_quantizer is not None else None
+        ctx.save_for_backward(x, words, scale, latent)
+        ctx.geometry = geometry
+        ctx.input_quantizer = input_quantizer
+        ctx.weight_quantizer = weight_quantizer
+        ctx.weight_shape = weight.shape
+        ctx.weight_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, words, scale, latent = ctx.saved_tensors
+        stride, (pt, pb, pl, pr), dilation, groups, pad_value = ctx.geometry
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+        grad_x = grad_weight = grad_bias = None
+        if need_x or need_w:
+            g = grad_y * scale.view(1, -1, 1, 1).to(grad_y.dtype) if scale is not None else grad_y
+            a = sign(x).to(g.dtype) if ctx.input_quantizer is not None else x.to(g.dtype)
+            w = unpack_weight(words, ctx.weight_shape, g.dtype)
+            if pad_value == 0.0 and pt == pb and pl == pr:
+                cudnn_padding, crop = [pt, pl], False
+            else:
+                # The padding holds the constant pad_value: pad explicitly, then drop its gradient.
+                a = F.pad(a, (pl, pr, pt, pb), value=pad_value)
+                cudnn_padding, crop = [0, 0], True
+            grad_a, grad_weight, _ = torch.ops.aten.convolution_backward(
+                g, a, w, None, list(stride), cudnn_padding, list(dilation), False, [0, 0], groups,
+                [need_x, need_w, False],
+            )
+            if need_x:
+                grad_x = grad_a[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]] if crop else grad_a
+                if ctx.input_quantizer is not None:
+                    grad_x = ctx.input_quantizer.grad(x, grad_x)
+                grad_x = grad_x.to(x.dtype)
+            if need_w:
+                if latent is not None:
+                    grad_weight = ctx.weight_quantizer.grad(latent, grad_weight)
+                grad_weight = grad_weight.to(ctx.weight_dtype)
+        if need_b:
+            grad_bias = grad_y.sum((0, 2, 3))
+        return grad_x, grad_weight, None, None, grad_bias, None, None, None
+
+
+def _weight_words(weight, weight_quantizer, scale):
+    """(weight quantizer, packed words, scale) of a BinaryTensor or of a float latent weight.
+
+    A latent weight is binarized by ``weight_quantizer`` (default ste_sign); magnitude_aware_sign
+    multiplies ``scale`` by its per-output-channel mean |w|. The same rule as ``binary_linear``.
+    """
+    if isinstance(weight, BinaryTensor):
+        if weight_quantizer is not None:
+            raise ValueError("a BinaryTensor weight is already binary: weight_quantizer must be None")
+        return None, weight.packed, scale
+    wq = get_quantizer(weight_quantizer if weight_quantizer is not None else "ste_sign")
+    if isinstance(wq, MagnitudeAwareSign):
+        alpha = wq.scale(weight)
+        scale = alpha if scale is None else scale * alpha.to(scale.dtype)
+    return wq, pack_weight(weight.detach()), scale
+
+
+def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, pad_value=0.0,
+                  input_quantizer="ste_sign", scale=None, weight_quantizer=None):
+    """Binary 2-D convolution: ``conv2d(pad(q(x), pad_value), sign(W)) * scale + bias``.
+
+    Args:
+        x: (N, C, H, W) float32 / bfloat16 / float16, NCHW or channels_last (the output follows).
+            With an input quantizer it is binarized inside the op (A1W1: exact integer sums); with
+            ``input_quantizer=None`` it stays real (W1A16: e.g. a first layer).
+        weight: a :class:`bnnops.BinaryTensor` (O, C/groups, kh, kw), read packed; or a dense
+            float latent weight of that shape, binarized by ``weight_quantizer`` every call.
+        bias: optional (O,) float tensor, added in the kernel's epilogue.
+        stride, dilation, groups: as :func:`torch.nn.functional.conv2d`.
+        padding: an int, a pair, "valid" or "same" (stride 1), as :class:`torch.nn.Conv2d`.
+        pad_value: what the padding holds: 0.0 (zero padding) or +1.0 / -1.0 (larq's pad_values,
+            which keep a binary layer's inputs exactly +-1).
+        input_quantizer: a quantizer name or :class:`bnnops.quantizers.SignQuantizer`, or None
+            for real inputs. Its surrogate gradient shapes grad_input.
+        scale: optional (O,) float tensor multiplying each output channel (XNOR-Net's alpha),
+            fused in the epilogue; learnable when it requires grad.
+        weight_quantizer: for a dense latent weight: a quantizer (default ``"ste_sign"``);
+            ``"magnitude_aware_sign"`` multiplies ``scale`` by its per-channel mean |w|. Must be
+            None for a BinaryTensor weight.
+
+    Returns:
+        (N, O, OH, OW) in x's dtype.
+
+    Gradients: x gets the transposed convolution of grad_out with the +-1 weight (padded positions
+    get none) times the input quantizer's surrogate; the weight gets a dense float gradient of its
+    logical shape (the convolution of q(x), padded with pad_value, with grad_out); bias the sum of
+    grad_out.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"binary_conv2d input must be a float32, bfloat16 or float16 tensor, got {got}")
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES or weight.dim() != 4:
+        got = (weight.dtype, tuple(weight.shape)) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"binary_conv2d weight must be a BinaryTensor or a float latent weight "
+                        f"(O, C/groups, kh, kw), got {got}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype):
+        got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise TypeError(f"bias ({got}) and x ({x.dtype}) must have the same dtype")
+    if x.dim() == 4 and weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"the input has {x.shape[1]} channels but the weight {tuple(weight.shape)} with "
+                         f"groups={groups} expects {weight.shape[1] * groups}")
+    iq = _input_quantizer(input_quantizer)
+    wq, words, scale = _weight_words(weight, weight_quantizer, scale)
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    geometry = (stride, conv_padding(padding, tuple(weight.shape[2:]), stride, dilation), dilation, groups, float(pad_value))
+    if scale is not None and scale.requires_grad:
+        # scale's gradient needs the convolution before scale and bias: apply them outside.
+        y = _BinaryConv2dFunction.apply(x, weight, words, None, None, geometry, iq, wq).float()
+        y = y * scale.float().view(1, -1, 1, 1)
+        if bias is not None:
+            y = y + bias.float().view(1, -1, 1, 1)
+        return y.to(x.dtype)
+    return _BinaryConv2dFunction.apply(x, weight, words, scale, bias, geometry, iq, wq)
+
+
+def _f_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d(x, binary_weight)`` (so also ``nn.Conv2d``): the W1A16 conv, weight read packed."""
+    if not isinstance(weight, BinaryTensor) or isinstance(input, BinaryTensor) or isinstance(bias, BinaryTensor):
+        return NotImplemented
+    return binary_conv2d(input, weight, bias, stride, padding, dilation, groups, input_quantizer=None)
+
+
+TORCH_FUNCTIONS[F.conv2d] = _f_conv2d
+
+
+class BinaryConv2d(nn.Module):
+    """A 2-D convolution with +-1 weights (and, by default, +-1 inputs) on the binary conv kernel.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device,
+            dtype: as :class:`torch.nn.Conv2d` (padding may be "same" or "valid").
+        padding_mode: only "zeros"; the padding's value is ``pad_value``.
+        pad_value: 0.0 (zero padding) or +1.0 / -1.0 (larq's pad_values: the padding is a binary
+            value, so every input of a binary layer stays exactly +-1).
+        input_quantizer: binarizes the input (a name or SignQuantizer); None keeps real inputs
+            (W1A16: a first layer).
+        weight_quantizer: None (default): the weight is a packed :class:`bnnops.BinaryTensor`
+            parameter, trained by Bop (:mod:`bnnops.optim`). A quantizer (e.g. ``"ste_sign"``):
+            the weight is a float latent parameter binarized every forward (latent-weight training
+            with a torch optimizer), still running the binary kernel.
+
+    Init: like :class:`torch.nn.Conv2d` (Kaiming-uniform weight, uniform bias); the binary weight
+    holds the signs of that init.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None, *, pad_value=0.0,
+                 input_quantizer="ste_sign", weight_quantizer=None):
+        super().__init__()
+        if padding_mode != "zeros":
+            raise ValueError(f"BinaryConv2d supports padding_mode='zeros' only, with the padding's value set by "
+                             f"pad_value (0, +1 or -1); got padding_mode={padding_mode!r}")
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+        if float(pad_value) not in PAD_VALUES:
+            raise ValueError(f"pad_value must be 0.0, 1.0 or -1.0, got {pad_value}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        conv_padding(padding, self.kernel_size, self.stride, self.dilation)  # refuse bad padding now
+        self.padding, self.groups, self.pad_value = padding, groups, float(pad_value)
+        self.input_quantizer = get_quantizer(input_quantizer)
+        self.weight_quantizer = get_quantizer(weight_quantizer)
+        factory = dict(device=device, dtype=dtype)
+        w = torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.weight = nn.Parameter(w if self.weight_quantizer is not None else BinaryTensor.from_float(w))
+        if bias:
+            fan_in = w[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x):
+        return binary_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                             pad_value=self.pad_value, input_quantizer=self.input_quantizer,
+                             weight_quantizer=self.weight_quantizer)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}, pad_value={self.pad_value}, "
+                f"input_quantizer={self.input_quantizer}, weight_quantizer={self.weight_quantizer}")
