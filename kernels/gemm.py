@@ -75,6 +75,14 @@ X_REAL, X_SIGN, X_PACKED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 # Batch sizes up to this use the small-batch configs (BLOCK_M = 16, weight streaming).
 SMALL_M = 16
+# W1A16 batch sizes up to this run the CUDA-core kernel ``_gemv_kernel``; GEMV_LANES: the words of
+# a row it reads per step (one 32-byte sector).
+GEMV_M = 2
+GEMV_LANES = tl.constexpr(8)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -159,6 +167,34 @@ def _load_interleaved(rows, stride, mask_rows, k0, K, BRW: tl.constexpr, LANES: 
 
 
 @triton.jit
+def _tf32(x):
+    """fp32 x with its low 13 mantissa bits cleared: the part of x a TF32 tensor-core input keeps."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc, SWAP_AB: tl.constexpr, EMULATE_TC: tl.constexpr):
+    """acc + a @ b, or with SWAP_AB acc + b^T @ a^T (acc transposed: see the kernel), on the
+    tensor cores: int8 into int32, 16-bit into fp32, fp32 as TF32 (inputs cut to 10 mantissa bits).
+
+    EMULATE_TC (Triton's interpreter, which computes every dot exactly in fp32 and gets bf16 dots
+    wrong) does the tensor cores' arithmetic by hand: bf16 products are exact in fp32, and fp32
+    inputs are cut to TF32 first, so a CPU test sees the rounding the GPU does.
+    """
+    if SWAP_AB:
+        a, b = tl.trans(b), tl.trans(a)
+    if a.dtype == tl.int8:
+        return tl.dot(a, b, acc, out_dtype=tl.int32)
+    if a.dtype == tl.float32:
+        if EMULATE_TC:
+            return tl.dot(_tf32(a), _tf32(b), acc)
+        return tl.dot(a, b, acc, input_precision="tf32")
+    if EMULATE_TC:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _valid_bits(word_index, K):
     """Per word index: the mask of its bits that hold k < K (so padding bits never count)."""
     n_valid = K - 32 * word_index
@@ -189,6 +225,32 @@ def _epilogue(y, n, mask_n, pad, scale_ptr, bias_ptr, has_scale, has_bias):
     return y
 
 
+@triton.jit
+def _split_range(n_steps, split_k, SPLIT: tl.constexpr):
+    """The K steps [first, end) of this program: with SPLIT, the program_id(1)-th of split_k shares."""
+    if SPLIT:
+        per_split = tl.cdiv(n_steps, split_k)
+        first = tl.program_id(1) * per_split
+        return first, tl.minimum(first + per_split, n_steps)
+    return 0, n_steps
+
+
+@triton.jit
+def _store_result(acc, rm, rn, M, N, pad, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
+                  has_scale, has_bias, SPLIT: tl.constexpr):
+    """Write the fp32 tile acc[rm, rn]: with SPLIT as part[program_id(1)] (fp32, (split_k, M, N)
+    contiguous) for ``_split_k_epilogue_kernel``, else y = epilogue(acc) in y's dtype."""
+    mask_n = rn < N
+    mask = (rm < M)[:, None] & mask_n[None, :]
+    if SPLIT:
+        part = part_ptr + (tl.program_id(1) * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
+        tl.store(part, acc, mask=mask)
+    else:
+        y = _epilogue(acc, rn[None, :], mask_n[None, :], pad, scale_ptr, bias_ptr, has_scale, has_bias)
+        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+        tl.store(y_ptrs, _to_output(y, y_ptr.dtype.element_ty), mask=mask)
+
+
 # has_scale / has_bias / split_k are runtime values (they only touch the loop bounds and the
 # epilogue) and M only masks rows: not specializing on them keeps the compiled variants few.
 @triton.jit(do_not_specialize=["M", "has_scale", "has_bias", "split_k"])
@@ -197,7 +259,7 @@ def _gemm_kernel(
     M, N, R, KW,
     stride_xm, stride_xr, stride_ym, stride_yn, has_scale, has_bias, split_k,
     X_MODE: tl.constexpr, TRANS_W: tl.constexpr,
-    UPCAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr,
+    EMULATE_TC: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -247,12 +309,7 @@ def _gemm_kernel(
     INTERLEAVED: tl.constexpr = (X_MODE == X_PACKED or SWAP_AB) and not TRANS_W and DOT_T != tl.float32
     LANES: tl.constexpr = 4 if INT else 2
     n_steps = tl.cdiv(R, BLOCK_R)
-    if SPLIT:
-        steps_per_split = tl.cdiv(n_steps, split_k)
-        first_step = tl.program_id(1) * steps_per_split
-        end_step = tl.minimum(first_step + steps_per_split, n_steps)
-    else:
-        first_step, end_step = 0, n_steps
+    first_step, end_step = _split_range(n_steps, split_k, SPLIT)
     for step in range(first_step, end_step):
         r = step * BLOCK_R + tl.arange(0, BLOCK_R)
         rw = step * BRW + tl.arange(0, BRW)
@@ -280,35 +337,71 @@ def _gemm_kernel(
             if INT and step == n_steps - 1:
                 words = words & _valid_bits(rw, R)[None, :]
             b = tl.trans(_unpack_tile(words, BLOCK_N, BRW, DOT_T, INTERLEAVED))
-        if SWAP_AB:
-            a, b = tl.trans(b), tl.trans(a)
-        if INT:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        elif DOT_T == tl.float32:
+        # a holds x (or g), b the unpacked weight, whichever operand order the dot uses.
+        if DOT_T == tl.float32:
             # Two TF32 products: +-1 is exact in TF32 and x = hi + lo with hi its top 10
             # mantissa bits, so only lo (already < 2^-10 |x|) is rounded: about 2^-20 |x|.
-            a_hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-            acc = tl.dot(a_hi, b, acc, input_precision="tf32")
-            acc = tl.dot(a - a_hi, b, acc, input_precision="tf32")
-        elif UPCAST_BF16:
-            # Triton's interpreter gets bf16 dots wrong; bf16 products are exact in fp32, so this
-            # is the tensor cores' arithmetic (exact products, fp32 sums) on the unpacked bf16.
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+            # The split is of x itself, before SWAP_AB decides which side of the dot it is on.
+            a_hi = _tf32(a)
+            acc = _dot(a_hi, b, acc, SWAP_AB, EMULATE_TC)
+            acc = _dot(a - a_hi, b, acc, SWAP_AB, EMULATE_TC)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, SWAP_AB, EMULATE_TC)
 
     if SWAP_AB:
         acc = tl.trans(acc)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT:
-        part = part_ptr + (tl.program_id(1) * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
-        tl.store(part, acc.to(tl.float32), mask=mask)
-    else:
-        # INT: each padded position k in [R, n_steps * BLOCK_R) added +1 times +1.
-        pad = n_steps * BLOCK_R - R if INT else 0
-        y = _epilogue(acc.to(tl.float32), rn[None, :], mask_n[None, :], pad, scale_ptr, bias_ptr, has_scale, has_bias)
-        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
-        tl.store(y_ptrs, _to_output(y, y_ptr.dtype.element_ty), mask=mask)
+    # INT: each padded position k in [R, n_steps * BLOCK_R) added +1 times +1.
+    pad = n_steps * BLOCK_R - R if INT else 0
+    _store_result(acc.to(tl.float32), rm, rn, M, N, pad, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
+                  has_scale, has_bias, SPLIT)
+
+
+# KW is not specialized: a row start not known to be 16-byte aligned keeps the word loads scalar,
+# so a thread holds one word of each of its rows (x shared by them), not four words of one row.
+@triton.jit(do_not_specialize=["M", "KW", "has_scale", "has_bias", "split_k"])
+def _gemv_kernel(
+    x_ptr, w_ptr, y_ptr, scale_ptr, bias_ptr, part_ptr,
+    M, N, K, KW,
+    stride_xm, stride_xk, stride_ym, stride_yn, has_scale, has_bias, split_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """W1A16 for a batch of one or two: y[M, N] = x[M, K] @ W^T * scale + bias on the CUDA cores.
+
+    sum_k s_k x_k = S - 2 * sum_{k: bit k = 1} x_k with S = sum_k x_k, so each weight bit costs a
+    test (one LOP3 writing a predicate) and a predicated fp32 add of x_k, and S costs one add per
+    x value, shared by the rows a thread holds. No tensor cores, shared memory or barriers: 8
+    lanes read 32 bytes of a row (a sector) per step, each thread holds one word of
+    BLOCK_N / (4 * num_warps) rows and the 32 x values of that word, and neg has one fp32
+    accumulator per bit of a byte (8 chains of 4 adds per word, so the adds do not wait on
+    each other). Exact fp32 arithmetic (no TF32). Grid: (cdiv(N, BLOCK_N), split_k), M <= BLOCK_M;
+    with SPLIT, program (tile, s) writes its share of K to part[s] like ``_gemm_kernel``.
+    """
+    LANES: tl.constexpr = GEMV_LANES
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    lane = tl.arange(0, LANES)
+    bit = tl.arange(0, 8)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW + lane[None, :]
+    x_rows = x_ptr + rm.to(tl.int64)[:, None, None] * stride_xm
+    mask_n = rn < N
+    mask_m = rm < M
+    total = tl.zeros((BLOCK_M, 1, LANES, 8), tl.float32)
+    neg = tl.zeros((BLOCK_M, BLOCK_N, LANES, 8), tl.float32)
+    first_step, end_step = _split_range(tl.cdiv(KW, LANES), split_k, SPLIT)
+    for step in range(first_step, end_step):
+        kw = step * LANES + lane
+        words = tl.load(w_rows + step * LANES, mask=mask_n[:, None] & (kw < KW)[None, :], other=0)
+        w = tl.reshape(_replicate(words, 3), (1, BLOCK_N, LANES, 8))
+        for byte in tl.static_range(4):
+            # Bits 8 * byte + bit of each word; x past K loads as 0, so padding bits add nothing.
+            k = 32 * kw[:, None] + 8 * byte + bit[None, :]
+            xv = tl.load(x_rows + k[None, :, :] * stride_xk, mask=mask_m[:, None, None] & (k < K)[None, :, :],
+                         other=0.0).to(tl.float32)[:, None, :, :]
+            total += xv
+            neg = tl.where((w & (1 << (8 * byte + bit))[None, None, None, :]) != 0, neg + xv, neg)
+    y = tl.sum(tl.sum(total - 2 * neg, 3), 2)
+    _store_result(y, rm, rn, M, N, 0, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
+                  has_scale, has_bias, SPLIT)
 
 
 @triton.jit(do_not_specialize=["M", "pad", "has_scale", "has_bias", "split_k"])
@@ -328,17 +421,25 @@ def _split_k_epilogue_kernel(part_ptr, y_ptr, scale_ptr, bias_ptr, M, N, pad, st
 def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
     """Block shapes and launch options for one call (see the module docstring for why).
 
-    Returns a dict with BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, SWAP_AB, SPLIT_K, num_warps,
-    num_stages.
+    Returns a dict with BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages, and either GEMV=True
+    (``_gemv_kernel``) or BLOCK_R, GROUP_M, SWAP_AB (``_gemm_kernel``).
     """
+    on_gpu = device.type == "cuda" and torch.cuda.is_available()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 132
+    if x_mode == X_REAL and not trans_w and M <= GEMV_M:
+        # 128 rows a program (8 a thread), K split until every SM has about four programs of 4 warps.
+        block_n = 128
+        split = min(triton.cdiv(4 * sms, triton.cdiv(N, block_n)), triton.cdiv(triton.cdiv(R, 32), GEMV_LANES.value))
+        return dict(GEMV=True, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=max(split, 1),
+                    num_warps=4, num_stages=1)
     if M > SMALL_M:
         if x_mode == X_PACKED:
-            block_r = 128
-        elif x_mode == X_SIGN or x_dtype != torch.float32:
-            block_r = 64
+            block_n, block_r = 256, 128  # H100 sweep at 8192^3: 1339 us against 1450 with BLOCK_N = 128
+        elif x_mode == X_SIGN:
+            block_n, block_r = 256, 64  # 1966 us against 2100
         else:
-            block_r = 32
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=block_r, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
+            block_n, block_r = 128, 64 if x_dtype != torch.float32 else 32
+        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
                     num_warps=8, num_stages=3)
     # Weight streaming: the weight tile is the wgmma M operand (SWAP_AB, 64 rows), the batch its
     # N operand (16), long K steps with several in flight, and K split so that every SM gets at
@@ -350,8 +451,6 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
         block_r = 512
     else:
         block_r = 128 if x_mode == X_REAL and x_dtype == torch.float32 else 256
-    on_gpu = device.type == "cuda" and torch.cuda.is_available()
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 132
     split = min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), triton.cdiv(R, block_r), 8)
     return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=1, SWAP_AB=True,
                 SPLIT_K=max(split, 1),
@@ -378,28 +477,30 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
         y = y * scale.float() if scale is not None else y
         return out.copy_(y + bias.float() if bias is not None else y)
     split = config.pop("SPLIT_K")
+    gemv = config.pop("GEMV", False)
     # Absent scale / bias / workspace: any fp32 pointer, never read (one pointer type, so one
     # compiled variant).
     unused = _unused_fp32(out.device)
     part = torch.empty(split, M, N, dtype=torch.float32, device=out.device) if split > 1 else unused
     scale_ptr = scale if scale is not None else unused
     bias_ptr = bias if bias is not None else unused
-    flags = (int(scale is not None), int(bias is not None))
-    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), split)
-    _gemm_kernel[grid](
-        x, words, out, scale_ptr, bias_ptr, part,
-        M, N, R, KW,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), *flags, split,
-        X_MODE=int(x_mode), TRANS_W=trans_w, SPLIT=split > 1,
-        UPCAST_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        enable_fp_fusion=False,  # y * scale + bias rounded twice, like torch: bit-exact A1W1
-        **config,
-    )
+    args = (x, words, out, scale_ptr, bias_ptr, part, M, N, R, KW, x.stride(0), x.stride(1), out.stride(0),
+            out.stride(1), int(scale is not None), int(bias is not None), split)
+    # enable_fp_fusion=False: y * scale + bias rounded twice, like torch (bit-exact A1W1).
+    if gemv:
+        if x_mode != X_REAL or trans_w or M > config["BLOCK_M"]:
+            raise ValueError(f"the GEMV kernel computes W1A16 for M <= BLOCK_M, got M={M} with {config}")
+        _gemv_kernel[(triton.cdiv(N, config["BLOCK_N"]), split)](
+            *args, SPLIT=split > 1, enable_fp_fusion=False, **config)
+    else:
+        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), split)
+        _gemm_kernel[grid](*args, X_MODE=int(x_mode), TRANS_W=trans_w, SPLIT=split > 1, EMULATE_TC=_interpreting(),
+                           enable_fp_fusion=False, **config)
     if split > 1:
         pad = triton.cdiv(R, config["BLOCK_R"]) * config["BLOCK_R"] - R if x_mode != X_REAL else 0
         block = 1024
         _split_k_epilogue_kernel[(triton.cdiv(M * N, block),)](
-            part, out, scale_ptr, bias_ptr, M, N, pad, out.stride(0), out.stride(1), *flags, split,
+            part, out, scale_ptr, bias_ptr, M, N, pad, out.stride(0), out.stride(1), *args[-3:],
             BLOCK=block, enable_fp_fusion=False,
         )
     return out
