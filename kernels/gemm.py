@@ -181,17 +181,20 @@ def _dot(a, b, acc, SWAP_AB: tl.constexpr, EMULATE_TC: tl.constexpr):
     wrong) does the tensor cores' arithmetic by hand: bf16 products are exact in fp32, and fp32
     inputs are cut to TF32 first, so a CPU test sees the rounding the GPU does.
     """
+    # One chain of static branches, no early returns (Triton 3.6 compiles the code after them).
     if SWAP_AB:
         a, b = tl.trans(b), tl.trans(a)
     if a.dtype == tl.int8:
-        return tl.dot(a, b, acc, out_dtype=tl.int32)
-    if a.dtype == tl.float32:
-        if EMULATE_TC:
-            return tl.dot(_tf32(a), _tf32(b), acc)
-        return tl.dot(a, b, acc, input_precision="tf32")
-    if EMULATE_TC:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    elif a.dtype == tl.float32 and EMULATE_TC:
+        acc = tl.dot(_tf32(a), _tf32(b), acc)
+    elif a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    elif EMULATE_TC:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -559,33 +562,34 @@ def grad_input(g, words, K, *, out=None, config=None):
 
 
 def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
-    """Time a few block configs per case on the GPU and print them (median us, TOPS, config).
+    """Time the table's config and a few others per case on the GPU; print median us and rates.
 
-    ``python -c "from bnnops.kernels import gemm; gemm.sweep()"``. Each config is one compile
-    (about a second) plus the timing. The shape table's choice is marked ``*``.
+    ``python -c "from bnnops.kernels import gemm; gemm.sweep()"``: about 12 compiles (1 to 4 s
+    each on an H100 host) plus about 0.2 s of timing each, under 40 s. The table's choice is
+    marked ``*``; "op" rows time ``torch.ops.bnnops.*`` itself (custom-op dispatch included).
 
     Args:
-        shapes: (name, M, N, K) cases, name one of "a1w1" (float x binarized in the kernel, and
-            last the public call, which packs large x first), "a1w1-packed" (x given packed),
-            "w1a16"; default the benchmark shapes.
+        shapes: (name, M, N, K) cases, name one of "a1w1" (the public call with float x: large x is
+            packed first), "a1w1-packed" (x given packed), "w1a16"; default the benchmark shapes.
         configs: extra configs (dicts like :func:`default_config` returns) to try in every case.
         dtype: the activations' dtype.
     """
     from triton.testing import do_bench
 
-    shapes = shapes or [("a1w1-packed", 8192, 8192, 8192), ("a1w1", 8192, 8192, 8192),
-                        ("w1a16", 1, 8192, 8192), ("w1a16", 16, 8192, 8192), ("w1a16", 128, 8192, 8192)]
-    large = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
-                 num_warps=8, num_stages=3)
-    small = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, SWAP_AB=True, SPLIT_K=1,
-                 num_warps=4, num_stages=4)
-    # (BLOCK_M = 64 and W1A16 BLOCK_N = 256 fail in Triton 3.9's TritonGPUOptimizeDotOperands.)
+    shapes = shapes or [("w1a16", 1, 8192, 8192), ("w1a16", 16, 8192, 8192), ("w1a16", 128, 8192, 8192),
+                        ("a1w1-packed", 8192, 8192, 8192), ("a1w1", 8192, 8192, 8192)]
+    gemv = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, SPLIT_K=9, num_warps=4, num_stages=1)
+    # What the table does not decide from measurements yet: the GEMV's split and rows per
+    # program against the tensor-core small-batch path (39 us on the first H100 run); the large
+    # W1A16 config at M = 128 (100 us in the sweep, 179 us through the op in the benchmark).
     candidates = {
-        "a1w1-packed": [dict(large, BLOCK_R=128), dict(large, num_stages=4), dict(large, BLOCK_N=256, BLOCK_R=128)],
-        "a1w1": [large, dict(large, BLOCK_N=256)],
-        "w1a16-small": [dict(small, SPLIT_K=2), dict(small, SPLIT_K=4),
-                        dict(small, BLOCK_R=128, SPLIT_K=8, num_stages=6), small],
-        "w1a16": [large, dict(large, num_stages=4), dict(large, BLOCK_R=128)],
+        "w1a16-gemv": [dict(gemv, SPLIT_K=4), dict(gemv, SPLIT_K=16), dict(gemv, BLOCK_N=64, SPLIT_K=5),
+                       dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, SWAP_AB=True, SPLIT_K=3, num_warps=4,
+                            num_stages=4)],
+        "w1a16": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1, num_warps=8,
+                       num_stages=3)],
+        "a1w1-packed": [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_R=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
+                             num_warps=8, num_stages=4)],
     }
     for name, M, N, K in shapes:
         x = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -593,27 +597,32 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
         # Rotate through copies of W worth more than the 50 MB L2, so small batches read HBM.
         weights = [w] + [w.clone() for _ in range(min(15, (64 << 20) // (w.numel() * 4)))]
         turn = iter(range(1 << 62))
-        if name == "a1w1-packed":
+        x_mode = {"a1w1": X_SIGN, "a1w1-packed": X_PACKED, "w1a16": X_REAL}[name]
+        if x_mode == X_PACKED:
             x = pack_signs(x)
-        if name == "w1a16":
-            x_mode, call = X_REAL, w1a16
-        else:
-            x_mode = X_PACKED if name == "a1w1-packed" else X_SIGN
-
-            def call(x, w, config):
-                return a1w1(x, w, K, out_dtype=dtype, config=config, prepack=config is None)
-
         default = default_config(x_mode, False, M, N, K, x.dtype, x.device)
-        tried = candidates[name + ("-small" if name == "w1a16" and M <= SMALL_M else "")]
-        # For float x, None is the public call: pack x first (large shapes), then the packed kernel.
-        for config in [default] + [c for c in tried + list(configs or []) if c != default] + (
-                [None] if name == "a1w1" else []):
+        if x_mode == X_REAL:
+            tried = [default] + candidates["w1a16-gemv" if default.get("GEMV") else "w1a16"] + ["op"]
+        elif x_mode == X_PACKED:
+            tried = [default] + candidates[name]
+        else:
+            tried = ["op"]
+        for config in tried + list(configs or []):
+            def call(config=config):
+                words = weights[next(turn) % len(weights)]
+                if config == "op" and x_mode == X_REAL:
+                    return torch.ops.bnnops.binary_linear_w1a16(x, words, None, None)
+                if config == "op":
+                    return torch.ops.bnnops.binary_linear_a1w1(x, words, K, None, None, dtype)
+                if x_mode == X_REAL:
+                    return w1a16(x, words, config=config)
+                return a1w1(x, words, K, out_dtype=dtype, config=config)
             try:
-                ms = do_bench(lambda: call(x, weights[next(turn) % len(weights)], config=config), warmup=25, rep=100)
+                ms = do_bench(call, warmup=10, rep=40)
             except Exception as e:  # a config that does not fit (shared memory, registers) is skipped
                 print(f"{name} M={M} N={N} K={K}: {config} failed: {type(e).__name__}: {e}"[:300])
                 continue
             tops, weight_gbs = 2 * M * N * K / ms / 1e9, w.numel() * 4 / ms / 1e6
-            what = config if config is not None else "a1w1(x, W, K): pack_signs(x), then the packed kernel"
+            what = "torch.ops.bnnops (the table's config)" if config == "op" else config
             print(f"{'*' if config is default else ' '} {name:11s} M={M:5d} N={N} K={K}: {ms * 1e3:9.1f} us "
-                  f"{tops:7.1f} TOPS {weight_gbs:7.1f} GB/s of packed W  {what}")
+                  f"{tops:7.1f} TOPS {weight_gbs:7.1f} GB/s of packed W  {what}", flush=True)
