@@ -1,12 +1,15 @@
 """Triton kernels for binary GEMM: packed +-1 weights times binary or real activations.
 
-One kernel, ``_gemm_kernel``, computes ``y[M, N] = A[M, R] @ B[R, N]`` on the tensor cores with the
-packed operand unpacked in registers, in three roles:
+``_gemm_kernel`` computes ``y[M, N] = A[M, R] @ B[R, N]`` on the tensor cores with the packed
+operand unpacked in registers, in three roles (and ``_gemv_kernel`` does W1A16 for M <= 2 on the
+CUDA cores, see below):
 
 - **A1W1** (:func:`a1w1`): ``y = sign(x) W^T`` with W (N, K) packed. The +-1 operands are int8 and
   ``tl.dot`` accumulates exactly in int32. x is float (binarized in the kernel) or packed words.
 - **W1A16** (:func:`w1a16`): ``y = x W^T`` for real x (fp32, bf16, fp16); W is unpacked to x's
-  dtype and ``tl.dot`` accumulates in fp32 (fp32 x as two TF32 products, error about 2^-20 |x|).
+  dtype and ``tl.dot`` accumulates in fp32 (fp32 x as two TF32 products, error about 2^-20 |x|:
+  x itself is split, whichever side of the dot it is on; the interpreter cuts fp32 dot inputs to
+  TF32 like the tensor cores, so CPU tests check this too).
 - **grad_input** (:func:`grad_input`): ``y = g W`` (g (M, N), W (N, K) packed), the backward of both;
   here the packed dimension K is the output dimension.
 
@@ -40,18 +43,28 @@ them, see :func:`sweep`):
 - A1W1 with float x: binarizing in the kernel costs about 2.5 instructions per value and every
   column of tiles redoes it, so for M > 16 and N > 128 :func:`a1w1` packs x once first
   (``pack_signs``, one pass over x, 6% of the ideal time at 8192) and runs packed x packed.
-- A1W1 packed, 128 x 128 x 128 tiles, 8 warps: 211 instructions per warp per K step, 422 issue
-  cycles per SM against 512 tensor-core cycles, and 128 registers, so two CTAs fit on an SM and
-  one's unpacking can run under the other's wgmma (Triton waits for each step's wgmma before the
-  next unpack). Overlapped: tensor-core-bound, about 0.6 ms with the pack pass (2.3x bf16);
-  serialized: about 1.05 ms (1.3x).
+- A1W1 packed: measured on an H100 at 8192^3, 128 x 128 x 128 tiles (211 instructions per warp
+  per K step, 127 registers, so two CTAs an SM) took 1450 us and 128 x 256 x 128 (316, 225
+  registers, one CTA) 1339 us, which the table uses; the unpacking did not hide under the
+  other CTA's wgmma (Triton waits for each step's wgmma before the next unpack, and both
+  operands go registers -> shared memory -> wgmma every step). cuBLAS int8 takes 1.13 ms there.
 - Small batch (M <= 16): SWAP_AB computes y^T = W x^T so the weight tile is the wgmma M operand
   (64 rows) and the batch its N operand (16), with 256-wide K steps in a 4-stage cp.async pipeline.
   W1A16 bf16: 2.6 instructions per weight (unpack about 1; the rest moves the tile through shared
-  memory into wgmma's operand and runs the loop), about 5.6 us at full issue rate. N = 8192 gives
+  memory into wgmma's operand and runs the loop), 5.6 us at full issue rate, yet 39 us measured
+  at M = 1 and 16 (latency and shared-memory bound, not issue bound). N = 8192 gives
   only 128 tiles of 64 rows, one warpgroup per SM, so K is split (SPLIT_K, up to 8) until every SM
   has two CTAs; the fp32 partial sums are added by a small second kernel in a fixed order, which
   runs the epilogue (about 2 us more).
+- W1A16 at M <= 2 (``_gemv_kernel``): the tensor-core path above measured 39 us at M = 1 and
+  N = K = 8192 on an H100 whatever its split (215 GB/s of weights: per step it moves x and the
+  unpacked tile through shared memory twice, with two barriers, a proxy fence and a synchronous
+  wgmma, and pads the batch to 16). The GEMV uses sum_k s_k x_k = S - 2 sum_{bit k = 1} x_k:
+  per weight one LOP3 (the bit into a predicate) and one predicated FADD, x shared by the 8 rows
+  a thread holds. SASS (Triton 3.6, sm_90a), bf16: 721 instructions per 256 weights per thread
+  (2.8 each; about 390 on the integer ALU at half rate), 122 registers, no shared memory in the
+  loop: about 6.5 to 7 us for 67M weights at full issue, plus the split-K sum (K split 9 ways so
+  that each SM has four programs: 128 rows per program leave only 64).
 - Padding: the word holding k >= K is masked to zero bits (+1) in both int8 operands, float
   activations past K load as 0.0 (+1), so each padded position adds exactly +1 to the int32 dot
   and the epilogue subtracts their count. Real activations past K load as 0 and add nothing.
