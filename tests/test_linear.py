@@ -277,9 +277,9 @@ def test_compile_mlp_fullgraph(device, backend, weight_quantizer):
 
 
 def test_compile_f_linear_fullgraph(device):
-    lin = nn.Linear(30, 10).to(device)
+    lin = nn.Linear(45, 10).to(device)
     lin.weight = nn.Parameter(BinaryTensor.from_float(lin.weight.detach()))
-    x = torch.randn(4, 30, device=device)
+    x = torch.randn(4, 45, device=device)
     torch.testing.assert_close(torch.compile(lin, fullgraph=True, backend="aot_eager")(x), lin(x))
 
 
