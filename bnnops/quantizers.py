@@ -34,7 +34,10 @@ __all__ = [
 
 def sign(x):
     """Binarize: -1 where ``x < 0``, else +1 (sign(0) = +1), in x's dtype, no gradient."""
-    return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+    # ones_like carries x's dtype. (``torch.where(x < 0, -1.0, 1.0).to(x.dtype)`` returns its fp32
+    # input itself for fp32 x, and torch 2.11's torch.compile then traces a zero gradient for
+    # _SurrogateSign, whose forward returns it.)
+    return torch.where(x < 0, -1.0, torch.ones_like(x))
 
 
 class _SurrogateSign(torch.autograd.Function):
