@@ -10,7 +10,6 @@ and its fraction of the ceiling measured in this session. Under ``--benchmark-di
 runs once (what tests/test_bench.py does at ``--bench-size tiny``).
 """
 
-import pytest
 
 from bench import load_cases, machine, runner
 from bench.registry import plan

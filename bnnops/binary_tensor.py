@@ -95,6 +95,23 @@ class BinaryTensor(torch.Tensor):
         """The dense +-1 tensor of the logical shape, in ``dtype`` (default: the logical dtype)."""
         return unpack_weight(self.packed, self.shape, dtype or self.dtype)
 
+    @property
+    def data(self):
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value):
+        # Tensor.data's own setter swaps the tensor's storage, which a wrapper does not have: the
+        # words live in the Python attribute ``packed`` and would silently stay as they were.
+        if not isinstance(value, BinaryTensor) or (value.shape, value.dtype, value.device) != (
+            self.shape, self.dtype, self.device
+        ):
+            raise RuntimeError(
+                "BinaryTensor.data can only be set to a BinaryTensor of the same shape, dtype and device; "
+                "use copy_ to load dense values (their signs are packed)"
+            )
+        self.packed = value.packed
+
     def __repr__(self):
         grad = f", grad_fn={self.grad_fn.name()}" if self.grad_fn is not None else ""
         grad += ", requires_grad=True" if self.requires_grad and not grad else ""

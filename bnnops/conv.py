@@ -29,9 +29,8 @@ from torch import nn
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor
-from bnnops.packing import FLOAT_DTYPES, pack_weight, packed_length, unpack_signs_reference, unpack_weight
-from bnnops.linear import _input_quantizer
-from bnnops.quantizers import MagnitudeAwareSign, get_quantizer, sign
+from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference, unpack_weight
+from bnnops.quantizers import binarize_weight, get_input_quantizer, get_quantizer, sign
 
 __all__ = ["binary_conv2d", "BinaryConv2d", "binary_conv2d_reference", "conv_padding", "output_shape"]
 
@@ -237,23 +236,6 @@ class _BinaryConv2dFunction(torch.autograd.Function):
         return grad_x, grad_weight, None, None, grad_bias, None, None, None
 
 
-def _weight_words(weight, weight_quantizer, scale):
-    """(weight quantizer, packed words, scale) of a BinaryTensor or of a float latent weight.
-
-    A latent weight is binarized by ``weight_quantizer`` (default ste_sign); magnitude_aware_sign
-    multiplies ``scale`` by its per-output-channel mean |w|. The same rule as ``binary_linear``.
-    """
-    if isinstance(weight, BinaryTensor):
-        if weight_quantizer is not None:
-            raise ValueError("a BinaryTensor weight is already binary: weight_quantizer must be None")
-        return None, weight.packed, scale
-    wq = get_quantizer(weight_quantizer if weight_quantizer is not None else "ste_sign")
-    if isinstance(wq, MagnitudeAwareSign):
-        alpha = wq.scale(weight)
-        scale = alpha if scale is None else scale * alpha.to(scale.dtype)
-    return wq, pack_weight(weight.detach()), scale
-
-
 def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, pad_value=0.0,
                   input_quantizer="ste_sign", scale=None, weight_quantizer=None):
     """Binary 2-D convolution: ``conv2d(pad(q(x), pad_value), sign(W)) * scale + bias``.
@@ -300,8 +282,8 @@ def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     if x.dim() == 4 and weight.shape[1] * groups != x.shape[1]:
         raise ValueError(f"the input has {x.shape[1]} channels but the weight {tuple(weight.shape)} with "
                          f"groups={groups} expects {weight.shape[1] * groups}")
-    iq = _input_quantizer(input_quantizer)
-    wq, words, scale = _weight_words(weight, weight_quantizer, scale)
+    iq = get_input_quantizer(input_quantizer)
+    wq, words, scale = binarize_weight(weight, weight_quantizer, scale)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     geometry = (stride, conv_padding(padding, tuple(weight.shape[2:]), stride, dilation), dilation, groups, float(pad_value))
     if scale is not None and scale.requires_grad:

@@ -30,8 +30,8 @@ from torch.nn import functional as F
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor
-from bnnops.packing import FLOAT_DTYPES, pack_weight, packed_length, unpack_signs_reference
-from bnnops.quantizers import MagnitudeAwareSign, get_quantizer, sign
+from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference
+from bnnops.quantizers import binarize_weight, get_input_quantizer, get_quantizer, sign
 
 __all__ = [
     "binary_linear",
@@ -260,15 +260,6 @@ def _check_weight(weight):
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
 
 
-def _input_quantizer(quantizer):
-    q = get_quantizer(quantizer)
-    if isinstance(q, MagnitudeAwareSign):
-        raise ValueError(
-            "magnitude_aware_sign is a weight quantizer; use ste_sign, approx_sign or swish_sign for inputs"
-        )
-    return q
-
-
 def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=None, weight_quantizer=None):
     """Binary linear layer: ``q(x) @ W^T * scale + bias`` with W a +-1 weight.
 
@@ -307,17 +298,8 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
     if weight.device != x.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
     N, K = weight.shape
-    iq = _input_quantizer(input_quantizer)
-    if isinstance(weight, BinaryTensor):
-        if weight_quantizer is not None:
-            raise ValueError("a BinaryTensor weight is already binary: weight_quantizer must be None")
-        wq, words = None, weight.packed
-    else:
-        wq = get_quantizer(weight_quantizer if weight_quantizer is not None else "ste_sign")
-        words = pack_weight(weight.detach())
-        if isinstance(wq, MagnitudeAwareSign):
-            alpha = wq.scale(weight)
-            scale = alpha if scale is None else scale * alpha.to(scale.dtype)
+    iq = get_input_quantizer(input_quantizer)
+    wq, words, scale = binarize_weight(weight, weight_quantizer, scale)
     _check_op(x, words, K, scale, bias, packed_ok=True)
     out_dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32
 
@@ -363,7 +345,7 @@ class BinaryLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.input_quantizer = _input_quantizer(input_quantizer)
+        self.input_quantizer = get_input_quantizer(input_quantizer)
         self.weight_quantizer = get_quantizer(weight_quantizer)
         factory = dict(device=device, dtype=dtype)
         w = torch.empty(out_features, in_features, **factory)

@@ -17,6 +17,9 @@ Quantizers are looked up by name with :func:`get_quantizer` (``"ste_sign"``, ``"
 
 import torch
 
+from bnnops.binary_tensor import BinaryTensor
+from bnnops.packing import pack_weight
+
 __all__ = [
     "SignQuantizer",
     "SteSign",
@@ -28,13 +31,18 @@ __all__ = [
     "swish_sign",
     "magnitude_aware_sign",
     "get_quantizer",
+    "get_input_quantizer",
+    "binarize_weight",
     "sign",
 ]
 
 
 def sign(x):
     """Binarize: -1 where ``x < 0``, else +1 (sign(0) = +1), in x's dtype, no gradient."""
-    return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+    # ones_like carries x's dtype. (``torch.where(x < 0, -1.0, 1.0).to(x.dtype)`` returns its fp32
+    # input itself for fp32 x, and torch 2.11's torch.compile then traces a zero gradient for
+    # _SurrogateSign, whose forward returns it.)
+    return torch.where(x < 0, -1.0, torch.ones_like(x))
 
 
 class _SurrogateSign(torch.autograd.Function):
@@ -178,3 +186,32 @@ def get_quantizer(quantizer):
     if isinstance(quantizer, str) and quantizer in _BY_NAME:
         return _BY_NAME[quantizer]
     raise ValueError(f"unknown quantizer {quantizer!r}; expected one of {sorted(_BY_NAME)} or a SignQuantizer")
+
+
+def get_input_quantizer(quantizer):
+    """:func:`get_quantizer` for activations: refuses magnitude_aware_sign, a weight quantizer."""
+    q = get_quantizer(quantizer)
+    if isinstance(q, MagnitudeAwareSign):
+        raise ValueError(
+            "magnitude_aware_sign is a weight quantizer; use ste_sign, approx_sign or swish_sign for inputs"
+        )
+    return q
+
+
+def binarize_weight(weight, weight_quantizer, scale):
+    """(weight quantizer or None, packed words, scale) for a layer's weight, the rule every binary op shares.
+
+    A :class:`bnnops.BinaryTensor` is already binary: its words as they are (``weight_quantizer``
+    must be None). A dense float latent weight is binarized by ``weight_quantizer`` (default
+    ste_sign) and packed in the weight layout of :mod:`bnnops.packing`; magnitude_aware_sign also
+    multiplies ``scale`` by its per-output-channel mean |w|.
+    """
+    if isinstance(weight, BinaryTensor):
+        if weight_quantizer is not None:
+            raise ValueError("a BinaryTensor weight is already binary: weight_quantizer must be None")
+        return None, weight.packed, scale
+    wq = get_quantizer(weight_quantizer if weight_quantizer is not None else "ste_sign")
+    if isinstance(wq, MagnitudeAwareSign):
+        alpha = wq.scale(weight)
+        scale = alpha if scale is None else scale * alpha.to(scale.dtype)
+    return wq, pack_weight(weight.detach()), scale

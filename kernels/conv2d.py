@@ -9,142 +9,197 @@ packed weight of a logical +-1 weight (O, C/groups, kh, kw), and ``P`` the input
 with g the group of output channel o, Cg = C/groups, and a() = sign() (A1W1, sign(0) = +1: the sum
 is an exact integer) or the identity (W1A16: real inputs, e.g. a first layer).
 
-Implicit GEMM: rows are output pixels (M = N*OH*OW), columns the output channels of one group (Og,
-grid axis 1 is the group), and the reduction K = kh*kw*Cg walks tap by tap, BLOCK_K channels at a
-time, in the order of the packed weight layout (``bnnops.packing``: words (O, kh, kw, ceil(Cg/32)),
-bit j of word [o, r, s, w] is weight[o, 32w + j, r, s]). No im2col tensor exists: each K step loads
-the [BLOCK_M, BLOCK_K] input window of its tap (from a pre-padded copy, or masked at the borders
-where the pad value is put in) and a [BLOCK_K, BLOCK_N] slab of weight signs, and does one ``tl.dot`` (A1W1: +-1 in fp8 e4m3 or
-int8, exact; W1A16: TF32 products, exact for 16-bit inputs times +-1, 3xTF32 for fp32). The epilogue
-applies the per-output-channel scale, then the bias, in fp32, and stores in the input's dtype; the
-output is channels_last when the input is.
+Two launches per call:
 
-Operand routes (``a_route`` / ``b_route`` of :func:`conv2d`; the defaults are the fast ones):
+1. ``_prepare_kernel`` writes both GEMM operands in the dot's dtype, in one launch (programs
+   [0, n_x) do the input, the rest the weight): the input as a channels-last copy *with the padding
+   written in* (N, H + pads, W + pads, C), holding sign(x) as +-1 (A1W1: fp8 e4m3 by default, or
+   int8; 1 byte an element) or x itself (W1A16: fp32), and the pad value on the border; and the
+   packed weight unpacked to +-1, (O, kh, kw, 32*ceil(Cg/32)), bit j of word [o, r, s, w] becoming
+   element [o, r, s, 32w + j] (the ``bnnops.packing`` layout; padding bits unpack to +1 and meet
+   zeros of A, see below).
+2. ``_conv2d_kernel``, the implicit GEMM: rows are output pixels (M = N*OH*OW), columns the output
+   channels of one group (Og; grid axis 1 is the group), and the reduction K = kh*kw*Cg walks tap by
+   tap, BLOCK_K channels at a time. No im2col tensor exists: a K step loads the [BLOCK_M, BLOCK_K]
+   window of its tap from the padded copy (every tap of every output pixel lies inside it: no
+   bounds checks, no pad-value select; rows past M are clamped, not masked) and a [BLOCK_K,
+   BLOCK_N] slab of weight, and does one ``tl.dot``: fp8 e4m3 into fp32 or int8 into int32 (both
+   exact: fp8 while K <= FP8_EXACT_K, above which "int8" runs), or for W1A16 TF32 (exact products of
+   a 16-bit input and +-1) or 3xTF32 (fp32 inputs). Channels past the group's Cg (the K tail) are
+   masked to 0 on both operands, only when Cg is not a multiple of BLOCK_K (EVEN_K). The epilogue
+   multiplies by the per-output-channel scale, then adds the bias, in fp32 *without FMA contraction*
+   (``enable_fp_fusion=False``: two roundings, as torch's separate mul and add, so an A1W1 result
+   equals the reference bit for bit), and stores in the input's dtype; the output is channels_last
+   when the input is.
 
-- A, the activations (A1W1). ``"fp8"`` (default) and ``"int8"``: one pre-pass writes sign(x) as +-1
-  channels-last *with the padding written in* (N, H + pads, W + pads, C), 1 byte per element, so the
-  K loop's A operand is a plain load (masked only at the last pixel tile and the channel tail) that
-  goes through cp.async straight to shared memory and the tensor cores, with no bounds checks and no
-  pad-value select. fp8 e4m3 accumulates in fp32, int8 in int32: both exact (fp8 while K = kh*kw*Cg
-  <= 2^14, see FP8_EXACT_K; above, "int8" runs). ``"sign"``: the K loop reads x itself
-  (channels_last; an NCHW x is copied first), binarizes every loaded element in registers and
-  substitutes the pad value at the borders.
-- B, the weights. ``"unpacked"`` (default): the packed words are unpacked once per call (the pack
-  module's unpack kernel) into a +-1 workspace (O, kh, kw, 32*ceil(Cg/32)) in the dot's dtype: 8
-  times the packed bytes (2.4 MB for ResNet-18's largest layer, read from L2 by every program).
-  ``"bits"``: every K step loads the packed words and unpacks them in registers, so no dense weight
-  ever exists.
+Why the operands are materialized (counted in the K loop's SASS, sm_90, Triton 3.6, per warp per K
+step at BLOCK 128x128x128 and 8 warps, where the MMA takes 512 clocks): with 1-byte +-1 operands in
+memory and no masks the loop is 87 instructions (168 with the row and K masks of the first version)
+and Triton makes the fp8 wgmma asynchronous (``warp_group_dot_wait`` pendings=1: the next step's
+loads overlap the MMA); binarizing x in the loop cost 545 instructions and a synchronous wgmma,
+substituting the pad value in the loop 435, unpacking weight bits in the loop 680-780 with a
+synchronous wgmma, reading bit-packed activations 1000-2600 with spills. Triton waits for an int8
+wgmma at once (pendings=0), hence fp8 by default. Every config picked for ResNet-18 issues its loop
+in a quarter of its MMA time or less (e.g. 128x256x128: 112 instructions, 224 issue clocks against
+1024 MMA clocks), so the MMA issue rate is not what limits it.
 
-Two numbers for one layer: ResNet-18's conv3_x 3x3 (28x28, 128 -> 128 channels, stride 1, pad 1)
-at batch 256, A1W1, bf16 in and out (M = 200704, N = 128, K = 1152):
+Two numbers for ResNet-18's 3x3 stride-1 layers at batch 256, A1W1, bf16 in and out (every such
+layer does 2*M*N*K = 59.2 G operations: 30 us at the H100's 1979 dense fp8/int8 TOPS, 60 us at the
+989 bf16 TFLOP/s of the cuDNN baseline):
 
-- operations: 2*M*N*K = 59.2 G (every 3x3 stride-1 layer of ResNet-18 has the same count): 30 us at
-  the H100's 1979 dense int8/fp8 TOPS; the cuDNN bf16 baseline's peak (989 TFLOP/s) gives it 60 us.
-- fewest bytes: x read once and y written once in bf16, 2 * 25.7 M elements * 2 B = 103 MB (the
-  packed weight is 18 KB): 34 us at 3.0 TB/s. The 1-byte padded A pre-pass adds 1 B written and 1 B
-  read per (padded) input element (+55 MB, +18 us); packing x to bits instead would add 1/4 B.
+- fewest bytes, x read once and y written once in bf16: 103 MB for conv2_x (56x56x64), 34 us at
+  3.0 TB/s. The prepare pass reads x (51 MB) and writes the padded fp8 copy (55 MB, which the
+  kernel reads back): ~40 us on conv2_x at 2.7 TB/s, ~8 us on conv5_x.
+- what the K loop moves from L2 to the SMs, the real limit: each input element once per tap (9
+  times for 3x3) and once per column tile, the weight once per row tile, BLOCK_M*BLOCK_K +
+  BLOCK_K*BLOCK_N bytes per 2*BLOCK_M*BLOCK_N*BLOCK_K operations. An SM's tensor cores do 8192
+  8-bit operations a clock but H100's L2 delivers ~5.5 TB/s in all, ~23 bytes per SM per clock.
+  The first GPU run fits this: conv5_x at 128x128 tiles moved 462 MB in ~85 us (5.4 TB/s). Hence
+  the largest tiles that fit the registers (pick_config): conv2_x 256x64 (577 MB + 51 MB of
+  output: ~110 us), conv3_x 256x128 (~370 MB: ~68 us), conv4_x and conv5_x 128x256 (~350 MB:
+  ~63 us). Async copies bypass L1 (cp.async.cg, whatever the cache modifier), so the 9 taps'
+  overlapping windows are not reused on chip; that, TMA multicast or a 256x256 tile (more registers
+  than a Triton 3.6 warpgroup has) is what a faster design would need.
 
-So the layer sits near the ridge (575 ops per byte against the H100's ~650), and what decides the
-speed is the *work per operand element inside the K loop*: an H100 SM does 4096 8-bit MACs per clock
-on its tensor cores but issues only 4 warp-instructions per clock, and implicit GEMM reloads every
-input element once per tap (9 times for 3x3) and once per BLOCK_N column tile. Counting the SASS of
-the K loop (sm_90, compiled offline with Triton 3.6, the GPU machine's version; per warp per K step
-at BLOCK 128x128x128 and 8 warps, where the MMA takes 512 clocks per step):
-
-- A fp8 or int8 (pre-padded) + B unpacked: 168 instructions (336 issue clocks), no spills, for every
-  pad value. Triton makes the fp8 wgmma asynchronous (``warp_group_dot_wait`` pendings=1: the next
-  step's address math and cp.async overlap the MMA, a step costs about max(336, 512)) but waits for
-  an int8 wgmma right after issuing it (pendings=0: about 336 + 512). Hence fp8 by default.
-  Substituting the pad value in the loop instead (before pre-padding) cost 435 and a synchronous MMA.
-- B bits: 680-780 (unpacking and shuffling through shared memory), and the wgmma turns synchronous.
-- A sign (binarize in the loop): 545-550 with a channels_last x and a synchronous wgmma; an NCHW x
-  (gathers along C) reached 2500-4100 with register spills, hence the channels_last copy.
-- A unpacked from a bit-packed pre-pass (the bytes-minimal design): 1000-2600 with spills; not offered.
-
-Hence the defaults: both operands reach the K loop as ready 1-byte +-1 values (the 1-bit minimum of
-bytes is not worth its unpacking work on Hopper), at the cost of +55 MB for this layer and of a
-weight workspace. Tiles: BLOCK_K is a multiple of 32 (a packed word, and the 8-bit MMA's K); BLOCK_M
-of 128-256 pixels and BLOCK_N of 64-128 channels keep the per-step address and mask work (the
-implicit GEMM's overhead: a tap offset and four bounds compares per row) at or below the MMA time,
-with the accumulator in registers (a 256x128 or 128x256 tile needs 255 registers and spills, so none
-is listed; every listed config compiles with no spill in Triton 3.6 and 3.9). ``Og`` prunes BLOCK_N
-above it. The autotune list is short on purpose: each config is a compile on the GPU's time budget.
-W1A16 (a few-channel first layer, not the hot path) runs one fixed config.
+Predicted for the op at batch 256 (prepare + kernel), from these bytes: conv2_x ~150 us (cuDNN bf16
+147.5 us in the first run), conv3_x ~90 (92.6), conv4_x ~75 (76.7), conv5_x ~70 (84): about 1.0-1.2x
+cuDNN, short of the 1.5x target. Measured in the first GPU run with the previous version (three
+launches, autotuned, BLOCK_K = 128 against Cg = 64 on conv2_x, i.e. half of every step masked):
+256 us on conv2_x (sign pass alone 58.6 us, 1.8 TB/s) and 98-117 us on conv5_x; through the op at
+batch 64 every layer took ~400 us: host time (custom-op dispatch, three Triton launches, the
+autotuner, ~3 us per host call of triton.cdiv), which this version cuts to two launches and ~36 us
+of launcher Python on a slow CPU.
 """
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from bnnops.kernels.pack import unpack_signs
-
-# A-operand modes of the kernel (constexpr): what the A pointer holds and how it becomes a tl.dot operand.
-A_REAL = 0  # float input used as is (W1A16)
-A_SIGN = 1  # float input binarized in registers (A1W1)
-A_INT8 = 2  # int8 +-1 channels-last input from the sign pre-pass (A1W1), int32 accumulator
-A_FP8 = 3  # fp8 e4m3 +-1 channels-last input from the sign pre-pass (A1W1), fp32 accumulator
-A_ROUTES = {"fp8": A_FP8, "int8": A_INT8, "sign": A_SIGN}
+# A-operand modes of the kernel (constexpr): what the padded copy holds and how the dot runs.
+A_REAL = 0  # fp32 copy of x (W1A16): TF32 / 3xTF32 dot into fp32
+A_INT8 = 1  # int8 +-1 (A1W1): int8 dot into int32
+A_FP8 = 2  # fp8 e4m3 +-1 (A1W1): fp8 dot into fp32
+A_ROUTES = {"fp8": A_FP8, "int8": A_INT8}
 # Hopper's fp8 MMA adds into an accumulator of about 14 significant bits (1 sign, 8 exponent, 13
 # mantissa: the DeepSeek-V3 report's "around 14 bits"), so sums of +-1 products are exact while
 # |sum| <= K <= 2**14; beyond that the "fp8" route falls back to "int8".
 FP8_EXACT_K = 2**14
-# Operand dtype of the dot, per A mode: what the pre-pass and the unpacked weight are written in.
-DOT_DTYPES = {A_REAL: torch.float32, A_SIGN: torch.int8, A_INT8: torch.int8, A_FP8: torch.float8_e4m3fn}
+# Operand dtype of the dot, per A mode: what the prepare pass writes.
+DOT_DTYPES = {A_REAL: torch.float32, A_INT8: torch.int8, A_FP8: torch.float8_e4m3fn}
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); see the module docstring for the choice.
-GPU_CONFIGS = [
-    (128, 64, 128, 4, 3),  # Og = 64 (ResNet conv2_x)
-    (256, 64, 128, 8, 3),
-    (128, 128, 128, 8, 3),
-    (128, 128, 64, 8, 4),
-    (64, 64, 128, 4, 4),  # few pixels (7x7 maps at small batch)
-]
-# The interpreter runs one program at a time in numpy: one small config, no tuning.
-INTERPRETER_CONFIGS = [(32, 32, 32, 4, 1)]
-# Problems under SMALL_MACS multiply-adds (0.14 us of the H100's int8 peak: launch latency
-# dominates) run this config untuned; tuning them would cost compiles and gain nothing.
-SMALL_CONFIG = (64, 64, 64, 4, 3)
-SMALL_MACS = 2**27
+# The interpreter runs one program at a time in numpy: one small config.
+INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
 # W1A16's fp32 operand tiles take 4 bytes an element: a small BLOCK_K keeps its stages in shared memory.
 W1A16_CONFIG = (64, 64, 32, 4, 3)
+# Output tiles per SM below which pick_config shrinks the tile. One: a partial last wave costs less
+# than smaller tiles would, since the K loop is bound by L2 bandwidth, which the last wave's fewer
+# SMs share (module docstring: ResNet's conv5_x at batch 256, 196 tiles of 128x256 on 132 SMs).
+MIN_WAVES = 1
+# Prepare pass: elements of x per program (16 KB of bf16 read) and words of weight per program.
+PREP_ELEMENTS = 8192
+PREP_WORDS = 128
 
 
-def _config(m, n, k, warps, stages):
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+def _cdiv(a, b):
+    # Not triton.cdiv on the host: a ConstexprFunction call costs ~3 us, a launch needs several.
+    return -(-a // b)
 
 
-def _prune(configs, named_args, **kwargs):
-    # A BLOCK_N far above the group's output channels only wastes MMA work and compile time.
-    limit = max(64, triton.next_power_of_2(named_args["Og"]))
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= limit] or configs
+def _tile(block_m, block_n, block_k):
+    # 8 warps (two warpgroups) from 128x128 up: the fp32 accumulator takes 64-128 registers a thread.
+    # Stages: 3 at BLOCK_K = 128 (147 KB of shared memory at 256x128), 4 below.
+    return block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, 3 if block_k == 128 else 4
+
+
+def pick_config(M, Og, Cg, a_mode, n_sms=132, out_bytes=2):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a problem, without tuning.
+
+    The K loop is bound by what L2 delivers to the SMs (module docstring): BLOCK_M*BLOCK_K +
+    BLOCK_K*BLOCK_N bytes per 2*BLOCK_M*BLOCK_N*BLOCK_K operations, so the tile is as large as
+    the registers allow: 256x64, 256x128 or 128x256 by Og (no column tile wider than the group's
+    channels), at most 128x128 for fp32 outputs (``out_bytes`` 4: the epilogue then spills at
+    256x128). It is halved along its longer side while it would give fewer than MIN_WAVES tiles
+    per SM (small batches, small maps), down to 64x64. BLOCK_K <= Cg: a larger one masks part of
+    every step (half of it on ResNet's Og = Cg = 64 layers at 128). The configs it picks for
+    ResNet-18's layers compile for sm_90 without spills (tests/test_conv2d.py).
+    """
+    if _INTERPRET:
+        return INTERPRETER_CONFIG
+    if a_mode == A_REAL:
+        return W1A16_CONFIG
+    block_k = 128 if Cg >= 128 else 64 if Cg >= 64 else 32
+    block_n = 256 if Og >= 256 else 128 if Og >= 128 else 64
+    block_m = 128 if block_n == 256 else 256
+    largest = 128 * 128 if out_bytes > 2 else 256 * 128
+    while block_m * block_n > 64 * 64 and (
+        block_m * block_n > largest or _cdiv(M, block_m) * _cdiv(Og, block_n) < MIN_WAVES * n_sms
+    ):
+        if block_n > block_m:
+            block_n //= 2
+        else:
+            block_m //= 2
+    return _tile(block_m, block_n, block_k)
 
 
 @triton.jit
-def _signs_of_words(words, BLOCK_K: tl.constexpr):
-    """[R, BLOCK_K // 32] int32 words -> [R, BLOCK_K] int8 +-1 (bit j of word w is element 32w + j)."""
-    bit = tl.arange(0, 32)
-    # Arithmetic shift keeps the sign of negative words; & 1 keeps only bit j. 1 - 2b maps bit 1 to -1.
-    bits = (words[:, :, None] >> bit[None, None, :]) & 1
-    return tl.reshape((1 - 2 * bits).to(tl.int8), (words.shape[0], BLOCK_K))
+def _prepare_kernel(
+    x_ptr, a_ptr, words_ptr, w_ptr,
+    P, C, H, W, HWp, Wp, pad_h, pad_w, pad_value, sxn, sxc, sxh, sxw, n_x_programs, n_words,
+    BINARIZE: tl.constexpr, X_CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_WORDS: tl.constexpr,
+):
+    """Programs [0, n_x_programs): x (N, C, H, W), any strides -> a (N, Hp, Wp, C) contiguous in a's
+    dtype: sign(x) as +-1 (BINARIZE, sign(0) = +1) or x, and pad_value on the border (pad_h above,
+    pad_w left). The rest: int32 words (n_words) -> w (n_words, 32) as +-1 in w's dtype."""
+    pid = tl.program_id(0)
+    if pid < n_x_programs:
+        n_c = tl.cdiv(C, BLOCK_C)
+        # Pixel indices in int32 (P < 2**31), element offsets in int64 (int64 division is slow).
+        p = (pid // n_c) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = (pid % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+        hw = p % HWp
+        h = hw // Wp - pad_h
+        w = hw % Wp - pad_w
+        inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        mask = (p < P)[:, None] & (c < C)[None, :]
+        src = (p // HWp).to(tl.int64) * sxn + h * sxh + w * sxw
+        if X_CHANNELS_LAST:
+            x = tl.load(x_ptr + src[:, None] + c[None, :] * sxc, mask=mask & inside[:, None], other=0)
+        else:
+            # NCHW: neighbouring pixels are neighbours in memory, so the load is [BLOCK_C, BLOCK_P]
+            # (a warp reads along a row of the image), transposed on chip.
+            x = tl.trans(tl.load(x_ptr + src[None, :] + c[:, None] * sxc,
+                                 mask=(c < C)[:, None] & ((p < P) & inside)[None, :], other=0))
+        x = x.to(tl.float32)
+        if BINARIZE:
+            # Compare in fp32: exact for every float dtype (the interpreter has no bf16 arithmetic).
+            x = tl.where(x < 0, -1.0, 1.0)
+        v = tl.where(inside[:, None], x, pad_value)
+        tl.store(a_ptr + p.to(tl.int64)[:, None] * C + c[None, :], v.to(a_ptr.dtype.element_ty), mask=mask)
+    else:
+        word = (pid - n_x_programs).to(tl.int64) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
+        bit = tl.arange(0, 32)
+        words = tl.load(words_ptr + word, mask=word < n_words, other=0)
+        # Arithmetic shift keeps the sign of negative words; & 1 keeps only bit j; bit 1 means -1.
+        # Through fp32: the interpreter converts int to 8-bit floats wrongly; free on the GPU.
+        unpacked = (1 - 2 * ((words[:, None] >> bit[None, :]) & 1)).to(tl.float32)
+        tl.store(w_ptr + word[:, None] * 32 + bit[None, :], unpacked.to(w_ptr.dtype.element_ty),
+                 mask=(word < n_words)[:, None])
 
 
-@triton.autotune(configs=[_config(*c) for c in (INTERPRETER_CONFIGS if _INTERPRET else GPU_CONFIGS)], key=["M", "Cg", "Og", "KW", "n_taps", "A_MODE", "B_BITS", "PAD_VALUE"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _conv2d_kernel(
     a_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr,
-    M, H, W, OH, OW, Cg, Og, n_taps, KW,
-    san, sac, sah, saw,  # strides of the A source (x, or the padded pre-pass) in elements
-    swo, swr, sws,  # strides of the weight source over (o, r, s); its last dim is contiguous
+    M, OH, OW, Wp, HWp, C, Cg, Og, n_taps, KW,
     son, soc, soh, sow,  # strides of the output
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    PAD_VALUE: tl.constexpr, A_MODE: tl.constexpr, B_BITS: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_h, stride_w, dil_h, dil_w,
+    A_MODE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Output-channel tiles of one pixel tile are neighbours in launch order, so they share its
     # input window in L2; the weight (a few MB at most) stays in L2 for the whole launch.
@@ -156,119 +211,88 @@ def _conv2d_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    img = offs_m // (OH * OW)
-    pix = offs_m % (OH * OW)
-    ih0 = (pix // OW) * stride_h - pad_h
-    iw0 = (pix % OW) * stride_w - pad_w
-    a_row = img.to(tl.int64) * san
+    # Rows past M load row M - 1 (their results are never stored): no row mask in the K loop.
+    m = tl.minimum(offs_m, M - 1)
+    img = m // (OH * OW)
+    pix = m % (OH * OW)
+    # Element offset of the window's top-left corner in the padded copy (N, Hp, Wp, C), this group's
+    # first channel; tap (r, s) adds (r*dil_h*Wp + s*dil_w) * C.
+    a_row = (img.to(tl.int64) * HWp + (pix // OW) * stride_h * Wp + (pix % OW) * stride_w) * C + group * Cg
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Og
     o_glob = group * Og + offs_n
-    w_col = o_glob.to(tl.int64) * swo
+    # The unpacked weight is (O, kh, kw, Kw) contiguous, Kw = 32 * ceil(Cg / 32); columns past Og
+    # load the group's last channel (never stored).
+    Kw = tl.cdiv(Cg, 32) * 32
+    w_col = (group * Og + tl.minimum(offs_n, Og - 1)).to(tl.int64) * (n_taps * Kw)
 
     offs_k = tl.arange(0, BLOCK_K)
-    n_words = tl.cdiv(Cg, 32)  # words per tap of the packed weight
-
-    if A_MODE == 0 or A_MODE == 3:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
+    if A_MODE == 1:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # One flat loop over (tap, channel block) so the compiler can software-pipeline all of K; the
-    # tap (r, s) and channel offset c0 advance as counters (integer division by runtime values
-    # would cost ~20 instructions per step).
-    r = 0
+    # tap's offsets advance as scalar counters (a division by runtime values costs ~20 instructions).
+    row_jump = (dil_h * Wp - KW * dil_w) * C  # from past the last tap of a row to the next row
     s = 0
     c0 = 0
+    a_tap = 0  # (r*dil_h*Wp + s*dil_w) * C
+    w_tap = 0  # (r*KW + s) * Kw
     for _ in range(0, n_taps * tl.cdiv(Cg, BLOCK_K)):
-        # ---- A: [BLOCK_M, BLOCK_K] input window of this tap, pad value outside the image ----
-        ih = ih0 + r * dil_h
-        iw = iw0 + s * dil_w
-        if A_MODE == 2 or A_MODE == 3:
-            # The pre-pass wrote the padding, pad value included: every tap reads inside it.
-            inside = m_ok
-        else:
-            inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        rows = a_row + ih * sah + iw * saw
         c = c0 + offs_k
-        c_ok = c < Cg
-        valid = inside[:, None] & c_ok[None, :]
-        a = tl.load(a_ptr + rows[:, None] + (group * Cg + c)[None, :] * sac, mask=valid, other=0.0)
-        if A_MODE == 0:
-            # W1A16 multiplies in fp32 (see the dot below).
-            a = a.to(tl.float32)
-        elif A_MODE == 1:
-            # Compare in fp32: exact for every float dtype, and sign(0) = +1 as in bnnops.packing.
-            a = tl.where(a.to(tl.float32) < 0, -1, 1).to(tl.int8)
-        # Outside the image the pad value; past the group's channels (the K tail) always 0, so the
-        # weight's padding bits (+1) meet a zero. Masked loads already read 0 for both.
-        if A_MODE == 1 or PAD_VALUE != 0:
-            fill = tl.where(c_ok, PAD_VALUE * 1.0, 0.0).to(a.dtype)
-            a = tl.where(valid, a, fill[None, :])
-
-        # ---- B: [BLOCK_K, BLOCK_N] weight signs of this tap ----
-        w_tap = w_col + r * swr + s * sws
-        if B_BITS:
-            wrd = c0 // 32 + tl.arange(0, BLOCK_K // 32)
-            words = tl.load(w_ptr + w_tap[:, None] + wrd[None, :],
-                            mask=n_ok[:, None] & (wrd < n_words)[None, :], other=0)
-            b = tl.trans(_signs_of_words(words, BLOCK_K))
-            if A_MODE == 3:
-                b = b.to(tl.float32).to(tl.float8e4nv)
+        a_ptrs = a_ptr + a_row[:, None] + (a_tap + c)[None, :]
+        b_ptrs = w_ptr + w_col[None, :] + (w_tap + c)[:, None]
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
         else:
-            # The unpacked workspace (O, kh, kw, 32 * n_words); the K tail is masked like A's.
-            b = tl.load(w_ptr + w_tap[None, :] + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-
+            # Past the group's channels (the K tail) both operands read 0: the weight's padding
+            # bits (+1) then meet zeros, and A never reads the next group's channels.
+            c_ok = c < Cg
+            a = tl.load(a_ptrs, mask=c_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=c_ok[:, None], other=0.0)
         if A_MODE == 0:
             # TF32 products of a 16-bit input and +-1 are exact (tf32 holds bf16's exponent and
-            # fp16's mantissa); fp32 inputs use 3xTF32 (PRECISION) for fp32 accuracy. A bf16 dot
-            # would run twice as fast, but the interpreter cannot do bf16 arithmetic and W1A16 is
+            # fp16's mantissa); fp32 inputs use 3xTF32 (PRECISION) for fp32 accuracy. W1A16 is
             # the few-channel first layer, not the hot path.
             acc = tl.dot(a, b.to(tl.float32), acc, input_precision=PRECISION)
-        elif A_MODE == 3:
+        elif A_MODE == 1:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        else:
             # +-1 and 0 are exact in fp8 and so are their products; the sums are exact integers
             # for K <= FP8_EXACT_K. Triton pipelines an fp8 wgmma (the next step's loads and
             # address math overlap it) but waits for an int8 one at once: the point of this mode.
             acc = tl.dot(a, b, acc)
-        else:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
+        # Selects, not branches: the loop body stays one block for the software pipeliner.
         c0 += BLOCK_K
         next_tap = c0 >= Cg
         c0 = tl.where(next_tap, 0, c0)
         s = tl.where(next_tap, s + 1, s)
+        a_tap = tl.where(next_tap, a_tap + dil_w * C, a_tap)
+        w_tap = tl.where(next_tap, w_tap + Kw, w_tap)
         next_row = s == KW
         s = tl.where(next_row, 0, s)
-        r = tl.where(next_row, r + 1, r)
+        a_tap = tl.where(next_row, a_tap + row_jump, a_tap)
 
-    # ---- epilogue: per-output-channel scale, then bias, in fp32; store in the output dtype ----
+    # ---- epilogue: per-output-channel scale, then bias, in fp32 (no FMA: see the launch) ----
     y = acc.to(tl.float32)
     if HAS_SCALE:
         y = y * tl.load(scale_ptr + o_glob, mask=n_ok, other=0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + o_glob, mask=n_ok, other=0).to(tl.float32)[None, :]
+    img = offs_m // (OH * OW)
+    pix = offs_m % (OH * OW)
     out_row = img.to(tl.int64) * son + (pix // OW) * soh + (pix % OW) * sow
     out_ptrs = out_ptr + out_row[:, None] + o_glob.to(tl.int64)[None, :] * soc
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _sign_nhwc_kernel(x_ptr, out_ptr, P, C, H, W, HWp, Wp, pad_h, pad_w, pad_value, sxn, sxc, sxh, sxw,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """x (N, C, H, W) any strides, float -> padded +-1 (N, Hp, Wp, C) contiguous in out's dtype (int8
-    or fp8): sign(x) (sign(0) = +1) inside, pad_value on the border of pad_h / pad_w before."""
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = p % HWp
-    h = hw // Wp - pad_h
-    w = hw % Wp - pad_w
-    inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
-    mask = (p < P)[:, None] & (c < C)[None, :]
-    src = (p // HWp) * sxn + h * sxh + w * sxw
-    x = tl.load(x_ptr + src[:, None] + c[None, :] * sxc, mask=mask & inside[:, None], other=0)
-    s = tl.where(inside[:, None], tl.where(x.to(tl.float32) < 0, -1.0, 1.0), pad_value)
-    tl.store(out_ptr + p[:, None] * C + c[None, :], s.to(out_ptr.dtype.element_ty), mask=mask)
+@functools.lru_cache
+def _sm_count(device):
+    return 1 if _INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def output_size(size, kernel, stride, pad_before, pad_after, dilation):
@@ -281,46 +305,56 @@ def output_is_channels_last(x):
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _sign_nhwc(x, dtype, padding=(0, 0, 0, 0), pad_value=0.0):
-    """sign(x) as +-1 of ``dtype``, channels-last and padded: (N, H + top + bottom, W + left + right, C)."""
+def prepare(x, words, dtype, binarize=True, padding=(0, 0, 0, 0), pad_value=0.0):
+    """The two GEMM operands of :func:`conv2d` in ``dtype``, written by one launch.
+
+    Returns ``(a, w)``: a = the input, binarized to +-1 (``binarize``) or as is, channels-last and
+    padded with ``pad_value``: (N, H + top + bottom, W + left + right, C); w = the packed ``words``
+    (O, kh, kw, n) unpacked to +-1: (O, kh, kw, 32 n).
+    """
     N, C, H, W = x.shape
     pt, pb, pl, pr = padding
     Hp, Wp = H + pt + pb, W + pl + pr
-    out = torch.empty((N, Hp, Wp, C), dtype=dtype, device=x.device)
-    P = N * Hp * Wp
-    if P == 0 or C == 0:
-        return out
-    BLOCK_P, BLOCK_C = 64, min(64, triton.next_power_of_2(C))
-    grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))
-    _sign_nhwc_kernel[grid](x, out, P, C, H, W, Hp * Wp, Wp, pt, pl, float(pad_value), *x.stride(),
-                            BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    return out
+    P, n_words = N * Hp * Wp, words.numel()
+    a = torch.empty((N, Hp, Wp, C), dtype=dtype, device=x.device)
+    w = torch.empty((*words.shape[:-1], 32 * words.shape[-1]), dtype=dtype, device=x.device)
+    block_c = min(64, 1 << max(C - 1, 0).bit_length())
+    block_p = PREP_ELEMENTS // block_c
+    n_x = _cdiv(P, block_p) * _cdiv(C, block_c) if P * C else 0
+    n_w = _cdiv(n_words, PREP_WORDS)
+    if n_x + n_w:
+        _prepare_kernel[(n_x + n_w,)](
+            x, a, words, w, P, C, H, W, Hp * Wp, Wp, pt, pl, float(pad_value), *x.stride(), n_x, n_words,
+            BINARIZE=binarize, X_CHANNELS_LAST=x.stride(1) == 1, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_WORDS=PREP_WORDS, num_warps=8,
+        )
+    return a, w
 
 
 def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1),
-           groups=1, pad_value=0.0, binarize=True, a_route="fp8", b_route="unpacked", out=None, config=None):
+           groups=1, pad_value=0.0, binarize=True, a_route="fp8", out=None, config=None):
     """Binary (A1W1) or binary-weight (W1A16) conv2d of ``x`` with a packed +-1 weight.
 
     Args:
-        x: (N, C, H, W) float32, bfloat16 or float16, any strides (the pre-pass reads NCHW and
-            channels_last natively; the "sign" route and W1A16 copy a non-channels_last x).
-        words: int32 (O, kh, kw, ceil(Cg/32)) packed weight, Cg = C / groups (``bnnops.packing`` layout),
-            last dimension contiguous.
-        bias, scale: optional contiguous (O,) float tensors: y = scale * conv + bias, computed in fp32.
+        x: (N, C, H, W) float32, bfloat16 or float16, any strides (NCHW and channels_last are read
+            natively by the prepare pass; channels_last is the fast one).
+        words: int32 (O, kh, kw, ceil(Cg/32)) packed weight, Cg = C / groups (``bnnops.packing``
+            layout), contiguous.
+        bias, scale: optional contiguous (O,) float tensors: y = scale * conv + bias, in fp32.
         stride, dilation: (sh, sw), (dh, dw). padding: (top, bottom, left, right).
         groups: divides C and O. pad_value: 0.0, 1.0 or -1.0, the value the input is padded with.
-        binarize: True for A1W1 (sign of x, exact int32 accumulation), False for W1A16 (x as is).
-        a_route: "fp8", "int8" or "sign"; b_route: "unpacked" or "bits" (module docstring). "fp8"
-            runs "int8" when kh*kw*Cg > FP8_EXACT_K; a_route is ignored for W1A16 (x is read as is).
+        binarize: True for A1W1 (sign of x, exact sums), False for W1A16 (x as is).
+        a_route: the A1W1 operand dtype, "fp8" (runs "int8" when kh*kw*Cg > FP8_EXACT_K) or
+            "int8"; ignored for W1A16.
         out: optional output (N, O, OH, OW) of x's dtype to write into (any strides).
-        config: optional (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to launch untuned (sweeps).
+        config: optional (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) instead of
+            :func:`pick_config` (sweeps).
 
     Returns:
         (N, O, OH, OW) in x's dtype, channels_last when x is (:func:`output_is_channels_last`).
         No input checks: ``bnnops.conv`` validates.
     """
     N, C, H, W = x.shape
-    O, KH, KW, n_words = words.shape
+    O, KH, KW, _ = words.shape
     Cg, Og = C // groups, O // groups
     pt, pb, pl, pr = padding
     OH = output_size(H, KH, stride[0], pt, pb, dilation[0])
@@ -334,48 +368,20 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
     a_mode = A_ROUTES[a_route] if binarize else A_REAL
     if a_mode == A_FP8 and KH * KW * Cg > FP8_EXACT_K:
         a_mode = A_INT8
-    if a_mode in (A_REAL, A_SIGN):
-        # Channels along K must be contiguous for vector loads (an NCHW x makes every A load a gather).
-        a = x.contiguous(memory_format=torch.channels_last)
-        a_strides, a_size, a_pad, a_pad_value = a.stride(), (H, W), (pt, pl), pad_value
-    else:
-        # Padded by the pre-pass: the K loop then needs no bounds checks and no pad-value select
-        # (a select would send the operand through registers and make the wgmma synchronous).
-        a = _sign_nhwc(x, DOT_DTYPES[a_mode], padding, pad_value)  # (N, Hp, Wp, C)
-        a_strides = (a.stride(0), a.stride(3), a.stride(1), a.stride(2))
-        a_size, a_pad, a_pad_value = (a.shape[1], a.shape[2]), (0, 0), 0.0
-    if b_route == "bits":
-        w = words
-    else:
-        w = torch.empty((O, KH, KW, 32 * n_words), dtype=DOT_DTYPES[a_mode], device=x.device)
-        unpack_signs(words, 32 * n_words, w.dtype, out=w)
+    a, w = prepare(x, words, DOT_DTYPES[a_mode], binarize, padding, pad_value)
 
+    M = N * OH * OW
+    block_m, block_n, block_k, warps, stages = config or pick_config(M, Og, Cg, a_mode, _sm_count(x.device), x.element_size())
     dummy = out  # never read when HAS_SCALE / HAS_BIAS is False
-    args = (
+    grid = (_cdiv(M, block_m) * _cdiv(Og, block_n), groups)
+    _conv2d_kernel[grid](
         a, w, out, dummy if scale is None else scale, dummy if bias is None else bias,
-        N * OH * OW, *a_size, OH, OW, Cg, Og, KH * KW, KW,
-        *a_strides, w.stride(0), w.stride(1), w.stride(2), *out.stride(),
-        stride[0], stride[1], *a_pad, dilation[0], dilation[1],
-    )
-    meta = dict(
-        PAD_VALUE=int(a_pad_value), A_MODE=a_mode, B_BITS=b_route == "bits",
-        PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32",
+        M, OH, OW, a.shape[2], a.shape[1] * a.shape[2], C, Cg, Og, KH * KW, KW, *out.stride(),
+        stride[0], stride[1], dilation[0], dilation[1],
+        A_MODE=a_mode, PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32", EVEN_K=Cg % block_k == 0,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        # Two roundings in the epilogue (scale, then bias), as the reference's separate mul and add.
+        enable_fp_fusion=False,
     )
-
-    def grid(m):
-        return (triton.cdiv(N * OH * OW, m["BLOCK_M"]) * triton.cdiv(Og, m["BLOCK_N"]), groups)
-
-    if config is None and not _INTERPRET:
-        if a_mode == A_REAL:
-            config = W1A16_CONFIG
-        elif N * OH * OW * O * Cg * KH * KW < SMALL_MACS:
-            config = SMALL_CONFIG
-    if config is None:
-        _conv2d_kernel[grid](*args, **meta)
-    else:
-        # .fn is the jitted kernel under the autotuner: one given config, no tuning.
-        m, n, k, warps, stages = config
-        blocks = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)
-        _conv2d_kernel.fn[grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
     return out

@@ -1,12 +1,15 @@
 """Triton kernels for binary GEMM: packed +-1 weights times binary or real activations.
 
-One kernel, ``_gemm_kernel``, computes ``y[M, N] = A[M, R] @ B[R, N]`` on the tensor cores with the
-packed operand unpacked in registers, in three roles:
+``_gemm_kernel`` computes ``y[M, N] = A[M, R] @ B[R, N]`` on the tensor cores with the packed
+operand unpacked in registers, in three roles (and ``_gemv_kernel`` does W1A16 for M <= 2 on the
+CUDA cores, see below):
 
 - **A1W1** (:func:`a1w1`): ``y = sign(x) W^T`` with W (N, K) packed. The +-1 operands are int8 and
   ``tl.dot`` accumulates exactly in int32. x is float (binarized in the kernel) or packed words.
 - **W1A16** (:func:`w1a16`): ``y = x W^T`` for real x (fp32, bf16, fp16); W is unpacked to x's
-  dtype and ``tl.dot`` accumulates in fp32 (fp32 x as two TF32 products, error about 2^-20 |x|).
+  dtype and ``tl.dot`` accumulates in fp32 (fp32 x as two TF32 products, error about 2^-20 |x|:
+  x itself is split, whichever side of the dot it is on; the interpreter cuts fp32 dot inputs to
+  TF32 like the tensor cores, so CPU tests check this too).
 - **grad_input** (:func:`grad_input`): ``y = g W`` (g (M, N), W (N, K) packed), the backward of both;
   here the packed dimension K is the output dimension.
 
@@ -40,18 +43,28 @@ them, see :func:`sweep`):
 - A1W1 with float x: binarizing in the kernel costs about 2.5 instructions per value and every
   column of tiles redoes it, so for M > 16 and N > 128 :func:`a1w1` packs x once first
   (``pack_signs``, one pass over x, 6% of the ideal time at 8192) and runs packed x packed.
-- A1W1 packed, 128 x 128 x 128 tiles, 8 warps: 211 instructions per warp per K step, 422 issue
-  cycles per SM against 512 tensor-core cycles, and 128 registers, so two CTAs fit on an SM and
-  one's unpacking can run under the other's wgmma (Triton waits for each step's wgmma before the
-  next unpack). Overlapped: tensor-core-bound, about 0.6 ms with the pack pass (2.3x bf16);
-  serialized: about 1.05 ms (1.3x).
+- A1W1 packed: measured on an H100 at 8192^3, 128 x 128 x 128 tiles (211 instructions per warp
+  per K step, 127 registers, so two CTAs an SM) took 1450 us and 128 x 256 x 128 (316, 225
+  registers, one CTA) 1339 us, which the table uses; the unpacking did not hide under the
+  other CTA's wgmma (Triton waits for each step's wgmma before the next unpack, and both
+  operands go registers -> shared memory -> wgmma every step). cuBLAS int8 takes 1.13 ms there.
 - Small batch (M <= 16): SWAP_AB computes y^T = W x^T so the weight tile is the wgmma M operand
   (64 rows) and the batch its N operand (16), with 256-wide K steps in a 4-stage cp.async pipeline.
   W1A16 bf16: 2.6 instructions per weight (unpack about 1; the rest moves the tile through shared
-  memory into wgmma's operand and runs the loop), about 5.6 us at full issue rate. N = 8192 gives
+  memory into wgmma's operand and runs the loop), 5.6 us at full issue rate, yet 39 us measured
+  at M = 1 and 16 (latency and shared-memory bound, not issue bound). N = 8192 gives
   only 128 tiles of 64 rows, one warpgroup per SM, so K is split (SPLIT_K, up to 8) until every SM
   has two CTAs; the fp32 partial sums are added by a small second kernel in a fixed order, which
   runs the epilogue (about 2 us more).
+- W1A16 at M <= 2 (``_gemv_kernel``): the tensor-core path above measured 39 us at M = 1 and
+  N = K = 8192 on an H100 whatever its split (215 GB/s of weights: per step it moves x and the
+  unpacked tile through shared memory twice, with two barriers, a proxy fence and a synchronous
+  wgmma, and pads the batch to 16). The GEMV uses sum_k s_k x_k = S - 2 sum_{bit k = 1} x_k:
+  per weight one LOP3 (the bit into a predicate) and one predicated FADD, x shared by the 8 rows
+  a thread holds. SASS (Triton 3.6, sm_90a), bf16: 721 instructions per 256 weights per thread
+  (2.8 each; about 390 on the integer ALU at half rate), 122 registers, no shared memory in the
+  loop: about 6.5 to 7 us for 67M weights at full issue, plus the split-K sum (K split 9 ways so
+  that each SM has four programs: 128 rows per program leave only 64).
 - Padding: the word holding k >= K is masked to zero bits (+1) in both int8 operands, float
   activations past K load as 0.0 (+1), so each padded position adds exactly +1 to the int32 dot
   and the epilogue subtracts their count. Real activations past K load as 0 and add nothing.
@@ -75,6 +88,14 @@ X_REAL, X_SIGN, X_PACKED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 # Batch sizes up to this use the small-batch configs (BLOCK_M = 16, weight streaming).
 SMALL_M = 16
+# W1A16 batch sizes up to this run the CUDA-core kernel ``_gemv_kernel``; GEMV_LANES: the words of
+# a row it reads per step (one 32-byte sector).
+GEMV_M = 2
+GEMV_LANES = tl.constexpr(8)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -159,6 +180,37 @@ def _load_interleaved(rows, stride, mask_rows, k0, K, BRW: tl.constexpr, LANES: 
 
 
 @triton.jit
+def _tf32(x):
+    """fp32 x with its low 13 mantissa bits cleared: the part of x a TF32 tensor-core input keeps."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc, SWAP_AB: tl.constexpr, EMULATE_TC: tl.constexpr):
+    """acc + a @ b, or with SWAP_AB acc + b^T @ a^T (acc transposed: see the kernel), on the
+    tensor cores: int8 into int32, 16-bit into fp32, fp32 as TF32 (inputs cut to 10 mantissa bits).
+
+    EMULATE_TC (Triton's interpreter, which computes every dot exactly in fp32 and gets bf16 dots
+    wrong) does the tensor cores' arithmetic by hand: bf16 products are exact in fp32, and fp32
+    inputs are cut to TF32 first, so a CPU test sees the rounding the GPU does.
+    """
+    # One chain of static branches, no early returns (Triton 3.6 compiles the code after them).
+    if SWAP_AB:
+        a, b = tl.trans(b), tl.trans(a)
+    if a.dtype == tl.int8:
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    elif a.dtype == tl.float32 and EMULATE_TC:
+        acc = tl.dot(_tf32(a), _tf32(b), acc)
+    elif a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    elif EMULATE_TC:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _valid_bits(word_index, K):
     """Per word index: the mask of its bits that hold k < K (so padding bits never count)."""
     n_valid = K - 32 * word_index
@@ -189,6 +241,32 @@ def _epilogue(y, n, mask_n, pad, scale_ptr, bias_ptr, has_scale, has_bias):
     return y
 
 
+@triton.jit
+def _split_range(n_steps, split_k, SPLIT: tl.constexpr):
+    """The K steps [first, end) of this program: with SPLIT, the program_id(1)-th of split_k shares."""
+    if SPLIT:
+        per_split = tl.cdiv(n_steps, split_k)
+        first = tl.program_id(1) * per_split
+        return first, tl.minimum(first + per_split, n_steps)
+    return 0, n_steps
+
+
+@triton.jit
+def _store_result(acc, rm, rn, M, N, pad, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
+                  has_scale, has_bias, SPLIT: tl.constexpr):
+    """Write the fp32 tile acc[rm, rn]: with SPLIT as part[program_id(1)] (fp32, (split_k, M, N)
+    contiguous) for ``_split_k_epilogue_kernel``, else y = epilogue(acc) in y's dtype."""
+    mask_n = rn < N
+    mask = (rm < M)[:, None] & mask_n[None, :]
+    if SPLIT:
+        part = part_ptr + (tl.program_id(1) * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
+        tl.store(part, acc, mask=mask)
+    else:
+        y = _epilogue(acc, rn[None, :], mask_n[None, :], pad, scale_ptr, bias_ptr, has_scale, has_bias)
+        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+        tl.store(y_ptrs, _to_output(y, y_ptr.dtype.element_ty), mask=mask)
+
+
 # has_scale / has_bias / split_k are runtime values (they only touch the loop bounds and the
 # epilogue) and M only masks rows: not specializing on them keeps the compiled variants few.
 @triton.jit(do_not_specialize=["M", "has_scale", "has_bias", "split_k"])
@@ -197,7 +275,7 @@ def _gemm_kernel(
     M, N, R, KW,
     stride_xm, stride_xr, stride_ym, stride_yn, has_scale, has_bias, split_k,
     X_MODE: tl.constexpr, TRANS_W: tl.constexpr,
-    UPCAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr,
+    EMULATE_TC: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -247,12 +325,7 @@ def _gemm_kernel(
     INTERLEAVED: tl.constexpr = (X_MODE == X_PACKED or SWAP_AB) and not TRANS_W and DOT_T != tl.float32
     LANES: tl.constexpr = 4 if INT else 2
     n_steps = tl.cdiv(R, BLOCK_R)
-    if SPLIT:
-        steps_per_split = tl.cdiv(n_steps, split_k)
-        first_step = tl.program_id(1) * steps_per_split
-        end_step = tl.minimum(first_step + steps_per_split, n_steps)
-    else:
-        first_step, end_step = 0, n_steps
+    first_step, end_step = _split_range(n_steps, split_k, SPLIT)
     for step in range(first_step, end_step):
         r = step * BLOCK_R + tl.arange(0, BLOCK_R)
         rw = step * BRW + tl.arange(0, BRW)
@@ -280,35 +353,71 @@ def _gemm_kernel(
             if INT and step == n_steps - 1:
                 words = words & _valid_bits(rw, R)[None, :]
             b = tl.trans(_unpack_tile(words, BLOCK_N, BRW, DOT_T, INTERLEAVED))
-        if SWAP_AB:
-            a, b = tl.trans(b), tl.trans(a)
-        if INT:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        elif DOT_T == tl.float32:
+        # a holds x (or g), b the unpacked weight, whichever operand order the dot uses.
+        if DOT_T == tl.float32:
             # Two TF32 products: +-1 is exact in TF32 and x = hi + lo with hi its top 10
             # mantissa bits, so only lo (already < 2^-10 |x|) is rounded: about 2^-20 |x|.
-            a_hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-            acc = tl.dot(a_hi, b, acc, input_precision="tf32")
-            acc = tl.dot(a - a_hi, b, acc, input_precision="tf32")
-        elif UPCAST_BF16:
-            # Triton's interpreter gets bf16 dots wrong; bf16 products are exact in fp32, so this
-            # is the tensor cores' arithmetic (exact products, fp32 sums) on the unpacked bf16.
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+            # The split is of x itself, before SWAP_AB decides which side of the dot it is on.
+            a_hi = _tf32(a)
+            acc = _dot(a_hi, b, acc, SWAP_AB, EMULATE_TC)
+            acc = _dot(a - a_hi, b, acc, SWAP_AB, EMULATE_TC)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, SWAP_AB, EMULATE_TC)
 
     if SWAP_AB:
         acc = tl.trans(acc)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT:
-        part = part_ptr + (tl.program_id(1) * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
-        tl.store(part, acc.to(tl.float32), mask=mask)
-    else:
-        # INT: each padded position k in [R, n_steps * BLOCK_R) added +1 times +1.
-        pad = n_steps * BLOCK_R - R if INT else 0
-        y = _epilogue(acc.to(tl.float32), rn[None, :], mask_n[None, :], pad, scale_ptr, bias_ptr, has_scale, has_bias)
-        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
-        tl.store(y_ptrs, _to_output(y, y_ptr.dtype.element_ty), mask=mask)
+    # INT: each padded position k in [R, n_steps * BLOCK_R) added +1 times +1.
+    pad = n_steps * BLOCK_R - R if INT else 0
+    _store_result(acc.to(tl.float32), rm, rn, M, N, pad, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
+                  has_scale, has_bias, SPLIT)
+
+
+# KW is not specialized: a row start not known to be 16-byte aligned keeps the word loads scalar,
+# so a thread holds one word of each of its rows (x shared by them), not four words of one row.
+@triton.jit(do_not_specialize=["M", "KW", "has_scale", "has_bias", "split_k"])
+def _gemv_kernel(
+    x_ptr, w_ptr, y_ptr, scale_ptr, bias_ptr, part_ptr,
+    M, N, K, KW,
+    stride_xm, stride_xk, stride_ym, stride_yn, has_scale, has_bias, split_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """W1A16 for a batch of one or two: y[M, N] = x[M, K] @ W^T * scale + bias on the CUDA cores.
+
+    sum_k s_k x_k = S - 2 * sum_{k: bit k = 1} x_k with S = sum_k x_k, so each weight bit costs a
+    test (one LOP3 writing a predicate) and a predicated fp32 add of x_k, and S costs one add per
+    x value, shared by the rows a thread holds. No tensor cores, shared memory or barriers: 8
+    lanes read 32 bytes of a row (a sector) per step, each thread holds one word of
+    BLOCK_N / (4 * num_warps) rows and the 32 x values of that word, and neg has one fp32
+    accumulator per bit of a byte (8 chains of 4 adds per word, so the adds do not wait on
+    each other). Exact fp32 arithmetic (no TF32). Grid: (cdiv(N, BLOCK_N), split_k), M <= BLOCK_M;
+    with SPLIT, program (tile, s) writes its share of K to part[s] like ``_gemm_kernel``.
+    """
+    LANES: tl.constexpr = GEMV_LANES
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    lane = tl.arange(0, LANES)
+    bit = tl.arange(0, 8)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW + lane[None, :]
+    x_rows = x_ptr + rm.to(tl.int64)[:, None, None] * stride_xm
+    mask_n = rn < N
+    mask_m = rm < M
+    total = tl.zeros((BLOCK_M, 1, LANES, 8), tl.float32)
+    neg = tl.zeros((BLOCK_M, BLOCK_N, LANES, 8), tl.float32)
+    first_step, end_step = _split_range(tl.cdiv(KW, LANES), split_k, SPLIT)
+    for step in range(first_step, end_step):
+        kw = step * LANES + lane
+        words = tl.load(w_rows + step * LANES, mask=mask_n[:, None] & (kw < KW)[None, :], other=0)
+        w = tl.reshape(_replicate(words, 3), (1, BLOCK_N, LANES, 8))
+        for byte in tl.static_range(4):
+            # Bits 8 * byte + bit of each word; x past K loads as 0, so padding bits add nothing.
+            k = 32 * kw[:, None] + 8 * byte + bit[None, :]
+            xv = tl.load(x_rows + k[None, :, :] * stride_xk, mask=mask_m[:, None, None] & (k < K)[None, :, :],
+                         other=0.0).to(tl.float32)[:, None, :, :]
+            total += xv
+            neg = tl.where((w & (1 << (8 * byte + bit))[None, None, None, :]) != 0, neg + xv, neg)
+    y = tl.sum(tl.sum(total - 2 * neg, 3), 2)
+    _store_result(y, rm, rn, M, N, 0, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
+                  has_scale, has_bias, SPLIT)
 
 
 @triton.jit(do_not_specialize=["M", "pad", "has_scale", "has_bias", "split_k"])
@@ -328,17 +437,25 @@ def _split_k_epilogue_kernel(part_ptr, y_ptr, scale_ptr, bias_ptr, M, N, pad, st
 def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
     """Block shapes and launch options for one call (see the module docstring for why).
 
-    Returns a dict with BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, SWAP_AB, SPLIT_K, num_warps,
-    num_stages.
+    Returns a dict with BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages, and either GEMV=True
+    (``_gemv_kernel``) or BLOCK_R, GROUP_M, SWAP_AB (``_gemm_kernel``).
     """
+    on_gpu = device.type == "cuda" and torch.cuda.is_available()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 132
+    if x_mode == X_REAL and not trans_w and M <= GEMV_M:
+        # 128 rows a program (8 a thread), K split until every SM has about four programs of 4 warps.
+        block_n = 128
+        split = min(triton.cdiv(4 * sms, triton.cdiv(N, block_n)), triton.cdiv(triton.cdiv(R, 32), GEMV_LANES.value))
+        return dict(GEMV=True, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=max(split, 1),
+                    num_warps=4, num_stages=1)
     if M > SMALL_M:
         if x_mode == X_PACKED:
-            block_r = 128
-        elif x_mode == X_SIGN or x_dtype != torch.float32:
-            block_r = 64
+            block_n, block_r = 256, 128  # H100 sweep at 8192^3: 1339 us against 1450 with BLOCK_N = 128
+        elif x_mode == X_SIGN:
+            block_n, block_r = 256, 64  # 1966 us against 2100
         else:
-            block_r = 32
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=block_r, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
+            block_n, block_r = 128, 64 if x_dtype != torch.float32 else 32
+        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
                     num_warps=8, num_stages=3)
     # Weight streaming: the weight tile is the wgmma M operand (SWAP_AB, 64 rows), the batch its
     # N operand (16), long K steps with several in flight, and K split so that every SM gets at
@@ -350,8 +467,6 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
         block_r = 512
     else:
         block_r = 128 if x_mode == X_REAL and x_dtype == torch.float32 else 256
-    on_gpu = device.type == "cuda" and torch.cuda.is_available()
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 132
     split = min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), triton.cdiv(R, block_r), 8)
     return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=1, SWAP_AB=True,
                 SPLIT_K=max(split, 1),
@@ -378,28 +493,30 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
         y = y * scale.float() if scale is not None else y
         return out.copy_(y + bias.float() if bias is not None else y)
     split = config.pop("SPLIT_K")
+    gemv = config.pop("GEMV", False)
     # Absent scale / bias / workspace: any fp32 pointer, never read (one pointer type, so one
     # compiled variant).
     unused = _unused_fp32(out.device)
     part = torch.empty(split, M, N, dtype=torch.float32, device=out.device) if split > 1 else unused
     scale_ptr = scale if scale is not None else unused
     bias_ptr = bias if bias is not None else unused
-    flags = (int(scale is not None), int(bias is not None))
-    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), split)
-    _gemm_kernel[grid](
-        x, words, out, scale_ptr, bias_ptr, part,
-        M, N, R, KW,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), *flags, split,
-        X_MODE=int(x_mode), TRANS_W=trans_w, SPLIT=split > 1,
-        UPCAST_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        enable_fp_fusion=False,  # y * scale + bias rounded twice, like torch: bit-exact A1W1
-        **config,
-    )
+    args = (x, words, out, scale_ptr, bias_ptr, part, M, N, R, KW, x.stride(0), x.stride(1), out.stride(0),
+            out.stride(1), int(scale is not None), int(bias is not None), split)
+    # enable_fp_fusion=False: y * scale + bias rounded twice, like torch (bit-exact A1W1).
+    if gemv:
+        if x_mode != X_REAL or trans_w or M > config["BLOCK_M"]:
+            raise ValueError(f"the GEMV kernel computes W1A16 for M <= BLOCK_M, got M={M} with {config}")
+        _gemv_kernel[(triton.cdiv(N, config["BLOCK_N"]), split)](
+            *args, SPLIT=split > 1, enable_fp_fusion=False, **config)
+    else:
+        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), split)
+        _gemm_kernel[grid](*args, X_MODE=int(x_mode), TRANS_W=trans_w, SPLIT=split > 1, EMULATE_TC=_interpreting(),
+                           enable_fp_fusion=False, **config)
     if split > 1:
         pad = triton.cdiv(R, config["BLOCK_R"]) * config["BLOCK_R"] - R if x_mode != X_REAL else 0
         block = 1024
         _split_k_epilogue_kernel[(triton.cdiv(M * N, block),)](
-            part, out, scale_ptr, bias_ptr, M, N, pad, out.stride(0), out.stride(1), *flags, split,
+            part, out, scale_ptr, bias_ptr, M, N, pad, out.stride(0), out.stride(1), *args[-3:],
             BLOCK=block, enable_fp_fusion=False,
         )
     return out
@@ -458,33 +575,34 @@ def grad_input(g, words, K, *, out=None, config=None):
 
 
 def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
-    """Time a few block configs per case on the GPU and print them (median us, TOPS, config).
+    """Time the table's config and a few others per case on the GPU; print median us and rates.
 
-    ``python -c "from bnnops.kernels import gemm; gemm.sweep()"``. Each config is one compile
-    (about a second) plus the timing. The shape table's choice is marked ``*``.
+    ``python -c "from bnnops.kernels import gemm; gemm.sweep()"``: about 12 compiles (1 to 4 s
+    each on an H100 host) plus about 0.2 s of timing each, under 40 s. The table's choice is
+    marked ``*``; "op" rows time ``torch.ops.bnnops.*`` itself (custom-op dispatch included).
 
     Args:
-        shapes: (name, M, N, K) cases, name one of "a1w1" (float x binarized in the kernel, and
-            last the public call, which packs large x first), "a1w1-packed" (x given packed),
-            "w1a16"; default the benchmark shapes.
+        shapes: (name, M, N, K) cases, name one of "a1w1" (the public call with float x: large x is
+            packed first), "a1w1-packed" (x given packed), "w1a16"; default the benchmark shapes.
         configs: extra configs (dicts like :func:`default_config` returns) to try in every case.
         dtype: the activations' dtype.
     """
     from triton.testing import do_bench
 
-    shapes = shapes or [("a1w1-packed", 8192, 8192, 8192), ("a1w1", 8192, 8192, 8192),
-                        ("w1a16", 1, 8192, 8192), ("w1a16", 16, 8192, 8192), ("w1a16", 128, 8192, 8192)]
-    large = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
-                 num_warps=8, num_stages=3)
-    small = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, SWAP_AB=True, SPLIT_K=1,
-                 num_warps=4, num_stages=4)
-    # (BLOCK_M = 64 and W1A16 BLOCK_N = 256 fail in Triton 3.9's TritonGPUOptimizeDotOperands.)
+    shapes = shapes or [("w1a16", 1, 8192, 8192), ("w1a16", 16, 8192, 8192), ("w1a16", 128, 8192, 8192),
+                        ("a1w1-packed", 8192, 8192, 8192), ("a1w1", 8192, 8192, 8192)]
+    gemv = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, SPLIT_K=9, num_warps=4, num_stages=1)
+    # What the table does not decide from measurements yet: the GEMV's split and rows per
+    # program against the tensor-core small-batch path (39 us on the first H100 run); the large
+    # W1A16 config at M = 128 (100 us in the sweep, 179 us through the op in the benchmark).
     candidates = {
-        "a1w1-packed": [dict(large, BLOCK_R=128), dict(large, num_stages=4), dict(large, BLOCK_N=256, BLOCK_R=128)],
-        "a1w1": [large, dict(large, BLOCK_N=256)],
-        "w1a16-small": [dict(small, SPLIT_K=2), dict(small, SPLIT_K=4),
-                        dict(small, BLOCK_R=128, SPLIT_K=8, num_stages=6), small],
-        "w1a16": [large, dict(large, num_stages=4), dict(large, BLOCK_R=128)],
+        "w1a16-gemv": [dict(gemv, SPLIT_K=4), dict(gemv, SPLIT_K=16), dict(gemv, BLOCK_N=64, SPLIT_K=5),
+                       dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, SWAP_AB=True, SPLIT_K=3, num_warps=4,
+                            num_stages=4)],
+        "w1a16": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1, num_warps=8,
+                       num_stages=3)],
+        "a1w1-packed": [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_R=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
+                             num_warps=8, num_stages=4)],
     }
     for name, M, N, K in shapes:
         x = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -492,27 +610,32 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
         # Rotate through copies of W worth more than the 50 MB L2, so small batches read HBM.
         weights = [w] + [w.clone() for _ in range(min(15, (64 << 20) // (w.numel() * 4)))]
         turn = iter(range(1 << 62))
-        if name == "a1w1-packed":
+        x_mode = {"a1w1": X_SIGN, "a1w1-packed": X_PACKED, "w1a16": X_REAL}[name]
+        if x_mode == X_PACKED:
             x = pack_signs(x)
-        if name == "w1a16":
-            x_mode, call = X_REAL, w1a16
-        else:
-            x_mode = X_PACKED if name == "a1w1-packed" else X_SIGN
-
-            def call(x, w, config):
-                return a1w1(x, w, K, out_dtype=dtype, config=config, prepack=config is None)
-
         default = default_config(x_mode, False, M, N, K, x.dtype, x.device)
-        tried = candidates[name + ("-small" if name == "w1a16" and M <= SMALL_M else "")]
-        # For float x, None is the public call: pack x first (large shapes), then the packed kernel.
-        for config in [default] + [c for c in tried + list(configs or []) if c != default] + (
-                [None] if name == "a1w1" else []):
+        if x_mode == X_REAL:
+            tried = [default] + candidates["w1a16-gemv" if default.get("GEMV") else "w1a16"] + ["op"]
+        elif x_mode == X_PACKED:
+            tried = [default] + candidates[name]
+        else:
+            tried = ["op"]
+        for config in tried + list(configs or []):
+            def call(config=config):
+                words = weights[next(turn) % len(weights)]
+                if config == "op" and x_mode == X_REAL:
+                    return torch.ops.bnnops.binary_linear_w1a16(x, words, None, None)
+                if config == "op":
+                    return torch.ops.bnnops.binary_linear_a1w1(x, words, K, None, None, dtype)
+                if x_mode == X_REAL:
+                    return w1a16(x, words, config=config)
+                return a1w1(x, words, K, out_dtype=dtype, config=config)
             try:
-                ms = do_bench(lambda: call(x, weights[next(turn) % len(weights)], config=config), warmup=25, rep=100)
+                ms = do_bench(call, warmup=10, rep=40)
             except Exception as e:  # a config that does not fit (shared memory, registers) is skipped
                 print(f"{name} M={M} N={N} K={K}: {config} failed: {type(e).__name__}: {e}"[:300])
                 continue
             tops, weight_gbs = 2 * M * N * K / ms / 1e9, w.numel() * 4 / ms / 1e6
-            what = config if config is not None else "a1w1(x, W, K): pack_signs(x), then the packed kernel"
+            what = "torch.ops.bnnops (the table's config)" if config == "op" else config
             print(f"{'*' if config is default else ' '} {name:11s} M={M:5d} N={N} K={K}: {ms * 1e3:9.1f} us "
-                  f"{tops:7.1f} TOPS {weight_gbs:7.1f} GB/s of packed W  {what}")
+                  f"{tops:7.1f} TOPS {weight_gbs:7.1f} GB/s of packed W  {what}", flush=True)

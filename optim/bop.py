@@ -30,7 +30,9 @@ by the scaler, as for every torch optimizer.
 
 Flip statistics: after ``step``, ``optimizer.state[p]["flips"]`` is a 0-d int64 tensor on p's
 device, the number of p's weights that flipped at p's last step (counted by the kernel, no extra
-pass); :meth:`Bop.flip_ratio` is larq's FlipRatio metric. Reading them syncs; ``step`` does not.
+pass). On the fused path it is a view of a counter buffer that later steps overwrite in place
+(clone it to keep a value). :meth:`Bop.flip_ratio` is larq's FlipRatio metric. Reading them syncs;
+``step`` does not.
 
 State per parameter: ``m`` (and ``v``) of the logical shape in ``state_dtype``: float32 by default
 (the fused and reference paths agree bit for bit), or bfloat16 (half the memory; m is computed in
@@ -40,6 +42,7 @@ usual thresholds but biases the average). For a BinaryTensor, m is stored in the
 element order (``m.movedim(1, -1)`` is contiguous) so the kernel streams it like the words.
 """
 
+import functools
 import os
 
 import torch
@@ -103,6 +106,12 @@ def _new_state(p, dtype):
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
 
+@functools.cache
+def _triton_available():
+    # Looked up once: the package lookup costs tens of microseconds, and step asks per parameter.
+    return kernels.triton_available()
+
+
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -138,6 +147,11 @@ class Bop(Optimizer):
         defaults = dict(hyper, state_dtype=state_dtype, fused=fused, differentiable=False)
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
+        self._steppers = {}  # device -> kernels.bop.FusedBop, which keeps its launch tables
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._steppers = {}
 
     def _check_hyperparameters(self, group):
         name = type(self).__name__
@@ -177,66 +191,83 @@ class Bop(Optimizer):
                     f"{p.device}; use fused=None or False for the PyTorch reference"
                 )
 
-    def _state_for(self, p, group):
-        state = self.state[p]
-        if not state:
-            if not isinstance(p, BinaryTensor) and not torch.all((p == 1) | (p == -1)):
-                raise ValueError(
-                    f"{type(self).__name__} trains dense parameters that hold only +1 and -1; the parameter of shape "
-                    f"{tuple(p.shape)} holds other values. Binarize it first (e.g. torch.where(w < 0, -1.0, 1.0)) or make "
-                    "it a bnnops.BinaryTensor."
-                )
-            state["m"] = _new_state(p, group["state_dtype"])
-            if self._second_order:
-                state["v"] = _new_state(p, group["state_dtype"])
-            state["flips"] = torch.zeros((), dtype=torch.int64, device=p.device)
-        return state
+    def _init_state(self, p, group, state):
+        if not isinstance(p, BinaryTensor) and not torch.all((p == 1) | (p == -1)):
+            raise ValueError(
+                f"{type(self).__name__} trains dense parameters that hold only +1 and -1; the parameter of shape "
+                f"{tuple(p.shape)} holds other values. Binarize it first (e.g. torch.where(w < 0, -1.0, 1.0)) or make "
+                "it a bnnops.BinaryTensor."
+            )
+        state["m"] = _new_state(p, group["state_dtype"])
+        if self._second_order:
+            state["v"] = _new_state(p, group["state_dtype"])
+        state["flips"] = torch.zeros((), dtype=torch.int64, device=p.device)
 
-    def _fused(self, p, group):
-        if group["fused"] is not None:
-            fused = group["fused"]
-        else:
-            fused = p.is_cuda and kernels.triton_available()
-        return fused and (isinstance(p, BinaryTensor) or (p.is_contiguous() and p.grad.is_contiguous()))
+    def _fused(self, p, g, group):
+        fused = group["fused"]
+        if fused is None:
+            fused = p.is_cuda and _triton_available()
+        return fused and (isinstance(p, BinaryTensor) or (p.is_contiguous() and g.is_contiguous()))
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One Bop step over every parameter with a gradient; returns the closure's loss, if any."""
+        """One Bop step over every parameter with a gradient; returns the closure's loss, if any.
+
+        Host cost: the fused path reads a few attributes per parameter and launches the kernel once
+        per set of compile-time constants (usually once); the launch tables are rebuilt only when a
+        weight or state moved or a gradient changed dtype or layout (see ``kernels.bop.FusedBop``).
+        Nothing here waits for the device.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches = {}  # device -> [(param, state, group)] for the fused kernel
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self._state_for(p, group)
-                if self._fused(p, group):
-                    batches.setdefault(p.device, []).append((p, state, group))
-                else:
-                    state["flips"] = bop_reference_(
-                        p, p.grad, state["m"], group["lr"], group["threshold"], state.get("v"), group.get("sigma")
-                    )
-        for batch in batches.values():
-            self._fused_step(batch)
+        fused = {}  # device -> (grads, weights, ms, vs, hyper rows, states) for the kernel
+        reference = []
+        # Plain attribute reads: BinaryTensor's __torch_function__ would otherwise run for each
+        # p.grad, p.device...; the reference ops below run outside this (the subclass then routes).
+        with torch._C.DisableTorchFunctionSubclass():
+            for h, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    g = p.grad
+                    if g is None:
+                        continue
+                    if g.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    state = self.state[p]
+                    if not state:
+                        self._init_state(p, group, state)
+                    if not self._fused(p, g, group):
+                        reference.append((p, g, state, group))
+                        continue
+                    batch = fused.get(p.device)
+                    if batch is None:
+                        batch = fused[p.device] = ([], [], [], [] if self._second_order else None, [], [])
+                    grads, weights, ms, vs, rows, states = batch
+                    grads.append(g)
+                    weights.append(p.packed if isinstance(p, BinaryTensor) else p)
+                    ms.append(state["m"])
+                    if vs is not None:
+                        vs.append(state["v"])
+                    rows.append(h)
+                    states.append(state)
+        for p, g, state, group in reference:
+            state["flips"] = bop_reference_(p, g, state["m"], group["lr"], group["threshold"], state.get("v"), group.get("sigma"))
+        for device, batch in fused.items():
+            self._fused_step(device, *batch)
         return loss
 
-    def _fused_step(self, batch):
-        second = self._second_order
-        flips = kernels.load("bop").bop_step(
-            [p.grad for p, _, _ in batch],
-            [p.packed if isinstance(p, BinaryTensor) else p for p, _, _ in batch],
-            [s["m"] for _, s, _ in batch],
-            [g["lr"] for _, _, g in batch],
-            [g["threshold"] for _, _, g in batch],
-            vs=[s["v"] for _, s, _ in batch] if second else None,
-            sigmas=[g["sigma"] for _, _, g in batch] if second else None,
+    def _fused_step(self, device, grads, weights, ms, vs, rows, states):
+        stepper = self._steppers.get(device)
+        if stepper is None:
+            stepper = self._steppers[device] = kernels.load("bop").FusedBop()
+        groups = self.param_groups
+        stepper.step(
+            grads, weights, ms, [g["lr"] for g in groups], [g["threshold"] for g in groups],
+            vs=vs, sigmas=[g["sigma"] for g in groups] if vs is not None else None, hyper_rows=rows,
         )
-        for i, (_, state, _) in enumerate(batch):
-            state["flips"] = flips[i]
+        for state, count in zip(states, stepper.counts):
+            state["flips"] = count
 
     def flip_ratio(self, params=None):
         """larq's FlipRatio: flipped weights / weights over ``params`` (default: all with state).
@@ -251,12 +282,15 @@ class Bop(Optimizer):
         return flips.float() / sum(p.numel() for p in params)
 
     def load_state_dict(self, state_dict):
-        """Load like torch, but keep m and v in each group's ``state_dtype`` and layout.
+        """Load like torch, but keep m and v in each group's ``state_dtype`` and layout, flips int64.
 
-        torch casts floating state to the parameter's dtype, which would round fp32 state of a
-        bf16 parameter; here the saved tensors are copied into fresh state of the right dtype.
+        torch casts every state tensor of a float parameter to the parameter's dtype, which would
+        round fp32 state of a bf16 parameter and make the flip counts floats; here the saved
+        tensors are copied into fresh state of the right dtype.
         """
         saved = state_dict["state"]
+        # New state tensors may reuse the addresses of the old ones: rebuild the launch tables.
+        self._steppers.clear()
         super().load_state_dict(state_dict)
         saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
         for group in self.param_groups:
@@ -265,6 +299,8 @@ class Bop(Optimizer):
                 for key in ("m", "v"):
                     if entry is not None and key in entry:
                         self.state[p][key] = _new_state(p, group["state_dtype"]).copy_(entry[key])
+                if entry is not None and "flips" in entry:
+                    self.state[p]["flips"] = entry["flips"].to(p.device, torch.int64, copy=True)
 
 
 class Bop2ndOrder(Bop):

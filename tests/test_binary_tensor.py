@@ -132,6 +132,17 @@ def test_to_device(device):
     assert moved.packed.device.type == device and torch.equal(moved.packed.cpu(), b.packed)
 
 
+def test_data_assignment(device):
+    m = Holder(torch.randn(4, 40, device=device))
+    other = BinaryTensor.from_float(torch.randn(4, 40, device=device))
+    m.weight.data = other
+    assert m.weight.packed is other.packed and isinstance(m.weight, nn.Parameter)
+    assert isinstance(m.weight.data, BinaryTensor) and torch.equal(m.weight.data.packed, other.packed)
+    for bad in (torch.randn(4, 40, device=device), BinaryTensor.from_float(torch.randn(4, 41, device=device))):
+        with pytest.raises(RuntimeError, match="can only be set to a BinaryTensor of the same shape"):
+            m.weight.data = bad
+
+
 def test_deepcopy_is_independent(device):
     m = Holder(torch.randn(4, 40, device=device))
     m2 = copy.deepcopy(m)

@@ -148,7 +148,8 @@ from triton.compiler import ASTSource
 from bnnops.kernels import bop
 consts = dict(G_DTYPE=tl.float32, W_DTYPE=tl.int32, PACKED=True, FLAT=True, G_FLAT=True, STATE_BF16=False,
               SECOND_ORDER=True, SEARCH_STEPS=3, BLOCK_WORDS=bop.BLOCK_WORDS)
-signature = {"table": "*i64", "n_tensors": "i32", "flips": "*i64", **{k: "constexpr" for k in consts}}
+signature = {"table": "*i64", "g_addresses": "*i64", "hyper": "*fp32", "n_rows": "i32", "flips": "*i64",
+             "flips_next": "*i64", **{k: "constexpr" for k in consts}}
 src = ASTSource(fn=bop._bop_kernel, signature=signature, constexprs=consts)
 options = {"enable_fp_fusion": False, "num_warps": bop.NUM_WARPS}
 print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"])

@@ -16,9 +16,11 @@ from conftest import DEVICE, FLOAT_DTYPES, poisoned, random_signs_input
 
 if DEVICE == "cuda":
     # (M, N, K): M = 1 and sizes not multiples of any block or of 32, large enough for several
-    # tiles of the shape table's blocks in every dimension, for both the small-batch (M <= 16)
-    # and the large-batch configs. Each extra config is a compile, so only the table runs.
-    SHAPES = [(1, 200, 1000), (20, 150, 333), (130, 300, 700)]
+    # tiles of the shape table's blocks in every dimension, for the GEMV (M = 1), small-batch
+    # (M <= 16) and large-batch configs. Each extra config is a native compile (about a second),
+    # so only the table runs; and no N, K or ceil(K/32) is a multiple of 16 (Triton compiles
+    # those separately), so the shapes of one kind share one compiled variant.
+    SHAPES = [(1, 200, 970), (20, 150, 333), (130, 300, 700)]
     CONFIGS, CONFIG_IDS = [None], ["table"]
 else:
     # The interpreter is slow: small sizes, plus small blocks that make several tiles in M, N and
@@ -103,7 +105,7 @@ def test_a1w1_packed_input(gemm, device, M, N, K):
 
 def test_a1w1_exact_at_large_k(gemm, device):
     # Integer results up to K must come out exact: all-minus x against all-plus rows gives -K.
-    K = 1000
+    K = 970
     x = -torch.ones(2, K, device=device)
     words = weight_words(3, K, device, garbage_padding=False)
     words[0] = 0  # an all +1 row
@@ -123,6 +125,22 @@ def test_w1a16(gemm, device, config, M, N, K, dtype):
     ref = w1a16_reference(x.cpu().float(), words.cpu(), _cpu(scale), _cpu(bias))
     abs_sum = x.cpu().float().abs().sum(1, keepdim=True) * (scale.cpu().abs() if scale is not None else 1)
     assert_close_dot(y, ref, abs_sum)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_w1a16_batch_of_two(gemm, device, dtype):
+    # The CUDA-core kernel with two x rows (M = 1 runs it in test_w1a16), split over K and not.
+    M, N, K = 2, 150, 333
+    x = random_signs_input((M, K), dtype, device, finite=True)
+    words = weight_words(N, K, device)
+    scale, bias = channel_vectors(N, device, with_scale=True, with_bias=True)
+    ref = w1a16_reference(x.cpu().float(), words.cpu(), scale.cpu(), bias.cpu())
+    abs_sum = x.cpu().float().abs().sum(1, keepdim=True) * scale.cpu().abs()
+    for split in (1, 3):
+        config = dict(gemm.default_config(gemm.X_REAL, False, M, N, K, dtype, torch.device(device)), SPLIT_K=split)
+        assert config["GEMV"]
+        out = poisoned((M, N), dtype, device)
+        assert_close_dot(gemm.w1a16(x, words, scale=scale, bias=bias, out=out, config=config), ref, abs_sum)
 
 
 @every_config_shape_dtype

@@ -5,6 +5,7 @@ the PyTorch reference; both must equal the plain rule below bit for bit: m, v, e
 flip counts.
 """
 
+import copy
 import io
 
 import pytest
@@ -167,7 +168,7 @@ def test_fused_default_and_refusals(device, monkeypatch):
     for p in model.ws:
         p.grad = torch.randn(p.shape, device=device)
     opt = Bop(model.parameters())
-    assert opt._fused(model.ws[0], opt.param_groups[0]) == (device == "cuda")
+    assert opt._fused(model.ws[0], model.ws[0].grad, opt.param_groups[0]) == (device == "cuda")
     with pytest.raises(ValueError, match="differentiable"):
         Bop(model.parameters(), differentiable=True)
     with pytest.raises(TypeError, match="state_dtype"):
@@ -226,6 +227,7 @@ def test_resume_equals_uninterrupted_run(device, fused):
     resumed = build(1)  # other weights: everything must come from the checkpoint
     for obj, sd in zip(resumed, torch.load(buf, weights_only=True)):
         obj.load_state_dict(sd)
+    assert all(s["flips"].dtype == torch.int64 for s in resumed[1].state.values())  # not the bf16 of the weights
     _train(*resumed, gen, device, steps=4, start=4)
 
     (m0, o0, g0, t0), (m1, o1, g1, t1) = straight, resumed
@@ -239,6 +241,140 @@ def test_resume_equals_uninterrupted_run(device, fused):
             assert torch.equal(o0.state[p0][key], o1.state[p1][key])
             assert o1.state[p1][key].data_ptr() != o0.state[p0][key].data_ptr()
     assert o1.state[m1.ws[2]]["m"].movedim(1, -1).is_contiguous()  # the kernel's layout after loading
+
+
+def _move_nothing(model, opt):
+    pass
+
+
+def _reallocate_gradients(model, opt):
+    opt.zero_grad(set_to_none=True)  # the next gradients are new tensors (at new addresses: see keep)
+
+
+def _drop_gradients(model, opt):
+    # One of the first group's, and all of the second group's: its hyperparameter row is unused.
+    dropped = (1, 4, 5, 6)
+    for i in dropped:
+        model.ws[i].grad = None
+    return dropped
+
+
+def _channels_last_gradients(model, opt):
+    for p in model.ws:
+        if p.dim() == 4 and p.grad is not None:
+            p.grad = p.grad.to(memory_format=torch.channels_last)
+
+
+def _kernel_transposed_gradients(model, opt):
+    # Strides the kernel cannot merge into one row stride: the step reads a contiguous copy.
+    for p in model.ws:
+        if p.dim() == 4 and p.grad is not None:
+            p.grad = p.grad.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+def _save(checkpoints):
+    def save(model, opt):
+        checkpoints[id(opt)] = copy.deepcopy((model.state_dict(), opt.state_dict()))
+
+    return save
+
+
+def _resume(checkpoints):
+    def load(model, opt):
+        model_state, opt_state = checkpoints[id(opt)]
+        model.load_state_dict(model_state)  # copies into the parameters
+        opt.load_state_dict(opt_state)  # new m tensors
+
+    return load
+
+
+def _binary_to_bfloat16(model, opt):
+    # The binary weights (ws[:3]) keep their words; only their gradients' dtype changes.
+    opt.zero_grad()
+    model.ws[:3].to(torch.bfloat16)
+
+
+def _swap_storage(model, opt):
+    binary, dense = model.ws[0], model.ws[3]
+    with torch.no_grad():
+        torch.utils.swap_tensors(binary, nn.Parameter(BinaryTensor(binary.packed.clone(), binary.shape, binary.dtype)))
+    dense.data = dense.data.clone()
+
+
+def test_fused_tables_follow_moved_tensors(device):
+    """The fused step keeps its launch tables between steps; every way a weight, state or gradient
+    can move must reach the kernel, and a step where nothing moved must reuse the tables.
+
+    A twin model on the reference path gets the same gradients and the same changes: both must stay
+    equal bit for bit. Replaced storage is kept alive, so a stale table would update it silently
+    instead of the parameter (and fail the comparison) rather than write freed memory.
+    """
+    fused_model = Model(torch.float32, device)
+    models = (fused_model, copy.deepcopy(fused_model))
+    opts = [Bop(m.groups(), fused=fused) for m, fused in zip(models, (True, False))]
+    gamma = [torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.97**t) for opt in opts]  # new gamma every step
+    gen = torch.Generator().manual_seed(7)
+    keep = []
+    checkpoints = {}
+    steps = [
+        (_move_nothing, True),  # the first step builds the tables
+        (_move_nothing, False),  # gradients updated in place
+        (_reallocate_gradients, False),  # only gradient addresses change: uploaded, tables kept
+        (_drop_gradients, True),
+        (_channels_last_gradients, True),
+        (_kernel_transposed_gradients, True),
+        (_move_nothing, False),  # a new copy of those gradients each step: a new address
+        (_reallocate_gradients, True),  # back to contiguous gradients
+        (_save(checkpoints), False),
+        (_move_nothing, False),
+        (_resume(checkpoints), True),
+        (_binary_to_bfloat16, True),
+        (_swap_storage, True),
+        (_move_nothing, False),
+    ]
+    for step, (change, rebuilt) in enumerate(steps):
+        keep += [p.grad for p in fused_model.ws] + [p.detach() for p in fused_model.ws]
+        dropped = [change(model, opt) or () for model, opt in zip(models, opts)][0]
+        grads = [torch.randn(p.shape, generator=gen) * 0.1 for p in fused_model.ws]
+        for model in models:
+            for i, (p, g) in enumerate(zip(model.ws, grads)):
+                if p.grad is None and i not in dropped:
+                    p.grad = g.to(device, p.dtype)
+                elif p.grad is not None:
+                    p.grad.copy_(g)  # in place, keeping the gradient's layout
+        for opt, scheduler in zip(opts, gamma):
+            opt.step()
+            scheduler.step()
+        assert opts[0]._steppers[torch.device(device)].rebuilt == rebuilt, step
+        for i, (p_fused, p_ref) in enumerate(zip(*(m.ws for m in models))):
+            assert torch.equal(signs(p_fused), signs(p_ref)), (step, i)
+            for key in ("m", "flips"):
+                assert torch.equal(opts[0].state[p_fused][key], opts[1].state[p_ref][key]), (step, i, key)
+        if change is _swap_storage:  # the swapped weights stepped where the parameters now are
+            assert all(opts[0].state[models[0].ws[i]]["flips"].item() > 0 for i in (0, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with CUDA")
+def test_fused_step_does_not_sync(device):
+    model = Model(torch.float32, device)
+    opt = Bop(model.groups())
+    gen = torch.Generator().manual_seed(8)
+    random_grads(model, gen, 1, device)
+    opt.step()  # creating the state checks the dense weights' values, which syncs
+    grads = []  # made first: copying them to the GPU syncs
+    for step in range(2, 5):  # table rebuilds, new gradient addresses and hyperparameters
+        random_grads(model, gen, step, device)
+        grads.append([p.grad for p in model.ws])
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step_grads in grads:
+            for p, g in zip(model.ws, step_grads):
+                p.grad = g
+            opt.param_groups[0]["lr"] *= 0.5
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.flip_ratio().item() > 0
 
 
 def test_threshold_scheduler_checks(device):

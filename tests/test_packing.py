@@ -4,7 +4,7 @@ import torch
 import bnnops
 from bnnops import kernels
 from bnnops.packing import pack_signs_reference, unpack_signs_reference
-from conftest import FLOAT_DTYPES, WORD_POISON, poisoned, random_signs_input
+from conftest import FLOAT_DTYPES, poisoned, random_signs_input
 
 KS = [1, 31, 32, 33, 100, 4097]
 LEADING = [(), (3,), (2, 5)]
