@@ -318,7 +318,7 @@ def train(cfg, resume=False):
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m bnnops.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bnnops.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help=f"hyperparameters to start from (default {DEFAULT_PRESET}); the options below override them")
