@@ -68,10 +68,11 @@ import torch
 import triton
 import triton.language as tl
 
-# 64 words = 2048 elements per program, 16 per thread with 4 warps: 16 KB of g and m in flight
-# per program, several programs per SM, enough for a streaming pass. Worth a sweep on the GPU
-# (32/64/128 words x 4/8 warps); correctness does not depend on it.
-BLOCK_WORDS = 64
+# 32 words = 1024 elements per program, 8 per thread with 4 warps: many small programs per SM keep
+# the stream going. Measured on an H100 (bench/results/, `python -m bench.cases.bop --quick`,
+# fused step GPU time): 105M weights 421 us (3.05 TB/s) vs 488 us with 64 words; 10.5M 49 vs 56 us;
+# 128 words x 4 warps and 64 x 8 were within 1% of 32 x 4, 128 x 8 the slowest (541 us).
+BLOCK_WORDS = 32
 NUM_WARPS = 4
 
 # Columns of the static launch table: int64, column-major (column c of row t at c * n_rows + t), so

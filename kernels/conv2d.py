@@ -55,9 +55,9 @@ layer does 2*M*N*K = 59.2 G operations: 30 us at the H100's 1979 dense fp8/int8 
   BLOCK_K*BLOCK_N bytes per 2*BLOCK_M*BLOCK_N*BLOCK_K operations. An SM's tensor cores do 8192
   8-bit operations a clock but H100's L2 delivers ~5.5 TB/s in all, ~23 bytes per SM per clock.
   The first GPU run fits this: conv5_x at 128x128 tiles moved 462 MB in ~85 us (5.4 TB/s). Hence
-  the largest tiles that fit the registers (pick_config): conv2_x 256x64 (577 MB + 51 MB of
-  output: ~110 us), conv3_x 256x128 (~370 MB: ~68 us), conv4_x and conv5_x 128x256 (~350 MB:
-  ~63 us). Async copies bypass L1 (cp.async.cg, whatever the cache modifier), so the 9 taps'
+  large tiles (pick_config): conv2_x 256x64 (577 MB + 51 MB of output: ~110 us), conv3_x 256x128
+  (~370 MB: ~68 us); the model favoured 128x256 for conv4_x and conv5_x, but the second GPU run
+  measured fuller waves of 128-wide tiles faster there (MIN_WAVES). Async copies bypass L1 (cp.async.cg, whatever the cache modifier), so the 9 taps'
   overlapping windows are not reused on chip; that, TMA multicast or a 256x256 tile (more registers
   than a Triton 3.6 warpgroup has) is what a faster design would need.
 
@@ -69,6 +69,12 @@ launches, autotuned, BLOCK_K = 128 against Cg = 64 on conv2_x, i.e. half of ever
 batch 64 every layer took ~400 us: host time (custom-op dispatch, three Triton launches, the
 autotuner, ~3 us per host call of triton.cdiv), which this version cuts to two launches and ~36 us
 of launcher Python on a slow CPU.
+Measured in the second GPU run (H100, batch 256, CUDA events; bench/results/): the kernel with the
+configs picked then took 171.9 us on conv2_x (cuDNN bf16 146.7: 0.85x), 107.9 on conv3_x (92.3:
+0.86x), 85.1 on conv4_x (75.3) and 88.8 on conv5_x (88.4); the 128x128 tiles now picked for the
+last two ran 72.9 us (1.03x) and 60.1 us (1.47x, 985 TOPS). The op adds ~130 us of host time per
+call (custom-op dispatch ~30 us, launcher ~75 us, on that machine), so eager calls on small problems
+are host-bound: at batch 64 every layer took 170-230 us against cuDNN's 30-47 us.
 """
 
 import functools
@@ -96,10 +102,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
 # W1A16's fp32 operand tiles take 4 bytes an element: a small BLOCK_K keeps its stages in shared memory.
 W1A16_CONFIG = (64, 64, 32, 4, 3)
-# Output tiles per SM below which pick_config shrinks the tile. One: a partial last wave costs less
-# than smaller tiles would, since the K loop is bound by L2 bandwidth, which the last wave's fewer
-# SMs share (module docstring: ResNet's conv5_x at batch 256, 196 tiles of 128x256 on 132 SMs).
-MIN_WAVES = 1
+# Output tiles per SM below which pick_config shrinks the tile. Two, measured on an H100 (batch 256,
+# bench/results/ second run): conv5_x (7x7x512) ran 88.8 us in 196 tiles of 128x256, 71.7 us in 196
+# of 256x128 and 60.1 us in 392 of 128x128; conv4_x 85.1 / 74.1 / 72.9 us. Fuller waves won, and
+# 256-wide column tiles lost to 128-wide ones everywhere, so columns stop at 128.
+MIN_WAVES = 2
 # Prepare pass: elements of x per program (16 KB of bf16 read) and words of weight per program.
 PREP_ELEMENTS = 8192
 PREP_WORDS = 128
@@ -121,8 +128,8 @@ def pick_config(M, Og, Cg, a_mode, n_sms=132, out_bytes=2):
 
     The K loop is bound by what L2 delivers to the SMs (module docstring): BLOCK_M*BLOCK_K +
     BLOCK_K*BLOCK_N bytes per 2*BLOCK_M*BLOCK_N*BLOCK_K operations, so the tile is as large as
-    the registers allow: 256x64, 256x128 or 128x256 by Og (no column tile wider than the group's
-    channels), at most 128x128 for fp32 outputs (``out_bytes`` 4: the epilogue then spills at
+    the registers allow: 256x64 or 256x128 by Og (no column tile wider than the group's channels;
+    128x256 compiles too but measured slower), at most 128x128 for fp32 outputs (``out_bytes`` 4: the epilogue then spills at
     256x128). It is halved along its longer side while it would give fewer than MIN_WAVES tiles
     per SM (small batches, small maps), down to 64x64. BLOCK_K <= Cg: a larger one masks part of
     every step (half of it on ResNet's Og = Cg = 64 layers at 128). The configs it picks for
@@ -133,8 +140,8 @@ def pick_config(M, Og, Cg, a_mode, n_sms=132, out_bytes=2):
     if a_mode == A_REAL:
         return W1A16_CONFIG
     block_k = 128 if Cg >= 128 else 64 if Cg >= 64 else 32
-    block_n = 256 if Og >= 256 else 128 if Og >= 128 else 64
-    block_m = 128 if block_n == 256 else 256
+    block_n = 128 if Og >= 128 else 64
+    block_m = 256
     largest = 128 * 128 if out_bytes > 2 else 256 * 128
     while block_m * block_n > 64 * 64 and (
         block_m * block_n > largest or _cdiv(M, block_m) * _cdiv(Og, block_n) < MIN_WAVES * n_sms

@@ -345,7 +345,7 @@ def test_fused_tables_follow_moved_tensors(device):
         for opt, scheduler in zip(opts, gamma):
             opt.step()
             scheduler.step()
-        assert opts[0]._steppers[torch.device(device)].rebuilt == rebuilt, step
+        assert opts[0]._steppers[fused_model.ws[0].device].rebuilt == rebuilt, step
         for i, (p_fused, p_ref) in enumerate(zip(*(m.ws for m in models))):
             assert torch.equal(signs(p_fused), signs(p_ref)), (step, i)
             for key in ("m", "flips"):

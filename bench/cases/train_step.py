@@ -93,7 +93,9 @@ def training_step(variant, device, batch, filters=128, dense_units=1024):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = models.binarynet(filters=filters, dense_units=dense_units)
     if variant == "ours":
-        model = model.to(device)
+        # bnnops' ops take x and the weights in one dtype (no autocast for custom ops): the whole
+        # model in bf16 on CUDA, binary weights keeping their bits; Adam then steps bf16 BN params.
+        model = model.to(device=device, dtype=dtype)
         binary, real = split_parameters(model)
         opt = BinaryAndReal(Bop(binary, lr=GAMMA, threshold=THRESHOLD), torch.optim.Adam(real, lr=ADAM_LR))
         x = x.to(dtype)
