@@ -54,7 +54,9 @@ def binary_conv2d(device, N, HW, C, dtype):
     signs_w = torch.where(dense < 0, -1.0, 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
     return Workload(
         ours=lambda: torch.ops.bnnops.binary_conv2d(x, words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True),
-        baselines={"cudnn bf16 channels_last": lambda: F.conv2d(signs_x, signs_w, None, 1, 1)},
+        # On CPU F.conv2d is not cuDNN and the CPU shape is fp32: name what runs.
+        baselines={("cudnn bf16 channels_last" if device == "cuda" else "F.conv2d channels_last"):
+                   lambda: F.conv2d(signs_x, signs_w, None, 1, 1)},
         bound="int8",
         bytes=2 * x.numel() * dtype.itemsize + words.numel() * 4,
         ops=2 * N * HW * HW * C * C * 9,
