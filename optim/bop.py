@@ -42,7 +42,6 @@ usual thresholds but biases the average). For a BinaryTensor, m is stored in the
 element order (``m.movedim(1, -1)`` is contiguous) so the kernel streams it like the words.
 """
 
-import functools
 import os
 
 import torch
@@ -104,12 +103,6 @@ def _new_state(p, dtype):
     if isinstance(p, BinaryTensor):
         return torch.zeros(p.shape, dtype=dtype, device=p.device)
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-
-
-@functools.cache
-def _triton_available():
-    # Looked up once: the package lookup costs tens of microseconds, and step asks per parameter.
-    return kernels.triton_available()
 
 
 def _interpreting():
@@ -206,7 +199,7 @@ class Bop(Optimizer):
     def _fused(self, p, g, group):
         fused = group["fused"]
         if fused is None:
-            fused = p.is_cuda and _triton_available()
+            fused = p.is_cuda and kernels.triton_available()
         return fused and (isinstance(p, BinaryTensor) or (p.is_contiguous() and g.is_contiguous()))
 
     @torch.no_grad()
