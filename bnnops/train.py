@@ -180,14 +180,14 @@ def evaluate(model, dataset, batch_size, split="test"):
     """(mean cross-entropy, accuracy) of ``model`` in eval mode over ``split``."""
     was_training = model.training
     model.eval()
-    loss = correct = n = 0
+    loss = correct = n = 0  # device tensors after the first batch: one sync at the end, not two a batch
     for x, y in dataset.batches(split, batch_size):
         logits = model(x)
-        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        loss = loss + nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        correct = correct + (logits.argmax(1) == y).sum()
         n += y.numel()
     model.train(was_training)
-    return loss / n, correct / n
+    return float(loss) / n, int(correct) / n
 
 
 def _train_epoch(model, dataset, opt, cfg, generator, epoch):
