@@ -26,7 +26,7 @@ What it supports, and why the rest is refused:
 import torch
 from torch.utils._pytree import tree_map_only
 
-from bnnops.packing import FLOAT_DTYPES, pack_weight, packed_weight_shape, unpack_weight
+from bnnops.packing import FLOAT_DTYPES, _check_floats, pack_weight, packed_weight_shape, unpack_weight
 
 __all__ = ["BinaryTensor"]
 
@@ -165,11 +165,7 @@ class BinaryTensor(torch.Tensor):
 
 
 def _check_dense_source(w):
-    if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
-        got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
-        raise TypeError(f"a binary weight is made from a float32, bfloat16 or float16 tensor, got {got}")
-    if w.dim() == 0:
-        raise ValueError("a binary weight needs at least one dimension, got a scalar")
+    _check_floats(w, "the float source of a binary weight")
     if not torch.isfinite(w).all():
         raise ValueError("cannot binarize a weight that holds NaN or inf")
 
