@@ -21,7 +21,6 @@ the W1A16 op.
 """
 
 import math
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,7 @@ from torch import nn
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor
+from bnnops.library import define
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference, unpack_weight
 from bnnops.quantizers import binarize_weight, get_input_quantizer, get_quantizer, sign
 
@@ -117,18 +117,7 @@ def binary_conv2d_reference(x, weight, bias=None, scale=None, stride=(1, 1), pad
     return y.to(x.dtype).contiguous(memory_format=fmt)
 
 
-@torch.library.custom_op("bnnops::binary_conv2d", mutates_args=())
-def _binary_conv2d_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-    stride: List[int], padding: List[int], dilation: List[int], groups: int, pad_value: float, binarize: bool,
-) -> torch.Tensor:
-    _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value)
-    return binary_conv2d_reference(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize)
-
-
-@_binary_conv2d_op.register_kernel("cuda")
-def _(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
-    _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value)
+def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
     # The kernel reads words, bias and scale with unit stride along their last dimension.
     contiguous = (lambda t: None if t is None else t.contiguous())
     return kernels.load("conv2d").conv2d(
@@ -137,12 +126,22 @@ def _(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, bina
     )
 
 
-@_binary_conv2d_op.register_fake
-def _(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
-    _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value)
+def _conv2d_fake(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
     fmt = torch.channels_last if _output_is_channels_last(x) else torch.contiguous_format
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+define(
+    "binary_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, int[] stride, int[] padding, "
+    "int[] dilation, int groups, float pad_value, bool binarize) -> Tensor",
+    check=lambda x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize: _check(
+        x, weight, bias, scale, stride, padding, dilation, groups, pad_value
+    ),
+    reference=binary_conv2d_reference,
+    cuda=_conv2d_cuda,
+    fake=_conv2d_fake,
+)
 
 
 # ----------------------------------------------------------------------------- autograd and API

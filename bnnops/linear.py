@@ -22,7 +22,6 @@ consumes. The dense +-1 weight is never built on the CUDA path, forward or backw
 """
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -30,6 +29,7 @@ from torch.nn import functional as F
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor
+from bnnops.library import define
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference
 from bnnops.quantizers import binarize_weight, get_input_quantizer, get_quantizer, sign
 
@@ -123,49 +123,36 @@ def _rows(x):
 # ----------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("bnnops::binary_linear_a1w1", mutates_args=())
-def _a1w1_op(
-    x: torch.Tensor, weight: torch.Tensor, K: int, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    _check_op(x, weight, K, scale, bias, packed_ok=True)
-    return a1w1_reference(x, weight, K, scale, bias, out_dtype)
+def _w1a16_check(x, weight, scale, bias):
+    _check_op(x, weight, x.shape[-1] if x.dim() else 0, scale, bias, packed_ok=False)
 
 
-@_a1w1_op.register_kernel("cuda")
-def _(x, weight, K, scale, bias, out_dtype):
-    _check_op(x, weight, K, scale, bias, packed_ok=True)
+def _a1w1_cuda(x, weight, K, scale, bias, out_dtype):
     y = kernels.load("gemm").a1w1(
         _rows(x), weight.contiguous(), K, scale=_contiguous(scale), bias=_contiguous(bias), out_dtype=out_dtype
     )
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@_a1w1_op.register_fake
-def _(x, weight, K, scale, bias, out_dtype):
-    _check_op(x, weight, K, scale, bias, packed_ok=True)
-    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=out_dtype)
-
-
-@torch.library.custom_op("bnnops::binary_linear_w1a16", mutates_args=())
-def _w1a16_op(
-    x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]
-) -> torch.Tensor:
-    _check_op(x, weight, x.shape[-1] if x.dim() else 0, scale, bias, packed_ok=False)
-    return w1a16_reference(x, weight, scale, bias)
-
-
-@_w1a16_op.register_kernel("cuda")
-def _(x, weight, scale, bias):
-    _check_op(x, weight, x.shape[-1] if x.dim() else 0, scale, bias, packed_ok=False)
+def _w1a16_cuda(x, weight, scale, bias):
     y = kernels.load("gemm").w1a16(_rows(x), weight.contiguous(), scale=_contiguous(scale), bias=_contiguous(bias))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@_w1a16_op.register_fake
-def _(x, weight, scale, bias):
-    _check_op(x, weight, x.shape[-1] if x.dim() else 0, scale, bias, packed_ok=False)
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+define(
+    "binary_linear_a1w1(Tensor x, Tensor weight, SymInt K, Tensor? scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    check=lambda x, weight, K, scale, bias, out_dtype: _check_op(x, weight, K, scale, bias, packed_ok=True),
+    reference=a1w1_reference,
+    cuda=_a1w1_cuda,
+    fake=lambda x, weight, K, scale, bias, out_dtype: x.new_empty(*x.shape[:-1], weight.shape[0], dtype=out_dtype),
+)
+define(
+    "binary_linear_w1a16(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor",
+    check=_w1a16_check,
+    reference=w1a16_reference,
+    cuda=_w1a16_cuda,
+    fake=lambda x, weight, scale, bias: x.new_empty(*x.shape[:-1], weight.shape[0]),
+)
 
 
 def _check_grad_input(grad, weight, K):
@@ -178,22 +165,17 @@ def _check_grad_input(grad, weight, K):
         raise ValueError(f"the weight is on {weight.device} but grad is on {grad.device}")
 
 
-@torch.library.custom_op("bnnops::binary_linear_grad_input", mutates_args=())
-def _grad_input_op(grad: torch.Tensor, weight: torch.Tensor, K: int) -> torch.Tensor:
-    _check_grad_input(grad, weight, K)
-    return grad_input_reference(grad, weight, K)
-
-
-@_grad_input_op.register_kernel("cuda")
-def _(grad, weight, K):
-    _check_grad_input(grad, weight, K)
+def _grad_input_cuda(grad, weight, K):
     return kernels.load("gemm").grad_input(_rows(grad), weight.contiguous(), K).reshape(*grad.shape[:-1], K)
 
 
-@_grad_input_op.register_fake
-def _(grad, weight, K):
-    _check_grad_input(grad, weight, K)
-    return grad.new_empty(*grad.shape[:-1], K)
+define(
+    "binary_linear_grad_input(Tensor grad, Tensor weight, SymInt K) -> Tensor",
+    check=_check_grad_input,
+    reference=grad_input_reference,
+    cuda=_grad_input_cuda,
+    fake=lambda grad, weight, K: grad.new_empty(*grad.shape[:-1], K),
+)
 
 
 def _contiguous(t):

@@ -32,6 +32,7 @@ convert between a logical float weight and its words.
 import torch
 
 from bnnops import kernels
+from bnnops.library import define
 
 __all__ = [
     "packed_length",
@@ -94,40 +95,24 @@ def _check_words(words, K, dtype):
         raise TypeError(f"unpack dtype must be float32, bfloat16 or float16, got {dtype}")
 
 
-@torch.library.custom_op("bnnops::pack_signs", mutates_args=())
-def _pack_signs_op(x: torch.Tensor) -> torch.Tensor:
-    _check_floats(x, "pack_signs input")
-    return pack_signs_reference(x)
-
-
-@_pack_signs_op.register_kernel("cuda")
-def _(x):
-    _check_floats(x, "pack_signs input")
-    return kernels.load("pack").pack_signs(x)
-
-
-@_pack_signs_op.register_fake
-def _(x):
-    _check_floats(x, "pack_signs input")
+def _pack_fake(x):
     return x.new_empty(*x.shape[:-1], packed_length(x.shape[-1]), dtype=torch.int32)
 
 
-@torch.library.custom_op("bnnops::unpack_signs", mutates_args=())
-def _unpack_signs_op(words: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
-    _check_words(words, K, dtype)
-    return unpack_signs_reference(words, K, dtype)
-
-
-@_unpack_signs_op.register_kernel("cuda")
-def _(words, K, dtype):
-    _check_words(words, K, dtype)
-    return kernels.load("pack").unpack_signs(words, K, dtype)
-
-
-@_unpack_signs_op.register_fake
-def _(words, K, dtype):
-    _check_words(words, K, dtype)
-    return words.new_empty(*words.shape[:-1], K, dtype=dtype)
+define(
+    "pack_signs(Tensor x) -> Tensor",
+    check=lambda x: _check_floats(x, "pack_signs input"),
+    reference=pack_signs_reference,
+    cuda=lambda x: kernels.load("pack").pack_signs(x),
+    fake=_pack_fake,
+)
+define(
+    "unpack_signs(Tensor words, SymInt K, ScalarType dtype) -> Tensor",
+    check=_check_words,
+    reference=unpack_signs_reference,
+    cuda=lambda words, K, dtype: kernels.load("pack").unpack_signs(words, K, dtype),
+    fake=lambda words, K, dtype: words.new_empty(*words.shape[:-1], K, dtype=dtype),
+)
 
 
 def pack_signs(x):

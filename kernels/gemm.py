@@ -579,7 +579,7 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
 
     ``python -c "from bnnops.kernels import gemm; gemm.sweep()"``: about 12 compiles (1 to 4 s
     each on an H100 host) plus about 0.2 s of timing each, under 40 s. The table's choice is
-    marked ``*``; "op" rows time ``torch.ops.bnnops.*`` itself (custom-op dispatch included).
+    marked ``*``; "op" rows time ``torch.ops.bnnops.*`` itself (op dispatch included).
 
     Args:
         shapes: (name, M, N, K) cases, name one of "a1w1" (the public call with float x: large x is

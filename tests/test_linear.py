@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -144,8 +146,8 @@ def test_opcheck(device):
 
 @pytest.fixture
 def counted_unpacks(monkeypatch):
-    """Count every way to build a dense weight; on CPU, run the Triton kernels (interpreter)
-    instead of the references, whose job is to build it."""
+    """Count every way to build a dense weight; on CPU, run the ops' CUDA implementations (the
+    Triton kernels, interpreted) instead of the references, whose job is to build it."""
     calls = []
 
     def counting(name, fn):
@@ -160,15 +162,18 @@ def counted_unpacks(monkeypatch):
     for module in (bnnops.packing, linear):
         monkeypatch.setattr(module, "unpack_signs_reference", reference_unpack)
     monkeypatch.setattr(bnnops.packing, "unpack_weight", counting("unpack_weight", bnnops.packing.unpack_weight))
-    if not torch.cuda.is_available():
-        gemm = kernels.load("gemm")
-        monkeypatch.setattr(linear, "a1w1_reference", lambda x, w, K, s, b, dt: gemm.a1w1(
-            linear._rows(x), w, K, scale=s, bias=b, out_dtype=dt).reshape(*x.shape[:-1], -1))
-        monkeypatch.setattr(linear, "w1a16_reference", lambda x, w, s, b: gemm.w1a16(
-            linear._rows(x), w, scale=s, bias=b).reshape(*x.shape[:-1], -1))
-        monkeypatch.setattr(linear, "grad_input_reference", lambda g, w, K: gemm.grad_input(
-            linear._rows(g), w, K).reshape(*g.shape[:-1], K))
-    return calls
+    if torch.cuda.is_available():
+        yield calls
+        return
+    # Override the ops' CPU kernels for this test only; destroying the handle restores the references.
+    cuda_kernels = torch.library.Library("bnnops", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Warning only once for all operators")
+        for name, kernel in (("binary_linear_a1w1", linear._a1w1_cuda), ("binary_linear_w1a16", linear._w1a16_cuda),
+                             ("binary_linear_grad_input", linear._grad_input_cuda)):
+            cuda_kernels.impl(name, kernel, "CPU")
+    yield calls
+    cuda_kernels._destroy()
 
 
 class LogUnpackOps(TorchDispatchMode):

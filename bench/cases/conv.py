@@ -5,7 +5,7 @@ channels-last input and reads the packed weight; the baseline is cuDNN (``F.conv
 channels_last, on the same +-1 values (already binarized: the sign pass a latent-weight BNN would
 run before it is not timed). Each layer does 2*N*H*W*O*C*9 operations (59.2 G at batch 256 for all
 four) and moves at least x and y once in bf16 plus the packed weight. Both are timed eagerly, as a
-user calls them: at batch 64 the op's GPU time (~20-40 us) is below its host time (custom-op
+user calls them: at batch 64 the op's GPU time (~20-40 us) is below its host time (op
 dispatch plus two Triton launches, ~100 us or more), which the sweep below measures on its own.
 
 Run as a script (GPU only) for the sweep that decides what is still open, in about 40 s::

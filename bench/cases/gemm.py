@@ -9,7 +9,7 @@
   weight) against ``torch.matmul`` in bf16 on the dense +-1 weight. Memory-bound on the packed
   weight at M = 1 and 16 (it is 16x fewer bytes than bf16), bf16-bound at M = 128.
 
-At M <= 16 an eager call spends tens of microseconds on the host (custom-op dispatch, Triton's
+At M <= 16 an eager call spends tens of microseconds on the host (op dispatch, Triton's
 launcher, the split-K epilogue's launch) against a few on the GPU, so on CUDA both ours and the
 baseline are timed as CUDA graph replays there, which is how a latency-bound user runs them.
 Larger shapes are timed eagerly.

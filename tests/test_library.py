@@ -1,0 +1,52 @@
+"""The op registration (bnnops/library.py): every op checks its input on every path, and refuses
+to be differentiated through directly with a clear error."""
+
+import pytest
+import torch
+
+import bnnops
+from bnnops.packing import pack_weight
+
+
+def _calls(device):
+    """(name, call) for every torch.ops.bnnops op, on fresh random inputs whose float input requires grad."""
+    x = torch.randn(3, 40, device=device, requires_grad=True)
+    words = bnnops.pack_signs(torch.randn(5, 40, device=device))
+    image = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
+    conv_words = pack_weight(torch.randn(4, 3, 3, 3, device=device))
+    grad = torch.randn(3, 5, device=device, requires_grad=True)
+    ops = torch.ops.bnnops
+    return [
+        ("binary_linear_a1w1", lambda: ops.binary_linear_a1w1(x, words, 40, None, None, torch.float32)),
+        ("binary_linear_w1a16", lambda: ops.binary_linear_w1a16(x, words, None, None)),
+        ("binary_linear_grad_input", lambda: ops.binary_linear_grad_input(grad, words, 40)),
+        ("binary_conv2d", lambda: ops.binary_conv2d(image, conv_words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1,
+                                                    0.0, True)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_grad_through_a_raw_op_refused(device, index):
+    """With grad on and an input that requires grad, a float op refuses at once (it has no formula)."""
+    name, call = _calls(device)[index]
+    with pytest.raises(RuntimeError, match=f"bnnops::{name} has no derivative of its own"):
+        call()
+    with torch.no_grad():
+        y = call()
+    assert y.is_floating_point() and not y.requires_grad
+
+
+def test_integer_outputs_need_no_derivative(device):
+    """pack_signs of a tensor that requires grad (e.g. a latent weight) works under grad mode."""
+    w = torch.randn(4, 33, device=device, requires_grad=True)
+    words = bnnops.pack_signs(w)
+    assert words.dtype == torch.int32 and not words.requires_grad
+    assert torch.equal(words, bnnops.pack_signs(w.detach()))
+
+
+def test_bad_input_checked_on_every_path(device):
+    """The check runs before the CPU, CUDA and fake implementations alike."""
+    words = torch.zeros(5, 2, dtype=torch.int32, device=device)
+    for x in (torch.randn(3, 70, device=device), torch.randn(3, 70, device="meta")):
+        with pytest.raises(ValueError, match=r"\(N, 3\) for K=70, got \(5, 2\)"):
+            torch.ops.bnnops.binary_linear_w1a16(x, words.to(x.device), None, None)
