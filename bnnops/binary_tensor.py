@@ -19,8 +19,12 @@ What it supports, and why the rest is refused:
   silently change nothing), except the identity view and ``view(-1)``: torch.distributed flattens
   parameters with it (DDP's start-up broadcast), so it returns a dense +-1 copy that is an
   inference tensor, which refuses writes: ``w.view(-1).mul_(-1)`` raises.
-- in-place ops are refused: the bits change only through Bop (``bnnops.optim.Bop``) or ``copy_``;
-  an SGD step on a binary weight must fail loudly rather than corrupt or be ignored.
+- in-place ops that write to it are refused: the bits change only through Bop
+  (``bnnops.optim.Bop``) or ``copy_``; an SGD step on a binary weight must fail loudly rather than
+  corrupt or be ignored. Writing a dense tensor from it (``d.copy_(w)``, ``d += w``, loading a
+  binary checkpoint into a dense model) uses its +-1 values.
+- ``share_memory_`` shares the words; ``empty_like`` (``Module.to_empty``) gives uninitialized
+  words; a model can be built on the meta device.
 """
 
 import torch
@@ -28,7 +32,7 @@ from torch.utils._pytree import tree_map_only
 
 from bnnops.packing import FLOAT_DTYPES, _check_floats, pack_weight, packed_weight_shape, unpack_weight
 
-__all__ = ["BinaryTensor"]
+__all__ = ["BinaryTensor", "pack_dense_state_entries"]
 
 aten = torch.ops.aten
 
@@ -112,6 +116,14 @@ class BinaryTensor(torch.Tensor):
             )
         self.packed = value.packed
 
+    def share_memory_(self):
+        """Move the packed words to shared memory (``nn.Module.share_memory``, Hogwild training)."""
+        self.packed.share_memory_()
+        return self
+
+    def is_shared(self):
+        return self.packed.is_shared()
+
     def __repr__(self):
         grad = f", grad_fn={self.grad_fn.name()}" if self.grad_fn is not None else ""
         grad += ", requires_grad=True" if self.requires_grad and not grad else ""
@@ -147,7 +159,7 @@ class BinaryTensor(torch.Tensor):
         handler = _HANDLERS.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
-        if func._schema.is_mutable:
+        if _writes_binary(func, args, kwargs):
             raise RuntimeError(
                 f"BinaryTensor does not support the in-place op {func}: its values are packed "
                 "bits that change only through copy_ or the Bop optimizer (bnnops.optim.Bop). "
@@ -164,9 +176,34 @@ class BinaryTensor(torch.Tensor):
         return func(*args, **kwargs)
 
 
+def pack_dense_state_entries(module, state_dict, prefix, *args):
+    """``load_state_dict`` pre-hook of the bnnops layers: a dense float entry for a BinaryTensor
+    parameter becomes a BinaryTensor of its signs (refusing NaN and inf), so ``assign=True`` keeps
+    the parameter binary too (without it, ``copy_`` packs the entry)."""
+    for name, param in module.named_parameters(recurse=False):
+        value = state_dict.get(prefix + name)
+        if (isinstance(param, BinaryTensor) and isinstance(value, torch.Tensor) and not isinstance(value, BinaryTensor)
+                and value.is_floating_point() and value.shape == param.shape):
+            state_dict[prefix + name] = BinaryTensor.from_float(value)
+
+
+def _writes_binary(func, args, kwargs):
+    """Whether ``func`` writes to a BinaryTensor argument (ops that write a dense argument while
+    reading a binary one, ``d.add_(w)`` or ``torch.add(w, 1, out=d)``, run on the dense copy)."""
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, BinaryTensor) for v in values):
+            return True
+    return False
+
+
 def _check_dense_source(w):
     _check_floats(w, "the float source of a binary weight")
-    if not torch.isfinite(w).all():
+    # Meta tensors (models built on device="meta", then to_empty) have no values to check.
+    if w.device.type != "meta" and not torch.isfinite(w).all():
         raise ValueError("cannot binarize a weight that holds NaN or inf")
 
 
@@ -202,6 +239,9 @@ def _to_copy(x, dtype=None, layout=None, device=None, pin_memory=None, non_block
 
 
 def _copy_(dst, src, non_blocking=False):
+    if not isinstance(dst, BinaryTensor):
+        # A dense tensor reading a binary one (a Bop checkpoint loaded into a dense model).
+        return dst.copy_(src.dequantize(), non_blocking=non_blocking)
     if src.shape != dst.shape:
         raise RuntimeError(f"cannot copy a tensor of shape {tuple(src.shape)} into a BinaryTensor of shape {tuple(dst.shape)}")
     if isinstance(src, BinaryTensor):
@@ -210,6 +250,13 @@ def _copy_(dst, src, non_blocking=False):
         _check_dense_source(src)
         dst.packed.copy_(pack_weight(src.to(dst.device)))
     return dst
+
+
+def _empty_like(x, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    # Module.to_empty: uninitialized words on the new device, the same logical tensor otherwise.
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"an empty BinaryTensor has a float32, bfloat16 or float16 logical dtype, not {dtype}")
+    return BinaryTensor(torch.empty_like(x.packed, device=device), x.shape, dtype or x.dtype)
 
 
 class _FlatCopy(torch.Tensor):
@@ -247,6 +294,7 @@ _HANDLERS = {
     aten.clone.default: _clone,
     aten._to_copy.default: _to_copy,
     aten.copy_.default: _copy_,
+    aten.empty_like.default: _empty_like,
 }
 
 # torch.load(weights_only=True) rebuilds only allow-listed classes; checkpoints name this class

@@ -200,3 +200,46 @@ def test_compile_fullgraph_forward_and_backward(device):
     out.backward()
     assert torch.equal(out, (m.weight.dequantize() * c).sum())
     assert torch.equal(m.weight.grad, eager_grad)
+
+
+def test_dense_tensors_read_a_binary_one(device):
+    """Writing a dense tensor from a BinaryTensor uses its +-1 values (only writes *to* it are refused)."""
+    w = torch.randn(5, 40, device=device)
+    b = BinaryTensor.from_float(w)
+    d = torch.full((5, 40), 7.0, device=device)
+    d.copy_(b)
+    assert torch.equal(d, signs(w))
+    d.add_(b)
+    assert torch.equal(d, 2 * signs(w))
+    out = torch.full((5, 40), 7.0, device=device)
+    torch.add(b, 1, out=out)
+    assert torch.equal(out, signs(w) + 1)
+    dense = nn.Linear(40, 5).to(device)
+    dense.load_state_dict(bnnops.nn.BinaryLinear(40, 5).to(device).state_dict())  # a Bop checkpoint, dense model
+    assert set(dense.weight.detach().unique().tolist()) <= {-1.0, 1.0}
+    before = b.packed.clone()
+    with pytest.raises(RuntimeError, match="in-place op"):
+        torch._foreach_add_([b], [torch.ones(5, 40, device=device)])
+    assert torch.equal(b.packed, before)
+
+
+def test_layers_load_dense_state_with_assign(device):
+    """load_state_dict(assign=True) of a dense entry keeps the layer's weight binary: its signs."""
+    layer = bnnops.nn.BinaryLinear(40, 5).to(device)
+    state = {"weight": torch.randn(5, 40, device=device), "bias": torch.randn(5, device=device)}
+    layer.load_state_dict(state, assign=True)
+    assert isinstance(layer.weight, BinaryTensor) and layer.weight.requires_grad
+    assert torch.equal(layer.weight.dequantize(), signs(state["weight"]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.load_state_dict({**state, "weight": torch.full((5, 40), float("nan"), device=device)}, assign=True)
+
+
+def test_share_memory_meta_and_to_empty():
+    layer = bnnops.nn.BinaryConv2d(4, 6, 3)
+    layer.share_memory()
+    assert layer.weight.is_shared() and layer.weight.packed.is_shared()
+    meta = bnnops.nn.BinaryLinear(40, 5, device="meta")
+    assert meta.weight.device.type == "meta" and meta.weight.packed.shape == (5, 2)
+    meta.to_empty(device="cpu")
+    assert isinstance(meta.weight, BinaryTensor) and meta.weight.packed.device.type == "cpu"
+    assert meta.weight.packed.shape == (5, 2)
