@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnnops import kernels
-from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor
+from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, pack_dense_state_entries
 from bnnops.library import define
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference, unpack_weight
-from bnnops.quantizers import binarize_weight, get_input_quantizer, get_quantizer, sign
+from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
 __all__ = ["binary_conv2d", "BinaryConv2d", "binary_conv2d_reference", "conv_padding", "output_shape"]
 
@@ -240,7 +240,9 @@ def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     """Binary 2-D convolution: ``conv2d(pad(q(x), pad_value), sign(W)) * scale + bias``.
 
     Args:
-        x: (N, C, H, W) float32 / bfloat16 / float16, NCHW or channels_last (the output follows).
+        x: (N, C, H, W) or unbatched (C, H, W), float32 / bfloat16 / float16, NCHW or
+            channels_last (the output follows); the weight's dtype, or any float dtype under
+            ``torch.autocast`` (x and bias are then cast to autocast's dtype, as nn.Conv2d does).
             With an input quantizer it is binarized inside the op (A1W1: exact integer sums); with
             ``input_quantizer=None`` it stays real (W1A16: e.g. a first layer).
         weight: a :class:`bnnops.BinaryTensor` (O, C/groups, kh, kw), read packed; or a dense
@@ -259,7 +261,7 @@ def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
             None for a BinaryTensor weight.
 
     Returns:
-        (N, O, OH, OW) in x's dtype.
+        (N, O, OH, OW) (or (O, OH, OW) for unbatched x) in x's dtype.
 
     Gradients: x gets the transposed convolution of grad_out with the +-1 weight (padded positions
     get none) times the input quantizer's surrogate; the weight gets a dense float gradient of its
@@ -273,12 +275,16 @@ def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
         got = (weight.dtype, tuple(weight.shape)) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise TypeError(f"binary_conv2d weight must be a BinaryTensor or a float latent weight "
                         f"(O, C/groups, kh, kw), got {got}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype):
-        got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
-        raise TypeError(f"bias ({got}) and x ({x.dtype}) must have the same dtype")
-    if x.dim() == 4 and weight.shape[1] * groups != x.shape[1]:
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a float tensor (one value per output channel), got {type(bias).__name__}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"binary_conv2d input must be (N, C, H, W) or unbatched (C, H, W), got shape {tuple(x.shape)}")
+    x, bias = autocast_inputs(x, weight, bias)
+    if x.dim() == 3:
+        # Unbatched (C, H, W), as nn.Conv2d takes it.
+        return binary_conv2d(x[None], weight, bias, stride, padding, dilation, groups, pad_value=pad_value,
+                             input_quantizer=input_quantizer, scale=scale, weight_quantizer=weight_quantizer)[0]
+    if weight.shape[1] * groups != x.shape[1]:
         raise ValueError(f"the input has {x.shape[1]} channels but the weight {tuple(weight.shape)} with "
                          f"groups={groups} expects {weight.shape[1] * groups}")
     iq = get_input_quantizer(input_quantizer)
@@ -341,12 +347,13 @@ class BinaryConv2d(nn.Module):
         self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
         conv_padding(padding, self.kernel_size, self.stride, self.dilation)  # refuse bad padding now
         self.padding, self.groups, self.pad_value = padding, groups, float(pad_value)
-        self.input_quantizer = get_quantizer(input_quantizer)
+        self.input_quantizer = get_input_quantizer(input_quantizer)
         self.weight_quantizer = get_quantizer(weight_quantizer)
         factory = dict(device=device, dtype=dtype)
         w = torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.weight = nn.Parameter(w if self.weight_quantizer is not None else BinaryTensor.from_float(w))
+        self.register_load_state_dict_pre_hook(pack_dense_state_entries)
         if bias:
             fan_in = w[0].numel()
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0

@@ -28,10 +28,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnnops import kernels
-from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor
+from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, pack_dense_state_entries
 from bnnops.library import define
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference
-from bnnops.quantizers import binarize_weight, get_input_quantizer, get_quantizer, sign
+from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
 __all__ = [
     "binary_linear",
@@ -117,10 +117,17 @@ def _check_op(x, weight, K, scale, bias, *, packed_ok):
 
 
 def _rows(x):
-    return x.reshape(-1, x.shape[-1])
+    # flatten, not reshape(-1, K): that cannot infer -1 when K = 0.
+    return x.flatten(0, -2) if x.dim() > 1 else x[None]
 
 
 # ----------------------------------------------------------------------------- ops
+
+
+def _a1w1_check(x, weight, K, scale, bias, out_dtype):
+    _check_op(x, weight, K, scale, bias, packed_ok=True)
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
 
 
 def _w1a16_check(x, weight, scale, bias):
@@ -141,7 +148,7 @@ def _w1a16_cuda(x, weight, scale, bias):
 
 define(
     "binary_linear_a1w1(Tensor x, Tensor weight, SymInt K, Tensor? scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
-    check=lambda x, weight, K, scale, bias, out_dtype: _check_op(x, weight, K, scale, bias, packed_ok=True),
+    check=_a1w1_check,
     reference=a1w1_reference,
     cuda=_a1w1_cuda,
     fake=lambda x, weight, K, scale, bias, out_dtype: x.new_empty(*x.shape[:-1], weight.shape[0], dtype=out_dtype),
@@ -249,7 +256,10 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
         x: (..., in_features) float32 / bfloat16 / float16, any strides. With an input quantizer
             it is binarized inside the kernel (A1W1, exact integer dot); with
             ``input_quantizer=None`` it stays real (W1A16, fp32 accumulation). int32 x is taken as
-            packed sign words (..., ceil(in_features/32)) (A1W1, no gradient for x).
+            packed sign words (..., ceil(in_features/32)) (A1W1, no gradient for x). Float x has
+            the weight's dtype, or any float dtype under ``torch.autocast`` (x and bias are then
+            cast to autocast's dtype, as nn.Linear does). On CUDA, W1A16 turns an infinite x
+            into NaN outputs (the reference gives +-inf).
         weight: a :class:`bnnops.BinaryTensor` (out_features, in_features), read packed; or a
             dense float latent weight of that shape, binarized by ``weight_quantizer`` every call
             (its signs are packed by the pack op; its gradient is the quantizer's surrogate).
@@ -273,10 +283,7 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
     if x.dtype not in FLOAT_DTYPES and x.dtype != torch.int32:
         raise TypeError(f"x must be float32, bfloat16 or float16 (or int32 packed sign words), got {x.dtype}")
     _check_weight(weight)
-    if x.dtype in FLOAT_DTYPES and x.dtype != weight.dtype:
-        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
-    if isinstance(bias, torch.Tensor) and x.dtype in FLOAT_DTYPES and bias.dtype != x.dtype:
-        raise TypeError(f"bias ({_type_name(bias)}) and x ({x.dtype}) must have the same dtype")
+    x, bias = autocast_inputs(x, weight, bias)
     if weight.device != x.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
     N, K = weight.shape
@@ -333,6 +340,7 @@ class BinaryLinear(nn.Module):
         w = torch.empty(out_features, in_features, **factory)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.weight = nn.Parameter(w if self.weight_quantizer is not None else BinaryTensor.from_float(w))
+        self.register_load_state_dict_pre_hook(pack_dense_state_entries)
         if bias:
             bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
             self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))

@@ -18,7 +18,7 @@ Quantizers are looked up by name with :func:`get_quantizer` (``"ste_sign"``, ``"
 import torch
 
 from bnnops.binary_tensor import BinaryTensor
-from bnnops.packing import pack_weight
+from bnnops.packing import FLOAT_DTYPES, pack_weight
 
 __all__ = [
     "SignQuantizer",
@@ -206,6 +206,9 @@ def binarize_weight(weight, weight_quantizer, scale):
     ste_sign) and packed in the weight layout of :mod:`bnnops.packing`; magnitude_aware_sign also
     multiplies ``scale`` by its per-output-channel mean |w|.
     """
+    if scale is not None and (not isinstance(scale, torch.Tensor) or scale.dtype not in FLOAT_DTYPES):
+        got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise TypeError(f"scale must be a float32, bfloat16 or float16 tensor (one value per output channel), got {got}")
     if isinstance(weight, BinaryTensor):
         if weight_quantizer is not None:
             raise ValueError("a BinaryTensor weight is already binary: weight_quantizer must be None")
@@ -215,3 +218,25 @@ def binarize_weight(weight, weight_quantizer, scale):
         alpha = wq.scale(weight)
         scale = alpha if scale is None else scale * alpha.to(scale.dtype)
     return wq, pack_weight(weight.detach()), scale
+
+
+def autocast_inputs(x, weight, bias):
+    """(x, bias) in the dtype a binary layer computes in, as :func:`binary_linear` and
+    :func:`binary_conv2d` take them.
+
+    Under ``torch.autocast`` for x's device, x and bias are cast to autocast's dtype, as
+    ``nn.Linear`` and ``nn.Conv2d`` compute there (a +-1 weight is exact in every float dtype, so
+    it needs no cast; gradients still reach each input in its own dtype). Otherwise x (if float)
+    must have the weight's dtype and bias x's, as ``F.linear`` asks.
+    """
+    device = x.device.type
+    if x.dtype in FLOAT_DTYPES and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x = x.to(dtype)
+        if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+            bias = bias.to(dtype)
+    elif x.dtype in FLOAT_DTYPES and x.dtype != weight.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype (or run under torch.autocast)")
+    if isinstance(bias, torch.Tensor) and x.dtype in FLOAT_DTYPES and bias.dtype != x.dtype:
+        raise TypeError(f"bias ({bias.dtype}) and x ({x.dtype}) must have the same dtype")
+    return x, bias

@@ -483,8 +483,6 @@ def _unused_fp32(device):
 
 
 def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
-    config = dict(config or default_config(x_mode, trans_w, M, N, R, x.dtype, x.device))
-    config.setdefault("SPLIT_K", 1)
     if out.numel() == 0:
         return out
     if R == 0:
@@ -492,6 +490,8 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
         y = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         y = y * scale.float() if scale is not None else y
         return out.copy_(y + bias.float() if bias is not None else y)
+    config = dict(config or default_config(x_mode, trans_w, M, N, R, x.dtype, x.device))
+    config.setdefault("SPLIT_K", 1)
     split = config.pop("SPLIT_K")
     gemv = config.pop("GEMV", False)
     # Absent scale / bias / workspace: any fp32 pointer, never read (one pointer type, so one

@@ -146,12 +146,16 @@ def test_bad_input_gets_clear_errors(device):
         layer(torch.randn(1, 5, 6, 6, device=device))
     with pytest.raises(ValueError, match="larger than the padded input"):
         layer(torch.randn(1, 4, 2, 6, device=device))
-    with pytest.raises(ValueError, match="rank 4"):
-        layer(torch.randn(4, 6, 6, device=device))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\) or unbatched \(C, H, W\)"):
+        layer(torch.randn(1, 1, 4, 6, 6, device=device))
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         layer(torch.ones(1, 4, 6, 6, dtype=torch.int64, device=device))
     with pytest.raises(TypeError, match="same dtype"):
         layer(torch.randn(1, 4, 6, 6, device=device).half())
+    with pytest.raises(TypeError, match="scale must be a float32"):
+        binary_conv2d(torch.randn(1, 4, 6, 6, device=device), layer.weight, scale=2.0)
+    with pytest.raises(ValueError, match="weight quantizer"):
+        BinaryConv2d(4, 4, 3, input_quantizer="magnitude_aware_sign")
     with pytest.raises(TypeError, match=r"bias \(torch.float16\) and x"):
         binary_conv2d(torch.randn(1, 4, 6, 6, device=device), layer.weight, layer.bias.detach().half())
     with pytest.raises(ValueError, match="weight quantizer"):
@@ -211,3 +215,19 @@ def test_small_conv_net_compiles_fullgraph(device):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unbatched_input_and_autocast(device):
+    layer = BinaryConv2d(4, 6, 3, padding=1, device=device)
+    x = torch.randn(4, 7, 7, device=device)
+    assert torch.equal(layer(x), layer(x[None])[0])
+    assert torch.equal(F.conv2d(x, layer.weight), F.conv2d(x[None], layer.weight)[0])
+    # Under autocast x and bias run in autocast's dtype, as nn.Conv2d's do; gradients keep theirs.
+    device_type = torch.device(device).type
+    x4 = torch.randn(2, 4, 7, 7, device=device, requires_grad=True)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y = layer(x4)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, binary_conv2d(x4.bfloat16(), layer.weight.to(torch.bfloat16), layer.bias.bfloat16(), padding=1))
+    y.float().sum().backward()
+    assert x4.grad.dtype == layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32

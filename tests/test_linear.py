@@ -329,6 +329,29 @@ def test_bad_inputs(device):
         torch.ops.bnnops.binary_linear_a1w1(x, words, 40, int_scale, None, torch.float32)
     with pytest.raises(ValueError, match=r"grad must have shape \(..., out_features = 8\)"):
         torch.ops.bnnops.binary_linear_grad_input(torch.randn(3, 9, device=device), words, 40)
+    with pytest.raises(TypeError, match="out_dtype must be float32, bfloat16 or float16"):
+        torch.ops.bnnops.binary_linear_a1w1(x, words, 40, None, None, torch.int32)
+
+
+def test_autocast_and_empty_features(device):
+    """Under autocast the layer computes in autocast's dtype (as nn.Linear); in_features = 0 works."""
+    layer = BinaryLinear(40, 5, weight_quantizer="ste_sign").to(device)
+    x = torch.randn(3, 40, device=device, requires_grad=True)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        y = layer(x)
+        binary = nn.Linear(40, 5).to(device)
+        binary.weight = nn.Parameter(BinaryTensor.from_float(binary.weight.detach()))
+        assert binary(x).dtype == torch.bfloat16  # F.linear on a binary weight follows autocast too
+    expected = bnnops.binary_linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16(), weight_quantizer="ste_sign")
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    y.float().sum().backward()
+    assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
+    empty = BinaryLinear(0, 4).to(device)
+    x0 = torch.randn(3, 0, device=device, requires_grad=True)
+    y0 = empty(x0)
+    assert torch.equal(y0, empty.bias.detach().expand(3, 4))
+    y0.sum().backward()
+    assert x0.grad.shape == (3, 0) and empty.weight.grad.shape == (4, 0)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
