@@ -221,6 +221,8 @@ class Bop(Optimizer):
         # p.grad, p.device...; the reference ops below run outside this (the subclass then routes).
         with torch._C.DisableTorchFunctionSubclass():
             for h, group in enumerate(self.param_groups):
+                # Schedulers and users write the groups between steps: check what this step uses.
+                self._check_hyperparameters(group)
                 for p in group["params"]:
                     g = p.grad
                     if g is None:
@@ -277,14 +279,27 @@ class Bop(Optimizer):
     def load_state_dict(self, state_dict):
         """Load like torch, but keep m and v in each group's ``state_dtype`` and layout, flips int64.
 
+        The hyperparameters (lr, threshold, sigma, state_dtype) come from the checkpoint, as for
+        every torch optimizer; ``fused`` stays this optimizer's (a checkpoint from a GPU run loads
+        on the CPU). A Bop state_dict does not load into a Bop2ndOrder, nor the reverse.
+
         torch casts every state tensor of a float parameter to the parameter's dtype, which would
         round fp32 state of a bf16 parameter and make the flip counts floats; here the saved
         tensors are copied into fresh state of the right dtype.
         """
+        name = type(self).__name__
+        if any(("sigma" in g) != self._second_order for g in state_dict["param_groups"]):
+            other = "Bop" if self._second_order else "Bop2ndOrder"
+            raise ValueError(f"{name} cannot load a {other} state_dict: the second moment v and sigma "
+                             f"{'are missing' if self._second_order else 'have no use here'}")
         saved = state_dict["state"]
         # New state tensors may reuse the addresses of the old ones: rebuild the launch tables.
         self._steppers.clear()
+        fused = [group["fused"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, how in zip(self.param_groups, fused):
+            group["fused"] = how  # how to run is this optimizer's choice, not the checkpoint's
+            self._check_group(group)
         saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
         for group in self.param_groups:
             for p in group["params"]:

@@ -19,9 +19,10 @@ class ThresholdScheduler:
             multiplier, or a list of such functions, one per param group.
         last_epoch: the step count to resume from (-1 starts fresh), as in torch's schedulers.
 
-    Each group's starting threshold is kept in the group as ``"initial_threshold"``, so it is saved
-    in the optimizer's ``state_dict`` along with the current ``"threshold"``; this scheduler's own
-    ``state_dict`` holds its step count (the functions are code, not state, as in ``LambdaLR``).
+    Each group's starting threshold is recorded in the group as ``"initial_threshold"`` (as torch's
+    schedulers record ``"initial_lr"``) and kept by the scheduler as ``base_thresholds``, which its
+    own ``state_dict`` holds with the step count (the functions are code, not state, as in
+    ``LambdaLR``); so loading an optimizer checkpoint saved without a scheduler works too.
     Call :meth:`step` after the optimizer's step, once per epoch or per batch as the schedule reads.
 
     Example: ``ThresholdScheduler(bop, lambda epoch: 0.5 ** (epoch // 10))`` halves tau every 10 epochs.
@@ -34,8 +35,7 @@ class ThresholdScheduler:
         factors = list(factor) if isinstance(factor, (list, tuple)) else [factor] * len(groups)
         if len(factors) != len(groups) or not all(callable(f) for f in factors):
             raise ValueError(f"ThresholdScheduler needs one callable factor or one per param group ({len(groups)})")
-        for group in groups:
-            group.setdefault("initial_threshold", group["threshold"])
+        self.base_thresholds = [group.setdefault("initial_threshold", group["threshold"]) for group in groups]
         self.optimizer = optimizer
         self.factors = factors
         self.last_epoch = last_epoch
@@ -47,17 +47,23 @@ class ThresholdScheduler:
         self._apply()
 
     def _apply(self):
-        for group, factor in zip(self.optimizer.param_groups, self.factors):
-            group["threshold"] = group["initial_threshold"] * factor(self.last_epoch)
+        for group, base, factor in zip(self.optimizer.param_groups, self.base_thresholds, self.factors):
+            threshold = base * factor(self.last_epoch)
+            if not threshold >= 0:
+                raise ValueError(f"ThresholdScheduler: the threshold must stay >= 0, but step {self.last_epoch} "
+                                 f"gives {base} * {factor(self.last_epoch)} = {threshold}")
+            group["threshold"] = threshold
 
     def get_last_threshold(self):
         """The thresholds of the groups, as last set."""
         return [group["threshold"] for group in self.optimizer.param_groups]
 
     def state_dict(self):
-        return {"last_epoch": self.last_epoch}
+        return {"last_epoch": self.last_epoch, "base_thresholds": list(self.base_thresholds)}
 
     def load_state_dict(self, state_dict):
-        """Restore the step count and set the thresholds from it (in either order with the optimizer's load)."""
+        """Restore the step count (and base thresholds) and set the thresholds from them, in either
+        order with the optimizer's load."""
         self.last_epoch = state_dict["last_epoch"]
+        self.base_thresholds = list(state_dict.get("base_thresholds", self.base_thresholds))
         self._apply()

@@ -386,3 +386,42 @@ def test_threshold_scheduler_checks(device):
     sched = ThresholdScheduler(opt, [lambda t: 0.5**t, lambda t: 1.0])
     sched.step()
     assert sched.get_last_threshold() == [0.5e-3, 0.0]
+    # A factor that would make the threshold negative is refused, not applied.
+    with pytest.raises(ValueError, match="must stay >= 0"):
+        ThresholdScheduler(Bop(Model(torch.float32, device, binary_only=True).groups()), lambda t: -1.0)
+    # Loading an optimizer checkpoint saved before any threshold scheduler existed keeps working.
+    fresh = Bop(Model(torch.float32, device, binary_only=True).groups())
+    saved = fresh.state_dict()
+    sched = ThresholdScheduler(fresh, lambda t: 0.5**t)
+    fresh.load_state_dict(saved)
+    sched.step()
+    assert sched.get_last_threshold()[0] == 0.5e-3
+
+
+def test_hyperparameters_checked_when_stepping_and_loading(device):
+    model = Model(torch.float32, device, binary_only=True)
+    for p in model.ws:
+        p.grad = torch.randn(p.shape, device=device)
+    opt = Bop(model.parameters(), lr=0.5, threshold=1e-3)
+    words = [p.packed.clone() for p in model.ws]
+    opt.param_groups[0]["threshold"] = -1e-3  # as a buggy schedule would write it
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        opt.step()
+    opt.param_groups[0].update(threshold=1e-3, lr=2.5)
+    with pytest.raises(ValueError, match=r"lr \(gamma\) must be in \[0, 1\]"):
+        opt.step()
+    assert all(torch.equal(p.packed, w) for p, w in zip(model.ws, words))  # nothing stepped
+    # fused is how this optimizer runs, not part of the checkpoint; the other hyperparameters load.
+    opt.param_groups[0]["lr"] = 0.5
+    fused = Bop(model.parameters(), lr=0.1, fused=True)
+    fused.step()
+    plain = Bop(model.parameters(), fused=False)
+    plain.load_state_dict(fused.state_dict())
+    assert plain.param_groups[0]["fused"] is False and plain.param_groups[0]["lr"] == 0.1
+    # First- and second-order state do not mix.
+    with pytest.raises(ValueError, match="Bop2ndOrder cannot load a Bop state_dict"):
+        Bop2ndOrder(model.parameters()).load_state_dict(fused.state_dict())
+    second = Bop2ndOrder(model.parameters())
+    second.step()
+    with pytest.raises(ValueError, match="Bop cannot load a Bop2ndOrder state_dict"):
+        Bop(model.parameters()).load_state_dict(second.state_dict())
