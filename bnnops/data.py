@@ -113,7 +113,7 @@ def _stratified_split(labels, test_fraction, seed):
 def digits(seed=0, test_fraction=0.2):
     """scikit-learn's handwritten digits: 1797 grey 8x8 images (16 grey levels), 10 classes.
 
-    Split stratified by class with ``seed`` (default 1437 train / 360 test at 0.2).
+    Split stratified by class with ``seed`` (default 1438 train / 359 test at 0.2).
     Returns an :class:`InMemoryDataset` with x of shape (N, 1, 8, 8), float32 in [-1, 1].
     """
     from sklearn.datasets import load_digits
@@ -128,13 +128,28 @@ def digits(seed=0, test_fraction=0.2):
     )
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds (dicts, lists, bytes, numpy arrays): a pickle
+    can run any code it names, so a file that names anything else is refused."""
+
+    # _codecs.encode: how a protocol-2 pickle written by Python 3 stores bytes.
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path):
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    not_a_batch = f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels')"
     try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
         data, labels = batch[b"data"], batch[b"labels"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels')") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{not_a_batch}: {e}") from None
     data = np.asarray(data, dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != len(labels):
         raise ValueError(

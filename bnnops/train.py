@@ -45,7 +45,7 @@ from bnnops import data, models
 from bnnops.optim import BinaryAndReal, Bop, Bop2ndOrder, split_parameters
 from bnnops.summary import is_binary_weight
 
-__all__ = ["TrainConfig", "PRESETS", "OPTIMIZERS", "train", "main"]
+__all__ = ["TrainConfig", "PRESETS", "OPTIMIZERS", "RESUME_OVERRIDES", "train", "main"]
 
 OPTIMIZERS = ("bop", "bop2", "latent-adam")
 
@@ -66,6 +66,8 @@ PRESETS = {
     "teacher-student": dict(_CPU, model="mlp", dataset="teacher-student"),
 }
 DEFAULT_PRESET = "digits"
+# What a resumed run may change; everything else comes from its checkpoint.
+RESUME_OVERRIDES = ("epochs", "device", "data_dir", "progress", "plots", "out")
 
 
 @dataclass
@@ -96,6 +98,19 @@ class TrainConfig:
     out: str = "runs/train"
     progress: bool = True
     plots: bool = True
+
+    def __post_init__(self):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("decay_every", 0), ("limit", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not self.decay > 0:
+            raise ValueError(f"decay must be > 0 (a factor on the rate), got {self.decay}")
+        for name in ("gamma", "sigma"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not (self.threshold >= 0 and self.adam_lr >= 0):
+            raise ValueError(f"threshold and adam_lr must be >= 0, got {self.threshold} and {self.adam_lr}")
 
     @classmethod
     def from_preset(cls, preset, **overrides):
@@ -255,8 +270,9 @@ def plot_history(history, out):
 def train(cfg, resume=False):
     """Run ``cfg`` (a :class:`TrainConfig`); with ``resume``, continue from ``<out>/checkpoint.pt``.
 
-    A resumed run keeps the checkpoint's configuration except ``epochs`` (which may be raised to
-    train longer), ``device``, ``progress``, ``plots`` and ``out``. Returns the log: a dict with ``config``,
+    A resumed run keeps the checkpoint's configuration except ``RESUME_OVERRIDES``: ``epochs``
+    (which may be raised to train longer), ``device``, ``data_dir``, ``progress``, ``plots`` and
+    ``out``. Returns the log: a dict with ``config``,
     ``history`` (one dict per epoch), ``best_test_acc``, ``final_test_acc``, ``train_seconds``.
     """
     os.makedirs(cfg.out, exist_ok=True)
@@ -266,16 +282,22 @@ def train(cfg, resume=False):
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=cfg.device, weights_only=True)
-        keep = {k: getattr(cfg, k) for k in ("epochs", "device", "progress", "plots", "out")}
+        keep = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
         cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), **keep)
 
     dataset = data.load(cfg.dataset, seed=cfg.data_seed, data_dir=cfg.data_dir)
-    if cfg.limit:
+    if cfg.limit is not None:
         dataset = dataset.subset(cfg.limit)
     dataset.to(cfg.device)
     weight_quantizer = "ste_sign" if cfg.optimizer == "latent-adam" else None
     torch.manual_seed(cfg.seed)  # the initial weights; batch order has its own generator
-    model = models.build(cfg.model, dataset.input_shape, dataset.num_classes, weight_quantizer).to(cfg.device)
+    try:
+        model = models.build(cfg.model, dataset.input_shape, dataset.num_classes, weight_quantizer).to(cfg.device)
+        with torch.no_grad():
+            model.eval()(dataset.x_test[:1])
+    except (IndexError, RuntimeError, ValueError) as e:
+        raise ValueError(f"model {cfg.model!r} does not take dataset {cfg.dataset!r}'s inputs of shape "
+                         f"{tuple(dataset.input_shape)}: {e}") from e
     opt = _Optimization(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     history, start, seconds = [], 0, 0.0
@@ -356,6 +378,12 @@ def main(argv=None):
         if os.path.isfile(log_path):
             with open(log_path) as f:
                 args["epochs"] = json.load(f)["config"]["epochs"]
+    if resume:
+        ignored = [f"--{k.replace('_', '-')}" for k, v in args.items() if v is not None and k not in RESUME_OVERRIDES]
+        if ignored or preset != DEFAULT_PRESET:
+            raise SystemExit(f"--resume continues {args['out']} with its saved configuration; it cannot change "
+                             f"{', '.join(ignored) or '--preset'} (only --epochs, --device, --data-dir, --out and the output "
+                             "switches). Start a new run with a new --out instead.")
     cfg = TrainConfig.from_preset(preset, **args)
     result = train(cfg, resume=resume)
     print(f"{cfg.out}: final test accuracy {result['final_test_acc']:.4f}, best {result['best_test_acc']:.4f}, "

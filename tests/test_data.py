@@ -81,6 +81,19 @@ def test_cifar10_missing_or_malformed(tmp_path):
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
     with pytest.raises(ValueError, match=r"\(N, 3072\)"):
         data.cifar10(tmp_path)
+    with open(tmp_path / "data_batch_3", "wb") as f:
+        f.write(b"garbage, not a pickle")
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+        data.cifar10(tmp_path)
+    with open(tmp_path / "data_batch_3", "wb") as f:  # a pickle that would run code when loaded
+        pickle.dump(_RunsCode(), f)
+    with pytest.raises(ValueError, match="refusing to load builtins.print"):
+        data.cifar10(tmp_path)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return print, ("a pickle ran this",)
 
 
 def test_cifar10_augment_is_a_padded_crop_or_its_mirror():

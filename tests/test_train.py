@@ -88,8 +88,28 @@ def test_cli_presets_and_overrides(tmp_path, capsys):
     result = train.main(argv)
     assert result["config"]["gamma"] == 2e-3 and result["history"][-1]["rate"] == 2e-3
     # --resume without --epochs trains to the epochs the run started with: nothing left to do.
-    assert len(train.main(argv[:2] + argv[4:] + ["--resume"])["history"]) == 1
+    resume = ["--out", str(out), "--no-progress", "--device", "cpu", "--resume"]
+    assert len(train.main(resume)["history"]) == 1
     assert "final test accuracy" in capsys.readouterr().out
+    # Options the checkpoint fixes are refused, not silently dropped.
+    with pytest.raises(SystemExit, match="cannot change --gamma, --limit"):
+        train.main(argv + ["--resume"])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(epochs=0), "epochs must be an integer >= 1"), (dict(batch_size=-5), "batch_size must be"),
+    (dict(limit=0), "limit must be"), (dict(decay_every=-1), "decay_every must be"),
+    (dict(decay=-1.0), "decay must be > 0"), (dict(gamma=2.5), r"gamma must be in \[0, 1\]"),
+])
+def test_config_refuses_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+def test_model_that_cannot_take_the_dataset(tmp_path):
+    with pytest.raises(ValueError, match="model 'small-bnn' does not take dataset 'teacher-student'"):
+        train.train(TrainConfig(model="small-bnn", dataset="teacher-student", limit=20, epochs=1, device="cpu",
+                                out=str(tmp_path), progress=False, plots=False))
 
 
 def test_gamma_decays_every_n_epochs(tmp_path):
