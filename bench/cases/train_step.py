@@ -93,8 +93,8 @@ def training_step(variant, device, batch, filters=128, dense_units=1024):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = models.binarynet(filters=filters, dense_units=dense_units)
     if variant == "ours":
-        # bnnops' ops take x and the weights in one dtype (no autocast for custom ops): the whole
-        # model in bf16 on CUDA, binary weights keeping their bits; Adam then steps bf16 BN params.
+        # The whole model in bf16 on CUDA, binary weights keeping their bits; Adam then steps bf16
+        # BN params. (The recorded runs predate bnnops' autocast support; this stays the measured setup.)
         model = model.to(device=device, dtype=dtype)
         binary, real = split_parameters(model)
         opt = BinaryAndReal(Bop(binary, lr=GAMMA, threshold=THRESHOLD), torch.optim.Adam(real, lr=ADAM_LR))
