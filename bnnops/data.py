@@ -162,11 +162,12 @@ def _read_cifar_batch(path):
 def cifar10_augment(x, generator=None):
     """The paper's CIFAR-10 training augmentation on a float batch (N, C, H, W).
 
-    Zero-pad by 4 on each side (``resize_with_crop_or_pad`` to 40x40 in the paper's code), take
-    a random HxW crop per image, flip each image left-right with probability 1/2.
+    Pad by 4 black pixels on each side (``resize_with_crop_or_pad`` to 40x40 on the uint8 images
+    in the paper's code: value 0, which is -1 in this loader's [-1, 1] scale), take a random HxW
+    crop per image, flip each image left-right with probability 1/2.
     """
     n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), value=-1.0)
     dy = torch.randint(0, 9, (n,), generator=generator).to(x.device)
     dx = torch.randint(0, 9, (n,), generator=generator).to(x.device)
     flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)

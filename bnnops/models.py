@@ -32,17 +32,25 @@ from bnnops.nn import BinaryConv2d, BinaryLinear
 __all__ = ["binarynet", "birealnet18", "small_bnn", "binary_mlp", "MODELS", "build"]
 
 
-def _bn(dims, channels, scale):
-    """Batch norm after a binary layer. ``scale=False`` is Keras' BatchNormalization(scale=False)
-    of the paper's code: the scale stays 1 (frozen), only the shift trains."""
-    bn = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(channels)
+# Keras' BatchNormalization defaults (momentum 0.99 of the old average, epsilon 1e-3), in torch's
+# terms, as the paper's code and larq-zoo build their models; larq-zoo's Bi-Real Net passes 0.8.
+KERAS_BN = dict(momentum=0.01, eps=1e-3)
+BIREAL_BN = dict(momentum=0.2, eps=1e-3)
+
+
+def _bn(dims, channels, scale, bn=None):
+    """Batch norm after a binary layer, with ``bn`` (momentum, eps) or torch's defaults.
+    ``scale=False`` is Keras' BatchNormalization(scale=False) of the paper's code: the scale stays 1
+    (frozen), only the shift trains."""
+    bn = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(channels, **(bn or {}))
     if not scale:
         bn.weight.requires_grad_(False)
     return bn
 
 
-def _vgg_bnn(input_shape, convs, dense, num_classes, first_padding, weight_quantizer):
-    """conv -> [maxpool 2x2] -> BN blocks, flatten, dense -> BN blocks; all weights binary.
+def _vgg_bnn(input_shape, convs, dense, num_classes, first_padding, weight_quantizer, bn=None):
+    """conv -> [maxpool 2x2] -> BN blocks, flatten, dense -> BN blocks; all weights binary; ``bn``:
+    the batch norms' (momentum, eps) settings, torch's defaults if None.
 
     ``convs`` lists (out_channels, pool) per 3x3 convolution; the first sees real inputs with
     ``first_padding``, the others binarize their inputs and pad by 1 ('same').
@@ -59,13 +67,13 @@ def _vgg_bnn(input_shape, convs, dense, num_classes, first_padding, weight_quant
         if pool:
             layers[f"pool{i}"] = nn.MaxPool2d(2)
             size //= 2
-        layers[f"bn{i}"] = _bn(2, out, scale=False)
+        layers[f"bn{i}"] = _bn(2, out, scale=False, bn=bn)
         channels = out
     layers["flatten"] = nn.Flatten()
     features = channels * size * size
     for j, out in enumerate((*dense, num_classes), len(convs) + 1):
         layers[f"fc{j}"] = BinaryLinear(features, out, bias=False, weight_quantizer=weight_quantizer)
-        layers[f"bn{j}"] = _bn(1, out, scale=False)
+        layers[f"bn{j}"] = _bn(1, out, scale=False, bn=bn)
         features = out
     model = nn.Sequential(layers)
     model.input_shape = tuple(input_shape)
@@ -74,10 +82,12 @@ def _vgg_bnn(input_shape, convs, dense, num_classes, first_padding, weight_quant
 
 def binarynet(num_classes=10, input_shape=(3, 32, 32), filters=128, dense_units=1024, weight_quantizer=None):
     """BinaryNet for CIFAR-10 as trained in the paper (module docstring); 10.4M binary weights at
-    the defaults. Input (N, 3, 32, 32) -> logits (N, num_classes)."""
+    the defaults; batch norm with Keras' defaults, as in the paper's code. Input (N, 3, 32, 32) ->
+    logits (N, num_classes). Weights start from nn.Conv2d / nn.Linear's init, not Keras' Glorot
+    (under Bop only the signs matter, and both are symmetric)."""
     convs = [(filters, False), (filters, True), (2 * filters, False), (2 * filters, True),
              (4 * filters, False), (4 * filters, True)]
-    return _vgg_bnn(input_shape, convs, (dense_units, dense_units), num_classes, 0, weight_quantizer)
+    return _vgg_bnn(input_shape, convs, (dense_units, dense_units), num_classes, 0, weight_quantizer, KERAS_BN)
 
 
 def small_bnn(num_classes=10, input_shape=(1, 8, 8), filters=32, dense_units=128, weight_quantizer=None):
@@ -118,13 +128,13 @@ class _BiRealBlock(nn.Module):
         stride = 1 if in_channels == out_channels else 2
         self.conv = BinaryConv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False,
                                  input_quantizer=input_quantizer, weight_quantizer=weight_quantizer)
-        self.bn = nn.BatchNorm2d(out_channels)
+        self.bn = nn.BatchNorm2d(out_channels, **BIREAL_BN)
         self.shortcut = nn.Identity()
         if stride != 1:
             self.shortcut = nn.Sequential(
                 nn.AvgPool2d(2, ceil_mode=True),
                 nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                nn.BatchNorm2d(out_channels),
+                nn.BatchNorm2d(out_channels, **BIREAL_BN),
             )
 
     def forward(self, x):
@@ -134,10 +144,16 @@ class _BiRealBlock(nn.Module):
 def birealnet18(num_classes=1000, input_shape=(3, 224, 224), filters=64, input_quantizer="approx_sign",
                 weight_quantizer=None):
     """Bi-Real Net-18 (module docstring). ``input_quantizer`` of the binary convolutions:
-    Bi-Real Net's ``approx_sign`` by default. Input (N, 3, H, W) -> logits (N, num_classes)."""
+    Bi-Real Net's ``approx_sign`` by default. Input (N, 3, H, W) -> logits (N, num_classes).
+
+    Differences from larq-zoo's ``BiRealNet``, which change nothing in the shapes: stride-2 layers
+    pad symmetrically (torch) where TF's "same" pads one more at the bottom/right, so ported
+    weights would see a grid shifted by one pixel; real layers start from torch's init, not
+    Glorot; a latent-weight baseline takes ``weight_quantizer`` as given (larq-zoo uses
+    magnitude_aware_sign)."""
     layers = OrderedDict(
         stem=nn.Conv2d(input_shape[0], filters, 7, stride=2, padding=3, bias=False),
-        stem_bn=nn.BatchNorm2d(filters),
+        stem_bn=nn.BatchNorm2d(filters, **BIREAL_BN),
         stem_pool=nn.MaxPool2d(3, stride=2, padding=1),
     )
     widths = [filters] * 4 + [w for k in (2, 4, 8) for w in [k * filters] * 4]

@@ -11,7 +11,10 @@ Counting rules (larq's, stated here so the numbers can be checked by hand):
   weight of a layer with a ``weight_quantizer`` (binarized in every forward). Every other
   parameter, and every floating-point buffer (batch norm's running mean and variance, which a
   deployed model also stores), is *real*. Integer buffers (``num_batches_tracked``) are not
-  weights and are not counted.
+  weights and are not counted. A batch norm without a scale (the paper's Keras ``scale=False``,
+  here a frozen weight of ones) still stores that weight and it is counted: 4 values per channel
+  where larq, whose layer has no such variable, counts 3 (BinaryNet: 15,400 real values here,
+  11,550 in larq's summary).
 - Memory as stored: a binary weight takes its packed int32 words, ``4 * prod(words shape)``
   bytes (one bit per weight, the reduction dimension padded to a multiple of 32, see
   :mod:`bnnops.packing`), also for a latent weight, which deploys packed. A real tensor takes

@@ -101,7 +101,7 @@ def test_cifar10_augment_is_a_padded_crop_or_its_mirror():
     x = torch.randn(16, 3, 8, 8)
     out = data.cifar10_augment(x, g)
     assert out.shape == x.shape
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), value=-1.0)  # black in the loader's [-1, 1] scale
     flipped_any = False
     for i in range(16):
         crops = [(padded[i, :, dy:dy + 8, dx:dx + 8], flip) for dy in range(9) for dx in range(9) for flip in (0, 1)]
@@ -109,6 +109,7 @@ def test_cifar10_augment_is_a_padded_crop_or_its_mirror():
         assert match, f"image {i} is not a crop of the padded image"
         flipped_any |= 1 in match
     assert flipped_any
+    assert (out == -1.0).any()  # some crop reaches into the black border
 
 
 def test_teacher_student_labels_are_the_teachers():
