@@ -20,7 +20,8 @@
 #   TESTS_TIMEOUT     seconds for the test suite (default 200)
 #   PYTEST_ARGS       default "-x -q"
 #   QUICK=1           benchmark only the headline shape of every case
-#   BENCH_ARGS        more arguments for python -m bench, e.g. "--filter 'gemm|bop'"
+#   BENCH_ARGS        more arguments for python -m bench, split on spaces, no inner quotes:
+#                     e.g. BENCH_ARGS="--filter gemm|bop" (the script passes it unquoted)
 #   SKIP_TESTS=1      benchmark only
 #   PYTHON            default python3
 set -uo pipefail

@@ -17,8 +17,8 @@ What it supports, and why the rest is refused:
   ``F.linear(x, w)`` (so ``nn.Linear`` with a binary weight) runs the packed W1A16 kernel.
 - view ops are refused (a view would have to be a dense temporary, and writing through it would
   silently change nothing), except the identity view and ``view(-1)``: torch.distributed flattens
-  parameters with it (DDP's start-up broadcast), so it returns a dense +-1 copy that is an
-  inference tensor, which refuses writes: ``w.view(-1).mul_(-1)`` raises.
+  parameters with it (DDP's start-up broadcast), so it returns a dense +-1 copy (``_FlatCopy``)
+  that refuses writes: ``w.view(-1).mul_(-1)`` raises.
 - in-place ops that write to it are refused: the bits change only through Bop
   (``bnnops.optim.Bop``) or ``copy_``; an SGD step on a binary weight must fail loudly rather than
   corrupt or be ignored. Writing a dense tensor from it (``d.copy_(w)``, ``d += w``, loading a

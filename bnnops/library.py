@@ -5,9 +5,9 @@ API) rather than ``torch.library.custom_op``. Both give the same op to eager cod
 ``torch.compile``; the difference is the host cost of a call. A ``custom_op`` call runs Python
 wrappers (an autograd layer that redispatches, a dynamo-disable frame) around our kernel; measured
 on a development CPU (torch 2.13, interleaved runs, ``bnnops::binary_conv2d`` on a 1x32x8x8 input
-against its checks and reference called directly): +121 us a call as a ``custom_op``, +51 us as a
-``Library`` op, +86 us when a Python Autograd kernel redispatches (so there is none). The benchmark
-case ``op_dispatch`` measures it on any machine.
+against its checks and reference called directly): +120 to +170 us a call as a ``custom_op``, +50
+to +60 us as a ``Library`` op, about 35 us more when a Python Autograd kernel redispatches (so
+there is none). The benchmark case ``op_dispatch`` measures it on any machine.
 
 The ops have no derivative of their own: the autograd functions of :mod:`bnnops.linear` and
 :mod:`bnnops.conv` call them with grad mode off and define the gradients. Called directly with

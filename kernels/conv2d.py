@@ -47,23 +47,24 @@ Two numbers for ResNet-18's 3x3 stride-1 layers at batch 256, A1W1, bf16 in and 
 layer does 2*M*N*K = 59.2 G operations: 30 us at the H100's 1979 dense fp8/int8 TOPS, 60 us at the
 989 bf16 TFLOP/s of the cuDNN baseline):
 
-- fewest bytes, x read once and y written once in bf16: 103 MB for conv2_x (56x56x64), 34 us at
-  3.0 TB/s. The prepare pass reads x (51 MB) and writes the padded fp8 copy (55 MB, which the
-  kernel reads back): ~40 us on conv2_x at 2.7 TB/s, ~8 us on conv5_x.
+- fewest bytes, x read once and y written once in bf16: 206 MB for conv2_x (56x56x64: 51.4M
+  elements each), 69 us at 3.0 TB/s. The prepare pass reads x (103 MB) and writes the padded fp8
+  copy (55 MB, which the kernel reads back): ~55 us on conv2_x at 2.9 TB/s, ~8 us on conv5_x.
 - what the K loop moves from L2 to the SMs, the real limit: each input element once per tap (9
   times for 3x3) and once per column tile, the weight once per row tile, BLOCK_M*BLOCK_K +
   BLOCK_K*BLOCK_N bytes per 2*BLOCK_M*BLOCK_N*BLOCK_K operations. An SM's tensor cores do 8192
   8-bit operations a clock but H100's L2 delivers ~5.5 TB/s in all, ~23 bytes per SM per clock.
   The first GPU run fits this: conv5_x at 128x128 tiles moved 462 MB in ~85 us (5.4 TB/s). Hence
-  large tiles (pick_config): conv2_x 256x64 (577 MB + 51 MB of output: ~110 us), conv3_x 256x128
+  large tiles (pick_config): conv2_x 256x64 (577 MB + 103 MB of output: ~125 us), conv3_x 256x128
   (~370 MB: ~68 us); the model favoured 128x256 for conv4_x and conv5_x, but the second GPU run
   measured fuller waves of 128-wide tiles faster there (MIN_WAVES). Async copies bypass L1 (cp.async.cg, whatever the cache modifier), so the 9 taps'
   overlapping windows are not reused on chip; that, TMA multicast or a 256x256 tile (more registers
   than a Triton 3.6 warpgroup has) is what a faster design would need.
 
-Predicted for the op at batch 256 (prepare + kernel), from these bytes: conv2_x ~150 us (cuDNN bf16
-147.5 us in the first run), conv3_x ~90 (92.6), conv4_x ~75 (76.7), conv5_x ~70 (84): about 1.0-1.2x
-cuDNN, short of the 1.5x target. Measured in the first GPU run with the previous version (three
+Predicted for the op at batch 256 (prepare + kernel), from these bytes: conv2_x ~180 us (cuDNN bf16
+147.5 us in the first run; an earlier version of this estimate counted x's elements as bytes),
+conv3_x ~90 (92.6), conv4_x ~75 (76.7), conv5_x ~70 (84): about 0.8-1.2x cuDNN, short of the 1.5x
+target. Measured in the first GPU run with the previous version (three
 launches, autotuned, BLOCK_K = 128 against Cg = 64 on conv2_x, i.e. half of every step masked):
 256 us on conv2_x (sign pass alone 58.6 us, 1.8 TB/s) and 98-117 us on conv5_x; through the op at
 batch 64 every layer took ~400 us: host time (custom-op dispatch, three Triton launches, the

@@ -41,9 +41,14 @@ def _graphed(fn, device):
     return graph.replay
 
 
+def _matmul_name(dtype):
+    # The GPU shapes run in bf16, the CPU ones in fp32: name the baseline by what it runs.
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype] + " matmul"
+
+
 def _a1w1_baselines(xs, ws, device):
     """bf16 matmul on the +-1 values, and int8 _int_mm on them where it runs (CUDA, M > 16)."""
-    baselines = {"bf16 matmul": lambda: torch.matmul(xs, ws.T)}
+    baselines = {_matmul_name(xs.dtype): lambda: torch.matmul(xs, ws.T)}
     if torch.device(device).type == "cuda" and xs.shape[0] > 16 and xs.shape[1] % 8 == 0 and ws.shape[0] % 8 == 0:
         xi, wi = xs.to(torch.int8), ws.to(torch.int8)
         baselines["int8 _int_mm"] = lambda: torch._int_mm(xi, wi.T)
@@ -105,13 +110,13 @@ def gemm_w1a16(device, M, N, K, dtype):
     def ours():
         return torch.ops.bnnops.binary_linear_w1a16(x, words, None, None)
 
-    def bf16_matmul():
+    def dense_matmul():
         return torch.matmul(x, w.T)
 
     small = M <= 16
     return Workload(
         ours=_graphed(ours, device) if small else ours,
-        baselines={"bf16 matmul": _graphed(bf16_matmul, device) if small else bf16_matmul},
+        baselines={_matmul_name(x.dtype): _graphed(dense_matmul, device) if small else dense_matmul},
         bound="memory" if small else "bf16",
         bytes=M * K * dtype.itemsize + N * packed_length(K) * 4 + M * N * dtype.itemsize,
         ops=2 * M * N * K,

@@ -6,7 +6,8 @@ bf16 activations. Baseline, what a user would otherwise write: the same network 
 ``nn.Conv2d`` / ``nn.Linear`` whose forward binarizes float latent weights and inputs with a
 straight-through sign (larq's ``ste_sign``), Adam on everything, latent weights clipped to [-1, 1]
 after each step (larq's ``weight_clip``), under ``torch.autocast`` bf16 (cuDNN bf16 convolutions).
-Both take one step = forward, cross-entropy, backward, optimizer step on the same random batch.
+Both take one step = forward, cross-entropy, backward, optimizer step on a random batch of the same
+shape (each variant draws its own; the work does not depend on the values).
 
 ``gpu_step_report()`` (``python -m bench.train_evidence --gpu-step``) times both in one process with
 CUDA events and records images per second and peak memory, which the table of ``python -m bench``
