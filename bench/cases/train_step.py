@@ -6,8 +6,7 @@ bf16 activations. Baseline, what a user would otherwise write: the same network 
 ``nn.Conv2d`` / ``nn.Linear`` whose forward binarizes float latent weights and inputs with a
 straight-through sign (larq's ``ste_sign``), Adam on everything, latent weights clipped to [-1, 1]
 after each step (larq's ``weight_clip``), under ``torch.autocast`` bf16 (cuDNN bf16 convolutions).
-Both take one step = forward, cross-entropy, backward, optimizer step on a random batch of the same
-shape (each variant draws its own; the work does not depend on the values).
+Both take one step = forward, cross-entropy, backward, optimizer step on the same random batch.
 
 ``gpu_step_report()`` (``python -m bench.train_evidence --gpu-step``) times both in one process with
 CUDA events and records images per second and peak memory, which the table of ``python -m bench``
@@ -89,8 +88,10 @@ def training_step(variant, device, batch, filters=128, dense_units=1024):
     changes the weights (a real step); repeated calls stay a fair measure, the work per step does
     not depend on the values.
     """
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    # The same batch for both variants: a fixed seed of its own.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = models.binarynet(filters=filters, dense_units=dense_units)
     if variant == "ours":
