@@ -18,6 +18,9 @@ the functions to use), where torch's fallback would only warn at backward and re
 import torch
 
 LIBRARY = torch.library.Library("bnnops", "DEF")
+# op name -> its CUDA implementation (unchecked), so CPU tests can run that exact code on CPU
+# tensors with the Triton interpreter.
+CUDA_IMPLEMENTATIONS = {}
 
 
 def _checked(name, check, implementation):
@@ -48,6 +51,7 @@ def define(schema, *, check, reference, cuda, fake):
     LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
     LIBRARY.impl(name, _checked(name, check, reference), "CPU")
     LIBRARY.impl(name, _checked(name, check, cuda), "CUDA")
+    CUDA_IMPLEMENTATIONS[name] = cuda
     torch.library.register_fake(f"bnnops::{name}", _checked(name, check, fake), lib=LIBRARY)
     # No autograd layer: the kernels refuse grad themselves (see _checked), so skip straight to them.
     LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")

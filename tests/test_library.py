@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bnnops
+from bnnops.library import CUDA_IMPLEMENTATIONS
 from bnnops.packing import pack_weight
 
 
@@ -50,3 +51,34 @@ def test_bad_input_checked_on_every_path(device):
     for x in (torch.randn(3, 70, device=device), torch.randn(3, 70, device="meta")):
         with pytest.raises(ValueError, match=r"\(N, 3\) for K=70, got \(5, 2\)"):
             torch.ops.bnnops.binary_linear_w1a16(x, words.to(x.device), None, None)
+
+
+def _integers(shape, device, dtype=torch.float32):
+    """Random small integers as floats (never all zero): every sum of them is exact in fp32."""
+    return torch.randint(-4, 5, shape, device=device).to(dtype)
+
+
+def test_cuda_implementations_match_the_references(device):
+    """The exact code each op registers for CUDA (its glue: contiguity, reshapes, the launcher), run
+    here on non-contiguous, ragged inputs (on a CPU by the Triton interpreter), equals the op's
+    pure-PyTorch reference bit for bit. Integer-valued inputs make every float sum exact."""
+    cpu = lambda *ts: [t.cpu() if isinstance(t, torch.Tensor) else t for t in ts]  # noqa: E731
+    words = torch.randint(-(2**31), 2**31 - 1, (7, 4), dtype=torch.int32, device=device)[:, ::2]  # K = 45
+    x3 = _integers((3, 2, 90), device)[..., ::2]  # (3, 2, 45), strided
+    vec = _integers((14,), device)[::2]  # (7,) strided
+    image = _integers((2, 5, 6, 6), device).to(memory_format=torch.channels_last)
+    conv_words = torch.randint(-(2**31), 2**31 - 1, (4, 3, 3, 2), dtype=torch.int32, device=device)[..., :1]
+    calls = {
+        "pack_signs": (_integers((45, 5), device, torch.float16).t(),),
+        "unpack_signs": (words, 45, torch.bfloat16),
+        "binary_linear_a1w1": (x3, words, 45, vec, vec, torch.float32),
+        "binary_linear_w1a16": (x3, words, vec, None),
+        "binary_linear_grad_input": (_integers((3, 14), device)[:, ::2], words, 45),
+        "binary_conv2d": (image, conv_words, vec[:4], None, [1, 2], [1, 0, 2, 1], [2, 1], 1, -1.0, True),
+    }
+    assert set(calls) == set(CUDA_IMPLEMENTATIONS)
+    for name, args in calls.items():
+        got = CUDA_IMPLEMENTATIONS[name](*args)
+        expected = getattr(torch.ops.bnnops, name)(*cpu(*args))
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        assert torch.equal(got.cpu(), expected), name

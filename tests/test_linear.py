@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnnops
 from bnnops import BinaryTensor, kernels, linear
+from bnnops.library import CUDA_IMPLEMENTATIONS
 from bnnops.nn import BinaryLinear
 from bnnops.quantizers import get_quantizer
 from conftest import FLOAT_DTYPES, random_signs_input
@@ -169,9 +170,8 @@ def counted_unpacks(monkeypatch):
     cuda_kernels = torch.library.Library("bnnops", "IMPL")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Warning only once for all operators")
-        for name, kernel in (("binary_linear_a1w1", linear._a1w1_cuda), ("binary_linear_w1a16", linear._w1a16_cuda),
-                             ("binary_linear_grad_input", linear._grad_input_cuda)):
-            cuda_kernels.impl(name, kernel, "CPU")
+        for name in ("binary_linear_a1w1", "binary_linear_w1a16", "binary_linear_grad_input"):
+            cuda_kernels.impl(name, CUDA_IMPLEMENTATIONS[name], "CPU")
     yield calls
     cuda_kernels._destroy()
 
