@@ -379,7 +379,7 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
     a, w = prepare(x, words, DOT_DTYPES[a_mode], binarize, padding, pad_value)
 
     M = N * OH * OW
-    block_m, block_n, block_k, warps, stages = config or pick_config(M, Og, Cg, a_mode, _sm_count(x.device), x.element_size())
+    block_m, block_n, block_k, warps, stages = config or pick_config(M, Og, Cg, a_mode, _sm_count(x.device), out.element_size())
     dummy = out  # never read when HAS_SCALE / HAS_BIAS is False
     grid = (_cdiv(M, block_m) * _cdiv(Og, block_n), groups)
     _conv2d_kernel[grid](

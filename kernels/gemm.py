@@ -522,7 +522,8 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
     return out
 
 
-def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=None, config=None, prepack=None):
+def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=None, config=None, prepack=None,
+         route="int8"):
     """Binary GEMM: y = sign(x) @ W^T, exact in int32, then y * scale + bias.
 
     Args:
@@ -536,18 +537,42 @@ def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=Non
         prepack: pack float x with ``pack_signs`` first (True) or binarize it in the kernel
             (False); None: pack first when M > 16 and N > 128 (see the module docstring) unless
             ``config`` is given.
+        route: "int8" (default): the kernels of this module. "fp8", for float x: the A1W1 GEMM as
+            the 1x1 convolution it is, on ``bnnops.kernels.conv2d``: one launch writes sign(x) and
+            the unpacked weight as fp8 e4m3 +-1 (1 byte an element: transient copies of M*K and
+            N*K bytes, 64 MiB each at 8192^2), then an implicit GEMM whose fp8
+            wgmma Triton 3.6 pipelines (it waits for every int8 one); exact while K <= 2**14, int8
+            above. Not yet timed on a GPU: the benchmark case ``gemm_a1w1_fp8`` measures it.
 
     Returns:
         (M, N) tensor of ``out_dtype``.
     """
     M, N = x.shape[0], words.shape[0]
     out = out if out is not None else torch.empty(M, N, dtype=out_dtype, device=x.device)
+    if route == "fp8":
+        return _a1w1_as_conv(x, words, scale, bias, out)
+    if route != "int8":
+        raise ValueError(f"route must be 'int8' or 'fp8', got {route!r}")
     x_mode = X_PACKED if x.dtype == torch.int32 else X_SIGN
     if prepack is None:
         prepack = config is None and M > SMALL_M and N > 128
     if x_mode == X_SIGN and prepack:
         x, x_mode = pack_signs(x), X_PACKED
     return _launch(x, words, out, M, N, K, words.shape[1], x_mode, False, scale, bias, config)
+
+
+def _a1w1_as_conv(x, words, scale, bias, out):
+    """y = sign(x) W^T as a 1x1 convolution of M one-pixel images of K channels (``a1w1``'s "fp8" route)."""
+    if x.dtype == torch.int32:
+        raise ValueError("a1w1's fp8 route takes float x; packed x runs route='int8'")
+    from bnnops.kernels import conv2d  # the conv kernels: a separate module, compiled only when used
+
+    M, K = x.shape
+    N, KW = words.shape
+    # (M, K) with unit stride along K is a channels-last (M, K, 1, 1) batch, which the prepare pass reads as is.
+    images = x.as_strided((M, K, 1, 1), (x.stride(0), x.stride(1), 1, 1))
+    conv2d.conv2d(images, words.view(N, 1, 1, KW), bias=bias, scale=scale, out=out.view(M, N, 1, 1))
+    return out
 
 
 def w1a16(x, words, *, scale=None, bias=None, out=None, config=None):

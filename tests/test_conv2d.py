@@ -221,7 +221,7 @@ def test_op_rejects_bad_input(device):
 
 # Compiles, for sm_90 in a process without the interpreter (no GPU needed: Triton ships ptxas and
 # cuobjdump), the A1W1 fp8 kernel with scale and bias in every config pick_config chooses for
-# ResNet-18's 3x3 layers at batch 256 and 64, as a launch on those shapes specializes it (16-byte
+# ResNet-18's 3x3 layers at batch 256 and 64 and for the GEMM's fp8 route at 4096^3 and 8192^3, as a launch on those shapes specializes it (16-byte
 # aligned pointers, channel counts and strides divisible by 16, unit strides and dilations), and
 # prints what the test checks: the wgmma waits of the TTGIR and the registers / spills of the cubin.
 _COMPILE_FOR_H100 = """
@@ -231,12 +231,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from bnnops.kernels import conv2d
 fn = conv2d._conv2d_kernel
-picked = {conv2d.pick_config(n * hw * hw, c, c, conv2d.A_FP8)
+picked = {(conv2d.pick_config(n * hw * hw, c, c, conv2d.A_FP8), "bf16")
           for n in (256, 64) for hw, c in ((56, 64), (28, 128), (14, 256), (7, 512))}
-for m, n, k, warps, stages in sorted(picked):
+# The A1W1 GEMM's fp8 route (a 1x1 conv) at 4096^3 and 8192^3, with bf16 and fp32 outputs.
+picked |= {(conv2d.pick_config(n, n, n, conv2d.A_FP8, 132, size), out) for n in (4096, 8192)
+           for out, size in (("bf16", 2), ("fp32", 4))}
+for (m, n, k, warps, stages), out in sorted(picked):
     consts = dict(A_MODE=conv2d.A_FP8, PRECISION="tf32", EVEN_K=True, HAS_SCALE=True, HAS_BIAS=True,
                   BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, soc=1, stride_h=1, stride_w=1, dil_h=1, dil_w=1)
-    pointers = {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "scale_ptr": "*fp32", "bias_ptr": "*fp32"}
+    pointers = {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*" + out, "scale_ptr": "*fp32", "bias_ptr": "*fp32"}
     signature = {a: "constexpr" if a in consts else pointers.get(a, "i32") for a in fn.arg_names}
     aligned = set(pointers) | {"HWp", "C", "Cg", "Og", "son", "soh", "sow"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned}
@@ -250,7 +253,7 @@ for m, n, k, warps, stages in sorted(picked):
     usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
     regs, stack, local = re.search(r"REG:(\\d+) STACK:(\\d+) SHARED:\\d+ LOCAL:(\\d+)", usage).groups()
-    print(m, n, k, "waits", ",".join(waits), "regs", regs, "spill", int(stack) + int(local))
+    print(m, n, k, out, "waits", ",".join(waits), "regs", regs, "spill", int(stack) + int(local))
 """
 
 

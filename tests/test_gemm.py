@@ -90,6 +90,23 @@ def test_a1w1_float_input(gemm, device, config, M, N, K, dtype):
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_a1w1_fp8_route(gemm, device, M, N, K, dtype):
+    """The fp8 route (the GEMM as a 1x1 convolution on bnnops.kernels.conv2d): the same exact result."""
+    x = random_signs_input((M, K), dtype, device)
+    words = weight_words(N, K, device)
+    scale, bias = channel_vectors(N, device, with_scale=True, with_bias=True)
+    out = poisoned((M, N), torch.float32, device)
+    assert gemm.a1w1(x, words, K, scale=scale, bias=bias, out=out, route="fp8") is out
+    assert torch.equal(out.cpu(), a1w1_reference(x.cpu(), words.cpu(), K, _cpu(scale), _cpu(bias)))
+    # Integer sums rounded once to the output dtype, as the reference casts them.
+    y = gemm.a1w1(x.t().contiguous().t(), words, K, out_dtype=dtype, route="fp8")
+    assert torch.equal(y.cpu(), a1w1_reference(x.cpu(), words.cpu(), K, None, None, dtype))
+    with pytest.raises(ValueError, match="takes float x"):
+        gemm.a1w1(pack_signs_reference(x.cpu()).to(device), words, K, route="fp8")
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
 def test_a1w1_packed_input(gemm, device, M, N, K):
     x = random_signs_input((M, K), torch.float32, device)
     x_words = pack_signs_reference(x.cpu())

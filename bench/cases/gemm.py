@@ -3,6 +3,9 @@
 - ``gemm_a1w1``: ``torch.ops.bnnops.binary_linear_a1w1`` on bf16 activations (binarized by the op:
   packed first at these sizes, then the packed x packed-W kernel) against ``torch.matmul`` in bf16 on
   the same +-1 values and ``torch._int_mm`` on them as int8. int8-bound: 2*M*N*K ops.
+- ``gemm_a1w1_fp8``: the same on the launcher's "fp8" route (the GEMM as a 1x1 convolution, fp8
+  e4m3 +-1 operands written by one prepare launch, then a pipelined fp8 wgmma), not yet timed on
+  a GPU.
 - ``gemm_a1w1_packed``: the same with activations already packed (a binary network can keep them
   packed between layers): the kernel alone.
 - ``gemm_w1a16``: ``torch.ops.bnnops.binary_linear_w1a16`` (real bf16 activations, packed +-1
@@ -55,24 +58,36 @@ def _a1w1_baselines(xs, ws, device):
     return baselines
 
 
-@case(
-    "gemm_a1w1",
-    cuda={"M=N=K=8192 bf16": dict(M=8192, N=8192, K=8192, dtype=torch.bfloat16),
-          "M=N=K=4096 bf16": dict(M=4096, N=4096, K=4096, dtype=torch.bfloat16)},
-    cpu=A1W1_CPU,
-    tiny=A1W1_TINY,
-)
-def gemm_a1w1(device, M, N, K, dtype):
+A1W1_CUDA = {"M=N=K=8192 bf16": dict(M=8192, N=8192, K=8192, dtype=torch.bfloat16),
+             "M=N=K=4096 bf16": dict(M=4096, N=4096, K=4096, dtype=torch.bfloat16)}
+
+
+def gemm_a1w1(device, M, N, K, dtype, route="int8"):
+    """Float x binarized by the op; ``route="fp8"`` runs the launcher's fp8 route instead (the
+    GEMM as a 1x1 conv with pipelined fp8 wgmma), which the op does not take yet; on the CPU
+    there are no routes: the op's reference."""
     x = torch.randn(M, K, device=device, dtype=dtype)
     w = _signs((N, K), device, dtype)
     words = pack_signs(w)
+    if route == "fp8" and torch.device(device).type == "cuda":
+        from bnnops import kernels
+
+        gemm = kernels.load("gemm")
+        ours = lambda: gemm.a1w1(x, words, K, out_dtype=dtype, route="fp8")  # noqa: E731
+    else:
+        ours = lambda: torch.ops.bnnops.binary_linear_a1w1(x, words, K, None, None, dtype)  # noqa: E731
     return Workload(
-        ours=lambda: torch.ops.bnnops.binary_linear_a1w1(x, words, K, None, None, dtype),
+        ours=ours,
         baselines=_a1w1_baselines(torch.where(x < 0, -1.0, 1.0).to(dtype), w, device),
         bound="int8",
         bytes=M * K * dtype.itemsize + N * packed_length(K) * 4 + M * N * dtype.itemsize,
         ops=2 * M * N * K,
     )
+
+
+case("gemm_a1w1", cuda=A1W1_CUDA, cpu=A1W1_CPU, tiny=A1W1_TINY)(gemm_a1w1)
+case("gemm_a1w1_fp8", cuda={label: dict(p, route="fp8") for label, p in A1W1_CUDA.items()}, cpu=A1W1_CPU,
+     tiny=A1W1_TINY)(gemm_a1w1)
 
 
 @case(
