@@ -184,18 +184,23 @@ def pack_dense_state_entries(module, state_dict, prefix, *args):
         value = state_dict.get(prefix + name)
         if (isinstance(param, BinaryTensor) and isinstance(value, torch.Tensor) and not isinstance(value, BinaryTensor)
                 and value.is_floating_point() and value.shape == param.shape):
-            state_dict[prefix + name] = BinaryTensor.from_float(value)
+            try:
+                state_dict[prefix + name] = BinaryTensor.from_float(value)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"state_dict entry {prefix + name!r}: {e}") from None
 
 
-def _writes_binary(func, args, kwargs):
-    """Whether ``func`` writes to a BinaryTensor argument (ops that write a dense argument while
-    reading a binary one, ``d.add_(w)`` or ``torch.add(w, 1, out=d)``, run on the dense copy)."""
+def _writes_binary(func, args, kwargs, cls=None):
+    """Whether ``func`` writes to an argument of class ``cls`` (default BinaryTensor); ops that write
+    a dense argument while reading a binary one, ``d.add_(w)`` or ``torch.add(w, 1, out=d)``, run on
+    the dense copy."""
+    cls = cls or BinaryTensor
     for i, arg in enumerate(func._schema.arguments):
         if arg.alias_info is None or not arg.alias_info.is_write:
             continue
         value = args[i] if i < len(args) else kwargs.get(arg.name)
         values = value if isinstance(value, (list, tuple)) else (value,)
-        if any(isinstance(v, BinaryTensor) for v in values):
+        if any(isinstance(v, cls) for v in values):
             return True
     return False
 
@@ -253,7 +258,10 @@ def _copy_(dst, src, non_blocking=False):
 
 
 def _empty_like(x, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
-    # Module.to_empty: uninitialized words on the new device, the same logical tensor otherwise.
+    # Module.to_empty passes a device: uninitialized words there, the same logical tensor. Without
+    # one it is a dense scratch tensor, as reads build them (dropout: empty_like(w).bernoulli_()).
+    if device is None:
+        return torch.empty_like(x.dequantize(), dtype=dtype, memory_format=memory_format or torch.preserve_format)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"an empty BinaryTensor has a float32, bfloat16 or float16 logical dtype, not {dtype}")
     return BinaryTensor(torch.empty_like(x.packed, device=device), x.shape, dtype or x.dtype)
@@ -277,7 +285,7 @@ class _FlatCopy(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        if func._schema.is_mutable:
+        if _writes_binary(func, args, kwargs, cls):
             raise RuntimeError(
                 f"{func} on BinaryTensor.view(-1): that flat tensor is a dense copy of the packed "
                 "bits, so the write would be lost. Write to the BinaryTensor with copy_, or train it with Bop."

@@ -133,8 +133,11 @@ class _CifarUnpickler(pickle.Unpickler):
     can run any code it names, so a file that names anything else is refused."""
 
     # _codecs.encode: how a protocol-2 pickle written by Python 3 stores bytes.
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
+    # numpy's own reconstructors (arrays, scalars, protocol-5 buffers), under both module names.
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:

@@ -10,9 +10,10 @@ to +60 us as a ``Library`` op, about 35 us more when a Python Autograd kernel re
 there is none). The benchmark case ``op_dispatch`` measures it on any machine.
 
 The ops have no derivative of their own: the autograd functions of :mod:`bnnops.linear` and
-:mod:`bnnops.conv` call them with grad mode off and define the gradients. Called directly with
-grad mode on and an input that requires grad, an op with a float output raises (at once, naming
-the functions to use), where torch's fallback would only warn at backward and return no gradient.
+:mod:`bnnops.conv` call them and define the gradients. Called with grad mode on and an input that
+requires grad (directly, or in a layer's backward under ``create_graph=True``), an op with a float
+output returns a result whose backward raises, naming the functions to use, as ``custom_op`` did;
+torch's fallback would only warn and return no gradient.
 """
 
 import torch
@@ -23,17 +24,32 @@ LIBRARY = torch.library.Library("bnnops", "DEF")
 CUDA_IMPLEMENTATIONS = {}
 
 
+class _NoDerivative(torch.autograd.Function):
+    """Identity on an op's output, for an op called with grad on: its backward raises."""
+
+    @staticmethod
+    def forward(ctx, name, out, *inputs):
+        ctx.name = name
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"bnnops::{ctx.name} has no derivative of its own: call it through bnnops.binary_linear, "
+            f"bnnops.binary_conv2d or the nn layers, which define its first derivatives (there is no "
+            f"second derivative through their backward either)"
+        )
+
+
 def _checked(name, check, implementation):
     def kernel(*args):
         check(*args)
         out = implementation(*args)
-        if torch.is_grad_enabled() and out.is_floating_point() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args
-        ):
-            raise RuntimeError(
-                f"bnnops::{name} has no derivative of its own: call it under torch.no_grad(), or use "
-                f"bnnops.binary_linear, bnnops.binary_conv2d or the nn layers, which define its gradients"
-            )
+        if torch.is_grad_enabled() and out.is_floating_point():
+            inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            if inputs:
+                # The Autograd key falls through to here, so this node is what autograd sees.
+                return _NoDerivative.apply(name, out, *inputs)
         return out
 
     return kernel
@@ -53,6 +69,6 @@ def define(schema, *, check, reference, cuda, fake):
     LIBRARY.impl(name, _checked(name, check, cuda), "CUDA")
     CUDA_IMPLEMENTATIONS[name] = cuda
     torch.library.register_fake(f"bnnops::{name}", _checked(name, check, fake), lib=LIBRARY)
-    # No autograd layer: the kernels refuse grad themselves (see _checked), so skip straight to them.
+    # No autograd layer: the kernels mark their own results (see _checked), so skip straight to them.
     LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
     return getattr(torch.ops.bnnops, name).default

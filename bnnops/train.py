@@ -284,7 +284,7 @@ def train(cfg, resume=False):
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=cfg.device, weights_only=True)
-        keep = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
+        keep = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) is not None}
         cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), **keep)
 
     dataset = data.load(cfg.dataset, seed=cfg.data_seed, data_dir=cfg.data_dir)
@@ -296,8 +296,8 @@ def train(cfg, resume=False):
     try:
         model = models.build(cfg.model, dataset.input_shape, dataset.num_classes, weight_quantizer).to(cfg.device)
         with torch.no_grad():
-            model.eval()(dataset.x_test[:1])
-    except (IndexError, RuntimeError, ValueError) as e:
+            model.eval()(next(dataset.batches("test", 1))[0])  # as training sees it (CIFAR: scaled floats)
+    except (IndexError, RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f"model {cfg.model!r} does not take dataset {cfg.dataset!r}'s inputs of shape "
                          f"{tuple(dataset.input_shape)}: {e}") from e
     opt = _Optimization(model, cfg)
@@ -374,17 +374,22 @@ def main(argv=None):
     preset, resume = args.pop("preset"), args.pop("resume")
     if args["out"] is None:
         args["out"] = os.path.join("runs", f"{preset}-{args['optimizer'] or 'bop'}")
-    if resume and args["epochs"] is None:
-        # Without --epochs a resumed run trains to the epoch count it was started with.
-        log_path = os.path.join(args["out"], "log.json")
-        if os.path.isfile(log_path):
-            with open(log_path) as f:
-                args["epochs"] = json.load(f)["config"]["epochs"]
-    if resume:
-        ignored = [f"--{k.replace('_', '-')}" for k, v in args.items() if v is not None and k not in RESUME_OVERRIDES]
-        if ignored or preset != DEFAULT_PRESET:
+    saved = None  # the configuration a resumed run was started with
+    log_path = os.path.join(args["out"], "log.json")
+    if resume and os.path.isfile(log_path):
+        with open(log_path) as f:
+            saved = json.load(f)["config"]
+        if args["epochs"] is None:
+            # Without --epochs a resumed run trains to the epoch count it was started with.
+            args["epochs"] = saved["epochs"]
+    if resume and saved is not None:
+        # --preset only picks defaults, which a resumed run takes from its checkpoint; an option
+        # equal to the saved value changes nothing. Refuse the others rather than drop them.
+        changed = [f"--{k.replace('_', '-')} {v}" for k, v in args.items()
+                   if v is not None and k not in RESUME_OVERRIDES and saved.get(k) != v]
+        if changed:
             raise SystemExit(f"--resume continues {args['out']} with its saved configuration; it cannot change "
-                             f"{', '.join(ignored) or '--preset'} (only --epochs, --device, --data-dir, --out and the output "
+                             f"{', '.join(changed)} (only --epochs, --device, --data-dir, --out and the output "
                              "switches). Start a new run with a new --out instead.")
     cfg = TrainConfig.from_preset(preset, **args)
     result = train(cfg, resume=resume)

@@ -20,9 +20,10 @@ class ThresholdScheduler:
         last_epoch: the step count to resume from (-1 starts fresh), as in torch's schedulers.
 
     Each group's starting threshold is recorded in the group as ``"initial_threshold"`` (as torch's
-    schedulers record ``"initial_lr"``) and kept by the scheduler as ``base_thresholds``, which its
-    own ``state_dict`` holds with the step count (the functions are code, not state, as in
-    ``LambdaLR``); so loading an optimizer checkpoint saved without a scheduler works too.
+    schedulers record ``"initial_lr"``), so the optimizer's ``state_dict`` saves it; the scheduler
+    also keeps its own copy (``base_thresholds``) for groups that lack the key after loading an
+    optimizer checkpoint saved without a scheduler. Its ``state_dict`` holds the step count (the
+    functions are code, not state, as in ``LambdaLR``).
     Call :meth:`step` after the optimizer's step, once per epoch or per batch as the schedule reads.
 
     Example: ``ThresholdScheduler(bop, lambda epoch: 0.5 ** (epoch // 10))`` halves tau every 10 epochs.
@@ -48,6 +49,9 @@ class ThresholdScheduler:
 
     def _apply(self):
         for group, base, factor in zip(self.optimizer.param_groups, self.base_thresholds, self.factors):
+            # The group's own record wins (an optimizer checkpoint carries it); one loaded from a
+            # checkpoint saved without a scheduler lacks it and gets this scheduler's again.
+            base = group.setdefault("initial_threshold", base)
             threshold = base * factor(self.last_epoch)
             if not threshold >= 0:
                 raise ValueError(f"ThresholdScheduler: the threshold must stay >= 0, but step {self.last_epoch} "
@@ -59,11 +63,9 @@ class ThresholdScheduler:
         return [group["threshold"] for group in self.optimizer.param_groups]
 
     def state_dict(self):
-        return {"last_epoch": self.last_epoch, "base_thresholds": list(self.base_thresholds)}
+        return {"last_epoch": self.last_epoch}
 
     def load_state_dict(self, state_dict):
-        """Restore the step count (and base thresholds) and set the thresholds from them, in either
-        order with the optimizer's load."""
+        """Restore the step count and set the thresholds from it (in either order with the optimizer's load)."""
         self.last_epoch = state_dict["last_epoch"]
-        self.base_thresholds = list(state_dict.get("base_thresholds", self.base_thresholds))
         self._apply()

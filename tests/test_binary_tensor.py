@@ -217,6 +217,12 @@ def test_dense_tensors_read_a_binary_one(device):
     dense = nn.Linear(40, 5).to(device)
     dense.load_state_dict(bnnops.nn.BinaryLinear(40, 5).to(device).state_dict())  # a Bop checkpoint, dense model
     assert set(dense.weight.detach().unique().tolist()) <= {-1.0, 1.0}
+    flat = torch.zeros(200, device=device)
+    flat.copy_(b.view(-1))  # view(-1)'s dense copy may be read too
+    assert torch.equal(flat, signs(w).view(-1))
+    # Reads that start from an empty_like scratch tensor (dropout) get a dense one.
+    dropped = torch.nn.functional.dropout(b, 0.5, training=True)
+    assert type(dropped) is torch.Tensor and set(dropped.unique().tolist()) <= {-2.0, 0.0, 2.0}
     before = b.packed.clone()
     with pytest.raises(RuntimeError, match="in-place op"):
         torch._foreach_add_([b], [torch.ones(5, 40, device=device)])
@@ -230,7 +236,7 @@ def test_layers_load_dense_state_with_assign(device):
     layer.load_state_dict(state, assign=True)
     assert isinstance(layer.weight, BinaryTensor) and layer.weight.requires_grad
     assert torch.equal(layer.weight.dequantize(), signs(state["weight"]))
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="entry 'weight': cannot binarize a weight that holds NaN or inf"):
         layer.load_state_dict({**state, "weight": torch.full((5, 40), float("nan"), device=device)}, assign=True)
 
 

@@ -27,14 +27,27 @@ def _calls(device):
 
 
 @pytest.mark.parametrize("index", range(4))
-def test_grad_through_a_raw_op_refused(device, index):
-    """With grad on and an input that requires grad, a float op refuses at once (it has no formula)."""
+def test_backward_through_a_raw_op_raises(device, index):
+    """With grad on and an input that requires grad, a float op's result refuses backward (no formula)."""
     name, call = _calls(device)[index]
+    y = call()
+    assert y.requires_grad
     with pytest.raises(RuntimeError, match=f"bnnops::{name} has no derivative of its own"):
-        call()
+        y.sum().backward()
     with torch.no_grad():
-        y = call()
-    assert y.is_floating_point() and not y.requires_grad
+        assert torch.equal(call(), y.detach())
+
+
+def test_create_graph_through_a_layer(device):
+    """First derivatives with create_graph=True work; a second derivative through the layer's
+    backward raises instead of silently missing a term."""
+    layer = bnnops.nn.BinaryLinear(40, 6).to(device)
+    x = torch.randn(3, 40, device=device, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad(layer(x).square().sum(), x)
+    assert torch.equal(grad.detach(), expected)
+    with pytest.raises(RuntimeError, match="has no derivative of its own"):
+        grad.square().sum().backward()
 
 
 def test_integer_outputs_need_no_derivative(device):

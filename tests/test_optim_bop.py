@@ -425,3 +425,26 @@ def test_hyperparameters_checked_when_stepping_and_loading(device):
     second.step()
     with pytest.raises(ValueError, match="Bop cannot load a Bop2ndOrder state_dict"):
         Bop(model.parameters()).load_state_dict(second.state_dict())
+
+
+def test_threshold_scheduler_resumes_from_an_older_checkpoint(device):
+    """A scheduler state without base thresholds (an older checkpoint) takes the base the loaded
+    optimizer groups carry, in either load order."""
+    def make(threshold):
+        opt = Bop(Model(torch.float32, device, binary_only=True).ws, threshold=threshold)
+        return opt, ThresholdScheduler(opt, lambda t: 0.1**t)
+
+    opt, sched = make(1e-6)
+    sched.step()
+    saved = opt.state_dict(), {"last_epoch": 1}
+    for scheduler_first in (False, True):
+        opt, sched = make(1.0)
+        if scheduler_first:
+            sched.load_state_dict(saved[1])
+            opt.load_state_dict(saved[0])
+        else:
+            opt.load_state_dict(saved[0])
+            sched.load_state_dict(saved[1])
+        assert sched.get_last_threshold()[0] == pytest.approx(1e-7)
+        sched.step()
+        assert sched.get_last_threshold()[0] == pytest.approx(1e-8)

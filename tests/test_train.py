@@ -1,11 +1,13 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from bnnops import BinaryTensor, models, train
 from bnnops.train import TrainConfig
+from test_data import _write_cifar
 
 
 def quick(tmp_path, **overrides):
@@ -91,9 +93,24 @@ def test_cli_presets_and_overrides(tmp_path, capsys):
     resume = ["--out", str(out), "--no-progress", "--device", "cpu", "--resume"]
     assert len(train.main(resume)["history"]) == 1
     assert "final test accuracy" in capsys.readouterr().out
-    # Options the checkpoint fixes are refused, not silently dropped.
-    with pytest.raises(SystemExit, match="cannot change --gamma, --limit"):
-        train.main(argv + ["--resume"])
+    # Repeating the run's own options is fine; changing one the checkpoint fixes is refused, not dropped.
+    assert len(train.main(argv + ["--resume"])["history"]) == 1
+    with pytest.raises(SystemExit, match="cannot change --gamma 0.005"):
+        train.main(resume + ["--gamma", "5e-3"])
+
+
+def test_cifar10_run_and_resume_keep_the_data_dir(tmp_path):
+    """A CIFAR-10 run (uint8 images, scaled by the loader) trains; --resume without --data-dir
+    reads the directory the checkpoint names."""
+    data_dir = tmp_path / "cifar"
+    data_dir.mkdir()
+    _write_cifar(data_dir, [8] * 6, np.random.default_rng(0))
+    out = str(tmp_path / "run")
+    common = ["--model", "mlp", "--dataset", "cifar10", "--out", out, "--no-progress", "--no-plots", "--device", "cpu"]
+    first = train.main(common + ["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "4"])
+    assert len(first["history"]) == 1
+    assert len(train.main(["--out", out, "--no-progress", "--no-plots", "--device", "cpu", "--resume",
+                           "--epochs", "2"])["history"]) == 2
 
 
 @pytest.mark.parametrize("bad, match", [
