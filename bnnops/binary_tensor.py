@@ -292,7 +292,8 @@ class _FlatCopy(torch.Tensor):
             )
         args, kwargs = tree_map_only(cls, lambda t: t.dense, (args, kwargs or {}))
         out = func(*args, **kwargs)
-        return _FlatCopy(out) if func.is_view else out  # a view of the copy is a copy too
+        # A view of the copy is a copy too (split & co. return several).
+        return tree_map_only(torch.Tensor, _FlatCopy, out) if func.is_view else out
 
 
 _HANDLERS = {

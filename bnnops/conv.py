@@ -28,7 +28,7 @@ from torch import nn
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, pack_dense_state_entries
-from bnnops.library import define
+from bnnops.library import define, refuse_backward
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference, unpack_weight
 from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
@@ -232,6 +232,9 @@ class _BinaryConv2dFunction(torch.autograd.Function):
                 grad_weight = grad_weight.to(ctx.weight_dtype)
         if need_b:
             grad_bias = grad_y.sum((0, 2, 3))
+        # With create_graph the gradients would be differentiable only in part (the +-1 weight and
+        # sign(x) are constants here): a second derivative through them raises instead.
+        grad_x, grad_weight = (None if t is None else refuse_backward("binary_conv2d", t, (grad_y,)) for t in (grad_x, grad_weight))
         return grad_x, grad_weight, None, None, grad_bias, None, None, None
 
 

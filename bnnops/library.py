@@ -17,6 +17,7 @@ torch's fallback would only warn and return no gradient.
 """
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 LIBRARY = torch.library.Library("bnnops", "DEF")
 # op name -> its CUDA implementation (unchecked), so CPU tests can run that exact code on CPU
@@ -30,7 +31,7 @@ class _NoDerivative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name, out, *inputs):
         ctx.name = name
-        return out.view_as(out)
+        return out.clone()  # not a view of out: in-place ops on the result stay allowed
 
     @staticmethod
     def backward(ctx, *grads):
@@ -41,16 +42,26 @@ class _NoDerivative(torch.autograd.Function):
         )
 
 
+def refuse_backward(name, out, inputs):
+    """``out`` with a node whose backward raises (the op ``name`` has no derivative), when grad is
+    on and one of ``inputs`` requires grad; else ``out`` itself. Under torch.compile's tracing the
+    node would not enter the graph (a term would silently vanish): raise there at once."""
+    if not (torch.is_grad_enabled() and out.is_floating_point()):
+        return out
+    inputs = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not inputs:
+        return out
+    if isinstance(out, FakeTensor):
+        raise RuntimeError(f"bnnops::{name} has no derivative of its own: under torch.compile, call it through "
+                           f"bnnops.binary_linear, bnnops.binary_conv2d or the nn layers, or under torch.no_grad()")
+    return _NoDerivative.apply(name, out, *inputs)
+
+
 def _checked(name, check, implementation):
     def kernel(*args):
         check(*args)
-        out = implementation(*args)
-        if torch.is_grad_enabled() and out.is_floating_point():
-            inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-            if inputs:
-                # The Autograd key falls through to here, so this node is what autograd sees.
-                return _NoDerivative.apply(name, out, *inputs)
-        return out
+        # The Autograd key falls through to here, so a node made here is what autograd sees.
+        return refuse_backward(name, implementation(*args), args)
 
     return kernel
 

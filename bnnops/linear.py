@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, pack_dense_state_entries
-from bnnops.library import define
+from bnnops.library import define, refuse_backward
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference
 from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
@@ -237,6 +237,9 @@ class _BinaryLinearFunction(torch.autograd.Function):
             grad_weight = grad_weight.to(ctx.weight_dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_y.sum(0)
+        # With create_graph the gradients would be differentiable only in part (the +-1 weight and
+        # sign(x) are constants here): a second derivative through them raises instead.
+        grad_x, grad_weight = (None if t is None else refuse_backward("binary_linear", t, (grad_y,)) for t in (grad_x, grad_weight))
         return grad_x, grad_weight, None, None, grad_bias, None, None, None
 
 

@@ -374,15 +374,17 @@ def main(argv=None):
     preset, resume = args.pop("preset"), args.pop("resume")
     if args["out"] is None:
         args["out"] = os.path.join("runs", f"{preset}-{args['optimizer'] or 'bop'}")
-    saved = None  # the configuration a resumed run was started with
-    log_path = os.path.join(args["out"], "log.json")
+    saved = None  # the configuration a resumed run was started with: its log's, or its checkpoint's
+    log_path, ckpt_path = os.path.join(args["out"], "log.json"), os.path.join(args["out"], "checkpoint.pt")
     if resume and os.path.isfile(log_path):
         with open(log_path) as f:
             saved = json.load(f)["config"]
+    elif resume and os.path.isfile(ckpt_path):
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
+    if saved is not None:
         if args["epochs"] is None:
             # Without --epochs a resumed run trains to the epoch count it was started with.
             args["epochs"] = saved["epochs"]
-    if resume and saved is not None:
         # --preset only picks defaults, which a resumed run takes from its checkpoint; an option
         # equal to the saved value changes nothing. Refuse the others rather than drop them.
         changed = [f"--{k.replace('_', '-')} {v}" for k, v in args.items()

@@ -220,6 +220,7 @@ def test_dense_tensors_read_a_binary_one(device):
     flat = torch.zeros(200, device=device)
     flat.copy_(b.view(-1))  # view(-1)'s dense copy may be read too
     assert torch.equal(flat, signs(w).view(-1))
+    assert torch.equal(torch.cat(b.view(-1).split(64)), signs(w).view(-1))  # views of it are copies too
     # Reads that start from an empty_like scratch tensor (dropout) get a dense one.
     dropped = torch.nn.functional.dropout(b, 0.5, training=True)
     assert type(dropped) is torch.Tensor and set(dropped.unique().tolist()) <= {-2.0, 0.0, 2.0}

@@ -38,16 +38,33 @@ def test_backward_through_a_raw_op_raises(device, index):
         assert torch.equal(call(), y.detach())
 
 
-def test_create_graph_through_a_layer(device):
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_create_graph_through_a_layer(device, kind):
     """First derivatives with create_graph=True work; a second derivative through the layer's
-    backward raises instead of silently missing a term."""
-    layer = bnnops.nn.BinaryLinear(40, 6).to(device)
-    x = torch.randn(3, 40, device=device, requires_grad=True)
+    backward (a gradient penalty) raises instead of silently missing the weight's terms."""
+    if kind == "linear":
+        layer, x = bnnops.nn.BinaryLinear(40, 6), torch.randn(3, 40)
+    else:
+        layer, x = bnnops.nn.BinaryConv2d(3, 4, 3, padding=1), torch.randn(2, 3, 5, 5)
+    layer, x = layer.to(device), x.to(device).requires_grad_()
     (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     (expected,) = torch.autograd.grad(layer(x).square().sum(), x)
     assert torch.equal(grad.detach(), expected)
     with pytest.raises(RuntimeError, match="has no derivative of its own"):
         grad.square().sum().backward()
+    y = torch.ops.bnnops.binary_linear_w1a16(torch.randn(2, 40, device=device, requires_grad=True),
+                                            bnnops.pack_signs(torch.randn(5, 40, device=device)), None, None)
+    y.relu_()  # an in-place op on a marked result is fine; only its backward raises
+
+
+def test_raw_op_with_grad_under_compile_raises():
+    """Under torch.compile the marking node would not enter the graph: the op refuses at trace time."""
+    words = bnnops.pack_signs(torch.randn(5, 40))
+    x = torch.randn(2, 40, requires_grad=True)
+    f = torch.compile(lambda x: torch.ops.bnnops.binary_linear_w1a16(x * 2, words, None, None), backend="aot_eager",
+                      fullgraph=True)
+    with pytest.raises(Exception, match="has no derivative of its own"):
+        f(x).sum().backward()
 
 
 def test_integer_outputs_need_no_derivative(device):

@@ -97,6 +97,9 @@ def test_cli_presets_and_overrides(tmp_path, capsys):
     assert len(train.main(argv + ["--resume"])["history"]) == 1
     with pytest.raises(SystemExit, match="cannot change --gamma 0.005"):
         train.main(resume + ["--gamma", "5e-3"])
+    os.remove(out / "log.json")  # the checkpoint alone still names the saved configuration
+    with pytest.raises(SystemExit, match="cannot change --gamma 0.005"):
+        train.main(resume + ["--gamma", "5e-3"])
 
 
 def test_cifar10_run_and_resume_keep_the_data_dir(tmp_path):
