@@ -261,7 +261,9 @@ def _empty_like(x, dtype=None, layout=None, device=None, pin_memory=None, memory
     # Module.to_empty passes a device: uninitialized words there, the same logical tensor. Without
     # one it is a dense scratch tensor, as reads build them (dropout: empty_like(w).bernoulli_()).
     if device is None:
-        return torch.empty_like(x.dequantize(), dtype=dtype, memory_format=memory_format or torch.preserve_format)
+        # The logical tensor is contiguous, so preserve_format is contiguous: no need to unpack the bits.
+        fmt = torch.contiguous_format if memory_format in (None, torch.preserve_format) else memory_format
+        return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.packed.device, memory_format=fmt)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"an empty BinaryTensor has a float32, bfloat16 or float16 logical dtype, not {dtype}")
     return BinaryTensor(torch.empty_like(x.packed, device=device), x.shape, dtype or x.dtype)

@@ -81,6 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bnnops.kernels import conv2d
 from bnnops.kernels.pack import pack_signs
 
 # What x holds (the kernel's X_MODE): real values, floats to binarize, or packed sign words.
@@ -565,8 +566,6 @@ def _a1w1_as_conv(x, words, scale, bias, out):
     """y = sign(x) W^T as a 1x1 convolution of M one-pixel images of K channels (``a1w1``'s "fp8" route)."""
     if x.dtype == torch.int32:
         raise ValueError("a1w1's fp8 route takes float x; packed x runs route='int8'")
-    from bnnops.kernels import conv2d  # the conv kernels: a separate module, compiled only when used
-
     M, K = x.shape
     N, KW = words.shape
     # (M, K) with unit stride along K is a channels-last (M, K, 1, 1) batch, which the prepare pass reads as is.
