@@ -7,12 +7,14 @@
 # Steps, in order, each bounded in time so the whole script ends within GPU_CHECK_BUDGET seconds:
 #   env.txt       date, nvidia-smi, GPU, python / torch / CUDA / triton versions, commit, pip install log
 #   tests.log     python -m pytest tests $PYTEST_ARGS (plus --timeout if pytest-timeout is installed)
+#   train_step.json / .md  python -m bench.train_evidence --gpu-step --profile: BinaryNet training step,
+#                 ours against plain PyTorch (images/s, peak memory) and where each step's time goes
 #   bench.log     python -m bench: progress and the final table
 #   results.json  the benchmark's rows, rewritten after every shape (a killed run keeps what it measured);
 #                 headline shapes of every kernel run first
 #   table.md      the README "Performance" markdown of the run
 #   speedup.png   the speedup chart (when matplotlib is installed)
-# Six files, no folders. Then `python -m bench --record OUTDIR/results.json` on the development
+# Nine files (train_step.log too), no folders. Then `python -m bench --record OUTDIR/results.json` on the development
 # machine puts the run under bench/results/.
 #
 # Environment (all optional):
@@ -23,6 +25,7 @@
 #   BENCH_ARGS        more arguments for python -m bench, split on spaces, no inner quotes:
 #                     e.g. BENCH_ARGS="--filter gemm|bop" (the script passes it unquoted)
 #   SKIP_TESTS=1      benchmark only
+#   TRAIN_STEP_TIMEOUT seconds for the training-step profile (default 150; 0 skips it)
 #   PYTHON            default python3
 set -uo pipefail
 
@@ -72,6 +75,15 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     [ "$tests_rc" = 124 ] && echo "gpu_check: the tests ran past ${tests_timeout} s and were stopped" >>"$out/tests.log"
 fi
 
+train_step_timeout=${TRAIN_STEP_TIMEOUT:-150}
+train_rc=skipped
+if [ "$train_step_timeout" -gt 0 ]; then
+    say "training step profile (at most ${train_step_timeout} s) -> $out/train_step.json"
+    timeout -k 10 "$train_step_timeout" $py -m bench.train_evidence --gpu-step --profile --out "$out/train_step.json" \
+        >"$out/train_step.log" 2>&1
+    train_rc=$?
+fi
+
 # The benchmark stops starting shapes 60 s before its hard limit, so it can still write its table.
 bench_limit=$(( $(left) - 15 ))
 if [ "$bench_limit" -lt 90 ]; then bench_limit=90; fi
@@ -88,6 +100,8 @@ echo "================ gpu_check summary ($((SECONDS - start)) s) ==============
 grep -E "^(GPU|torch [0-9]|triton [0-9])" "$out/env.txt"
 echo "tests (exit $tests_rc): $(tail -n 1 "$out/tests.log" 2>/dev/null)"
 grep -E "^(FAILED|ERROR) " "$out/tests.log" 2>/dev/null | head -n 20
+echo "training step profile (exit $train_rc):"
+[ -f "$out/train_step.md" ] && head -n 8 "$out/train_step.md"
 echo "benchmark exit $bench_rc$([ "$bench_rc" = 124 ] && echo ' (stopped at its time limit)')"
 if [ -f "$out/results.json" ]; then
     $py -c "import json, sys; from bench import report; print(report.text_report(json.load(open(sys.argv[1]))))" \

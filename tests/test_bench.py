@@ -121,3 +121,23 @@ def test_benchmark_suite_runs_at_tiny_size():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{len(CASES)} passed" in done.stdout
+
+
+@pytest.mark.parametrize("variant", ["ours", "plain"])
+def test_train_step_profile_names_where_the_time_goes(variant, device):
+    from bench.cases.train_step import profile_markdown, step_profile, training_step
+
+    result = step_profile(training_step(variant, device, batch=2, filters=4, dense_units=8), device, steps=2, top=200)
+    assert 0 < result["host_ms"] <= result["wall_ms"]
+    names = {e["name"] for e in result["top"]}
+    if device == "cuda":
+        # Kernels by device time: ours runs the Triton conv kernel, the plain twin never does.
+        assert 0 < result["kernel_ms"]
+        assert any("_conv2d_kernel" in name for name in names) == (variant == "ours")
+    else:
+        # Torch ops by self time: ours runs the binary conv op (6 convolutions a step), the plain twin cuDNN's.
+        conv = next(e for e in result["top"] if e["name"] == ("bnnops::binary_conv2d" if variant == "ours" else "aten::convolution"))
+        assert conv["calls"] == 6
+        assert ("bnnops::binary_conv2d" in names) == (variant == "ours")
+    table = profile_markdown({variant: result})
+    assert f"{variant}: host" in table and "| calls / step |" in table

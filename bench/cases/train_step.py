@@ -10,10 +10,12 @@ Both take one step = forward, cross-entropy, backward, optimizer step on the sam
 
 ``gpu_step_report()`` (``python -m bench.train_evidence --gpu-step``) times both in one process with
 CUDA events and records images per second and peak memory, which the table of ``python -m bench``
-has no column for.
+has no column for; with ``profile=True`` (``--profile``) also where each variant's step spends its
+time (:func:`step_profile`).
 """
 
 import copy
+import time
 import traceback
 
 import torch
@@ -165,11 +167,71 @@ def _measure(step, steps, warmup):
     return start.elapsed_time(end) / 1e3 / steps, torch.cuda.max_memory_allocated()
 
 
-def gpu_step_report(batch=256, steps=20, warmup=5):
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_profile(step, device, steps=3, top=12):
+    """Where a training step's time goes, over ``steps`` steps after one warm-up step.
+
+    Returns a dict, times in ms per step:
+
+    - ``host_ms``: the host's time to issue the step (until ``step()`` returns, no sync first);
+    - ``wall_ms``: the step with the device finished (synchronized);
+    - ``kernel_ms`` (CUDA): the sum of the device time of every kernel, from ``torch.profiler``.
+      wall well above kernel time with host close to wall means the step is host-bound;
+    - ``top``: the ``top`` largest entries, each {name, ms, calls} per step: CUDA kernels by device
+      time on CUDA, torch ops by their own (self) CPU time on CPU.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    _sync(device)
+    host = wall = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        _sync(device)
+        host, wall = host + t1 - t0, wall + time.perf_counter() - t0
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    if cuda:
+        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                  if e.device_type == DeviceType.CUDA]
+    else:
+        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+    events.sort(key=lambda e: -e[1])
+    result = {"steps": steps, "host_ms": 1e3 * host / steps, "wall_ms": 1e3 * wall / steps,
+              "top": [{"name": name, "ms": us / 1e3 / steps, "calls": count / steps} for name, us, count in events[:top]]}
+    if cuda:
+        result["kernel_ms"] = sum(us for _, us, _ in events) / 1e3 / steps
+    return result
+
+
+def profile_markdown(profiles):
+    """The tables of :func:`step_profile` results, one per variant ({variant: result})."""
+    lines = []
+    for name, p in profiles.items():
+        kernel = f", kernels {p['kernel_ms']:.2f} ms" if "kernel_ms" in p else ""
+        summary = f"{name}: host {p['host_ms']:.2f} ms, wall {p['wall_ms']:.2f} ms{kernel} per step (mean of {p['steps']})"
+        lines += ["", summary, "", "| op or kernel | ms / step | calls / step |", "|---|---|---|"]
+        lines += [f"| `{e['name'][:90]}` | {e['ms']:.3f} | {e['calls']:g} |" for e in p["top"]]
+    return "\n".join(lines)
+
+
+def gpu_step_report(batch=256, steps=20, warmup=5, profile=False):
     """Images/s and peak memory of ours and the plain baseline, one process, one after the other.
 
     Returns (result dict, markdown table). Peak memory is ``torch.cuda.max_memory_allocated``
     over the timed steps, after warm-up (weights, gradients, optimizer state and activations).
+    With ``profile``, each variant is then profiled by :func:`step_profile` (its row's "profile").
     """
     from bench.machine import describe
 
@@ -181,6 +243,8 @@ def gpu_step_report(batch=256, steps=20, warmup=5):
             step = training_step(name, "cuda", batch)
             seconds, peak = _measure(step, steps, warmup)
             rows[name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds, "peak_bytes": peak}
+            if profile:
+                rows[name]["profile"] = step_profile(step, "cuda")
         except Exception:  # noqa: BLE001 - recorded in the result and the table
             rows[name] = {"error": traceback.format_exc()}
         step = None  # frees the model, its optimizer and the batch before the next variant
@@ -199,4 +263,5 @@ def gpu_step_report(batch=256, steps=20, warmup=5):
         result["speedup"] = rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"]
         result["memory_ratio"] = rows["ours"]["peak_bytes"] / rows["plain"]["peak_bytes"]
         lines.append(f"| ours / plain | {result['speedup']:.2f}x | {result['memory_ratio']:.2f}x |")
-    return result, "\n".join(lines)
+    profiles = {labels[name]: row["profile"] for name, row in rows.items() if "profile" in row}
+    return result, "\n".join(lines) + (profile_markdown(profiles) if profiles else "")
