@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnnops import kernels
-from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, pack_dense_state_entries
-from bnnops.library import define, refuse_backward
+from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, metadata, pack_dense_state_entries
+from bnnops.library import check_channel_vectors, define, refuse_backward
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference, unpack_weight
 from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
@@ -88,15 +88,9 @@ def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value)
         )
     if pad_value not in PAD_VALUES:
         raise ValueError(f"pad_value must be 0.0, 1.0 or -1.0, got {pad_value}")
-    for name, t in (("bias", bias), ("scale", scale)):
-        if t is None:
-            continue
-        if t.dtype not in FLOAT_DTYPES or t.shape != (O,):
-            raise ValueError(f"{name} must be a float tensor of shape ({O},) (one per output channel), "
-                             f"got {t.dtype} {tuple(t.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("scale", scale)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"binary_conv2d {name} is on {t.device} but the input is on {x.device}")
+    check_channel_vectors(O, x.device, bias=bias, scale=scale)
+    if weight.device != x.device:
+        raise ValueError(f"binary_conv2d weight is on {weight.device} but the input is on {x.device}")
 
 
 def binary_conv2d_reference(x, weight, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 0),
@@ -180,7 +174,8 @@ class _BinaryConv2dFunction(torch.autograd.Function):
     """y = conv(a(x), sign(weight)) * scale + bias with gradients for x, the weight and bias.
 
     The forward runs ``bnnops::binary_conv2d`` on the packed ``words``. ``weight`` is what receives
-    the gradient: a BinaryTensor, or a dense latent weight whose signs are ``words``. The backward
+    the gradient: a BinaryTensor, or a dense latent weight whose signs are ``words``, of logical
+    shape ``weight_shape`` and dtype ``weight_dtype`` (read once by :func:`binary_conv2d`). The backward
     runs cuDNN (``aten.convolution_backward``) on the +-1 values: grad_input (then the input
     quantizer's surrogate, as in :func:`bnnops.binary_linear`) and a dense float grad_weight, which
     is what Bop consumes. Padded positions are constants: they get no gradient, and with a pad value
@@ -188,24 +183,23 @@ class _BinaryConv2dFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, words, scale, bias, geometry, input_quantizer, weight_quantizer):
-        stride, padding, dilation, groups, pad_value = geometry
-        y = torch.ops.bnnops.binary_conv2d(x, words, bias, scale, list(stride), list(padding), list(dilation),
-                                           groups, pad_value, input_quantizer is not None)
+    def forward(ctx, x, weight, words, weight_shape, weight_dtype, scale, bias, geometry, input_quantizer,
+                weight_quantizer):
+        y = _conv(x, words, scale, bias, geometry, input_quantizer)
         latent = weight if weight_quantizer is not None else None
         ctx.save_for_backward(x, words, scale, latent)
         ctx.geometry = geometry
         ctx.input_quantizer = input_quantizer
         ctx.weight_quantizer = weight_quantizer
-        ctx.weight_shape = weight.shape
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_shape = weight_shape
+        ctx.weight_dtype = weight_dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, words, scale, latent = ctx.saved_tensors
         stride, (pt, pb, pl, pr), dilation, groups, pad_value = ctx.geometry
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[6]
         grad_x = grad_weight = grad_bias = None
         if need_x or need_w:
             g = grad_y * scale.view(1, -1, 1, 1).to(grad_y.dtype) if scale is not None else grad_y
@@ -235,7 +229,14 @@ class _BinaryConv2dFunction(torch.autograd.Function):
         # With create_graph the gradients would be differentiable only in part (the +-1 weight and
         # sign(x) are constants here): a second derivative through them raises instead.
         grad_x, grad_weight = (None if t is None else refuse_backward("binary_conv2d", t, (grad_y,)) for t in (grad_x, grad_weight))
-        return grad_x, grad_weight, None, None, grad_bias, None, None, None
+        return grad_x, grad_weight, None, None, None, None, grad_bias, None, None, None
+
+
+def _conv(x, words, scale, bias, geometry, input_quantizer):
+    """The forward op: A1W1 with an input quantizer, else W1A16."""
+    stride, padding, dilation, groups, pad_value = geometry
+    return torch.ops.bnnops.binary_conv2d(x, words, bias, scale, list(stride), list(padding), list(dilation), groups,
+                                          pad_value, input_quantizer is not None)
 
 
 def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, pad_value=0.0,
@@ -274,34 +275,41 @@ def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"binary_conv2d input must be a float32, bfloat16 or float16 tensor, got {got}")
-    if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES or weight.dim() != 4:
-        got = (weight.dtype, tuple(weight.shape)) if isinstance(weight, torch.Tensor) else type(weight).__name__
+    weight_shape, weight_dtype, _, weight_requires_grad = metadata(weight) if isinstance(weight, torch.Tensor) else [None] * 4
+    if weight_dtype not in FLOAT_DTYPES or len(weight_shape) != 4:
+        got = (weight_dtype, tuple(weight_shape)) if weight_shape is not None else type(weight).__name__
         raise TypeError(f"binary_conv2d weight must be a BinaryTensor or a float latent weight "
                         f"(O, C/groups, kh, kw), got {got}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a float tensor (one value per output channel), got {type(bias).__name__}")
     if x.dim() not in (3, 4):
         raise ValueError(f"binary_conv2d input must be (N, C, H, W) or unbatched (C, H, W), got shape {tuple(x.shape)}")
-    x, bias = autocast_inputs(x, weight, bias)
+    x, bias = autocast_inputs(x, weight_dtype, bias)
     if x.dim() == 3:
         # Unbatched (C, H, W), as nn.Conv2d takes it.
         return binary_conv2d(x[None], weight, bias, stride, padding, dilation, groups, pad_value=pad_value,
                              input_quantizer=input_quantizer, scale=scale, weight_quantizer=weight_quantizer)[0]
-    if weight.shape[1] * groups != x.shape[1]:
-        raise ValueError(f"the input has {x.shape[1]} channels but the weight {tuple(weight.shape)} with "
-                         f"groups={groups} expects {weight.shape[1] * groups}")
+    if weight_shape[1] * groups != x.shape[1]:
+        raise ValueError(f"the input has {x.shape[1]} channels but the weight {tuple(weight_shape)} with "
+                         f"groups={groups} expects {weight_shape[1] * groups}")
     iq = get_input_quantizer(input_quantizer)
     wq, words, scale = binarize_weight(weight, weight_quantizer, scale)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
-    geometry = (stride, conv_padding(padding, tuple(weight.shape[2:]), stride, dilation), dilation, groups, float(pad_value))
-    if scale is not None and scale.requires_grad:
-        # scale's gradient needs the convolution before scale and bias: apply them outside.
-        y = _BinaryConv2dFunction.apply(x, weight, words, None, None, geometry, iq, wq).float()
-        y = y * scale.float().view(1, -1, 1, 1)
+    geometry = (stride, conv_padding(padding, tuple(weight_shape[2:]), stride, dilation), dilation, groups, float(pad_value))
+    track = torch.is_grad_enabled()
+    if track and scale is not None and scale.requires_grad:
+        # scale's gradient needs the convolution before scale and bias: apply them outside (so the
+        # op does not check them: check here).
+        check_channel_vectors(weight_shape[0], x.device, bias=bias, scale=scale)
+        y = _BinaryConv2dFunction.apply(x, weight, words, weight_shape, weight_dtype, None, None, geometry, iq, wq)
+        y = y.float() * scale.float().view(1, -1, 1, 1)
         if bias is not None:
             y = y + bias.float().view(1, -1, 1, 1)
         return y.to(x.dtype)
-    return _BinaryConv2dFunction.apply(x, weight, words, scale, bias, geometry, iq, wq)
+    if track and (weight_requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _BinaryConv2dFunction.apply(x, weight, words, weight_shape, weight_dtype, scale, bias, geometry, iq, wq)
+    # Nothing to differentiate (inference): the op alone, no autograd node.
+    return _conv(x, words, scale, bias, geometry, iq)
 
 
 def _f_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):

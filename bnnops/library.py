@@ -20,6 +20,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 LIBRARY = torch.library.Library("bnnops", "DEF")
+# The float dtypes every op takes (activations, scale, bias; a binary weight's logical dtype).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # op name -> its CUDA implementation (unchecked), so CPU tests can run that exact code on CPU
 # tensors with the Triton interpreter.
 CUDA_IMPLEMENTATIONS = {}
@@ -55,6 +57,24 @@ def refuse_backward(name, out, inputs):
         raise RuntimeError(f"bnnops::{name} has no derivative of its own: under torch.compile, call it through "
                            f"bnnops.binary_linear, bnnops.binary_conv2d or the nn layers, or under torch.no_grad()")
     return _NoDerivative.apply(name, out, *inputs)
+
+
+def type_name(t):
+    """What an argument is, for error messages: a tensor's dtype, else its type's name."""
+    return t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_channel_vectors(n, device, **vectors):
+    """Check optional per-output-channel vectors (scale, bias): None, or float (n,) tensors on ``device``."""
+    for name, v in vectors.items():
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor) or v.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float32, bfloat16 or float16 tensor, got {type_name(v)}")
+        if v.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},), one value per output channel, got {tuple(v.shape)}")
+        if v.device != device:
+            raise ValueError(f"{name} is on {v.device} but the input is on {device}")
 
 
 def _checked(name, check, implementation):

@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnnops import kernels
-from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, pack_dense_state_entries
-from bnnops.library import define, refuse_backward
+from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, metadata, pack_dense_state_entries
+from bnnops.library import check_channel_vectors, define, refuse_backward, type_name
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference
 from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
@@ -74,13 +74,9 @@ def grad_input_reference(grad, weight, K):
 # ----------------------------------------------------------------------------- checks
 
 
-def _type_name(t):
-    return t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check_words(weight, K):
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int32:
-        raise TypeError(f"the packed weight must be int32 words, got {_type_name(weight)}")
+        raise TypeError(f"the packed weight must be int32 words, got {type_name(weight)}")
     if weight.dim() != 2 or weight.shape[1] != packed_length(K):
         raise ValueError(
             f"the packed weight must have shape (out_features, ceil(K/32)) = (N, {packed_length(K)}) "
@@ -88,22 +84,10 @@ def _check_words(weight, K):
         )
 
 
-def _check_channel_vectors(N, device, **vectors):
-    for name, v in vectors.items():
-        if v is None:
-            continue
-        if not isinstance(v, torch.Tensor) or v.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float32, bfloat16 or float16 tensor, got {_type_name(v)}")
-        if v.shape != (N,):
-            raise ValueError(f"{name} must have shape (out_features,) = ({N},), got {tuple(v.shape)}")
-        if v.device != device:
-            raise ValueError(f"{name} is on {v.device} but the input is on {device}")
-
-
 def _check_op(x, weight, K, scale, bias, *, packed_ok):
     kinds = "float32, bfloat16 or float16" + (" (or int32 packed sign words)" if packed_ok else "")
     if not isinstance(x, torch.Tensor) or not (x.dtype in FLOAT_DTYPES or (packed_ok and x.dtype == torch.int32)):
-        raise TypeError(f"input must be {kinds}, got {_type_name(x)}")
+        raise TypeError(f"input must be {kinds}, got {type_name(x)}")
     _check_words(weight, K)
     if x.dim() == 0:
         raise ValueError("input must have at least one dimension (..., in_features), got a scalar")
@@ -113,7 +97,7 @@ def _check_op(x, weight, K, scale, bias, *, packed_ok):
         raise ValueError(f"input's last dimension is {x.shape[-1]}, expected {what}")
     if weight.device != x.device:
         raise ValueError(f"the weight is on {weight.device} but the input is on {x.device}")
-    _check_channel_vectors(weight.shape[0], x.device, scale=scale, bias=bias)
+    check_channel_vectors(weight.shape[0], x.device, scale=scale, bias=bias)
 
 
 def _rows(x):
@@ -165,7 +149,7 @@ define(
 def _check_grad_input(grad, weight, K):
     _check_words(weight, K)
     if not isinstance(grad, torch.Tensor) or grad.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"grad must be float32, bfloat16 or float16, got {_type_name(grad)}")
+        raise TypeError(f"grad must be float32, bfloat16 or float16, got {type_name(grad)}")
     if grad.dim() == 0 or grad.shape[-1] != weight.shape[0]:
         raise ValueError(f"grad must have shape (..., out_features = {weight.shape[0]}), got {tuple(grad.shape)}")
     if grad.device != weight.device:
@@ -192,27 +176,31 @@ def _contiguous(t):
 # ----------------------------------------------------------------------------- autograd
 
 
+def _product(x, words, K, scale, bias, input_quantizer, out_dtype):
+    """The forward op on 2-D x: W1A16 for real x (no input quantizer), else A1W1."""
+    if input_quantizer is None and x.dtype != torch.int32:
+        return torch.ops.bnnops.binary_linear_w1a16(x, words, scale, bias)
+    return torch.ops.bnnops.binary_linear_a1w1(x, words, K, scale, bias, out_dtype)
+
+
 class _BinaryLinearFunction(torch.autograd.Function):
     """y = op(x, words) * scale + bias with gradients for x, the weight and bias.
 
     x is 2-D: float (M, K) or packed words (M, ceil(K/32)). ``weight`` is what receives the
-    gradient: a BinaryTensor, or a dense latent weight whose signs are ``words``. scale takes no
-    gradient here (see :func:`binary_linear`).
+    gradient: a BinaryTensor, or a dense latent weight whose signs are ``words``; ``weight_dtype``
+    is its dtype (read once by :func:`binary_linear`). scale takes no gradient here (see
+    :func:`binary_linear`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, words, scale, bias, input_quantizer, weight_quantizer, out_dtype):
-        K = weight.shape[1]
-        if input_quantizer is None and x.dtype != torch.int32:
-            y = torch.ops.bnnops.binary_linear_w1a16(x, words, scale, bias)
-        else:
-            y = torch.ops.bnnops.binary_linear_a1w1(x, words, K, scale, bias, out_dtype)
+    def forward(ctx, x, weight, words, K, weight_dtype, scale, bias, input_quantizer, weight_quantizer, out_dtype):
+        y = _product(x, words, K, scale, bias, input_quantizer, out_dtype)
         latent = weight if weight_quantizer is not None else None
         ctx.save_for_backward(x, words, scale, latent)
         ctx.K = K
         ctx.input_quantizer = input_quantizer
         ctx.weight_quantizer = weight_quantizer
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype = weight_dtype
         return y
 
     @staticmethod
@@ -235,21 +223,25 @@ class _BinaryLinearFunction(torch.autograd.Function):
             if latent is not None:
                 grad_weight = ctx.weight_quantizer.grad(latent, grad_weight)
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[6]:
             grad_bias = grad_y.sum(0)
         # With create_graph the gradients would be differentiable only in part (the +-1 weight and
         # sign(x) are constants here): a second derivative through them raises instead.
         grad_x, grad_weight = (None if t is None else refuse_backward("binary_linear", t, (grad_y,)) for t in (grad_x, grad_weight))
-        return grad_x, grad_weight, None, None, grad_bias, None, None, None
+        return grad_x, grad_weight, None, None, None, None, grad_bias, None, None, None
 
 
 def _check_weight(weight):
-    if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"weight must be a BinaryTensor or a float32, bfloat16 or float16 latent weight, got {_type_name(weight)}"
-        )
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    """The weight's (shape, dtype, device, requires_grad), after checking it is a 2-D float tensor."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a BinaryTensor or a float latent weight, got {type(weight).__name__}")
+    meta = metadata(weight)
+    shape, dtype = meta[0], meta[1]
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be a BinaryTensor or a float32, bfloat16 or float16 latent weight, got {dtype}")
+    if len(shape) != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(shape)}")
+    return meta
 
 
 def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=None, weight_quantizer=None):
@@ -285,23 +277,29 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES and x.dtype != torch.int32:
         raise TypeError(f"x must be float32, bfloat16 or float16 (or int32 packed sign words), got {x.dtype}")
-    _check_weight(weight)
-    x, bias = autocast_inputs(x, weight, bias)
-    if weight.device != x.device:
-        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
-    N, K = weight.shape
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
+    (N, K), weight_dtype, weight_device, weight_requires_grad = _check_weight(weight)
+    x, bias = autocast_inputs(x, weight_dtype, bias)
+    if weight_device != x.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight_device}")
     iq = get_input_quantizer(input_quantizer)
     wq, words, scale = binarize_weight(weight, weight_quantizer, scale)
-    _check_op(x, words, K, scale, bias, packed_ok=True)
     out_dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32
 
     x2d = _rows(x)
-    if scale is not None and scale.requires_grad:
-        # scale's gradient needs the product before scale and bias: apply them outside.
-        y = _BinaryLinearFunction.apply(x2d, weight, words, None, None, iq, wq, torch.float32)
+    track = torch.is_grad_enabled()
+    if track and scale is not None and scale.requires_grad:
+        # scale's gradient needs the product before scale and bias: apply them outside (so the op
+        # does not check them: check here).
+        check_channel_vectors(N, x.device, scale=scale, bias=bias)
+        y = _BinaryLinearFunction.apply(x2d, weight, words, K, weight_dtype, None, None, iq, wq, torch.float32)
         y = _epilogue(y, scale, bias).to(out_dtype)
+    elif track and (weight_requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _BinaryLinearFunction.apply(x2d, weight, words, K, weight_dtype, scale, bias, iq, wq, out_dtype)
     else:
-        y = _BinaryLinearFunction.apply(x2d, weight, words, scale, bias, iq, wq, out_dtype)
+        # Nothing to differentiate (inference): the op alone, no autograd node.
+        y = _product(x2d, words, K, scale, bias, iq, out_dtype)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -32,7 +32,7 @@ convert between a logical float weight and its words.
 import torch
 
 from bnnops import kernels
-from bnnops.library import define
+from bnnops.library import FLOAT_DTYPES, define
 
 __all__ = [
     "packed_length",
@@ -44,8 +44,6 @@ __all__ = [
     "pack_weight",
     "unpack_weight",
 ]
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def packed_length(K):

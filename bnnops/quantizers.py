@@ -220,14 +220,14 @@ def binarize_weight(weight, weight_quantizer, scale):
     return wq, pack_weight(weight.detach()), scale
 
 
-def autocast_inputs(x, weight, bias):
+def autocast_inputs(x, weight_dtype, bias):
     """(x, bias) in the dtype a binary layer computes in, as :func:`binary_linear` and
     :func:`binary_conv2d` take them.
 
     Under ``torch.autocast`` for x's device, x and bias are cast to autocast's dtype, as
     ``nn.Linear`` and ``nn.Conv2d`` compute there (a +-1 weight is exact in every float dtype, so
     it needs no cast; gradients still reach each input in its own dtype). Otherwise x (if float)
-    must have the weight's dtype and bias x's, as ``F.linear`` asks.
+    must have the weight's dtype ``weight_dtype`` and bias x's, as ``F.linear`` asks.
     """
     device = x.device.type
     if x.dtype in FLOAT_DTYPES and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
@@ -235,8 +235,8 @@ def autocast_inputs(x, weight, bias):
         x = x.to(dtype)
         if isinstance(bias, torch.Tensor) and bias.is_floating_point():
             bias = bias.to(dtype)
-    elif x.dtype in FLOAT_DTYPES and x.dtype != weight.dtype:
-        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype (or run under torch.autocast)")
+    elif x.dtype in FLOAT_DTYPES and x.dtype != weight_dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight_dtype}) must have the same dtype (or run under torch.autocast)")
     if isinstance(bias, torch.Tensor) and x.dtype in FLOAT_DTYPES and bias.dtype != x.dtype:
         raise TypeError(f"bias ({bias.dtype}) and x ({x.dtype}) must have the same dtype")
     return x, bias

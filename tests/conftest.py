@@ -46,3 +46,20 @@ def random_signs_input(shape, dtype, device, generator=None, finite=False):
         idx = torch.randperm(flat.numel(), generator=generator)[:n]
         flat[idx] = specials[:n]
     return x.to(device)
+
+
+def check_inference_runs_the_op_alone(monkeypatch, layer, x, autograd_function):
+    """With nothing to differentiate (no_grad, or no parameter requiring grad) ``layer`` must call
+    its op without ``autograd_function`` and give the output of the tracked call."""
+    tracked = layer(x)
+
+    def no_autograd_function(*args):
+        raise AssertionError("the autograd function ran with nothing to differentiate")
+
+    monkeypatch.setattr(autograd_function, "apply", no_autograd_function)
+    with torch.no_grad():
+        untracked = layer(x)
+    layer.requires_grad_(False)
+    frozen = layer(x)
+    assert tracked.grad_fn is not None and untracked.grad_fn is None and frozen.grad_fn is None
+    assert torch.equal(untracked, tracked.detach()) and torch.equal(frozen, untracked)

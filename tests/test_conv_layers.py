@@ -11,7 +11,7 @@ import bnnops
 from bnnops import BinaryTensor
 from bnnops.conv import BinaryConv2d, binary_conv2d, conv_padding
 from bnnops.quantizers import get_quantizer
-from conftest import random_signs_input
+from conftest import check_inference_runs_the_op_alone, random_signs_input
 
 # Gradients: cuDNN / the CPU conv backward against autograd through F.conv2d on the same +-1 and
 # real values: both sum the same fp32 products in possibly different orders.
@@ -160,6 +160,18 @@ def test_bad_input_gets_clear_errors(device):
         binary_conv2d(torch.randn(1, 4, 6, 6, device=device), layer.weight, layer.bias.detach().half())
     with pytest.raises(ValueError, match="weight quantizer"):
         binary_conv2d(torch.randn(1, 4, 6, 6, device=device), layer.weight, input_quantizer="magnitude_aware_sign")
+    # A learnable scale is applied outside the op: its shape is still checked (no silent broadcast).
+    with pytest.raises(ValueError, match=r"scale must have shape \(4,\)"):
+        binary_conv2d(torch.randn(1, 4, 6, 6, device=device), layer.weight,
+                      scale=torch.ones(1, device=device, requires_grad=True))
+
+
+@pytest.mark.parametrize("iq,wq", [("ste_sign", None), (None, None), ("ste_sign", "magnitude_aware_sign")])
+def test_inference_runs_the_op_alone(monkeypatch, device, iq, wq):
+    """With nothing to differentiate the layer calls the op without an autograd node; same output."""
+    layer = BinaryConv2d(6, 5, 3, padding=1, input_quantizer=iq, weight_quantizer=wq, device=device)
+    x = torch.randn(2, 6, 5, 5, device=device)
+    check_inference_runs_the_op_alone(monkeypatch, layer, x, bnnops.conv._BinaryConv2dFunction)
 
 
 

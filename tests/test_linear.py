@@ -10,8 +10,9 @@ import bnnops
 from bnnops import BinaryTensor, kernels, linear
 from bnnops.library import CUDA_IMPLEMENTATIONS
 from bnnops.nn import BinaryLinear
+from bnnops.packing import pack_signs
 from bnnops.quantizers import get_quantizer
-from conftest import FLOAT_DTYPES, random_signs_input
+from conftest import FLOAT_DTYPES, check_inference_runs_the_op_alone, random_signs_input
 
 
 def signs(t):
@@ -309,8 +310,13 @@ def test_bad_inputs(device):
         bnnops.binary_linear(x, torch.randn(8, 40, 1, device=device))
     with pytest.raises(ValueError, match="at least one dimension"):
         bnnops.binary_linear(torch.tensor(1.0, device=device), w)
-    with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(8,\)"):
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
         bnnops.binary_linear(x, w, torch.zeros(7, device=device))
+    # A learnable scale is applied outside the op: scale and bias are still checked (no broadcast).
+    with pytest.raises(ValueError, match=r"scale must have shape \(8,\)"):
+        bnnops.binary_linear(x, w, scale=torch.ones(1, device=device, requires_grad=True))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        bnnops.binary_linear(x, w, torch.zeros(1, device=device), scale=torch.ones(8, device=device, requires_grad=True))
     with pytest.raises(ValueError, match="magnitude_aware_sign is a weight quantizer"):
         bnnops.binary_linear(x, w, input_quantizer="magnitude_aware_sign")
     with pytest.raises(ValueError, match="already binary"):
@@ -331,6 +337,17 @@ def test_bad_inputs(device):
         torch.ops.bnnops.binary_linear_grad_input(torch.randn(3, 9, device=device), words, 40)
     with pytest.raises(TypeError, match="out_dtype must be float32, bfloat16 or float16"):
         torch.ops.bnnops.binary_linear_a1w1(x, words, 40, None, None, torch.int32)
+
+
+@pytest.mark.parametrize("iq,wq,packed_x", [("ste_sign", None, False), (None, None, False), ("ste_sign", None, True),
+                                            ("ste_sign", "magnitude_aware_sign", False)])
+def test_inference_runs_the_op_alone(monkeypatch, device, iq, wq, packed_x):
+    """With nothing to differentiate the layer calls the op without an autograd node; same output."""
+    layer = BinaryLinear(40, 7, input_quantizer=iq, weight_quantizer=wq, device=device)
+    x = torch.randn(2, 3, 40, device=device)
+    if packed_x:
+        x = pack_signs(x)
+    check_inference_runs_the_op_alone(monkeypatch, layer, x, linear._BinaryLinearFunction)
 
 
 def test_autocast_and_empty_features(device):

@@ -1,13 +1,17 @@
-"""Host cost of an op call: each ``torch.ops.bnnops`` op on a tiny input, against a direct call of
-the implementation the dispatcher picks for that device (the reference on CPU, the Triton launcher
-on CUDA). At these sizes both are bound by host time, so the difference is what the op layer
-(``bnnops/library.py``: dispatcher, input checks) adds to every call of a layer.
+"""Host cost of a call, on tiny inputs where host time is all there is.
+
+- ``op_dispatch``: each ``torch.ops.bnnops`` op against a direct call of the implementation the
+  dispatcher picks for that device (the reference on CPU, the Triton launcher on CUDA): the
+  difference is what the op layer (``bnnops/library.py``: dispatcher, input checks) adds.
+- ``layer_overhead``: a layer's forward against its op, called directly: the difference is the
+  layer's Python (argument checks, quantizer lookup, the autograd function when training).
 """
 
 import torch
 
 from bench import Workload, case
 from bnnops import conv, linear
+from bnnops.nn import BinaryConv2d, BinaryLinear
 from bnnops.packing import pack_signs, pack_weight
 
 
@@ -31,3 +35,39 @@ def op_dispatch(device, op):
         nbytes = 2 * x.numel() * 4 + words.numel() * 4
     return Workload(ours=lambda: call(*args), baselines={"implementation, called directly": lambda: direct(*args)},
                     bound="memory", bytes=nbytes)
+
+
+_LAYER_SHAPES = {"BinaryLinear 4x64x64 inference": dict(layer="linear", training=False),
+                 "BinaryLinear 4x64x64 training forward": dict(layer="linear", training=True),
+                 "BinaryConv2d 1x32x8x8 inference": dict(layer="conv2d", training=False),
+                 "BinaryConv2d 1x32x8x8 training forward": dict(layer="conv2d", training=True)}
+
+
+@case("layer_overhead", cuda=_LAYER_SHAPES, cpu=_LAYER_SHAPES, tiny=dict(layer="conv2d", training=True))
+def layer_overhead(device, layer, training):
+    """A layer's forward on a tiny input against the op it runs, called directly: the difference is
+    the layer's Python (argument checks, quantizer lookup, the autograd function when training)."""
+    if layer == "linear":
+        module = BinaryLinear(64, 64, device=device)
+        x = torch.randn(4, 64, device=device, requires_grad=training)
+        args = (x.detach(), module.weight.packed, 64, None, module.bias, torch.float32)
+        op = torch.ops.bnnops.binary_linear_a1w1
+    else:
+        module = BinaryConv2d(32, 32, 3, padding=1, device=device)
+        x = torch.randn(1, 32, 8, 8, device=device, requires_grad=training)
+        args = (x.detach(), module.weight.packed, module.bias, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True)
+        op = torch.ops.bnnops.binary_conv2d
+    # Inference: both under no_grad. Training: x requires grad, the op gets it detached (as the
+    # layer's autograd function passes it).
+    with_grad = torch.enable_grad if training else torch.no_grad
+
+    def call_layer():
+        with with_grad():
+            return module(x)
+
+    def call_op():
+        with torch.no_grad():
+            return op(*args)
+
+    return Workload(ours=call_layer, baselines={"its op, called directly": call_op}, bound="memory",
+                    bytes=2 * x.numel() * 4 + module.weight.packed.numel() * 4)
