@@ -39,10 +39,11 @@ __all__ = [
 
 def sign(x):
     """Binarize: -1 where ``x < 0``, else +1 (sign(0) = +1), in x's dtype, no gradient."""
-    # ones_like carries x's dtype. (``torch.where(x < 0, -1.0, 1.0).to(x.dtype)`` returns its fp32
-    # input itself for fp32 x, and torch 2.11's torch.compile then traces a zero gradient for
-    # _SurrogateSign, whose forward returns it.)
-    return torch.where(x < 0, -1.0, torch.ones_like(x))
+    # The 0-dim one carries x's dtype into the result without a full tensor of ones: a compare and a
+    # select move 6 bytes per bf16 value, 10 with ones_like. (``torch.where(x < 0, -1.0, 1.0).to(x.dtype)``
+    # would be fp32 first, and returns its fp32 input itself for fp32 x: torch 2.11's torch.compile
+    # then traces a zero gradient for _SurrogateSign, whose forward returns it.)
+    return torch.where(x < 0, -1.0, x.new_ones(()))
 
 
 class _SurrogateSign(torch.autograd.Function):
@@ -109,6 +110,11 @@ class SteSign(SignQuantizer):
 
     def derivative(self, x):
         return (x.abs() <= self.clip_value).to(x.dtype)
+
+    def grad(self, x, grad_out):
+        # A select instead of a multiply by the 0/1 derivative: one kernel and one cast fewer in
+        # every binary layer's backward. (Blocked positions get 0 even where grad_out is inf or NaN.)
+        return torch.where(x.abs() <= self.clip_value, grad_out, 0)
 
 
 class ApproxSign(SignQuantizer):

@@ -38,6 +38,16 @@ def test_ste_sign_gradient():
     x = points()
     grad, up = input_grad(SteSign(clip_value=2.0), x)
     assert torch.equal(grad, torch.where(torch.tensor([abs(v) <= 2 for v in POINTS]), up, 0.0))
+    # grad (a select) and derivative (the 0/1 surrogate) state the same rule.
+    assert torch.equal(grad, up * SteSign(clip_value=2.0).derivative(x.detach()))
+
+
+def test_gradient_dtype_follows_input():
+    for dtype in (torch.bfloat16, torch.float16):
+        x = points(dtype)
+        for q in (quantizers.swish_sign, quantizers.ste_sign):
+            grad, _ = input_grad(q, x)
+            assert grad.dtype == dtype and torch.isfinite(grad).all()
 
 
 def test_approx_sign_gradient():
@@ -75,13 +85,6 @@ def test_magnitude_aware_sign():
     # alpha is under stop-gradient; the sign is straight-through with clip 1.
     assert torch.allclose(wq.grad, alpha.view(4, 1, 1, 1) * up * (w.abs() <= 1))
     assert torch.allclose(MagnitudeAwareSign().scale(w[:, :, 0, 0]), w[:, :, 0, 0].abs().mean(1))
-
-
-def test_gradient_dtype_follows_input():
-    for dtype in (torch.bfloat16, torch.float16):
-        x = points(dtype)
-        grad, _ = input_grad(quantizers.swish_sign, x)
-        assert grad.dtype == dtype and torch.isfinite(grad).all()
 
 
 def test_lookup_equality_and_docs():
