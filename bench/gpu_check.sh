@@ -26,6 +26,7 @@
 #                     e.g. BENCH_ARGS="--filter gemm|bop" (the script passes it unquoted)
 #   SKIP_TESTS=1      benchmark only
 #   TRAIN_STEP_TIMEOUT seconds for the training-step profile (default 150; 0 skips it)
+#   TRAIN_STEP_COMPILE=1  the training step under torch.compile too (compiles take a minute or two)
 #   PYTHON            default python3
 set -uo pipefail
 
@@ -79,8 +80,10 @@ train_step_timeout=${TRAIN_STEP_TIMEOUT:-150}
 train_rc=skipped
 if [ "$train_step_timeout" -gt 0 ]; then
     say "training step profile (at most ${train_step_timeout} s) -> $out/train_step.json"
-    timeout -k 10 "$train_step_timeout" $py -m bench.train_evidence --gpu-step --profile --out "$out/train_step.json" \
-        >"$out/train_step.log" 2>&1
+    compile=""
+    [ "${TRAIN_STEP_COMPILE:-0}" = 1 ] && compile="--compile"
+    timeout -k 10 "$train_step_timeout" $py -m bench.train_evidence --gpu-step --profile $compile \
+        --out "$out/train_step.json" >"$out/train_step.log" 2>&1
     train_rc=$?
 fi
 

@@ -141,3 +141,43 @@ def test_train_step_profile_names_where_the_time_goes(variant, device):
         assert ("bnnops::binary_conv2d" in names) == (variant == "ours")
     table = profile_markdown({variant: result})
     assert f"{variant}: host" in table and "| calls / step |" in table
+
+
+@pytest.mark.parametrize("variant", ["ours", "plain"])
+def test_train_step_compiled_runs(monkeypatch, variant, device):
+    # The GPU report compiles with inductor; aot_eager traces the same graphs (forward and backward)
+    # in seconds on a CPU.
+    import functools
+
+    from bench.cases.train_step import training_step
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager", fullgraph=True))
+    step = training_step(variant, device, batch=2, filters=4, dense_units=8, compile=True)
+    for _ in range(2):
+        step()
+
+
+def test_gpu_step_report_tables(monkeypatch):
+    """The report's rows, ratios and failure lines, with the GPU parts stubbed (this runs anywhere)."""
+    from bench import machine
+    from bench.cases import train_step
+
+    def fake_training_step(variant, device, batch, compile=False):
+        if variant == "plain" and compile:
+            raise RuntimeError("compile failed")
+        return lambda: None
+
+    def fake_measure(step, steps, warmup):
+        return 0.004, 3 * 2**20  # 4 ms a step, 3 MiB
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(machine, "describe", lambda device: {"device_name": "stub GPU"})
+    monkeypatch.setattr(train_step, "training_step", fake_training_step)
+    monkeypatch.setattr(train_step, "_measure", fake_measure)
+    result, table = train_step.gpu_step_report(batch=8, compile=True)
+    assert set(result["rows"]) == {"ours", "plain", "ours compiled", "plain compiled"}
+    assert result["rows"]["ours"]["images_per_s"] == pytest.approx(2000)
+    assert result["speedup"] == pytest.approx(1.0) and "speedup_compiled" not in result
+    assert "| ours / plain | 1.00x | 1.00x |" in table
+    assert "FAILED | RuntimeError: compile failed" in table

@@ -83,12 +83,13 @@ def _latent_weights(model):
     return [m.weight for m in model.modules() if isinstance(m, (SteConv2d, SteLinear))]
 
 
-def training_step(variant, device, batch, filters=128, dense_units=1024):
+def training_step(variant, device, batch, filters=128, dense_units=1024, compile=False):
     """A zero-argument training step of ``variant`` ("ours" or "plain") on one random CIFAR-10 batch.
 
     Only that variant's model and optimizer are built (so peak memory is its own). Each call
     changes the weights (a real step); repeated calls stay a fair measure, the work per step does
-    not depend on the values.
+    not depend on the values. ``compile``: the model's forward and backward through
+    ``torch.compile`` (the optimizer step stays eager; the first call compiles).
     """
     # The same batch for both variants: a fixed seed of its own.
     gen = torch.Generator().manual_seed(0)
@@ -103,6 +104,7 @@ def training_step(variant, device, batch, filters=128, dense_units=1024):
         binary, real = split_parameters(model)
         opt = BinaryAndReal(Bop(binary, lr=GAMMA, threshold=THRESHOLD), torch.optim.Adam(real, lr=ADAM_LR))
         x = x.to(dtype)
+        model = torch.compile(model) if compile else model
 
         def step():
             opt.zero_grad()
@@ -115,6 +117,7 @@ def training_step(variant, device, batch, filters=128, dense_units=1024):
     model = plain_pytorch_copy(model).to(device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ADAM_LR)
     latent = _latent_weights(model)
+    model = torch.compile(model) if compile else model
 
     def step():
         opt.zero_grad()
@@ -226,42 +229,52 @@ def profile_markdown(profiles):
     return "\n".join(lines)
 
 
-def gpu_step_report(batch=256, steps=20, warmup=5, profile=False):
+def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False):
     """Images/s and peak memory of ours and the plain baseline, one process, one after the other.
 
     Returns (result dict, markdown table). Peak memory is ``torch.cuda.max_memory_allocated``
     over the timed steps, after warm-up (weights, gradients, optimizer state and activations).
     With ``profile``, each variant is then profiled by :func:`step_profile` (its row's "profile").
+    With ``compile``, both again with their models under ``torch.compile`` (rows "ours compiled" and
+    "plain compiled"; the warm-up steps include the compilation).
     """
     from bench.machine import describe
 
     if not torch.cuda.is_available():
         raise RuntimeError("--gpu-step needs a CUDA GPU")
+    labels = {"ours": "bnnops + Bop (bf16 activations)",
+              "plain": "plain nn.Conv2d/nn.Linear + ste_sign + Adam (bf16 autocast)"}
+    runs = [(name, name, False) for name in labels]
+    if compile:
+        runs += [(f"{name} compiled", name, True) for name in labels]
+        labels.update({f"{name} compiled": f"{label}, torch.compile" for name, label in list(labels.items())})
     rows = {}
-    for name in ("ours", "plain"):
+    for row_name, variant, compiled in runs:
         try:  # one variant failing still leaves the other's numbers from a short GPU window
-            step = training_step(name, "cuda", batch)
+            step = training_step(variant, "cuda", batch, compile=compiled)
             seconds, peak = _measure(step, steps, warmup)
-            rows[name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds, "peak_bytes": peak}
+            row = rows[row_name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds, "peak_bytes": peak}
             if profile:
-                rows[name]["profile"] = step_profile(step, "cuda")
+                row["profile"] = step_profile(step, "cuda")
         except Exception:  # noqa: BLE001 - recorded in the result and the table
-            rows[name] = {"error": traceback.format_exc()}
+            rows[row_name] = {"error": traceback.format_exc()}
         step = None  # frees the model, its optimizer and the batch before the next variant
         torch.cuda.empty_cache()
     result = {"machine": describe("cuda"), "batch": batch, "steps": steps, "warmup": warmup, "rows": rows,
               "target": "speedup >= 1.5 at memory_ratio <= 1"}
-    labels = {"ours": "bnnops + Bop (bf16 activations)",
-              "plain": "plain nn.Conv2d/nn.Linear + ste_sign + Adam (bf16 autocast)"}
     lines = [f"BinaryNet training step, CIFAR-10 shapes, batch {batch} ({result['machine']['device_name']})", "",
              "| | images/s | peak memory |", "|---|---|---|"]
     for name, row in rows.items():
         cells = ("FAILED", row["error"].strip().splitlines()[-1]) if "error" in row else \
             (f"{row['images_per_s']:.0f}", f"{row['peak_bytes'] / 2**20:.0f} MiB")
         lines.append(f"| {labels[name]} | {cells[0]} | {cells[1]} |")
-    if not any("error" in row for row in rows.values()):
-        result["speedup"] = rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"]
-        result["memory_ratio"] = rows["ours"]["peak_bytes"] / rows["plain"]["peak_bytes"]
-        lines.append(f"| ours / plain | {result['speedup']:.2f}x | {result['memory_ratio']:.2f}x |")
+    for suffix in ("", " compiled"):
+        ours, plain = rows.get("ours" + suffix), rows.get("plain" + suffix)
+        if ours and plain and "error" not in ours and "error" not in plain:
+            speedup = ours["images_per_s"] / plain["images_per_s"]
+            memory_ratio = ours["peak_bytes"] / plain["peak_bytes"]
+            key = "" if not suffix else "_compiled"
+            result["speedup" + key], result["memory_ratio" + key] = speedup, memory_ratio
+            lines.append(f"| ours / plain{suffix} | {speedup:.2f}x | {memory_ratio:.2f}x |")
     profiles = {labels[name]: row["profile"] for name, row in rows.items() if "profile" in row}
     return result, "\n".join(lines) + (profile_markdown(profiles) if profiles else "")
