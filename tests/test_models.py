@@ -82,3 +82,28 @@ def test_build():
     assert model.input_shape == (1, 8, 8)
     with pytest.raises(ValueError, match="unknown model 'vgg'.*binarynet"):
         models.build("vgg", (1, 8, 8), 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_inference_replays_in_a_cuda_graph():
+    """Small-batch inference is bound by host time; a CUDA graph removes it. The layers' kernels
+    must capture (no host sync, no allocation outside the graph's pool) and a replay on new input
+    must give the eager output bit for bit (the same kernels run)."""
+    torch.manual_seed(0)
+    model = models.binarynet(10, (3, 32, 32), filters=32, dense_units=64).to("cuda", torch.bfloat16).eval()
+    static_x = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):  # compiles the kernels and fills the caches outside the capture
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_y = model(static_x)
+    x = torch.randn_like(static_x)
+    static_x.copy_(x)
+    graph.replay()
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.equal(static_y, expected)
