@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check: on a GPU machine without network, install bnnops from this checkout, run the
-# CUDA test suite and the full benchmark, write everything flat into OUTDIR, print a summary last.
+# CUDA test suite, the training-step comparison and the full benchmark, write everything flat into
+# OUTDIR, print a summary last.
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
@@ -18,14 +19,15 @@
 # machine puts the run under bench/results/.
 #
 # Environment (all optional):
-#   GPU_CHECK_BUDGET  seconds for the whole script (default 450); the benchmark gets what the tests leave
+#   GPU_CHECK_BUDGET  seconds for the whole script (default 450); the benchmark gets what the tests and
+#                     the training step leave (the training step never takes the benchmark's last 150 s)
 #   TESTS_TIMEOUT     seconds for the test suite (default 200)
 #   PYTEST_ARGS       default "-x -q"
 #   QUICK=1           benchmark only the headline shape of every case
 #   BENCH_ARGS        more arguments for python -m bench, split on spaces, no inner quotes:
 #                     e.g. BENCH_ARGS="--filter gemm|bop" (the script passes it unquoted)
 #   SKIP_TESTS=1      benchmark only
-#   TRAIN_STEP_TIMEOUT seconds for the training-step profile (default 150; 0 skips it)
+#   TRAIN_STEP_TIMEOUT seconds for the training-step comparison and profile (default 150; 0 skips it)
 #   TRAIN_STEP_COMPILE=1  the training step under torch.compile too (compiles take a minute or two)
 #   PYTHON            default python3
 set -uo pipefail
@@ -76,9 +78,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     [ "$tests_rc" = 124 ] && echo "gpu_check: the tests ran past ${tests_timeout} s and were stopped" >>"$out/tests.log"
 fi
 
+# At most TRAIN_STEP_TIMEOUT, and never the benchmark's last 150 s; under 60 s it is skipped.
 train_step_timeout=${TRAIN_STEP_TIMEOUT:-150}
+if [ "$train_step_timeout" -gt $(( $(left) - 150 )) ]; then train_step_timeout=$(( $(left) - 150 )); fi
 train_rc=skipped
-if [ "$train_step_timeout" -gt 0 ]; then
+rm -f "$out"/train_step.*
+if [ "$train_step_timeout" -ge 60 ]; then
     say "training step profile (at most ${train_step_timeout} s) -> $out/train_step.json"
     compile=""
     [ "${TRAIN_STEP_COMPILE:-0}" = 1 ] && compile="--compile"
@@ -103,8 +108,9 @@ echo "================ gpu_check summary ($((SECONDS - start)) s) ==============
 grep -E "^(GPU|torch [0-9]|triton [0-9])" "$out/env.txt"
 echo "tests (exit $tests_rc): $(tail -n 1 "$out/tests.log" 2>/dev/null)"
 grep -E "^(FAILED|ERROR) " "$out/tests.log" 2>/dev/null | head -n 20
-echo "training step profile (exit $train_rc):"
-[ -f "$out/train_step.md" ] && head -n 8 "$out/train_step.md"
+echo "training step (exit $train_rc$([ "$train_rc" = 124 ] && echo ', stopped at its time limit: the rows it finished'))"
+# The first table of train_step.md: from its header row to the blank line after it.
+[ -f "$out/train_step.md" ] && sed -n '3,/^$/p' "$out/train_step.md"
 echo "benchmark exit $bench_rc$([ "$bench_rc" = 124 ] && echo ' (stopped at its time limit)')"
 if [ -f "$out/results.json" ]; then
     $py -c "import json, sys; from bench import report; print(report.text_report(json.load(open(sys.argv[1]))))" \

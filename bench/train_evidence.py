@@ -197,8 +197,10 @@ def main(argv=None):
     if args.gpu_step:
         from bench.cases.train_step import gpu_step_report
 
-        result, table = gpu_step_report(profile=args.profile, compile=args.compile)
         out = args.out or "bench/results/train_evidence_gpu_step.json"
+        # Written after every row: a run stopped at its time limit keeps what it measured.
+        result, table = gpu_step_report(profile=args.profile, compile=args.compile,
+                                        progress=lambda result, table: _write(out, result, table))
     elif args.sweep:
         machine = describe("cpu")
         rows = sweep(args.epochs or SWEEP_EPOCHS)

@@ -296,20 +296,25 @@ def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     wq, words, scale = binarize_weight(weight, weight_quantizer, scale)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     geometry = (stride, conv_padding(padding, tuple(weight_shape[2:]), stride, dilation), dilation, groups, float(pad_value))
-    track = torch.is_grad_enabled()
-    if track and scale is not None and scale.requires_grad:
-        # scale's gradient needs the convolution before scale and bias: apply them outside (so the
-        # op does not check them: check here).
+    # A learnable scale needs the convolution before scale and bias: they are applied outside the op
+    # (with or without grad mode, so both give the same values), and checked here as the op does not.
+    outside = scale is not None and scale.requires_grad
+    if outside:
         check_channel_vectors(weight_shape[0], x.device, bias=bias, scale=scale)
-        y = _BinaryConv2dFunction.apply(x, weight, words, weight_shape, weight_dtype, None, None, geometry, iq, wq)
-        y = y.float() * scale.float().view(1, -1, 1, 1)
-        if bias is not None:
-            y = y + bias.float().view(1, -1, 1, 1)
-        return y.to(x.dtype)
-    if track and (weight_requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)):
-        return _BinaryConv2dFunction.apply(x, weight, words, weight_shape, weight_dtype, scale, bias, geometry, iq, wq)
-    # Nothing to differentiate (inference): the op alone, no autograd node.
-    return _conv(x, words, scale, bias, geometry, iq)
+        op_scale, op_bias = None, None
+    else:
+        op_scale, op_bias = scale, bias
+    if torch.is_grad_enabled() and (weight_requires_grad or x.requires_grad or (op_bias is not None and op_bias.requires_grad)):
+        y = _BinaryConv2dFunction.apply(x, weight, words, weight_shape, weight_dtype, op_scale, op_bias, geometry, iq, wq)
+    else:
+        # Nothing to differentiate through the convolution (inference): the op alone, no autograd node.
+        y = _conv(x, words, op_scale, op_bias, geometry, iq)
+    if not outside:
+        return y
+    y = y.float() * scale.float().view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.float().view(1, -1, 1, 1)
+    return y.to(x.dtype)
 
 
 def _f_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):

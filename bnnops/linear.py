@@ -84,17 +84,22 @@ def _check_words(weight, K):
         )
 
 
-def _check_op(x, weight, K, scale, bias, *, packed_ok):
-    kinds = "float32, bfloat16 or float16" + (" (or int32 packed sign words)" if packed_ok else "")
-    if not isinstance(x, torch.Tensor) or not (x.dtype in FLOAT_DTYPES or (packed_ok and x.dtype == torch.int32)):
-        raise TypeError(f"input must be {kinds}, got {type_name(x)}")
-    _check_words(weight, K)
+def _check_features(x, K):
+    """x (..., K) float, or (..., ceil(K/32)) packed words."""
     if x.dim() == 0:
         raise ValueError("input must have at least one dimension (..., in_features), got a scalar")
     features = packed_length(K) if x.dtype == torch.int32 else K
     if x.shape[-1] != features:
         what = f"ceil(K/32) = {features} words" if x.dtype == torch.int32 else f"in_features = {K}"
         raise ValueError(f"input's last dimension is {x.shape[-1]}, expected {what}")
+
+
+def _check_op(x, weight, K, scale, bias, *, packed_ok):
+    kinds = "float32, bfloat16 or float16" + (" (or int32 packed sign words)" if packed_ok else "")
+    if not isinstance(x, torch.Tensor) or not (x.dtype in FLOAT_DTYPES or (packed_ok and x.dtype == torch.int32)):
+        raise TypeError(f"input must be {kinds}, got {type_name(x)}")
+    _check_words(weight, K)
+    _check_features(x, K)
     if weight.device != x.device:
         raise ValueError(f"the weight is on {weight.device} but the input is on {x.device}")
     check_channel_vectors(weight.shape[0], x.device, scale=scale, bias=bias)
@@ -277,9 +282,11 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES and x.dtype != torch.int32:
         raise TypeError(f"x must be float32, bfloat16 or float16 (or int32 packed sign words), got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
     (N, K), weight_dtype, weight_device, weight_requires_grad = _check_weight(weight)
+    # The ops check these too, but the W1A16 op takes K from x: a wrong in_features must fail here.
+    _check_features(x, K)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a float tensor (one value per output channel), got {type(bias).__name__}")
     x, bias = autocast_inputs(x, weight_dtype, bias)
     if weight_device != x.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight_device}")
@@ -287,19 +294,22 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
     wq, words, scale = binarize_weight(weight, weight_quantizer, scale)
     out_dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32
 
-    x2d = _rows(x)
-    track = torch.is_grad_enabled()
-    if track and scale is not None and scale.requires_grad:
-        # scale's gradient needs the product before scale and bias: apply them outside (so the op
-        # does not check them: check here).
+    # A learnable scale needs the product before scale and bias: they are applied outside the op
+    # (with or without grad mode, so both give the same values), and checked here as the op does not.
+    outside = scale is not None and scale.requires_grad
+    if outside:
         check_channel_vectors(N, x.device, scale=scale, bias=bias)
-        y = _BinaryLinearFunction.apply(x2d, weight, words, K, weight_dtype, None, None, iq, wq, torch.float32)
-        y = _epilogue(y, scale, bias).to(out_dtype)
-    elif track and (weight_requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _BinaryLinearFunction.apply(x2d, weight, words, K, weight_dtype, scale, bias, iq, wq, out_dtype)
+        op_scale, op_bias, op_dtype = None, None, torch.float32
     else:
-        # Nothing to differentiate (inference): the op alone, no autograd node.
-        y = _product(x2d, words, K, scale, bias, iq, out_dtype)
+        op_scale, op_bias, op_dtype = scale, bias, out_dtype
+    x2d = _rows(x)
+    if torch.is_grad_enabled() and (weight_requires_grad or x.requires_grad or (op_bias is not None and op_bias.requires_grad)):
+        y = _BinaryLinearFunction.apply(x2d, weight, words, K, weight_dtype, op_scale, op_bias, iq, wq, op_dtype)
+    else:
+        # Nothing to differentiate through the product (inference): the op alone, no autograd node.
+        y = _product(x2d, words, K, op_scale, op_bias, iq, op_dtype)
+    if outside:
+        y = _epilogue(y, scale, bias).to(out_dtype)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -63,3 +63,14 @@ def check_inference_runs_the_op_alone(monkeypatch, layer, x, autograd_function):
     frozen = layer(x)
     assert tracked.grad_fn is not None and untracked.grad_fn is None and frozen.grad_fn is None
     assert torch.equal(untracked, tracked.detach()) and torch.equal(frozen, untracked)
+
+
+def check_learnable_scale_output_without_grad(call, scale):
+    """A learnable ``scale`` is applied outside the op (after its rounding to x's dtype); under
+    no_grad the output must be the same, bit for bit (checkpointing recomputes one with the other)."""
+    assert scale.requires_grad
+    tracked = call()
+    with torch.no_grad():
+        untracked = call()
+    assert tracked.grad_fn is not None and untracked.grad_fn is None
+    assert torch.equal(untracked, tracked.detach())

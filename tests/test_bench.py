@@ -144,17 +144,20 @@ def test_train_step_profile_names_where_the_time_goes(variant, device):
 
 
 @pytest.mark.parametrize("variant", ["ours", "plain"])
-def test_train_step_compiled_runs(monkeypatch, variant, device):
+def test_train_step_compiled_matches_eager(monkeypatch, variant, device):
     # The GPU report compiles with inductor; aot_eager traces the same graphs (forward and backward)
     # in seconds on a CPU.
     import functools
 
     from bench.cases.train_step import training_step
 
+    torch.manual_seed(0)  # the models' initial weights
+    eager = training_step(variant, device, batch=2, filters=4, dense_units=8)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager", fullgraph=True))
-    step = training_step(variant, device, batch=2, filters=4, dense_units=8, compile=True)
-    for _ in range(2):
-        step()
+    torch.manual_seed(0)
+    compiled = training_step(variant, device, batch=2, filters=4, dense_units=8, compile=True)
+    for _ in range(2):  # the second step runs on the weights the first one changed
+        torch.testing.assert_close(compiled(), eager(), rtol=1e-4, atol=1e-5)
 
 
 def test_gpu_step_report_tables(monkeypatch):
@@ -175,8 +178,14 @@ def test_gpu_step_report_tables(monkeypatch):
     monkeypatch.setattr(machine, "describe", lambda device: {"device_name": "stub GPU"})
     monkeypatch.setattr(train_step, "training_step", fake_training_step)
     monkeypatch.setattr(train_step, "_measure", fake_measure)
-    result, table = train_step.gpu_step_report(batch=8, compile=True)
+    monkeypatch.setattr(train_step, "step_profile", lambda step, device: {
+        "steps": 3, "host_ms": 1.0, "wall_ms": 4.0, "kernel_ms": 3.5, "top": [{"name": "k", "ms": 1.0, "calls": 2}]})
+    seen = []
+    result, table = train_step.gpu_step_report(batch=8, compile=True, profile=True,
+                                               progress=lambda result, table: seen.append(len(result["rows"])))
+    assert seen == [1, 2, 3, 4]  # the caller can write the file after every row
     assert set(result["rows"]) == {"ours", "plain", "ours compiled", "plain compiled"}
+    assert "wall 4.00 ms, kernels 3.50 ms per step" in table and "| `k` | 1.000 | 2 |" in table
     assert result["rows"]["ours"]["images_per_s"] == pytest.approx(2000)
     assert result["speedup"] == pytest.approx(1.0) and "speedup_compiled" not in result
     assert "| ours / plain | 1.00x | 1.00x |" in table

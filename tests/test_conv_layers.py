@@ -11,7 +11,7 @@ import bnnops
 from bnnops import BinaryTensor
 from bnnops.conv import BinaryConv2d, binary_conv2d, conv_padding
 from bnnops.quantizers import get_quantizer
-from conftest import check_inference_runs_the_op_alone, random_signs_input
+from conftest import check_inference_runs_the_op_alone, check_learnable_scale_output_without_grad, random_signs_input
 
 # Gradients: cuDNN / the CPU conv backward against autograd through F.conv2d on the same +-1 and
 # real values: both sum the same fp32 products in possibly different orders.
@@ -105,6 +105,8 @@ def test_learnable_scale_gets_its_gradient(device):
     y.sum().backward()
     expected.sum().backward()
     torch.testing.assert_close(scale.grad, scale_ref.grad, **GRAD_TOL)
+    x, weight = x.bfloat16(), weight.to(torch.bfloat16)
+    check_learnable_scale_output_without_grad(lambda: binary_conv2d(x, weight, None, padding=1, scale=scale), scale)
 
 
 def test_binary_conv2d_bf16_channels_last(device):

@@ -12,7 +12,7 @@ from bnnops.library import CUDA_IMPLEMENTATIONS
 from bnnops.nn import BinaryLinear
 from bnnops.packing import pack_signs
 from bnnops.quantizers import get_quantizer
-from conftest import FLOAT_DTYPES, check_inference_runs_the_op_alone, random_signs_input
+from conftest import FLOAT_DTYPES, check_inference_runs_the_op_alone, check_learnable_scale_output_without_grad, random_signs_input
 
 
 def signs(t):
@@ -317,6 +317,13 @@ def test_bad_inputs(device):
         bnnops.binary_linear(x, w, scale=torch.ones(1, device=device, requires_grad=True))
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
         bnnops.binary_linear(x, w, torch.zeros(1, device=device), scale=torch.ones(8, device=device, requires_grad=True))
+    # The W1A16 op takes K from x, so the layer checks in_features itself (padding bits are not weights).
+    with pytest.raises(ValueError, match="last dimension is 50, expected in_features = 40"):
+        F.linear(torch.randn(3, 50, device=device), w)
+    with pytest.raises(ValueError, match="last dimension is 100, expected in_features = 40"):
+        bnnops.binary_linear(torch.randn(3, 100, device=device), w, input_quantizer=None)
+    with pytest.raises(TypeError, match="bias must be a float tensor"):
+        bnnops.binary_linear(x, w, 1.0)
     with pytest.raises(ValueError, match="magnitude_aware_sign is a weight quantizer"):
         bnnops.binary_linear(x, w, input_quantizer="magnitude_aware_sign")
     with pytest.raises(ValueError, match="already binary"):
@@ -337,6 +344,14 @@ def test_bad_inputs(device):
         torch.ops.bnnops.binary_linear_grad_input(torch.randn(3, 9, device=device), words, 40)
     with pytest.raises(TypeError, match="out_dtype must be float32, bfloat16 or float16"):
         torch.ops.bnnops.binary_linear_a1w1(x, words, 40, None, None, torch.int32)
+
+
+@pytest.mark.parametrize("iq", ["ste_sign", None])
+def test_learnable_scale_output_without_grad(device, iq):
+    w = BinaryTensor.from_float(torch.randn(8, 40, device=device), dtype=torch.bfloat16)
+    x = torch.randn(3, 40, device=device, dtype=torch.bfloat16)
+    scale = torch.rand(8, device=device, requires_grad=True)
+    check_learnable_scale_output_without_grad(lambda: bnnops.binary_linear(x, w, scale=scale, input_quantizer=iq), scale)
 
 
 @pytest.mark.parametrize("iq,wq,packed_x", [("ste_sign", None, False), (None, None, False), ("ste_sign", None, True),

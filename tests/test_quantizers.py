@@ -38,8 +38,16 @@ def test_ste_sign_gradient():
     x = points()
     grad, up = input_grad(SteSign(clip_value=2.0), x)
     assert torch.equal(grad, torch.where(torch.tensor([abs(v) <= 2 for v in POINTS]), up, 0.0))
-    # grad (a select) and derivative (the 0/1 surrogate) state the same rule.
+    # grad (a select) and derivative (the 0/1 surrogate) state the same rule ...
     assert torch.equal(grad, up * SteSign(clip_value=2.0).derivative(x.detach()))
+
+    # ... and a subclass with its own surrogate gets it.
+    class HalfSte(SteSign):
+        def derivative(self, x):
+            return 0.5 * super().derivative(x)
+
+    grad, up = input_grad(HalfSte(), points())
+    assert torch.equal(grad, torch.where(inside, up / 2, 0.0))
 
 
 def test_gradient_dtype_follows_input():

@@ -88,8 +88,9 @@ def training_step(variant, device, batch, filters=128, dense_units=1024, compile
 
     Only that variant's model and optimizer are built (so peak memory is its own). Each call
     changes the weights (a real step); repeated calls stay a fair measure, the work per step does
-    not depend on the values. ``compile``: the model's forward and backward through
-    ``torch.compile`` (the optimizer step stays eager; the first call compiles).
+    not depend on the values. A call returns the step's loss (a 0-d tensor on the device, no sync).
+    ``compile``: the model's forward and backward through ``torch.compile`` (the optimizer step
+    stays eager; the first call compiles).
     """
     # The same batch for both variants: a fixed seed of its own.
     gen = torch.Generator().manual_seed(0)
@@ -108,8 +109,10 @@ def training_step(variant, device, batch, filters=128, dense_units=1024, compile
 
         def step():
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x).float(), y).backward()
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
             opt.step()
+            return loss.detach()
 
         return step
     if variant != "plain":
@@ -128,6 +131,7 @@ def training_step(variant, device, batch, filters=128, dense_units=1024, compile
         with torch.no_grad():  # larq's weight_clip
             torch._foreach_clamp_min_(latent, -1.0)
             torch._foreach_clamp_max_(latent, 1.0)
+        return loss.detach()
 
     return step
 
@@ -220,23 +224,25 @@ def step_profile(step, device, steps=3, top=12):
 
 def profile_markdown(profiles):
     """The tables of :func:`step_profile` results, one per variant ({variant: result})."""
-    lines = []
+    sections = []
     for name, p in profiles.items():
         kernel = f", kernels {p['kernel_ms']:.2f} ms" if "kernel_ms" in p else ""
-        summary = f"{name}: host {p['host_ms']:.2f} ms, wall {p['wall_ms']:.2f} ms{kernel} per step (mean of {p['steps']})"
-        lines += ["", summary, "", "| op or kernel | ms / step | calls / step |", "|---|---|---|"]
+        lines = [f"{name}: host {p['host_ms']:.2f} ms, wall {p['wall_ms']:.2f} ms{kernel} per step (mean of {p['steps']})",
+                 "", "| op or kernel | ms / step | calls / step |", "|---|---|---|"]
         lines += [f"| `{e['name'][:90]}` | {e['ms']:.3f} | {e['calls']:g} |" for e in p["top"]]
-    return "\n".join(lines)
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
 
 
-def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False):
+def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False, progress=None):
     """Images/s and peak memory of ours and the plain baseline, one process, one after the other.
 
     Returns (result dict, markdown table). Peak memory is ``torch.cuda.max_memory_allocated``
     over the timed steps, after warm-up (weights, gradients, optimizer state and activations).
     With ``profile``, each variant is then profiled by :func:`step_profile` (its row's "profile").
     With ``compile``, both again with their models under ``torch.compile`` (rows "ours compiled" and
-    "plain compiled"; the warm-up steps include the compilation).
+    "plain compiled"; the warm-up steps include the compilation). ``progress(result, table)`` is
+    called after each row, so a run stopped at a time limit keeps what it measured.
     """
     from bench.machine import describe
 
@@ -248,22 +254,34 @@ def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False)
     if compile:
         runs += [(f"{name} compiled", name, True) for name in labels]
         labels.update({f"{name} compiled": f"{label}, torch.compile" for name, label in list(labels.items())})
-    rows = {}
+    result = {"machine": describe("cuda"), "batch": batch, "steps": steps, "warmup": warmup, "rows": {},
+              "target": "speedup >= 1.5 at memory_ratio <= 1"}
+    rows = result["rows"]
     for row_name, variant, compiled in runs:
         try:  # one variant failing still leaves the other's numbers from a short GPU window
             step = training_step(variant, "cuda", batch, compile=compiled)
             seconds, peak = _measure(step, steps, warmup)
             row = rows[row_name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds, "peak_bytes": peak}
-            if profile:
-                row["profile"] = step_profile(step, "cuda")
         except Exception:  # noqa: BLE001 - recorded in the result and the table
             rows[row_name] = {"error": traceback.format_exc()}
+        if profile and "error" not in rows[row_name]:
+            try:
+                row["profile"] = step_profile(step, "cuda")
+            except Exception:  # noqa: BLE001 - the timing above stands
+                row["profile_error"] = traceback.format_exc()
         step = None  # frees the model, its optimizer and the batch before the next variant
         torch.cuda.empty_cache()
-    result = {"machine": describe("cuda"), "batch": batch, "steps": steps, "warmup": warmup, "rows": rows,
-              "target": "speedup >= 1.5 at memory_ratio <= 1"}
-    lines = [f"BinaryNet training step, CIFAR-10 shapes, batch {batch} ({result['machine']['device_name']})", "",
-             "| | images/s | peak memory |", "|---|---|---|"]
+        table = _report_table(result, labels)
+        if progress is not None:
+            progress(result, table)
+    return result, table
+
+
+def _report_table(result, labels):
+    """Fills result's ratios and returns the markdown of :func:`gpu_step_report`."""
+    rows = result["rows"]
+    lines = [f"BinaryNet training step, CIFAR-10 shapes, batch {result['batch']} ({result['machine']['device_name']})",
+             "", "| | images/s | peak memory |", "|---|---|---|"]
     for name, row in rows.items():
         cells = ("FAILED", row["error"].strip().splitlines()[-1]) if "error" in row else \
             (f"{row['images_per_s']:.0f}", f"{row['peak_bytes'] / 2**20:.0f} MiB")
@@ -277,4 +295,8 @@ def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False)
             result["speedup" + key], result["memory_ratio" + key] = speedup, memory_ratio
             lines.append(f"| ours / plain{suffix} | {speedup:.2f}x | {memory_ratio:.2f}x |")
     profiles = {labels[name]: row["profile"] for name, row in rows.items() if "profile" in row}
-    return result, "\n".join(lines) + (profile_markdown(profiles) if profiles else "")
+    if profiles:
+        lines += ["", profile_markdown(profiles)]
+    lines += [f"\n{labels[name]}: the profile failed: {row['profile_error'].strip().splitlines()[-1]}"
+              for name, row in rows.items() if "profile_error" in row]
+    return "\n".join(lines)
