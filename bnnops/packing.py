@@ -30,6 +30,7 @@ convert between a logical float weight and its words.
 """
 
 import torch
+import torch.nn.functional as F
 
 from bnnops import kernels
 from bnnops.library import FLOAT_DTYPES, define
@@ -40,6 +41,7 @@ __all__ = [
     "unpack_signs",
     "pack_signs_reference",
     "unpack_signs_reference",
+    "pack_bits",
     "packed_weight_shape",
     "pack_weight",
     "unpack_weight",
@@ -51,22 +53,46 @@ def packed_length(K):
     return (K + 31) // 32
 
 
+def pack_bits(bits):
+    """Pack a bool tensor (..., K) into int32 words (..., ceil(K/32)): bit j of word w is
+    ``bits[..., 32*w + j]``, padding bits 0. Pure PyTorch, any device (the format's packing of a
+    mask: :func:`pack_signs_reference` is ``pack_bits(x < 0)``)."""
+    K = bits.shape[-1]
+    n_words = packed_length(K)
+    # Pad and reshape the bools (1 byte each) before widening to int32 for the shifts.
+    bits = F.pad(bits, (0, 32 * n_words - K)).reshape(*bits.shape[:-1], n_words, 32)
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    # Distinct powers of two: the int32 sum is their OR (bit 31 wraps to the sign bit).
+    return (bits.to(torch.int32) << shifts).sum(-1, dtype=torch.int32)
+
+
 def pack_signs_reference(x):
     """Pure-PyTorch packing of ``x`` (..., K), float, into int32 words (..., ceil(K/32))."""
-    K = x.shape[-1]
-    n_words = packed_length(K)
-    bits = (x < 0).to(torch.int32)
-    bits = torch.nn.functional.pad(bits, (0, 32 * n_words - K)).reshape(*x.shape[:-1], n_words, 32)
-    shifts = torch.arange(32, dtype=torch.int32, device=x.device)
-    # Distinct powers of two: the int32 sum is their OR (bit 31 wraps to the sign bit).
-    return (bits << shifts).sum(-1, dtype=torch.int32)
+    return pack_bits(x < 0)
+
+
+# (dtype, device) -> the (256, 8) table whose row b holds the +-1 values of the 8 bits of byte b.
+_BYTE_SIGNS = {}
+
+
+def _byte_signs(dtype, device):
+    table = _BYTE_SIGNS.get((dtype, device))
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
+        table = _BYTE_SIGNS[(dtype, device)] = (1 - 2 * bits).to(dtype=dtype, device=device)
+    return table
 
 
 def unpack_signs_reference(words, K, dtype):
-    """Pure-PyTorch unpacking of int32 words (..., ceil(K/32)) into +-1 (..., K) of ``dtype``."""
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    bits = ((words.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :K]
-    return (1 - 2 * bits).to(dtype)
+    """Pure-PyTorch unpacking of int32 words (..., ceil(K/32)) into +-1 (..., K) of ``dtype``.
+
+    One table lookup per byte (byte i of a word holds elements 8i .. 8i + 7, bit j element 8i + j):
+    about 4x faster on a CPU than one shift per bit, and the CPU path of every op unpacks weights.
+    """
+    byte_shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=words.device)
+    byte_values = (words.unsqueeze(-1) >> byte_shifts) & 0xFF  # (..., n, 4), arithmetic shift masked
+    values = F.embedding(byte_values, _byte_signs(dtype, words.device))  # (..., n, 4, 8)
+    return values.flatten(-3)[..., :K].contiguous()
 
 
 def _check_floats(x, what):
@@ -151,13 +177,14 @@ def packed_weight_shape(shape):
 
 
 def pack_weight(w):
-    """Words of a logical float weight, packed along dim 1 (see the layout above).
+    """Words of a logical float weight (bit 1 where w < 0), or of a bool mask of its shape (bit 1
+    where True), packed along dim 1 (see the layout above).
 
     (N, K) -> (N, ceil(K/32)); (O, C, *kernel) -> (O, *kernel, ceil(C/32)); (K,) -> (ceil(K/32),).
     """
     if w.dim() >= 2:
         w = w.movedim(1, -1)
-    return torch.ops.bnnops.pack_signs(w)
+    return pack_bits(w) if w.dtype == torch.bool else torch.ops.bnnops.pack_signs(w)
 
 
 def unpack_weight(words, shape, dtype):

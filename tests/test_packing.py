@@ -3,7 +3,7 @@ import torch
 
 import bnnops
 from bnnops import kernels
-from bnnops.packing import pack_signs_reference, unpack_signs_reference
+from bnnops.packing import pack_bits, pack_signs_reference, pack_weight, unpack_signs_reference
 from conftest import FLOAT_DTYPES, poisoned, random_signs_input
 
 KS = [1, 31, 32, 33, 100, 4097]
@@ -24,6 +24,24 @@ def test_reference_bit_order():
     words = pack_signs_reference(x)
     assert words.tolist() == [[1 - 2**31, 0], [0, 2]]  # bits 0 and 31: 1 + 2**31 as int32
     assert pack_signs_reference(torch.tensor([-0.0, 0.0, -1.0])).tolist() == [4]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_unpack_reference_bit_order(dtype):
+    # Bit j of word w is element 32*w + j, -1 where set, written out bit by bit in Python; words
+    # with bit 31 set (negative int32) included, and padding bits ignored.
+    words = torch.randint(-(2**31), 2**31, (3, 5), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
+    words[0, 0], words[1, 1], words[2, 2] = -1, -(2**31), 0x00FF00FF
+    K = 32 * 5 - 7
+    expected = [[-1.0 if (int(w) >> j) & 1 else 1.0 for w in row for j in range(32)][:K] for row in words.tolist()]
+    assert torch.equal(unpack_signs_reference(words.to(torch.int32), K, dtype), torch.tensor(expected, dtype=dtype))
+
+
+def test_pack_bits_and_weight_masks():
+    bits = torch.rand(3, 70, generator=torch.Generator().manual_seed(1)) < 0.5
+    assert torch.equal(pack_bits(bits), pack_signs_reference(torch.where(bits, -1.0, 1.0)))
+    mask = torch.rand(4, 37, 3, 3, generator=torch.Generator().manual_seed(2)) < 0.5
+    assert torch.equal(pack_weight(mask), pack_weight(torch.where(mask, -1.0, 1.0)))
 
 
 @pytest.mark.parametrize("K", KS)
