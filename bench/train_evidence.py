@@ -126,11 +126,13 @@ def markdown(summary, machine):
 
 
 def _write(out, result, table):
+    """The JSON at ``out`` and the markdown beside it, each replaced whole (a run killed while
+    writing leaves the previous version, not half a file)."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(table + "\n")
+    for path, text in ((out, json.dumps(result, indent=1)), (os.path.splitext(out)[0] + ".md", table + "\n")):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
 
 
 def evidence(seeds, epochs=None):

@@ -57,6 +57,10 @@ def pack_bits(bits):
     """Pack a bool tensor (..., K) into int32 words (..., ceil(K/32)): bit j of word w is
     ``bits[..., 32*w + j]``, padding bits 0. Pure PyTorch, any device (the format's packing of a
     mask: :func:`pack_signs_reference` is ``pack_bits(x < 0)``)."""
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.bool:
+        raise TypeError(f"pack_bits takes a bool tensor, got {bits.dtype if isinstance(bits, torch.Tensor) else type(bits).__name__}")
+    if bits.dim() == 0:
+        raise ValueError("pack_bits needs at least one dimension (the packed one), got a scalar")
     K = bits.shape[-1]
     n_words = packed_length(K)
     # Pad and reshape the bools (1 byte each) before widening to int32 for the shifts.
@@ -78,8 +82,10 @@ _BYTE_SIGNS = {}
 def _byte_signs(dtype, device):
     table = _BYTE_SIGNS.get((dtype, device))
     if table is None:
-        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
-        table = _BYTE_SIGNS[(dtype, device)] = (1 - 2 * bits).to(dtype=dtype, device=device)
+        bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
+        table = (1 - 2 * bits).to(dtype)
+        if type(table) is torch.Tensor:  # not a FakeTensor of a trace (export, make_fx): real calls reuse it
+            _BYTE_SIGNS[(dtype, device)] = table
     return table
 
 

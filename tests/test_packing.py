@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import bnnops
-from bnnops import kernels
+from bnnops import kernels, packing
 from bnnops.packing import pack_bits, pack_signs_reference, pack_weight, unpack_signs_reference
 from conftest import FLOAT_DTYPES, poisoned, random_signs_input
 
@@ -42,6 +42,27 @@ def test_pack_bits_and_weight_masks():
     assert torch.equal(pack_bits(bits), pack_signs_reference(torch.where(bits, -1.0, 1.0)))
     mask = torch.rand(4, 37, 3, 3, generator=torch.Generator().manual_seed(2)) < 0.5
     assert torch.equal(pack_weight(mask), pack_weight(torch.where(mask, -1.0, 1.0)))
+    with pytest.raises(TypeError, match="bool tensor"):
+        pack_bits(torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        pack_weight(torch.tensor(True))
+
+
+def test_unpack_reference_table_cache(monkeypatch):
+    """The byte table is cached per (dtype, device): not from a fake trace (later real calls would
+    get fake results), and built on the words' device whatever the default device."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setattr(packing, "_BYTE_SIGNS", {})
+    words = torch.tensor([[0x00FF00FF, -1]], dtype=torch.int32)
+    make_fx(lambda w: unpack_signs_reference(w, 40, torch.float16), tracing_mode="fake")(words)
+    real = unpack_signs_reference(words, 40, torch.float16)
+    assert type(real) is torch.Tensor
+    bits = [(int(w) >> j) & 1 for w in words[0].tolist() for j in range(32)][:40]
+    assert real[0].tolist() == [-1.0 if b else 1.0 for b in bits]
+    monkeypatch.setattr(packing, "_BYTE_SIGNS", {})
+    with torch.device("meta"):
+        assert torch.equal(unpack_signs_reference(words, 40, torch.float16), real)
 
 
 @pytest.mark.parametrize("K", KS)
