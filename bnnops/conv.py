@@ -28,7 +28,7 @@ from torch import nn
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, metadata, pack_dense_state_entries
-from bnnops.library import check_channel_vectors, define, refuse_backward
+from bnnops.library import check_channel_vectors, contiguous, define, refuse_backward, split_epilogue
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference, unpack_weight
 from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
@@ -113,7 +113,6 @@ def binary_conv2d_reference(x, weight, bias=None, scale=None, stride=(1, 1), pad
 
 def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
     # The kernel reads words, bias and scale with unit stride along their last dimension.
-    contiguous = (lambda t: None if t is None else t.contiguous())
     return kernels.load("conv2d").conv2d(
         x, weight.contiguous(), bias=contiguous(bias), scale=contiguous(scale), stride=stride, padding=padding,
         dilation=dilation, groups=groups, pad_value=pad_value, binarize=binarize,
@@ -280,8 +279,6 @@ def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
         got = (weight_dtype, tuple(weight_shape)) if weight_shape is not None else type(weight).__name__
         raise TypeError(f"binary_conv2d weight must be a BinaryTensor or a float latent weight "
                         f"(O, C/groups, kh, kw), got {got}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a float tensor (one value per output channel), got {type(bias).__name__}")
     if x.dim() not in (3, 4):
         raise ValueError(f"binary_conv2d input must be (N, C, H, W) or unbatched (C, H, W), got shape {tuple(x.shape)}")
     x, bias = autocast_inputs(x, weight_dtype, bias)
@@ -296,14 +293,7 @@ def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     wq, words, scale = binarize_weight(weight, weight_quantizer, scale)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     geometry = (stride, conv_padding(padding, tuple(weight_shape[2:]), stride, dilation), dilation, groups, float(pad_value))
-    # A learnable scale needs the convolution before scale and bias: they are applied outside the op
-    # (with or without grad mode, so both give the same values), and checked here as the op does not.
-    outside = scale is not None and scale.requires_grad
-    if outside:
-        check_channel_vectors(weight_shape[0], x.device, bias=bias, scale=scale)
-        op_scale, op_bias = None, None
-    else:
-        op_scale, op_bias = scale, bias
+    outside, op_scale, op_bias = split_epilogue(scale, bias, weight_shape[0], x.device)
     if torch.is_grad_enabled() and (weight_requires_grad or x.requires_grad or (op_bias is not None and op_bias.requires_grad)):
         y = _BinaryConv2dFunction.apply(x, weight, words, weight_shape, weight_dtype, op_scale, op_bias, geometry, iq, wq)
     else:

@@ -64,6 +64,11 @@ def type_name(t):
     return t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
 
 
+def contiguous(t):
+    """``t.contiguous()``, None for None: the CUDA launchers read optional vectors with unit stride."""
+    return None if t is None else t.contiguous()
+
+
 def check_channel_vectors(n, device, **vectors):
     """Check optional per-output-channel vectors (scale, bias): None, or float (n,) tensors on ``device``."""
     for name, v in vectors.items():
@@ -75,6 +80,21 @@ def check_channel_vectors(n, device, **vectors):
             raise ValueError(f"{name} must have shape ({n},), one value per output channel, got {tuple(v.shape)}")
         if v.device != device:
             raise ValueError(f"{name} is on {v.device} but the input is on {device}")
+
+
+def split_epilogue(scale, bias, n, device):
+    """How a binary layer applies its per-output-channel ``scale`` and ``bias``: (outside, op_scale,
+    op_bias).
+
+    Normally the op fuses both into its epilogue. A learnable scale (requires_grad) needs the product
+    before scale and bias, so both are applied outside the op, after it (the op then gets None for
+    them and does not check them: they are checked here). The split depends on the scale alone, not
+    on grad mode, so a call under no_grad gives the same values as with grad.
+    """
+    if scale is not None and scale.requires_grad:
+        check_channel_vectors(n, device, scale=scale, bias=bias)
+        return True, None, None
+    return False, scale, bias
 
 
 def _checked(name, check, implementation):

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, metadata, pack_dense_state_entries
-from bnnops.library import check_channel_vectors, define, refuse_backward, type_name
+from bnnops.library import check_channel_vectors, contiguous, define, refuse_backward, split_epilogue, type_name
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference
 from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
@@ -125,13 +125,13 @@ def _w1a16_check(x, weight, scale, bias):
 
 def _a1w1_cuda(x, weight, K, scale, bias, out_dtype):
     y = kernels.load("gemm").a1w1(
-        _rows(x), weight.contiguous(), K, scale=_contiguous(scale), bias=_contiguous(bias), out_dtype=out_dtype
+        _rows(x), weight.contiguous(), K, scale=contiguous(scale), bias=contiguous(bias), out_dtype=out_dtype
     )
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _w1a16_cuda(x, weight, scale, bias):
-    y = kernels.load("gemm").w1a16(_rows(x), weight.contiguous(), scale=_contiguous(scale), bias=_contiguous(bias))
+    y = kernels.load("gemm").w1a16(_rows(x), weight.contiguous(), scale=contiguous(scale), bias=contiguous(bias))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -172,10 +172,6 @@ define(
     cuda=_grad_input_cuda,
     fake=lambda grad, weight, K: grad.new_empty(*grad.shape[:-1], K),
 )
-
-
-def _contiguous(t):
-    return t.contiguous() if t is not None else None
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -285,8 +281,6 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
     (N, K), weight_dtype, weight_device, weight_requires_grad = _check_weight(weight)
     # The ops check these too, but the W1A16 op takes K from x: a wrong in_features must fail here.
     _check_features(x, K)
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a float tensor (one value per output channel), got {type(bias).__name__}")
     x, bias = autocast_inputs(x, weight_dtype, bias)
     if weight_device != x.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight_device}")
@@ -294,14 +288,8 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
     wq, words, scale = binarize_weight(weight, weight_quantizer, scale)
     out_dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32
 
-    # A learnable scale needs the product before scale and bias: they are applied outside the op
-    # (with or without grad mode, so both give the same values), and checked here as the op does not.
-    outside = scale is not None and scale.requires_grad
-    if outside:
-        check_channel_vectors(N, x.device, scale=scale, bias=bias)
-        op_scale, op_bias, op_dtype = None, None, torch.float32
-    else:
-        op_scale, op_bias, op_dtype = scale, bias, out_dtype
+    outside, op_scale, op_bias = split_epilogue(scale, bias, N, x.device)
+    op_dtype = torch.float32 if outside else out_dtype
     x2d = _rows(x)
     if torch.is_grad_enabled() and (weight_requires_grad or x.requires_grad or (op_bias is not None and op_bias.requires_grad)):
         y = _BinaryLinearFunction.apply(x2d, weight, words, K, weight_dtype, op_scale, op_bias, iq, wq, op_dtype)

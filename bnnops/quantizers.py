@@ -235,16 +235,19 @@ def autocast_inputs(x, weight_dtype, bias):
     Under ``torch.autocast`` for x's device, x and bias are cast to autocast's dtype, as
     ``nn.Linear`` and ``nn.Conv2d`` compute there (a +-1 weight is exact in every float dtype, so
     it needs no cast; gradients still reach each input in its own dtype). Otherwise x (if float)
-    must have the weight's dtype ``weight_dtype`` and bias x's, as ``F.linear`` asks.
+    must have the weight's dtype ``weight_dtype`` and bias x's, as ``F.linear`` asks. A bias that is
+    not a tensor raises TypeError.
     """
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a float tensor (one value per output channel), got {type(bias).__name__}")
     device = x.device.type
     if x.dtype in FLOAT_DTYPES and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         x = x.to(dtype)
-        if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+        if bias is not None and bias.is_floating_point():
             bias = bias.to(dtype)
     elif x.dtype in FLOAT_DTYPES and x.dtype != weight_dtype:
         raise TypeError(f"x ({x.dtype}) and weight ({weight_dtype}) must have the same dtype (or run under torch.autocast)")
-    if isinstance(bias, torch.Tensor) and x.dtype in FLOAT_DTYPES and bias.dtype != x.dtype:
+    if bias is not None and x.dtype in FLOAT_DTYPES and bias.dtype != x.dtype:
         raise TypeError(f"bias ({bias.dtype}) and x ({x.dtype}) must have the same dtype")
     return x, bias
