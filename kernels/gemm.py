@@ -63,8 +63,15 @@ them, see :func:`sweep`):
   per weight one LOP3 (the bit into a predicate) and one predicated FADD, x shared by the 8 rows
   a thread holds. SASS (Triton 3.6, sm_90a), bf16: 721 instructions per 256 weights per thread
   (2.8 each; about 390 on the integer ALU at half rate), 122 registers, no shared memory in the
-  loop: about 6.5 to 7 us for 67M weights at full issue, plus the split-K sum (K split 9 ways so
-  that each SM has four programs: 128 rows per program leave only 64).
+  loop: about 6.5 to 7 us for 67M weights at full issue, plus the split-K sum (K split 8 ways so
+  that each SM has four programs: 128 rows per program leave only 64). It measured 19.9 us
+  there, so most of the time was not issue: each step waited for its own word loads (DRAM
+  latency, about a microsecond, with every warp of an SM in the same phase). The words are now
+  loaded one step ahead, and S is summed in a pass of its own after the loop (in the tile's
+  layout every x value was loaded and added a second time). Compiled offline with Triton 3.9 for
+  sm_90a (the only version at hand; not yet timed): before, 653 loop instructions per 256
+  weights and 118 registers; now 661 and 100 (4 accumulators per row and word instead of 8 pay
+  for the prefetched words: up to 128 registers keep four programs of 4 warps on an SM).
 - Padding: the word holding k >= K is masked to zero bits (+1) in both int8 operands, float
   activations past K load as 0.0 (+1), so each padded position adds exactly +1 to the int32 dot
   and the epilogue subtracts their count. Real activations past K load as 0 and add nothing.
@@ -385,38 +392,51 @@ def _gemv_kernel(
     """W1A16 for a batch of one or two: y[M, N] = x[M, K] @ W^T * scale + bias on the CUDA cores.
 
     sum_k s_k x_k = S - 2 * sum_{k: bit k = 1} x_k with S = sum_k x_k, so each weight bit costs a
-    test (one LOP3 writing a predicate) and a predicated fp32 add of x_k, and S costs one add per
-    x value, shared by the rows a thread holds. No tensor cores, shared memory or barriers: 8
-    lanes read 32 bytes of a row (a sector) per step, each thread holds one word of
-    BLOCK_N / (4 * num_warps) rows and the 32 x values of that word, and neg has one fp32
-    accumulator per bit of a byte (8 chains of 4 adds per word, so the adds do not wait on
-    each other). Exact fp32 arithmetic (no TF32). Grid: (cdiv(N, BLOCK_N), split_k), M <= BLOCK_M;
-    with SPLIT, program (tile, s) writes its share of K to part[s] like ``_gemm_kernel``.
+    test (one LOP3 writing a predicate) and a predicated fp32 add of x_k; S is one add per x
+    value, in a short pass of its own. No tensor cores, shared memory or barriers: 8 lanes read
+    32 bytes of a row (a sector) per step, one step ahead of their use; each thread holds one
+    word of BLOCK_N / (4 * num_warps) rows and the 32 x values of that word, and neg has one fp32
+    accumulator per bit of a nibble (4 x 8 rows = 32 independent chains a thread, so the adds do
+    not wait on each other). fp32 arithmetic, no TF32. Grid: (cdiv(N, BLOCK_N), split_k),
+    M <= BLOCK_M; with SPLIT, program (tile, s) writes its share of K to part[s] like
+    ``_gemm_kernel``.
     """
     LANES: tl.constexpr = GEMV_LANES
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     lane = tl.arange(0, LANES)
-    bit = tl.arange(0, 8)
+    bit = tl.arange(0, 4)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW + lane[None, :]
-    x_rows = x_ptr + rm.to(tl.int64)[:, None, None] * stride_xm
+    x_rows = x_ptr + rm.to(tl.int64) * stride_xm
     mask_n = rn < N
     mask_m = rm < M
-    total = tl.zeros((BLOCK_M, 1, LANES, 8), tl.float32)
-    neg = tl.zeros((BLOCK_M, BLOCK_N, LANES, 8), tl.float32)
+    neg = tl.zeros((BLOCK_M, BLOCK_N, LANES, 4), tl.float32)
     first_step, end_step = _split_range(tl.cdiv(KW, LANES), split_k, SPLIT)
+    # Each step's words are loaded one step ahead, so their DRAM latency hides under the previous
+    # step's adds (8 registers more; without it every step stalls on its loads first).
+    kw_end = tl.minimum(KW, end_step * LANES)
+    kw = first_step * LANES + lane
+    words = tl.load(w_rows + first_step * LANES, mask=mask_n[:, None] & (kw < kw_end)[None, :], other=0)
     for step in range(first_step, end_step):
-        kw = step * LANES + lane
-        words = tl.load(w_rows + step * LANES, mask=mask_n[:, None] & (kw < KW)[None, :], other=0)
-        w = tl.reshape(_replicate(words, 3), (1, BLOCK_N, LANES, 8))
-        for byte in tl.static_range(4):
-            # Bits 8 * byte + bit of each word; x past K loads as 0, so padding bits add nothing.
-            k = 32 * kw[:, None] + 8 * byte + bit[None, :]
-            xv = tl.load(x_rows + k[None, :, :] * stride_xk, mask=mask_m[:, None, None] & (k < K)[None, :, :],
+        w = tl.reshape(_replicate(words, 2), (1, BLOCK_N, LANES, 4))
+        next_kw = kw + LANES
+        words = tl.load(w_rows + (step + 1) * LANES, mask=mask_n[:, None] & (next_kw < kw_end)[None, :], other=0)
+        for nibble in tl.static_range(8):
+            # Bits 4 * nibble + bit of each word; x past K loads as 0, so padding bits add nothing.
+            k = 32 * kw[:, None] + 4 * nibble + bit[None, :]
+            xv = tl.load(x_rows[:, None, None] + k[None, :, :] * stride_xk, mask=mask_m[:, None, None] & (k < K)[None, :, :],
                          other=0.0).to(tl.float32)[:, None, :, :]
-            total += xv
-            neg = tl.where((w & (1 << (8 * byte + bit))[None, None, None, :]) != 0, neg + xv, neg)
-    y = tl.sum(tl.sum(total - 2 * neg, 3), 2)
+            neg = tl.where((w & (1 << (4 * nibble + bit))[None, None, None, :]) != 0, neg + xv, neg)
+        kw = next_kw
+    # S over this program's share of K, in a pass of its own: in the tile's layout each x value
+    # would be loaded and added once more for the rows' copies.
+    SPAN: tl.constexpr = 32 * LANES
+    total = tl.zeros((BLOCK_M, SPAN), tl.float32)
+    for step in range(first_step, end_step):
+        k = step * SPAN + tl.arange(0, SPAN)
+        total += tl.load(x_rows[:, None] + k[None, :] * stride_xk, mask=mask_m[:, None] & (k < K)[None, :],
+                         other=0.0).to(tl.float32)
+    y = tl.sum(total, 1)[:, None] - 2 * tl.sum(tl.sum(neg, 3), 2)
     _store_result(y, rm, rn, M, N, 0, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
                   has_scale, has_bias, SPLIT)
 
@@ -446,8 +466,9 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
     if x_mode == X_REAL and not trans_w and M <= GEMV_M:
         # 128 rows a program (8 a thread), K split until every SM has about four programs of 4 warps.
         block_n = 128
-        split = min(triton.cdiv(4 * sms, triton.cdiv(N, block_n)), triton.cdiv(triton.cdiv(R, 32), GEMV_LANES.value))
-        return dict(GEMV=True, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=max(split, 1),
+        steps = triton.cdiv(triton.cdiv(R, 32), GEMV_LANES.value)
+        split = _split_k(steps, triton.cdiv(4 * sms, triton.cdiv(N, block_n)))
+        return dict(GEMV=True, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split,
                     num_warps=4, num_stages=1)
     if M > SMALL_M:
         if x_mode == X_PACKED:
@@ -468,10 +489,16 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
         block_r = 512
     else:
         block_r = 128 if x_mode == X_REAL and x_dtype == torch.float32 else 256
-    split = min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), triton.cdiv(R, block_r), 8)
-    return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=1, SWAP_AB=True,
-                SPLIT_K=max(split, 1),
+    split = _split_k(triton.cdiv(R, block_r), min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), 8))
+    return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=1, SWAP_AB=True, SPLIT_K=split,
                 num_warps=4, num_stages=4)
+
+
+def _split_k(steps, wanted):
+    """SPLIT_K for ``steps`` K steps: at most ``wanted`` shares of ``cdiv(steps, split)`` steps each,
+    none empty (32 steps in 9 shares of 4 leave the ninth empty: 8 shares do the same work)."""
+    share = triton.cdiv(steps, max(min(wanted, steps), 1))
+    return triton.cdiv(steps, share)
 
 
 _UNUSED = {}
@@ -598,12 +625,26 @@ def grad_input(g, words, K, *, out=None, config=None):
     return _launch(g, words, out, M, K, N, words.shape[1], X_REAL, True, None, None, config)
 
 
+def graph_replay(fn):
+    """One call of fn captured in a CUDA graph, returned as the graph's replay: fn's GPU work without
+    the host's launch cost (how a latency-bound caller runs small batches). fn runs once first, so
+    compiling and allocating happen outside the capture."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
     """Time the table's config and a few others per case on the GPU; print median us and rates.
 
     ``python -c "from bnnops.kernels import gemm; gemm.sweep()"``: about 12 compiles (1 to 4 s
     each on an H100 host) plus about 0.2 s of timing each, under 40 s. The table's choice is
-    marked ``*``; "op" rows time ``torch.ops.bnnops.*`` itself (op dispatch included).
+    marked ``*``; "op" rows time ``torch.ops.bnnops.*`` itself. Batches up to 16 are timed as CUDA
+    graph replays (:func:`graph_replay`: GPU time only, split-K's second kernel included), larger
+    ones eagerly (host cost included, op dispatch in the "op" rows).
 
     Args:
         shapes: (name, M, N, K) cases, name one of "a1w1" (the public call with float x: large x is
@@ -615,7 +656,7 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
 
     shapes = shapes or [("w1a16", 1, 8192, 8192), ("w1a16", 16, 8192, 8192), ("w1a16", 128, 8192, 8192),
                         ("a1w1-packed", 8192, 8192, 8192), ("a1w1", 8192, 8192, 8192)]
-    gemv = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, SPLIT_K=9, num_warps=4, num_stages=1)
+    gemv = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, SPLIT_K=8, num_warps=4, num_stages=1)
     # What the table does not decide from measurements yet: the GEMV's split and rows per
     # program against the tensor-core small-batch path (39 us on the first H100 run); the large
     # W1A16 config at M = 128 (100 us in the sweep, 179 us through the op in the benchmark).
@@ -630,10 +671,8 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
     }
     for name, M, N, K in shapes:
         x = torch.randn(M, K, device="cuda", dtype=dtype)
-        w = torch.randint(-(2**31), 2**31, (N, triton.cdiv(K, 32)), device="cuda", dtype=torch.int64).to(torch.int32)
-        # Rotate through copies of W worth more than the 50 MB L2, so small batches read HBM.
-        weights = [w] + [w.clone() for _ in range(min(15, (64 << 20) // (w.numel() * 4)))]
-        turn = iter(range(1 << 62))
+        # do_bench flushes L2 before every call, so the weight is read from HBM each time.
+        words = torch.randint(-(2**31), 2**31, (N, triton.cdiv(K, 32)), device="cuda", dtype=torch.int64).to(torch.int32)
         x_mode = {"a1w1": X_SIGN, "a1w1-packed": X_PACKED, "w1a16": X_REAL}[name]
         if x_mode == X_PACKED:
             x = pack_signs(x)
@@ -646,7 +685,6 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
             tried = ["op"]
         for config in tried + list(configs or []):
             def call(config=config):
-                words = weights[next(turn) % len(weights)]
                 if config == "op" and x_mode == X_REAL:
                     return torch.ops.bnnops.binary_linear_w1a16(x, words, None, None)
                 if config == "op":
@@ -655,11 +693,12 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
                     return w1a16(x, words, config=config)
                 return a1w1(x, words, K, out_dtype=dtype, config=config)
             try:
-                ms = do_bench(call, warmup=10, rep=40)
+                # Small batches as graph replays: eagerly the host's launch cost (tens of us) hides the kernel.
+                ms = do_bench(graph_replay(call) if M <= SMALL_M else call, warmup=10, rep=40)
             except Exception as e:  # a config that does not fit (shared memory, registers) is skipped
                 print(f"{name} M={M} N={N} K={K}: {config} failed: {type(e).__name__}: {e}"[:300])
                 continue
-            tops, weight_gbs = 2 * M * N * K / ms / 1e9, w.numel() * 4 / ms / 1e6
+            tops, weight_gbs = 2 * M * N * K / ms / 1e9, words.numel() * 4 / ms / 1e6
             what = "torch.ops.bnnops (the table's config)" if config == "op" else config
             print(f"{'*' if config is default else ' '} {name:11s} M={M:5d} N={N} K={K}: {ms * 1e3:9.1f} us "
                   f"{tops:7.1f} TOPS {weight_gbs:7.1f} GB/s of packed W  {what}", flush=True)

@@ -21,6 +21,7 @@ Larger shapes are timed eagerly.
 import torch
 
 from bench import Workload, case
+from bnnops.kernels.gemm import graph_replay
 from bnnops.packing import pack_signs, packed_length
 
 A1W1_CPU = {"M=N=K=512 fp32": dict(M=512, N=512, K=512, dtype=torch.float32)}
@@ -34,14 +35,7 @@ def _signs(shape, device, dtype):
 
 def _graphed(fn, device):
     """fn as a CUDA graph replay on CUDA (see the module docstring); fn itself elsewhere."""
-    if torch.device(device).type != "cuda":
-        return fn
-    fn()  # compile and allocate outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return graph_replay(fn) if torch.device(device).type == "cuda" else fn
 
 
 def _matmul_name(dtype):
