@@ -8,6 +8,8 @@
 # Steps, in order, each bounded in time so the whole script ends within GPU_CHECK_BUDGET seconds:
 #   env.txt       date, nvidia-smi, GPU, python / torch / CUDA / triton versions, commit, pip install log
 #   tests.log     python -m pytest tests $PYTEST_ARGS (plus --timeout if pytest-timeout is installed)
+#   gemm_sweep.txt with GEMM_SWEEP=1: gemm.sweep() on W1A16 at M = 1 and 16, N = K = 8192 (the GEMV and
+#                 small-batch configs, CUDA graph replays), at most 90 s
 #   train_step.json / .md  python -m bench.train_evidence --gpu-step --profile: BinaryNet training step,
 #                 ours against plain PyTorch (images/s, peak memory) and where each step's time goes
 #   bench.log     python -m bench: progress and the final table
@@ -15,7 +17,7 @@
 #                 headline shapes of every kernel run first
 #   table.md      the README "Performance" markdown of the run
 #   speedup.png   the speedup chart (when matplotlib is installed)
-# Nine files (train_step.log too), no folders. Then `python -m bench --record OUTDIR/results.json` on the development
+# Up to ten files (train_step.log too), no folders. Then `python -m bench --record OUTDIR/results.json` on the development
 # machine puts the run under bench/results/.
 #
 # Environment (all optional):
@@ -30,6 +32,7 @@
 #   TRAIN_STEP_TIMEOUT seconds for the training-step comparison and profile (default 150; below 60,
 #                     or with under 220 s of the budget left, it is skipped)
 #   TRAIN_STEP_COMPILE=1  the training step under torch.compile too (compiles take a minute or two)
+#   GEMM_SWEEP=1      the W1A16 config sweep above, after the tests
 #   PYTHON            default python3
 set -uo pipefail
 
@@ -79,6 +82,13 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     [ "$tests_rc" = 124 ] && echo "gpu_check: the tests ran past ${tests_timeout} s and were stopped" >>"$out/tests.log"
 fi
 
+rm -f "$out/gemm_sweep.txt"
+if [ "${GEMM_SWEEP:-0}" = 1 ]; then
+    say "W1A16 config sweep (at most 90 s) -> $out/gemm_sweep.txt"
+    timeout -k 10 90 $py -c "from bnnops.kernels import gemm; gemm.sweep([('w1a16', 1, 8192, 8192), ('w1a16', 16, 8192, 8192)])" \
+        >"$out/gemm_sweep.txt" 2>&1
+fi
+
 # At most TRAIN_STEP_TIMEOUT, and never the benchmark's last 150 s (10 s more for timeout's kill
 # grace); with under 60 s for it, it is skipped (a BinaryNet step needs its kernels compiled first).
 train_step_timeout=${TRAIN_STEP_TIMEOUT:-150}
@@ -113,6 +123,7 @@ grep -E "^(FAILED|ERROR) " "$out/tests.log" 2>/dev/null | head -n 20
 echo "training step (exit $train_rc$([ "$train_rc" = 124 ] && echo ', stopped at its time limit: the rows it finished'))"
 # The first table of train_step.md: from its header row to the blank line after it.
 [ -f "$out/train_step.md" ] && sed -n '3,/^$/p' "$out/train_step.md"
+[ -f "$out/gemm_sweep.txt" ] && { echo "W1A16 sweep:"; grep -E "^[* ] w1a16|failed|Error" "$out/gemm_sweep.txt"; }
 echo "benchmark exit $bench_rc$([ "$bench_rc" = 124 ] && echo ' (stopped at its time limit)')"
 if [ -f "$out/results.json" ]; then
     $py -c "import json, sys; from bench import report; print(report.text_report(json.load(open(sys.argv[1]))))" \
