@@ -8,8 +8,8 @@
 # Steps, in order, each bounded in time so the whole script ends within GPU_CHECK_BUDGET seconds:
 #   env.txt       date, nvidia-smi, GPU, python / torch / CUDA / triton versions, commit, pip install log
 #   tests.log     python -m pytest tests $PYTEST_ARGS (plus --timeout if pytest-timeout is installed)
-#   gemm_sweep.txt with GEMM_SWEEP=1: gemm.sweep() on W1A16 at M = 1 and 16, N = K = 8192 (the GEMV and
-#                 small-batch configs, CUDA graph replays), at most 90 s
+#   gemm_sweep.txt with GEMM_SWEEP=1: gemm.sweep() on W1A16 at M = 1, 2, 4, 8, 16, N = K = 8192 (the GEMV and
+#                 small-batch configs, CUDA graph replays), at most 120 s
 #   train_step.json / .md  python -m bench.train_evidence --gpu-step --profile: BinaryNet training step,
 #                 ours against plain PyTorch (images/s, peak memory) and where each step's time goes
 #   bench.log     python -m bench: progress and the final table
@@ -84,8 +84,8 @@ fi
 
 rm -f "$out/gemm_sweep.txt"
 if [ "${GEMM_SWEEP:-0}" = 1 ]; then
-    say "W1A16 config sweep (at most 90 s) -> $out/gemm_sweep.txt"
-    timeout -k 10 90 $py -c "from bnnops.kernels import gemm; gemm.sweep([('w1a16', 1, 8192, 8192), ('w1a16', 16, 8192, 8192)])" \
+    say "W1A16 config sweep (at most 120 s) -> $out/gemm_sweep.txt"
+    timeout -k 10 120 $py -c "from bnnops.kernels import gemm; gemm.sweep([('w1a16', m, 8192, 8192) for m in (1, 2, 4, 8, 16)])" \
         >"$out/gemm_sweep.txt" 2>&1
 fi
 

@@ -464,12 +464,7 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
     on_gpu = device.type == "cuda" and torch.cuda.is_available()
     sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 132
     if x_mode == X_REAL and not trans_w and M <= GEMV_M:
-        # 128 rows a program (8 a thread), K split until every SM has about four programs of 4 warps.
-        block_n = 128
-        steps = triton.cdiv(triton.cdiv(R, 32), GEMV_LANES.value)
-        split = _split_k(steps, triton.cdiv(4 * sms, triton.cdiv(N, block_n)))
-        return dict(GEMV=True, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split,
-                    num_warps=4, num_stages=1)
+        return gemv_config(M, N, R, sms)
     if M > SMALL_M:
         if x_mode == X_PACKED:
             block_n, block_r = 256, 128  # H100 sweep at 8192^3: 1339 us against 1450 with BLOCK_N = 128
@@ -492,6 +487,15 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
     split = _split_k(triton.cdiv(R, block_r), min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), 8))
     return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=1, SWAP_AB=True, SPLIT_K=split,
                 num_warps=4, num_stages=4)
+
+
+def gemv_config(M, N, K, sms, block_n=128):
+    """The config of ``_gemv_kernel`` for an (M, K) x (N, K)^T product: BLOCK_N rows a program
+    (BLOCK_N / 16 a thread: 8 at 128), K split until every SM has about four programs of 4 warps."""
+    steps = triton.cdiv(triton.cdiv(K, 32), GEMV_LANES.value)
+    split = _split_k(steps, triton.cdiv(4 * sms, triton.cdiv(N, block_n)))
+    return dict(GEMV=True, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split, num_warps=4,
+                num_stages=1)
 
 
 def _split_k(steps, wanted):
@@ -656,14 +660,16 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
 
     shapes = shapes or [("w1a16", 1, 8192, 8192), ("w1a16", 16, 8192, 8192), ("w1a16", 128, 8192, 8192),
                         ("a1w1-packed", 8192, 8192, 8192), ("a1w1", 8192, 8192, 8192)]
-    gemv = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, SPLIT_K=8, num_warps=4, num_stages=1)
-    # What the table does not decide from measurements yet: the GEMV's split and rows per
-    # program against the tensor-core small-batch path (39 us on the first H100 run); the large
-    # W1A16 config at M = 128 (100 us in the sweep, 179 us through the op in the benchmark).
+    sms = torch.cuda.get_device_properties().multi_processor_count
+    # What the table does not decide from measurements yet: where the GEMV stops beating the
+    # tensor-core small-batch path (39 us at M = 1 and 16 on the first H100 run; counted in SASS
+    # from Triton 3.9, the GEMV is about 13 us of instruction issue on 132 SMs at M = 4 with 64-row
+    # programs and 27 us at M = 8 with 32-row ones, against about 6 at M = 1),
+    # its split and rows per program; the large W1A16 config at M = 128 (100 us in the sweep,
+    # 179 us through the op in the benchmark).
+    small_batch = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, SWAP_AB=True, SPLIT_K=3, num_warps=4,
+                       num_stages=4)
     candidates = {
-        "w1a16-gemv": [dict(gemv, SPLIT_K=4), dict(gemv, SPLIT_K=16), dict(gemv, BLOCK_N=64, SPLIT_K=5),
-                       dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, SWAP_AB=True, SPLIT_K=3, num_warps=4,
-                            num_stages=4)],
         "w1a16": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1, num_warps=8,
                        num_stages=3)],
         "a1w1-packed": [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_R=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
@@ -677,8 +683,15 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
         if x_mode == X_PACKED:
             x = pack_signs(x)
         default = default_config(x_mode, False, M, N, K, x.dtype, x.device)
-        if x_mode == X_REAL:
-            tried = [default] + candidates["w1a16-gemv" if default.get("GEMV") else "w1a16"] + ["op"]
+        if x_mode == X_REAL and M <= SMALL_M:
+            # The GEMV at 128 // BLOCK_M rows a program and half that (the registers grow with
+            # BLOCK_M * BLOCK_N), with its split and half and twice that; the tensor-core path.
+            rows = max(128 // triton.next_power_of_2(M), 16)
+            gemv = [gemv_config(M, N, K, sms, block_n) for block_n in (rows, rows // 2) if block_n >= 16]
+            gemv += [dict(gemv[0], SPLIT_K=max(gemv[0]["SPLIT_K"] // 2, 1)), dict(gemv[0], SPLIT_K=2 * gemv[0]["SPLIT_K"])]
+            tried = [default] + [c for c in gemv + [small_batch] if c != default] + ["op"]
+        elif x_mode == X_REAL:
+            tried = [default] + candidates["w1a16"] + ["op"]
         elif x_mode == X_PACKED:
             tried = [default] + candidates[name]
         else:

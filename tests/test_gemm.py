@@ -145,19 +145,35 @@ def test_w1a16(gemm, device, config, M, N, K, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_w1a16_batch_of_two(gemm, device, dtype):
-    # The CUDA-core kernel with two x rows (M = 1 runs it in test_w1a16), split over K and not.
-    M, N, K = 2, 150, 333
+@pytest.mark.parametrize("M,block_n", [(2, 128), (3, 32), (5, 16)])
+def test_w1a16_gemv_batches(gemm, device, dtype, M, block_n):
+    # The CUDA-core kernel with several x rows (M = 1 runs it in test_w1a16; the table uses it up
+    # to GEMV_M, the sweep tries it further), BLOCK_M > M, over several steps of K (K = 333 is
+    # 11 words, two steps) in one program and split (3 shares of 1 step: one share is empty).
+    N, K = 150, 333
     x = random_signs_input((M, K), dtype, device, finite=True)
     words = weight_words(N, K, device)
     scale, bias = channel_vectors(N, device, with_scale=True, with_bias=True)
     ref = w1a16_reference(x.cpu().float(), words.cpu(), scale.cpu(), bias.cpu())
     abs_sum = x.cpu().float().abs().sum(1, keepdim=True) * scale.cpu().abs()
     for split in (1, 3):
-        config = dict(gemm.default_config(gemm.X_REAL, False, M, N, K, dtype, torch.device(device)), SPLIT_K=split)
-        assert config["GEMV"]
+        config = dict(gemm.gemv_config(M, N, K, 132, block_n), SPLIT_K=split)
         out = poisoned((M, N), dtype, device)
         assert_close_dot(gemm.w1a16(x, words, scale=scale, bias=bias, out=out, config=config), ref, abs_sum)
+
+
+def test_default_config_splits_k_without_empty_shares(gemm):
+    cpu = torch.device("cpu")
+    # The GEMV up to GEMV_M: 8192 = 32 steps of 8 words; 64 programs of 128 rows want 9 shares for
+    # four programs per SM on 132 SMs, which would leave the ninth empty: 8 shares of 4 steps.
+    for M in range(1, gemm.GEMV_M + 1):
+        assert gemm.default_config(gemm.X_REAL, False, M, 8192, 8192, torch.bfloat16, cpu) == dict(
+            GEMV=True, BLOCK_M=1 << (M - 1).bit_length(), BLOCK_N=128, SPLIT_K=8, num_warps=4, num_stages=1)
+    for M, N, K in [(1, 4096, 11008), (1, 100, 70), (16, 8192, 8192), (16, 512, 8000), (5, 8192, 300)]:
+        config = gemm.default_config(gemm.X_REAL, False, M, N, K, torch.bfloat16, cpu)
+        steps = -(-K // (32 * gemm.GEMV_LANES.value)) if config.get("GEMV") else -(-K // config["BLOCK_R"])
+        share = -(-steps // config["SPLIT_K"])
+        assert 1 <= config["SPLIT_K"] <= steps and (config["SPLIT_K"] - 1) * share < steps, (M, N, K, config)
 
 
 @every_config_shape_dtype
