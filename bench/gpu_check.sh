@@ -10,8 +10,9 @@
 #   tests.log     python -m pytest tests $PYTEST_ARGS (plus --timeout if pytest-timeout is installed)
 #   gemm_sweep.txt with GEMM_SWEEP=1: gemm.sweep() on W1A16 at M = 1, 2, 4, 8, 16, N = K = 8192 (the GEMV and
 #                 small-batch configs, CUDA graph replays), at most 120 s
-#   train_step.json / .md  python -m bench.train_evidence --gpu-step --profile: BinaryNet training step,
-#                 ours against plain PyTorch (images/s, peak memory) and where each step's time goes
+#   train_step.json / .md  python -m bench.train_evidence --gpu-step --profile --channels-last: BinaryNet
+#                 training step, ours against plain PyTorch (images/s, peak memory) and where each step's
+#                 time goes, NCHW then channels_last
 #   bench.log     python -m bench: progress and the final table
 #   results.json  the benchmark's rows, rewritten after every shape (a killed run keeps what it measured);
 #                 headline shapes of every kernel run first
@@ -99,7 +100,7 @@ if [ "$train_step_timeout" -ge 60 ]; then
     say "training step profile (at most ${train_step_timeout} s) -> $out/train_step.json"
     compile=""
     [ "${TRAIN_STEP_COMPILE:-0}" = 1 ] && compile="--compile"
-    timeout -k 10 "$train_step_timeout" $py -m bench.train_evidence --gpu-step --profile $compile \
+    timeout -k 10 "$train_step_timeout" $py -m bench.train_evidence --gpu-step --profile --channels-last $compile \
         --out "$out/train_step.json" >"$out/train_step.log" 2>&1
     train_rc=$?
 fi

@@ -7,6 +7,7 @@ Run from the root of a checkout::
     python -m bench.train_evidence --gpu-step # BinaryNet training step, CIFAR-10 shapes, batch 256 (needs a GPU)
     python -m bench.train_evidence --gpu-step --profile  # ... and where each step's time goes
     python -m bench.train_evidence --gpu-step --compile  # ... and both models under torch.compile
+    python -m bench.train_evidence --gpu-step --channels-last  # ... and both in channels_last
 
 Tasks (``bnnops.train`` presets; each optimizer takes the preset's settings for it):
 
@@ -190,18 +191,19 @@ def main(argv=None):
     p.add_argument("--gpu-step", action="store_true", help="BinaryNet training step on the GPU instead")
     p.add_argument("--profile", action="store_true", help="with --gpu-step: profile each variant's step too")
     p.add_argument("--compile", action="store_true", help="with --gpu-step: both variants under torch.compile too")
+    p.add_argument("--channels-last", action="store_true", help="with --gpu-step: both variants in channels_last too")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, help="override the presets' epochs (quick looks)")
     p.add_argument("--out", help="JSON path (default bench/results/train_evidence[_sweep|_gpu_step].json)")
     args = p.parse_args(argv)
-    if (args.profile or args.compile) and not args.gpu_step:
-        p.error("--profile and --compile go with --gpu-step")
+    if (args.profile or args.compile or args.channels_last) and not args.gpu_step:
+        p.error("--profile, --compile and --channels-last go with --gpu-step")
     if args.gpu_step:
         from bench.cases.train_step import gpu_step_report
 
         out = args.out or "bench/results/train_evidence_gpu_step.json"
         # Written after every row: a run stopped at its time limit keeps what it measured.
-        result, table = gpu_step_report(profile=args.profile, compile=args.compile,
+        result, table = gpu_step_report(profile=args.profile, compile=args.compile, channels_last=args.channels_last,
                                         progress=lambda result, table: _write(out, result, table))
     elif args.sweep:
         machine = describe("cpu")

@@ -203,7 +203,9 @@ class _BinaryConv2dFunction(torch.autograd.Function):
         if need_x or need_w:
             g = grad_y * scale.view(1, -1, 1, 1).to(grad_y.dtype) if scale is not None else grad_y
             a = sign(x).to(g.dtype) if ctx.input_quantizer is not None else x.to(g.dtype)
-            w = unpack_weight(words, ctx.weight_shape, g.dtype)
+            # The weight in the input's memory format: cuDNN would copy a mismatched one over to it.
+            fmt = torch.channels_last if _output_is_channels_last(x) else torch.contiguous_format
+            w = unpack_weight(words, ctx.weight_shape, g.dtype, fmt)
             if pad_value == 0.0 and pt == pb and pl == pr:
                 cudnn_padding, crop = [pt, pl], False
             else:

@@ -193,10 +193,12 @@ def pack_weight(w):
     return pack_bits(w) if w.dtype == torch.bool else torch.ops.bnnops.pack_signs(w)
 
 
-def unpack_weight(words, shape, dtype):
-    """The dense contiguous +-1 weight of logical ``shape`` held by ``words`` (inverse of pack_weight)."""
+def unpack_weight(words, shape, dtype, memory_format=torch.contiguous_format):
+    """The dense +-1 weight of logical ``shape`` held by ``words`` (inverse of pack_weight), contiguous
+    in ``memory_format``. A conv weight's words are in channels-last order, so
+    ``torch.channels_last`` costs no copy after the unpack."""
     K = shape[1] if len(shape) >= 2 else shape[0]
     dense = torch.ops.bnnops.unpack_signs(words, K, dtype)
     if len(shape) >= 2:
-        dense = dense.movedim(-1, 1).contiguous()
+        dense = dense.movedim(-1, 1).contiguous(memory_format=memory_format)
     return dense

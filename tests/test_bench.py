@@ -160,12 +160,26 @@ def test_train_step_compiled_matches_eager(monkeypatch, variant, device):
         torch.testing.assert_close(compiled(), eager(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["ours", "plain"])
+def test_train_step_channels_last_matches_nchw(variant, device):
+    # The GPU report's channels_last rows: the same steps (losses within the convolutions'
+    # summation order) with every activation channels-last.
+    from bench.cases.train_step import training_step
+
+    torch.manual_seed(0)
+    nchw = training_step(variant, device, batch=2, filters=4, dense_units=8)
+    torch.manual_seed(0)
+    channels_last = training_step(variant, device, batch=2, filters=4, dense_units=8, channels_last=True)
+    for _ in range(2):
+        torch.testing.assert_close(channels_last(), nchw(), rtol=1e-4, atol=1e-5)
+
+
 def test_gpu_step_report_tables(monkeypatch):
     """The report's rows, ratios and failure lines, with the GPU parts stubbed (this runs anywhere)."""
     from bench import machine
     from bench.cases import train_step
 
-    def fake_training_step(variant, device, batch, compile=False):
+    def fake_training_step(variant, device, batch, compile=False, channels_last=False):
         if variant == "plain" and compile:
             raise RuntimeError("compile failed")
         return lambda: None
@@ -181,10 +195,14 @@ def test_gpu_step_report_tables(monkeypatch):
     monkeypatch.setattr(train_step, "step_profile", lambda step, device: {
         "steps": 3, "host_ms": 1.0, "wall_ms": 4.0, "kernel_ms": 3.5, "top": [{"name": "k", "ms": 1.0, "calls": 2}]})
     seen = []
-    result, table = train_step.gpu_step_report(batch=8, compile=True, profile=True,
+    result, table = train_step.gpu_step_report(batch=8, compile=True, profile=True, channels_last=True,
                                                progress=lambda result, table: seen.append(len(result["rows"])))
-    assert seen == [1, 2, 3, 4]  # the caller can write the file after every row
-    assert set(result["rows"]) == {"ours", "plain", "ours compiled", "plain compiled"}
+    assert seen == [1, 2, 3, 4, 5, 6]  # the caller can write the file after every row
+    assert list(result["rows"]) == ["ours", "plain", "ours channels_last", "plain channels_last", "ours compiled",
+                                    "plain compiled"]
+    assert result["speedup_channels_last"] == pytest.approx(1.0)
+    assert "| ours / plain channels_last | 1.00x | 1.00x |" in table
+    assert "| bnnops + Bop (bf16 activations), channels_last | 2000 | 3 MiB |" in table
     assert "wall 4.00 ms, kernels 3.50 ms per step" in table and "| `k` | 1.000 | 2 |" in table
     assert result["rows"]["ours"]["images_per_s"] == pytest.approx(2000)
     assert result["speedup"] == pytest.approx(1.0) and "speedup_compiled" not in result

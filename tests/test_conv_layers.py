@@ -120,6 +120,43 @@ def test_binary_conv2d_bf16_channels_last(device):
     assert torch.equal(y.float(), expected)
 
 
+def test_channels_last_backward_keeps_the_format_and_copies_no_weight(device):
+    # The backward unpacks the weight in the input's memory format: for channels_last that is the
+    # words' own order, so no dense copy of the weight is made (NCHW makes one, as cuDNN wants it;
+    # a mismatched one cuDNN would copy itself).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class WeightCopies(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.copies = shape, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy) \
+                    and out.shape == self.shape:
+                self.copies.append(func)
+            return out
+
+    g = torch.Generator().manual_seed(5)
+    weight = nn.Parameter(BinaryTensor.from_float(torch.randn(6, 10, 3, 3, generator=g).to(device)))
+    for memory_format, copies in ((torch.channels_last, 0), (torch.contiguous_format, 1)):
+        x = torch.randn(2, 10, 7, 5, generator=g).to(device).contiguous(memory_format=memory_format).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        w_ref = weight.dequantize().detach().requires_grad_()
+        y = binary_conv2d(x, weight, None, padding=1)
+        grad = torch.randn(y.shape, generator=g).to(device).contiguous(memory_format=memory_format)
+        with WeightCopies(weight.shape) as mode:  # grad_x alone: AccumulateGrad copies a channels_last grad_weight
+            torch.autograd.grad(y, x, grad, retain_graph=True)
+        assert len(mode.copies) == copies, (memory_format, mode.copies)
+        weight.grad = None
+        y.backward(grad)
+        dense_reference(x_ref, w_ref, None, None, (1, 1), 1, (1, 1), 1, 0.0, get_quantizer("ste_sign")).backward(grad)
+        assert x.grad.is_contiguous(memory_format=memory_format)
+        torch.testing.assert_close(x.grad, x_ref.grad, **GRAD_TOL)
+        torch.testing.assert_close(weight.grad, w_ref.grad, **GRAD_TOL)
+
+
 def test_layer_options_and_init(device):
     layer = BinaryConv2d(6, 8, 3, padding="same", pad_value=-1, device=device)
     assert isinstance(layer.weight, BinaryTensor) and layer.weight.shape == (8, 6, 3, 3)

@@ -83,25 +83,27 @@ def _latent_weights(model):
     return [m.weight for m in model.modules() if isinstance(m, (SteConv2d, SteLinear))]
 
 
-def training_step(variant, device, batch, filters=128, dense_units=1024, compile=False):
+def training_step(variant, device, batch, filters=128, dense_units=1024, compile=False, channels_last=False):
     """A zero-argument training step of ``variant`` ("ours" or "plain") on one random CIFAR-10 batch.
 
     Only that variant's model and optimizer are built (so peak memory is its own). Each call
     changes the weights (a real step); repeated calls stay a fair measure, the work per step does
     not depend on the values. A call returns the step's loss (a 0-d tensor on the device, no sync).
     ``compile``: the model's forward and backward through ``torch.compile`` (the optimizer step
-    stays eager; the first call compiles).
+    stays eager; the first call compiles). ``channels_last``: the batch and the model's conv
+    weights in channels-last memory format (so every activation is), else NCHW.
     """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     # The same batch for both variants: a fixed seed of its own.
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = models.binarynet(filters=filters, dense_units=dense_units)
     if variant == "ours":
         # The whole model in bf16 on CUDA, binary weights keeping their bits; Adam then steps bf16
         # BN params. (The recorded runs predate bnnops' autocast support; this stays the measured setup.)
-        model = model.to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=dtype, memory_format=fmt)
         binary, real = split_parameters(model)
         opt = BinaryAndReal(Bop(binary, lr=GAMMA, threshold=THRESHOLD), torch.optim.Adam(real, lr=ADAM_LR))
         x = x.to(dtype)
@@ -117,7 +119,7 @@ def training_step(variant, device, batch, filters=128, dense_units=1024, compile
         return step
     if variant != "plain":
         raise ValueError(f"variant must be 'ours' or 'plain', got {variant!r}")
-    model = plain_pytorch_copy(model).to(device)
+    model = plain_pytorch_copy(model).to(device=device, memory_format=fmt)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ADAM_LR)
     latent = _latent_weights(model)
     model = torch.compile(model) if compile else model
@@ -234,32 +236,39 @@ def profile_markdown(profiles):
     return "\n\n".join(sections)
 
 
-def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False, progress=None):
+def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False, channels_last=False,
+                    progress=None):
     """Images/s and peak memory of ours and the plain baseline, one process, one after the other.
 
     Returns (result dict, markdown table). Peak memory is ``torch.cuda.max_memory_allocated``
     over the timed steps, after warm-up (weights, gradients, optimizer state and activations).
     With ``profile``, each variant is then profiled by :func:`step_profile` (its row's "profile").
-    With ``compile``, both again with their models under ``torch.compile`` (rows "ours compiled" and
-    "plain compiled"; the warm-up steps include the compilation). ``progress(result, table)`` is
-    called after each row, so a run stopped at a time limit keeps what it measured.
+    With ``channels_last``, both again in channels-last memory format (rows "ours channels_last"
+    and "plain channels_last"); with ``compile``, both again (NCHW) with their models under
+    ``torch.compile`` (rows "ours compiled" and "plain compiled"; the warm-up steps include the
+    compilation). ``progress(result, table)`` is called after each row, so a run stopped at a
+    time limit keeps what it measured.
     """
     from bench.machine import describe
 
     if not torch.cuda.is_available():
         raise RuntimeError("--gpu-step needs a CUDA GPU")
-    labels = {"ours": "bnnops + Bop (bf16 activations)",
-              "plain": "plain nn.Conv2d/nn.Linear + ste_sign + Adam (bf16 autocast)"}
-    runs = [(name, name, False) for name in labels]
+    base = {"ours": "bnnops + Bop (bf16 activations)",
+            "plain": "plain nn.Conv2d/nn.Linear + ste_sign + Adam (bf16 autocast)"}
+    # (row suffix, label suffix, compile, channels_last), in the order they run.
+    kinds = [("", "", False, False)]
+    if channels_last:
+        kinds.append((" channels_last", ", channels_last", False, True))
     if compile:
-        runs += [(f"{name} compiled", name, True) for name in labels]
-        labels.update({f"{name} compiled": f"{label}, torch.compile" for name, label in list(labels.items())})
+        kinds.append((" compiled", ", torch.compile", True, False))
+    runs = [(name + suffix, name, compiled, cl) for suffix, _, compiled, cl in kinds for name in base]
+    labels = {name + suffix: label + label_suffix for suffix, label_suffix, _, _ in kinds for name, label in base.items()}
     result = {"machine": describe("cuda"), "batch": batch, "steps": steps, "warmup": warmup, "rows": {},
               "target": "speedup >= 1.5 at memory_ratio <= 1"}
     rows = result["rows"]
-    for row_name, variant, compiled in runs:
+    for row_name, variant, compiled, cl in runs:
         try:  # one variant failing still leaves the other's numbers from a short GPU window
-            step = training_step(variant, "cuda", batch, compile=compiled)
+            step = training_step(variant, "cuda", batch, compile=compiled, channels_last=cl)
             seconds, peak = _measure(step, steps, warmup)
             row = rows[row_name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds, "peak_bytes": peak}
         except Exception:  # noqa: BLE001 - recorded in the result and the table
@@ -286,12 +295,12 @@ def _report_table(result, labels):
         cells = ("FAILED", row["error"].strip().splitlines()[-1]) if "error" in row else \
             (f"{row['images_per_s']:.0f}", f"{row['peak_bytes'] / 2**20:.0f} MiB")
         lines.append(f"| {labels[name]} | {cells[0]} | {cells[1]} |")
-    for suffix in ("", " compiled"):
+    for suffix in [name[len("ours"):] for name in rows if name.startswith("ours")]:
         ours, plain = rows.get("ours" + suffix), rows.get("plain" + suffix)
         if ours and plain and "error" not in ours and "error" not in plain:
             speedup = ours["images_per_s"] / plain["images_per_s"]
             memory_ratio = ours["peak_bytes"] / plain["peak_bytes"]
-            key = "" if not suffix else "_compiled"
+            key = suffix.replace(" ", "_")
             result["speedup" + key], result["memory_ratio" + key] = speedup, memory_ratio
             lines.append(f"| ours / plain{suffix} | {speedup:.2f}x | {memory_ratio:.2f}x |")
     profiles = {labels[name]: row["profile"] for name, row in rows.items() if "profile" in row}
