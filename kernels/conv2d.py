@@ -30,7 +30,12 @@ Two launches per call:
    multiplies by the per-output-channel scale, then adds the bias, in fp32 *without FMA contraction*
    (``enable_fp_fusion=False``: two roundings, as torch's separate mul and add, so an A1W1 result
    equals the reference bit for bit), and stores in the input's dtype; the output is channels_last
-   when the input is.
+   when the input is. A channels-last tile stores 16-byte vectors along the channels. An NCHW
+   output has each channel's pixels consecutive instead: without more, the store went one
+   element per channel per thread (scattered 2-byte stores, counted in SASS); when OH*OW is a
+   multiple of 2, 4 or 8 (``OUT_VEC``, :func:`_pixel_run`) the kernel tells the compiler that aligned
+   runs of that many rows are consecutive pixels of one image, and the store runs along them in
+   vectors (16 bytes at 8; SASS for sm_90, Triton 3.9: every picked config, not yet timed).
 
 Why the operands are materialized (counted in the K loop's SASS, sm_90, Triton 3.6, per warp per K
 step at BLOCK 128x128x128 and 8 warps, where the MMA takes 512 clocks): with 1-byte +-1 operands in
@@ -208,6 +213,7 @@ def _conv2d_kernel(
     stride_h, stride_w, dil_h, dil_w,
     A_MODE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    OUT_VEC: tl.constexpr,
 ):
     # Output-channel tiles of one pixel tile are neighbours in launch order, so they share its
     # input window in L2; the weight (a few MB at most) stays in L2 for the whole launch.
@@ -293,7 +299,16 @@ def _conv2d_kernel(
         y = y + tl.load(bias_ptr + o_glob, mask=n_ok, other=0).to(tl.float32)[None, :]
     img = offs_m // (OH * OW)
     pix = offs_m % (OH * OW)
-    out_row = img.to(tl.int64) * son + (pix // OW) * soh + (pix % OW) * sow
+    if OUT_VEC > 1:
+        # NCHW-like output (soh == OW, sow == 1) and OH*OW a multiple of OUT_VEC: every aligned run
+        # of OUT_VEC rows stays in one image at consecutive pixels. Said to the compiler, the store
+        # runs along the pixels (16-byte vectors) instead of one scattered element per channel.
+        img = tl.max_constancy(img, OUT_VEC)
+        pix = tl.max_contiguous(tl.multiple_of(pix, OUT_VEC), OUT_VEC)
+        out_row = img.to(tl.int64) * son + pix
+        m_ok = img < M // (OH * OW)  # the same rows as offs_m < M, visibly constant over a run
+    else:
+        out_row = img.to(tl.int64) * son + (pix // OW) * soh + (pix % OW) * sow
     out_ptrs = out_ptr + out_row[:, None] + o_glob.to(tl.int64)[None, :] * soc
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -301,6 +316,17 @@ def _conv2d_kernel(
 @functools.lru_cache
 def _sm_count(device):
     return 1 if _INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pixel_run(out):
+    """The kernel's OUT_VEC: for an output whose pixels are consecutive per channel (NCHW), the
+    largest power of two up to 8 (16 bytes of bf16) that divides OH*OW, so aligned runs of that
+    many rows never cross an image; 1 (no promise) for any other layout."""
+    N, O, OH, OW = out.shape
+    if out.stride(3) != 1 or out.stride(2) != OW:
+        return 1
+    hw = OH * OW
+    return min(8, hw & -hw)
 
 
 def output_size(size, kernel, stride, pad_before, pad_after, dilation):
@@ -388,7 +414,7 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
         stride[0], stride[1], dilation[0], dilation[1],
         A_MODE=a_mode, PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32", EVEN_K=Cg % block_k == 0,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, OUT_VEC=_pixel_run(out), num_warps=warps, num_stages=stages,
         # Two roundings in the epilogue (scale, then bias), as the reference's separate mul and add.
         enable_fp_fusion=False,
     )

@@ -165,6 +165,28 @@ def test_kernel_allocates_in_the_input_memory_format(conv_kernels, device):
         assert torch.equal(y.cpu(), expected)
 
 
+def test_kernel_writes_into_strided_out_views(conv_kernels, device):
+    # The output store either walks (image, row, column) by the strides or, where each channel's
+    # pixels are consecutive (NCHW), runs of OH*OW's largest power-of-two divisor up to 8 (here
+    # 4 x 6 = 24: runs of 8, two images); only the view's elements change.
+    x = torch.randn(2, 33, 4, 6, device=device)
+    words = pack_weight(torch.randn(8, 33, 3, 3)).to(device)
+    expected = binary_conv2d_reference(x.cpu(), words.cpu(), padding=(1, 1, 1, 1))
+    assert conv_kernels._pixel_run(expected) == 8 and conv_kernels._pixel_run(expected[:, :, :, :5]) == 1
+    assert conv_kernels._pixel_run(expected.contiguous(memory_format=torch.channels_last)) == 1
+    for name, buffer, view in (
+        ("channel slice of a larger NCHW buffer", (2, 12, 4, 6), lambda b: b[:, 3:11]),
+        ("rows padded to 7 columns", (2, 8, 4, 7), lambda b: b[..., :6]),
+    ):
+        big = poisoned(buffer, torch.float32, device)
+        out = view(big)
+        conv_kernels.conv2d(x, words, padding=(1, 1, 1, 1), out=out)
+        assert torch.equal(out.cpu(), expected), name
+        outside = torch.ones(buffer, dtype=torch.bool)
+        view(outside).fill_(False)
+        assert big.cpu()[outside].isnan().all(), name
+
+
 def test_op_matches_reference_and_opcheck(device):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 33, 7, 6, generator=g).to(device).contiguous(memory_format=torch.channels_last)
@@ -236,13 +258,18 @@ picked = {(conv2d.pick_config(n * hw * hw, c, c, conv2d.A_FP8), "bf16")
 # The A1W1 GEMM's fp8 route (a 1x1 conv) at 4096^3 and 8192^3, with bf16 and fp32 outputs.
 picked |= {(conv2d.pick_config(n, n, n, conv2d.A_FP8, 132, size), out) for n in (4096, 8192)
            for out, size in (("bf16", 2), ("fp32", 4))}
-for (m, n, k, warps, stages), out in sorted(picked):
+# Each with a channels-last output (soc = 1) and an NCHW one (sow = 1, pixel runs of 8), which must
+# store along the pixels in whole 16-byte vectors too. M's divisibility is not assumed.
+layouts = [(config, out, "channels_last") for config, out in sorted(picked)]
+layouts += [(config, out, "nchw") for config, out in sorted(picked)]
+for (m, n, k, warps, stages), out, layout in layouts:
+    strides = dict(soc=1, OUT_VEC=1) if layout == "channels_last" else dict(sow=1, OUT_VEC=8)
     consts = dict(A_MODE=conv2d.A_FP8, PRECISION="tf32", EVEN_K=True, HAS_SCALE=True, HAS_BIAS=True,
-                  BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, soc=1, stride_h=1, stride_w=1, dil_h=1, dil_w=1)
+                  BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, stride_h=1, stride_w=1, dil_h=1, dil_w=1, **strides)
     pointers = {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*" + out, "scale_ptr": "*fp32", "bias_ptr": "*fp32"}
     signature = {a: "constexpr" if a in consts else pointers.get(a, "i32") for a in fn.arg_names}
-    aligned = set(pointers) | {"HWp", "C", "Cg", "Og", "son", "soh", "sow"}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned}
+    aligned = set(pointers) | {"HWp", "C", "Cg", "Og", "son", "soh", "sow", "soc"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned and a not in consts}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
@@ -251,17 +278,20 @@ for (m, n, k, warps, stages), out in sorted(picked):
         f.write(kernel.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
     regs, stack, local = re.search(r"REG:(\\d+) STACK:(\\d+) SHARED:\\d+ LOCAL:(\\d+)", usage).groups()
-    print(m, n, k, out, "waits", ",".join(waits), "regs", regs, "spill", int(stack) + int(local))
+    stores = ",".join(sorted(set(re.findall(r"STG\\.E[.\\w]*", sass))))
+    print(m, n, k, out, layout, "stores", stores, "waits", ",".join(waits), "regs", regs, "spill", int(stack) + int(local))
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests run the compiled kernel itself")
 def test_picked_configs_compile_for_h100_with_async_mma_and_no_spills():
     """Every config picked for ResNet-18's layers compiles for sm_90, its fp8 wgmma is
-    asynchronous (a wait with 1 pending inside the K loop: the reason fp8 is the default) and
-    nothing spills to local memory."""
+    asynchronous (a wait with 1 pending inside the K loop: the reason fp8 is the default),
+    nothing spills to local memory, and the output is stored in 16-byte vectors, channels-last
+    and NCHW alike."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], env=env, capture_output=True, text=True)
     if run.returncode != 0 and ("ptxas" in run.stderr or "backend" in run.stderr.lower()):
@@ -269,5 +299,6 @@ def test_picked_configs_compile_for_h100_with_async_mma_and_no_spills():
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     assert len(lines) >= 4, run.stdout
+    assert any(" nchw " in line for line in lines), run.stdout
     for line in lines:
-        assert "waits 1," in line and line.endswith("spill 0"), line
+        assert "waits 1," in line and line.endswith("spill 0") and " stores STG.E.128 " in line, line
