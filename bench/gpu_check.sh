@@ -8,11 +8,11 @@
 # Steps, in order, each bounded in time so the whole script ends within GPU_CHECK_BUDGET seconds:
 #   env.txt       date, nvidia-smi, GPU, python / torch / CUDA / triton versions, commit, pip install log
 #   tests.log     python -m pytest tests $PYTEST_ARGS (plus --timeout if pytest-timeout is installed)
-#   gemm_sweep.txt with GEMM_SWEEP=1: gemm.sweep() on W1A16 at M = 1, 2, 4, 8, 16, N = K = 8192 (the GEMV and
-#                 small-batch configs, CUDA graph replays), at most 120 s
 #   train_step.json / .md  python -m bench.train_evidence --gpu-step --profile --channels-last: BinaryNet
 #                 training step, ours against plain PyTorch (images/s, peak memory) and where each step's
 #                 time goes, NCHW then channels_last
+#   gemm_sweep.txt with GEMM_SWEEP=1: gemm.sweep() on W1A16 at M = 1, 2, 4, 8, 16, N = K = 8192 (the GEMV and
+#                 small-batch configs, CUDA graph replays)
 #   bench.log     python -m bench: progress and the final table
 #   results.json  the benchmark's rows, rewritten after every shape (a killed run keeps what it measured);
 #                 headline shapes of every kernel run first
@@ -33,7 +33,8 @@
 #   TRAIN_STEP_TIMEOUT seconds for the training-step comparison and profile (default 150; below 60,
 #                     or with under 220 s of the budget left, it is skipped)
 #   TRAIN_STEP_COMPILE=1  the training step under torch.compile too (compiles take a minute or two)
-#   GEMM_SWEEP=1      the W1A16 config sweep above, after the tests
+#   GEMM_SWEEP=1      the W1A16 config sweep above, after the training step (at most 120 s, never the
+#                     benchmark's last 150 s)
 #   PYTHON            default python3
 set -uo pipefail
 
@@ -83,13 +84,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     [ "$tests_rc" = 124 ] && echo "gpu_check: the tests ran past ${tests_timeout} s and were stopped" >>"$out/tests.log"
 fi
 
-rm -f "$out/gemm_sweep.txt"
-if [ "${GEMM_SWEEP:-0}" = 1 ]; then
-    say "W1A16 config sweep (at most 120 s) -> $out/gemm_sweep.txt"
-    timeout -k 10 120 $py -c "from bnnops.kernels import gemm; gemm.sweep([('w1a16', m, 8192, 8192) for m in (1, 2, 4, 8, 16)])" \
-        >"$out/gemm_sweep.txt" 2>&1
-fi
-
 # At most TRAIN_STEP_TIMEOUT, and never the benchmark's last 150 s (10 s more for timeout's kill
 # grace); with under 60 s for it, it is skipped (a BinaryNet step needs its kernels compiled first).
 train_step_timeout=${TRAIN_STEP_TIMEOUT:-150}
@@ -103,6 +97,22 @@ if [ "$train_step_timeout" -ge 60 ]; then
     timeout -k 10 "$train_step_timeout" $py -m bench.train_evidence --gpu-step --profile --channels-last $compile \
         --out "$out/train_step.json" >"$out/train_step.log" 2>&1
     train_rc=$?
+fi
+
+# After the training step, at most 120 s and never the benchmark's last 150 s (+ 10 s grace).
+rm -f "$out/gemm_sweep.txt"
+sweep_rc="not asked (GEMM_SWEEP=1)"
+if [ "${GEMM_SWEEP:-0}" = 1 ]; then
+    sweep_timeout=$(( $(left) - 160 ))
+    if [ "$sweep_timeout" -gt 120 ]; then sweep_timeout=120; fi
+    sweep_rc="skipped: ${sweep_timeout} s left for it is under 45 s"
+    if [ "$sweep_timeout" -ge 45 ]; then
+        say "W1A16 config sweep (at most ${sweep_timeout} s) -> $out/gemm_sweep.txt"
+        timeout -k 10 "$sweep_timeout" $py -c \
+            "from bnnops.kernels import gemm; gemm.sweep([('w1a16', m, 8192, 8192) for m in (1, 2, 4, 8, 16)])" \
+            >"$out/gemm_sweep.txt" 2>&1
+        sweep_rc=$?
+    fi
 fi
 
 # The benchmark stops starting shapes 60 s before its hard limit, so it can still write its table.
@@ -124,7 +134,8 @@ grep -E "^(FAILED|ERROR) " "$out/tests.log" 2>/dev/null | head -n 20
 echo "training step (exit $train_rc$([ "$train_rc" = 124 ] && echo ', stopped at its time limit: the rows it finished'))"
 # The first table of train_step.md: from its header row to the blank line after it.
 [ -f "$out/train_step.md" ] && sed -n '3,/^$/p' "$out/train_step.md"
-[ -f "$out/gemm_sweep.txt" ] && { echo "W1A16 sweep:"; grep -E "^[* ] w1a16|failed|Error" "$out/gemm_sweep.txt"; }
+echo "W1A16 sweep (exit $sweep_rc$([ "$sweep_rc" = 124 ] && echo ', stopped at its time limit: the rows it finished'))"
+[ -f "$out/gemm_sweep.txt" ] && grep -E "^[* ] w1a16|failed|Error" "$out/gemm_sweep.txt"
 echo "benchmark exit $bench_rc$([ "$bench_rc" = 124 ] && echo ' (stopped at its time limit)')"
 if [ -f "$out/results.json" ]; then
     $py -c "import json, sys; from bench import report; print(report.text_report(json.load(open(sys.argv[1]))))" \

@@ -195,10 +195,18 @@ def pack_weight(w):
 
 def unpack_weight(words, shape, dtype, memory_format=torch.contiguous_format):
     """The dense +-1 weight of logical ``shape`` held by ``words`` (inverse of pack_weight), contiguous
-    in ``memory_format``. A conv weight's words are in channels-last order, so
-    ``torch.channels_last`` costs no copy after the unpack."""
+    in ``memory_format``: ``torch.contiguous_format``, or for a 4-D conv weight ``torch.channels_last``,
+    which costs no copy (the words are in channels-last order)."""
     K = shape[1] if len(shape) >= 2 else shape[0]
     dense = torch.ops.bnnops.unpack_signs(words, K, dtype)
     if len(shape) >= 2:
         dense = dense.movedim(-1, 1).contiguous(memory_format=memory_format)
+        if memory_format == torch.contiguous_format:
+            # With size-1 dims (a 1x1 kernel) the moved view is already "contiguous" but keeps
+            # channels-last strides, which torch then reads as channels_last (cuDNN would convert
+            # an NCHW input and gradient to match): the standard strides, same memory.
+            strides = [1] * len(shape)
+            for i in range(len(shape) - 2, -1, -1):
+                strides[i] = strides[i + 1] * shape[i + 1]
+            dense = dense.as_strided(dense.shape, strides)
     return dense

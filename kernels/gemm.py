@@ -66,12 +66,14 @@ them, see :func:`sweep`):
   loop: about 6.5 to 7 us for 67M weights at full issue, plus the split-K sum (K split 8 ways so
   that each SM has four programs: 128 rows per program leave only 64). It measured 19.9 us
   there, so most of the time was not issue; our reading (not profiled): each step waited for its
-  own word loads (DRAM latency, about a microsecond, every warp of an SM in the same phase). The words are now
-  loaded one step ahead, and S is summed in a pass of its own after the loop (in the tile's
-  layout every x value was loaded and added a second time). Compiled offline with Triton 3.9 for
-  sm_90a (the only version at hand; not yet timed): before, 653 loop instructions per 256
-  weights and 118 registers; now 661 and 100 (4 accumulators per row and word instead of 8 pay
-  for the prefetched words: up to 128 registers keep four programs of 4 warps on an SM).
+  own word loads (DRAM latency, about a microsecond, every warp of an SM in the same phase). The
+  words are now loaded one step ahead, and S is summed in a pass of its own after the loop (in
+  the tile's layout every x value was loaded and added a second time), per lane and bit like
+  neg, so S - 2 neg cancels per accumulator (rounding within about 2x of the old kernel's on
+  inputs with a large mean). Compiled offline with Triton 3.9 for sm_90a (the only version at
+  hand; not yet timed): before, 653 loop instructions per 256 weights and 118 registers; now 641
+  and 101 (4 accumulators per row and word instead of 8 pay for the prefetched words: up to 128
+  registers keep four programs of 4 warps on an SM).
 - Padding: the word holding k >= K is masked to zero bits (+1) in both int8 operands, float
   activations past K load as 0.0 (+1), so each padded position adds exactly +1 to the int32 dot
   and the epilogue subtracts their count. Real activations past K load as 0 and add nothing.
@@ -428,15 +430,16 @@ def _gemv_kernel(
                          other=0.0).to(tl.float32)[:, None, :, :]
             neg = tl.where((w & (1 << (4 * nibble + bit))[None, None, None, :]) != 0, neg + xv, neg)
         kw = next_kw
-    # S over this program's share of K, in a pass of its own: in the tile's layout each x value
-    # would be loaded and added once more for the rows' copies.
-    SPAN: tl.constexpr = 32 * LANES
-    total = tl.zeros((BLOCK_M, SPAN), tl.float32)
+    # S over this program's share of K, in a pass of its own (in the tile's layout each x value
+    # would be loaded and added once more for the rows' copies), summed per lane and bit like neg
+    # so that S - 2 neg cancels accumulator by accumulator before the large sums are added up.
+    total = tl.zeros((BLOCK_M, LANES, 4), tl.float32)
     for step in range(first_step, end_step):
-        k = step * SPAN + tl.arange(0, SPAN)
-        total += tl.load(x_rows[:, None] + k[None, :] * stride_xk, mask=mask_m[:, None] & (k < K)[None, :],
-                         other=0.0).to(tl.float32)
-    y = tl.sum(total, 1)[:, None] - 2 * tl.sum(tl.sum(neg, 3), 2)
+        k = 32 * (lane + step * LANES)[:, None] + tl.arange(0, 32)[None, :]
+        xs = tl.load(x_rows[:, None, None] + k[None, :, :] * stride_xk, mask=mask_m[:, None, None] & (k < K)[None, :, :],
+                     other=0.0).to(tl.float32)
+        total += tl.sum(tl.reshape(xs, (BLOCK_M, LANES, 8, 4)), 2)  # bit 4 * nibble + b into accumulator b
+    y = tl.sum(tl.sum(tl.expand_dims(total, 1) - 2 * neg, 3), 2)
     _store_result(y, rm, rn, M, N, 0, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
                   has_scale, has_bias, SPLIT)
 
@@ -684,10 +687,11 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
             x = pack_signs(x)
         default = default_config(x_mode, False, M, N, K, x.dtype, x.device)
         if x_mode == X_REAL and M <= SMALL_M:
-            # The GEMV at 128 // BLOCK_M rows a program and half that (the registers grow with
-            # BLOCK_M * BLOCK_N), with its split and half and twice that; the tensor-core path.
-            rows = max(128 // triton.next_power_of_2(M), 16)
-            gemv = [gemv_config(M, N, K, sms, block_n) for block_n in (rows, rows // 2) if block_n >= 16]
+            # The GEMV at 256 // BLOCK_M and 128 // BLOCK_M rows a program, within 16..128 (its
+            # registers grow with BLOCK_M * BLOCK_N), the first with its split halved and doubled;
+            # then the tensor-core path.
+            bm = triton.next_power_of_2(M)
+            gemv = [gemv_config(M, N, K, sms, rows) for rows in (256 // bm, 128 // bm) if 16 <= rows <= 128]
             gemv += [dict(gemv[0], SPLIT_K=max(gemv[0]["SPLIT_K"] // 2, 1)), dict(gemv[0], SPLIT_K=2 * gemv[0]["SPLIT_K"])]
             tried = [default] + [c for c in gemv + [small_batch] if c != default] + ["op"]
         elif x_mode == X_REAL:
@@ -707,9 +711,9 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
                 return a1w1(x, words, K, out_dtype=dtype, config=config)
             try:
                 # Small batches as graph replays: eagerly the host's launch cost (tens of us) hides the kernel.
-                ms = do_bench(graph_replay(call) if M <= SMALL_M else call, warmup=10, rep=40)
+                ms = do_bench(graph_replay(call) if M <= SMALL_M else call, warmup=10, rep=40, return_mode="median")
             except Exception as e:  # a config that does not fit (shared memory, registers) is skipped
-                print(f"{name} M={M} N={N} K={K}: {config} failed: {type(e).__name__}: {e}"[:300])
+                print(f"{name} M={M} N={N} K={K}: {config} failed: {type(e).__name__}: {e}"[:300], flush=True)
                 continue
             tops, weight_gbs = 2 * M * N * K / ms / 1e9, words.numel() * 4 / ms / 1e6
             what = "torch.ops.bnnops (the table's config)" if config == "op" else config

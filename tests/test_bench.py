@@ -170,8 +170,17 @@ def test_train_step_channels_last_matches_nchw(variant, device):
     nchw = training_step(variant, device, batch=2, filters=4, dense_units=8)
     torch.manual_seed(0)
     channels_last = training_step(variant, device, batch=2, filters=4, dense_units=8, channels_last=True)
-    for _ in range(2):
-        torch.testing.assert_close(channels_last(), nchw(), rtol=1e-4, atol=1e-5)
+    formats = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: formats.append(out.is_contiguous(memory_format=torch.channels_last) and not
+                                                 out.is_contiguous()) if out.dim() == 4 and out.shape[1] > 1 else None)
+    try:
+        for _ in range(2):
+            torch.testing.assert_close(channels_last(), nchw(), rtol=1e-4, atol=1e-5)
+    finally:
+        hook.remove()
+    # The 4-D activations of both steps: channels_last in one, NCHW in the other.
+    assert formats.count(True) == formats.count(False) > 0
 
 
 def test_gpu_step_report_tables(monkeypatch):
@@ -179,7 +188,10 @@ def test_gpu_step_report_tables(monkeypatch):
     from bench import machine
     from bench.cases import train_step
 
+    calls = []
+
     def fake_training_step(variant, device, batch, compile=False, channels_last=False):
+        calls.append((variant, compile, channels_last))
         if variant == "plain" and compile:
             raise RuntimeError("compile failed")
         return lambda: None
@@ -198,6 +210,8 @@ def test_gpu_step_report_tables(monkeypatch):
     result, table = train_step.gpu_step_report(batch=8, compile=True, profile=True, channels_last=True,
                                                progress=lambda result, table: seen.append(len(result["rows"])))
     assert seen == [1, 2, 3, 4, 5, 6]  # the caller can write the file after every row
+    assert calls == [("ours", False, False), ("plain", False, False), ("ours", False, True), ("plain", False, True),
+                     ("ours", True, False), ("plain", True, False)]
     assert list(result["rows"]) == ["ours", "plain", "ours channels_last", "plain channels_last", "ours compiled",
                                     "plain compiled"]
     assert result["speedup_channels_last"] == pytest.approx(1.0)

@@ -165,23 +165,38 @@ def test_kernel_allocates_in_the_input_memory_format(conv_kernels, device):
         assert torch.equal(y.cpu(), expected)
 
 
-def test_kernel_writes_into_strided_out_views(conv_kernels, device):
+def test_pixel_run(conv_kernels):
+    # OUT_VEC: the largest power of two up to 8 dividing OH*OW where each channel's pixels are
+    # consecutive (stride(3) == 1, stride(2) == OW), else 1 (no promise).
+    for (oh, ow), run in {(1, 1): 1, (1, 2): 2, (2, 3): 2, (3, 4): 4, (7, 7): 1, (14, 14): 4, (4, 6): 8, (32, 32): 8}.items():
+        assert conv_kernels._pixel_run(torch.empty(2, 3, oh, ow)) == run, (oh, ow)
+    assert conv_kernels._pixel_run(torch.empty(2, 3, 4, 6, memory_format=torch.channels_last)) == 1
+    assert conv_kernels._pixel_run(torch.empty(2, 3, 4, 7)[..., :6]) == 1  # rows padded to 7
+    assert conv_kernels._pixel_run(torch.empty(2, 3, 6, 4).transpose(2, 3)) == 1
+    assert conv_kernels._pixel_run(torch.empty(2, 12, 4, 6)[:, 3:11]) == 8  # a channel slice
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("H, W", [(4, 6), (3, 4), (1, 6), (3, 3)], ids=["run8", "run4", "run2", "run1"])
+def test_kernel_writes_into_strided_out_views(conv_kernels, device, dtype, H, W):
     # The output store either walks (image, row, column) by the strides or, where each channel's
-    # pixels are consecutive (NCHW), runs of OH*OW's largest power-of-two divisor up to 8 (here
-    # 4 x 6 = 24: runs of 8, two images); only the view's elements change.
-    x = torch.randn(2, 33, 4, 6, device=device)
-    words = pack_weight(torch.randn(8, 33, 3, 3)).to(device)
+    # pixels are consecutive (NCHW), runs of OH*OW's largest power-of-two divisor up to 8 (8, 4,
+    # 2 and none here), three images; only the view's elements change, in buffers with a fourth
+    # image after the view, so a row past M that were stored would show.
+    g = torch.Generator().manual_seed(H * W)
+    x = random_signs_input((3, 33, H, W), dtype, "cpu", generator=g).to(device)
+    words = pack_weight(torch.randn(8, 33, 3, 3, generator=g)).to(device)
     expected = binary_conv2d_reference(x.cpu(), words.cpu(), padding=(1, 1, 1, 1))
-    assert conv_kernels._pixel_run(expected) == 8 and conv_kernels._pixel_run(expected[:, :, :, :5]) == 1
-    assert conv_kernels._pixel_run(expected.contiguous(memory_format=torch.channels_last)) == 1
     for name, buffer, view in (
-        ("channel slice of a larger NCHW buffer", (2, 12, 4, 6), lambda b: b[:, 3:11]),
-        ("rows padded to 7 columns", (2, 8, 4, 7), lambda b: b[..., :6]),
+        ("NCHW", (4, 8, H, W), lambda b: b[:3]),
+        ("channel slice of a larger NCHW buffer", (4, 12, H, W), lambda b: b[:3, 3:11]),
+        ("rows padded by a column", (4, 8, H, W + 1), lambda b: b[:3, :, :, :W]),
     ):
-        big = poisoned(buffer, torch.float32, device)
+        big = poisoned(buffer, dtype, device)
         out = view(big)
         conv_kernels.conv2d(x, words, padding=(1, 1, 1, 1), out=out)
-        assert torch.equal(out.cpu(), expected), name
+        rtol = 2.0**-7 if dtype == torch.bfloat16 and not torch.cuda.is_available() else 0.0  # see _tolerance
+        torch.testing.assert_close(out.cpu(), expected, rtol=rtol, atol=0.0, msg=name)
         outside = torch.ones(buffer, dtype=torch.bool)
         view(outside).fill_(False)
         assert big.cpu()[outside].isnan().all(), name

@@ -120,38 +120,47 @@ def test_binary_conv2d_bf16_channels_last(device):
     assert torch.equal(y.float(), expected)
 
 
-def test_channels_last_backward_keeps_the_format_and_copies_no_weight(device):
+@pytest.mark.parametrize("kernel, groups, pad_value", [(3, 1, 0.0), (3, 2, 1.0), (1, 1, 0.0), (1, 2, -1.0)])
+def test_backward_runs_in_the_input_memory_format_without_weight_copies(device, kernel, groups, pad_value):
     # The backward unpacks the weight in the input's memory format: for channels_last that is the
-    # words' own order, so no dense copy of the weight is made (NCHW makes one, as cuDNN wants it;
-    # a mismatched one cuDNN would copy itself).
+    # words' own order, so no dense copy of the weight is made (NCHW makes one, except for a 1x1
+    # kernel, whose moved words are already NCHW-contiguous). The weight cuDNN gets has x's format
+    # (a mismatched one it would convert, x and the gradient too), including a 1x1 kernel's, whose
+    # strides are ambiguous.
+    from torch._prims_common import suggest_memory_format
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class WeightCopies(TorchDispatchMode):
+    class Watch(TorchDispatchMode):
         def __init__(self, shape):
             super().__init__()
-            self.shape, self.copies = shape, []
+            self.shape, self.copies, self.formats = shape, [], []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy) \
                     and out.shape == self.shape:
                 self.copies.append(func)
+            if func.overloadpacket is torch.ops.aten.convolution_backward:
+                self.formats.append(suggest_memory_format(args[2]))
             return out
 
     g = torch.Generator().manual_seed(5)
-    weight = nn.Parameter(BinaryTensor.from_float(torch.randn(6, 10, 3, 3, generator=g).to(device)))
-    for memory_format, copies in ((torch.channels_last, 0), (torch.contiguous_format, 1)):
+    weight = nn.Parameter(BinaryTensor.from_float(torch.randn(6, 10 // groups, kernel, kernel, generator=g).to(device)))
+    padding = kernel // 2
+    for memory_format in (torch.channels_last, torch.contiguous_format):
         x = torch.randn(2, 10, 7, 5, generator=g).to(device).contiguous(memory_format=memory_format).requires_grad_()
         x_ref = x.detach().clone().requires_grad_()
         w_ref = weight.dequantize().detach().requires_grad_()
-        y = binary_conv2d(x, weight, None, padding=1)
+        y = binary_conv2d(x, weight, None, padding=padding, groups=groups, pad_value=pad_value)
         grad = torch.randn(y.shape, generator=g).to(device).contiguous(memory_format=memory_format)
-        with WeightCopies(weight.shape) as mode:  # grad_x alone: AccumulateGrad copies a channels_last grad_weight
+        with Watch(weight.shape) as watch:  # grad_x alone: AccumulateGrad copies a channels_last grad_weight
             torch.autograd.grad(y, x, grad, retain_graph=True)
-        assert len(mode.copies) == copies, (memory_format, mode.copies)
+        copies = 1 if memory_format == torch.contiguous_format and kernel > 1 else 0
+        assert len(watch.copies) == copies and watch.formats == [memory_format], (memory_format, watch.copies, watch.formats)
         weight.grad = None
         y.backward(grad)
-        dense_reference(x_ref, w_ref, None, None, (1, 1), 1, (1, 1), 1, 0.0, get_quantizer("ste_sign")).backward(grad)
+        dense_reference(x_ref, w_ref, None, None, (1, 1), padding, (1, 1), groups, pad_value,
+                        get_quantizer("ste_sign")).backward(grad)
         assert x.grad.is_contiguous(memory_format=memory_format)
         torch.testing.assert_close(x.grad, x_ref.grad, **GRAD_TOL)
         torch.testing.assert_close(weight.grad, w_ref.grad, **GRAD_TOL)
