@@ -35,7 +35,9 @@ Two launches per call:
    element per channel per thread (scattered 2-byte stores, counted in SASS); when OH*OW is a
    multiple of 2, 4 or 8 (``OUT_VEC``, :func:`_pixel_run`) the kernel tells the compiler that aligned
    runs of that many rows are consecutive pixels of one image, and the store runs along them in
-   vectors (16 bytes at 8; SASS for sm_90, Triton 3.9: every picked config, not yet timed).
+   vectors (16 bytes at 8; SASS for sm_90, Triton 3.9: every picked config, not yet timed). Full
+   vectors also need the image and channel strides to be multiples of 16 elements (Triton
+   specializes on that); otherwise the compiler stores narrower pieces, still correctly.
 
 Why the operands are materialized (counted in the K loop's SASS, sm_90, Triton 3.6, per warp per K
 step at BLOCK 128x128x128 and 8 warps, where the MMA takes 512 clocks): with 1-byte +-1 operands in
