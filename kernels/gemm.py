@@ -65,7 +65,7 @@ them, see :func:`sweep`):
   (2.8 each; about 390 on the integer ALU at half rate), 122 registers, no shared memory in the
   loop: about 6.5 to 7 us for 67M weights at full issue, plus the split-K sum (K split 8 ways so
   that each SM has four programs: 128 rows per program leave only 64). It measured 19.9 us
-  there, so most of the time was not issue; our reading (not profiled): each step waited for its
+  there (split 9 ways then, the ninth share empty), so most of the time was not issue; our reading (not profiled): each step waited for its
   own word loads (DRAM latency, about a microsecond, every warp of an SM in the same phase). The
   words are now loaded one step ahead, and S is summed in a pass of its own after the loop (in
   the tile's layout every x value was loaded and added a second time), per lane and bit like
