@@ -26,6 +26,22 @@ def test_every_case_module_imports():
     assert {"pack_signs", "unpack_signs"} <= {c.name for c in CASES}
 
 
+def test_every_case_module_imports_without_triton():
+    # bnnops works without Triton (the CPU reference path), so the benchmark's cases must load
+    # there too: they reach the kernels modules only when a CUDA case runs.
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import importlib.util as u; real = u.find_spec\n"
+        "u.find_spec = lambda n, *a: None if n == 'triton' else real(n, *a)\n"
+        "from bench import load_cases\n"
+        "cases, errors = load_cases()\n"
+        "assert not errors, errors\n"
+        "print(len(cases), 'cases')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0 and "cases" in run.stdout, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("bench_case", CASES, ids=lambda c: c.name)
 def test_case_body_runs_at_tiny_size(bench_case, device):
     prepared = runner.Prepared(bench_case, "tiny", bench_case.tiny, device)

@@ -21,7 +21,7 @@ Larger shapes are timed eagerly.
 import torch
 
 from bench import Workload, case
-from bnnops.kernels.gemm import graph_replay
+from bnnops import kernels
 from bnnops.packing import pack_signs, packed_length
 
 A1W1_CPU = {"M=N=K=512 fp32": dict(M=512, N=512, K=512, dtype=torch.float32)}
@@ -34,8 +34,9 @@ def _signs(shape, device, dtype):
 
 
 def _graphed(fn, device):
-    """fn as a CUDA graph replay on CUDA (see the module docstring); fn itself elsewhere."""
-    return graph_replay(fn) if torch.device(device).type == "cuda" else fn
+    """fn as a CUDA graph replay on CUDA (see the module docstring); fn itself elsewhere (where
+    Triton, which the kernels module needs, may be missing)."""
+    return kernels.load("gemm").graph_replay(fn) if torch.device(device).type == "cuda" else fn
 
 
 def _matmul_name(dtype):
@@ -64,8 +65,6 @@ def gemm_a1w1(device, M, N, K, dtype, route="int8"):
     w = _signs((N, K), device, dtype)
     words = pack_signs(w)
     if route == "fp8" and torch.device(device).type == "cuda":
-        from bnnops import kernels
-
         gemm = kernels.load("gemm")
         ours = lambda: gemm.a1w1(x, words, K, out_dtype=dtype, route="fp8")  # noqa: E731
     else:
