@@ -48,6 +48,9 @@ them, see :func:`sweep`):
   registers, one CTA) 1339 us, which the table uses; the unpacking did not hide under the
   other CTA's wgmma (Triton waits for each step's wgmma before the next unpack, and both
   operands go registers -> shared memory -> wgmma every step). cuBLAS int8 takes 1.13 ms there.
+- Large batch with few output tiles (at most half as many as SMs: a narrow layer, or M of a few
+  hundred): K is split as well, up to 8 ways, towards one program per SM; BinaryNet's 8192 -> 1024
+  linear at batch 256 had 8 programs for 132 SMs. Not yet timed.
 - Small batch (M <= 16): SWAP_AB computes y^T = W x^T so the weight tile is the wgmma M operand
   (64 rows) and the batch its N operand (16), with 256-wide K steps in a 4-stage cp.async pipeline.
   W1A16 bf16: 2.6 instructions per weight (unpack about 1; the rest moves the tile through shared
@@ -475,7 +478,13 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
             block_n, block_r = 256, 64  # 1966 us against 2100
         else:
             block_n, block_r = 128, 64 if x_dtype != torch.float32 else 32
-        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
+        # At most half as many output tiles as SMs (a moderate batch or a narrow layer: BinaryNet's
+        # 8192 -> 1024 linear at batch 256 makes 8 tiles of 128 x 256 for 132 SMs): K is split too,
+        # towards one program per SM, at most 8 ways (the fp32 partial sums cost split * M * N * 8
+        # bytes, mostly in L2). Not yet timed: the first H100 run had no such shape.
+        tiles = triton.cdiv(M, 128) * triton.cdiv(N, block_n)
+        split = _split_k(triton.cdiv(R, block_r), min(triton.cdiv(sms, tiles), 8)) if 2 * tiles <= sms else 1
+        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=8, SWAP_AB=False, SPLIT_K=split,
                     num_warps=8, num_stages=3)
     # Weight streaming: the weight tile is the wgmma M operand (SWAP_AB, 64 rows), the batch its
     # N operand (16), long K steps with several in flight, and K split so that every SM gets at

@@ -29,7 +29,10 @@ else:
     # Split-K sums parts of K in separate programs, then a second kernel adds them up.
     SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=64, GROUP_M=2, SWAP_AB=False, SPLIT_K=1, num_warps=4, num_stages=2)
     SWAPPED = dict(SMALL, SWAP_AB=True, SPLIT_K=2)
-    CONFIGS, CONFIG_IDS = [None, SMALL, SWAPPED], ["table", "small", "swapped-split"]
+    # The large-batch layout split over K (what the table picks when there are few output tiles);
+    # 3 shares of these K's 1 or 2 steps leave one or two shares empty.
+    SPLIT = dict(SMALL, SPLIT_K=3)
+    CONFIGS, CONFIG_IDS = [None, SMALL, SWAPPED, SPLIT], ["table", "small", "swapped-split", "split"]
 
 # Rounding of one value to each dtype (half an ulp, relative).
 ROUND = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -162,6 +165,16 @@ def test_w1a16_gemv_batches(gemm, device, dtype, M, block_n):
         assert_close_dot(gemm.w1a16(x, words, scale=scale, bias=bias, out=out, config=config), ref, abs_sum)
 
 
+def test_default_config_splits_k_when_output_tiles_leave_sms_idle(gemm):
+    cpu = torch.device("cpu")
+    # BinaryNet's 8192 -> 1024 linear at batch 256, x packed first: 8 tiles of 128 x 256 for 132 SMs.
+    config = gemm.default_config(gemm.X_PACKED, False, 256, 1024, 8192, torch.bfloat16, cpu)
+    assert (config["BLOCK_M"], config["BLOCK_N"], config["SPLIT_K"]) == (128, 256, 8)
+    # Enough tiles (8192^3: 2048; grad_input at batch 256 into 8192 inputs: 128): no split.
+    assert gemm.default_config(gemm.X_PACKED, False, 8192, 8192, 8192, torch.bfloat16, cpu)["SPLIT_K"] == 1
+    assert gemm.default_config(gemm.X_REAL, True, 256, 8192, 1024, torch.bfloat16, cpu)["SPLIT_K"] == 1
+
+
 def test_default_config_splits_k_without_empty_shares(gemm):
     cpu = torch.device("cpu")
     # The GEMV up to GEMV_M: 8192 = 32 steps of 8 words; 64 programs of 128 rows want 9 shares for
@@ -169,7 +182,8 @@ def test_default_config_splits_k_without_empty_shares(gemm):
     for M in range(1, gemm.GEMV_M + 1):
         assert gemm.default_config(gemm.X_REAL, False, M, 8192, 8192, torch.bfloat16, cpu) == dict(
             GEMV=True, BLOCK_M=1 << (M - 1).bit_length(), BLOCK_N=128, SPLIT_K=8, num_warps=4, num_stages=1)
-    for M, N, K in [(1, 4096, 11008), (1, 100, 70), (16, 8192, 8192), (16, 512, 8000), (5, 8192, 300)]:
+    for M, N, K in [(1, 4096, 11008), (1, 100, 70), (16, 8192, 8192), (16, 512, 8000), (5, 8192, 300),
+                    (256, 1024, 8192), (128, 8192, 8192), (100, 50, 7000)]:
         config = gemm.default_config(gemm.X_REAL, False, M, N, K, torch.bfloat16, cpu)
         steps = -(-K // (32 * gemm.GEMV_LANES.value)) if config.get("GEMV") else -(-K // config["BLOCK_R"])
         share = -(-steps // config["SPLIT_K"])
