@@ -480,10 +480,10 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
             block_n, block_r = 128, 64 if x_dtype != torch.float32 else 32
         # At most half as many output tiles as SMs (a moderate batch or a narrow layer: BinaryNet's
         # 8192 -> 1024 linear at batch 256 makes 8 tiles of 128 x 256 for 132 SMs): K is split too,
-        # towards one program per SM, at most 8 ways (the fp32 partial sums cost split * M * N * 8
-        # bytes, mostly in L2). Not yet timed: the first H100 run had no such shape.
+        # into at most one program per SM (no second wave) and at most 8 shares (the fp32 partial
+        # sums cost split * M * N * 8 bytes). Not yet timed: the first H100 run had no such shape.
         tiles = triton.cdiv(M, 128) * triton.cdiv(N, block_n)
-        split = _split_k(triton.cdiv(R, block_r), min(triton.cdiv(sms, tiles), 8)) if 2 * tiles <= sms else 1
+        split = _split_k(triton.cdiv(R, block_r), min(sms // tiles, 8)) if 2 * tiles <= sms else 1
         return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=8, SWAP_AB=False, SPLIT_K=split,
                     num_warps=8, num_stages=3)
     # Weight streaming: the weight tile is the wgmma M operand (SWAP_AB, 64 rows), the batch its

@@ -21,7 +21,11 @@ if DEVICE == "cuda":
     # so only the table runs; and no N, K or ceil(K/32) is a multiple of 16 (Triton compiles
     # those separately), so the shapes of one kind share one compiled variant.
     SHAPES = [(1, 200, 970), (20, 150, 333), (130, 300, 700)]
-    CONFIGS, CONFIG_IDS = [None], ["table"]
+    # These shapes make few output tiles, so the table splits K at M > 16: the large-batch layout
+    # unsplit (what 8192^3 runs) gets a config of its own.
+    UNSPLIT = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, SWAP_AB=False, SPLIT_K=1, num_warps=8, num_stages=2)
+    SPLIT = dict(UNSPLIT, SPLIT_K=3)
+    CONFIGS, CONFIG_IDS = [None, UNSPLIT], ["table", "unsplit"]
 else:
     # The interpreter is slow: small sizes, plus small blocks that make several tiles in M, N and
     # K, with the batch as the dot's M operand and (SWAP_AB, the small-batch layout) as its N.
@@ -113,7 +117,10 @@ def test_a1w1_fp8_route(gemm, device, M, N, K, dtype):
 def test_a1w1_packed_input(gemm, device, M, N, K):
     x = random_signs_input((M, K), torch.float32, device)
     x_words = pack_signs_reference(x.cpu())
-    x_words[:, -1] |= torch.tensor(-(1 << (K % 32)), dtype=torch.int32)  # garbage padding again
+    # Random garbage in x's padding bits against W's all-ones garbage: unmasked, their products
+    # would not all be +1 (the same garbage on both sides would hide a missing mask).
+    garbage = torch.randint(-(2**31), 2**31, (M,), dtype=torch.int64).to(torch.int32)
+    x_words[:, -1] |= garbage & torch.tensor(-(1 << (K % 32)), dtype=torch.int32)
     words = weight_words(N, K, device)
     ref = a1w1_reference(x.cpu(), words.cpu(), K)
     for config in CONFIGS:
@@ -173,6 +180,34 @@ def test_default_config_splits_k_when_output_tiles_leave_sms_idle(gemm):
     # Enough tiles (8192^3: 2048; grad_input at batch 256 into 8192 inputs: 128): no split.
     assert gemm.default_config(gemm.X_PACKED, False, 8192, 8192, 8192, torch.bfloat16, cpu)["SPLIT_K"] == 1
     assert gemm.default_config(gemm.X_REAL, True, 256, 8192, 1024, torch.bfloat16, cpu)["SPLIT_K"] == 1
+    # The boundary: 66 tiles (half of 132 SMs) split in two, 67 do not; never a second wave.
+    assert gemm.default_config(gemm.X_PACKED, False, 128 * 66, 256, 8192, torch.bfloat16, cpu)["SPLIT_K"] == 2
+    assert gemm.default_config(gemm.X_PACKED, False, 128 * 67, 256, 8192, torch.bfloat16, cpu)["SPLIT_K"] == 1
+    for tiles in (1, 8, 32, 40, 66):
+        split = gemm.default_config(gemm.X_PACKED, False, 128 * tiles, 256, 8192, torch.bfloat16, cpu)["SPLIT_K"]
+        assert split >= 2 and tiles * split <= 132, (tiles, split)
+
+
+@pytest.mark.parametrize("mode", ["a1w1-packed", "a1w1", "w1a16", "grad_input"])
+def test_split_k_shares_of_several_steps(gemm, device, mode):
+    # K = 300 in 64-wide steps is 5 steps: 3 shares of 2, 2 and 1 (one not starting at 0, the last
+    # owning the padded step), in the large-batch layout.
+    M, N, K = 20, 40, 300
+    config = SPLIT
+    x = random_signs_input((M, K if mode != "grad_input" else N), torch.bfloat16, device, finite=True)
+    words = weight_words(N, K, device)
+    if mode == "a1w1-packed":
+        y = gemm.a1w1(pack_signs_reference(x.cpu()).to(device), words, K, config=config)
+        assert torch.equal(y.cpu(), a1w1_reference(x.cpu(), words.cpu(), K))
+    elif mode == "a1w1":
+        y = gemm.a1w1(x, words, K, config=config, prepack=False)
+        assert torch.equal(y.cpu(), a1w1_reference(x.cpu(), words.cpu(), K))
+    elif mode == "w1a16":
+        y = gemm.w1a16(x, words, config=config)
+        assert_close_dot(y, w1a16_reference(x.cpu().float(), words.cpu()), x.cpu().float().abs().sum(1, keepdim=True))
+    else:
+        y = gemm.grad_input(x, words, K, config=config)
+        assert_close_dot(y, grad_input_reference(x.cpu().float(), words.cpu(), K), x.cpu().float().abs().sum(1, keepdim=True))
 
 
 def test_default_config_splits_k_without_empty_shares(gemm):
