@@ -324,7 +324,7 @@ def _pixel_run(out):
     """The kernel's OUT_VEC: for an output whose pixels are consecutive per channel (NCHW), the
     largest power of two up to 8 (16 bytes of bf16) that divides OH*OW, so aligned runs of that
     many rows never cross an image; 1 (no promise) for any other layout."""
-    N, O, OH, OW = out.shape
+    OH, OW = out.shape[2:]
     if out.stride(3) != 1 or out.stride(2) != OW:
         return 1
     hw = OH * OW

@@ -38,7 +38,7 @@ def test_every_case_module_imports_without_triton():
         "assert not errors, errors\n"
         "print(len(cases), 'cases')\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
     assert run.returncode == 0 and "cases" in run.stdout, run.stderr[-2000:]
 
 
