@@ -28,7 +28,7 @@ from torch import nn
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, metadata, pack_dense_state_entries
-from bnnops.library import check_channel_vectors, contiguous, define, refuse_backward, split_epilogue
+from bnnops.library import check_channel_vectors, contiguous, define, first_derivatives, needs_autograd, split_epilogue
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference, unpack_weight
 from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
@@ -227,9 +227,7 @@ class _BinaryConv2dFunction(torch.autograd.Function):
                 grad_weight = grad_weight.to(ctx.weight_dtype)
         if need_b:
             grad_bias = grad_y.sum((0, 2, 3))
-        # With create_graph the gradients would be differentiable only in part (the +-1 weight and
-        # sign(x) are constants here): a second derivative through them raises instead.
-        grad_x, grad_weight = (None if t is None else refuse_backward("binary_conv2d", t, (grad_y,)) for t in (grad_x, grad_weight))
+        grad_x, grad_weight = first_derivatives("binary_conv2d", grad_y, grad_x, grad_weight)
         return grad_x, grad_weight, None, None, None, None, grad_bias, None, None, None
 
 
@@ -296,7 +294,7 @@ def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     geometry = (stride, conv_padding(padding, tuple(weight_shape[2:]), stride, dilation), dilation, groups, float(pad_value))
     outside, op_scale, op_bias = split_epilogue(scale, bias, weight_shape[0], x.device)
-    if torch.is_grad_enabled() and (weight_requires_grad or x.requires_grad or (op_bias is not None and op_bias.requires_grad)):
+    if needs_autograd(x, weight_requires_grad, op_bias):
         y = _BinaryConv2dFunction.apply(x, weight, words, weight_shape, weight_dtype, op_scale, op_bias, geometry, iq, wq)
     else:
         # Nothing to differentiate through the convolution (inference): the op alone, no autograd node.

@@ -59,6 +59,19 @@ def refuse_backward(name, out, inputs):
     return _NoDerivative.apply(name, out, *inputs)
 
 
+def first_derivatives(name, grad_y, *grads):
+    """A binary layer's backward results (None kept), each refusing a second derivative: with
+    ``create_graph`` they would be differentiable only in part (the +-1 weight and sign(x) are
+    constants there), so a backward through them raises instead."""
+    return tuple(None if g is None else refuse_backward(name, g, (grad_y,)) for g in grads)
+
+
+def needs_autograd(x, weight_requires_grad, bias):
+    """Whether a binary layer's call needs its autograd function: grad mode on and x, the weight
+    or the bias the op gets requiring grad. Otherwise (inference) the op runs alone, no node."""
+    return torch.is_grad_enabled() and (weight_requires_grad or x.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def type_name(t):
     """What an argument is, for error messages: a tensor's dtype, else its type's name."""
     return t.dtype if isinstance(t, torch.Tensor) else type(t).__name__

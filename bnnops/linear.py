@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, metadata, pack_dense_state_entries
-from bnnops.library import check_channel_vectors, contiguous, define, refuse_backward, split_epilogue, type_name
+from bnnops.library import check_channel_vectors, contiguous, define, first_derivatives, needs_autograd, split_epilogue, type_name
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference
 from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
@@ -226,9 +226,7 @@ class _BinaryLinearFunction(torch.autograd.Function):
             grad_weight = grad_weight.to(ctx.weight_dtype)
         if ctx.needs_input_grad[6]:
             grad_bias = grad_y.sum(0)
-        # With create_graph the gradients would be differentiable only in part (the +-1 weight and
-        # sign(x) are constants here): a second derivative through them raises instead.
-        grad_x, grad_weight = (None if t is None else refuse_backward("binary_linear", t, (grad_y,)) for t in (grad_x, grad_weight))
+        grad_x, grad_weight = first_derivatives("binary_linear", grad_y, grad_x, grad_weight)
         return grad_x, grad_weight, None, None, None, None, grad_bias, None, None, None
 
 
@@ -291,7 +289,7 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
     outside, op_scale, op_bias = split_epilogue(scale, bias, N, x.device)
     op_dtype = torch.float32 if outside else out_dtype
     x2d = _rows(x)
-    if torch.is_grad_enabled() and (weight_requires_grad or x.requires_grad or (op_bias is not None and op_bias.requires_grad)):
+    if needs_autograd(x, weight_requires_grad, op_bias):
         y = _BinaryLinearFunction.apply(x2d, weight, words, K, weight_dtype, op_scale, op_bias, iq, wq, op_dtype)
     else:
         # Nothing to differentiate through the product (inference): the op alone, no autograd node.
