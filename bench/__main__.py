@@ -26,17 +26,33 @@ def parse_args(argv):
     p.add_argument("--filter", metavar="PATTERN", help="regular expression searched in '<case> <shape>'")
     p.add_argument("--out", metavar="DIR", type=Path, help="output directory (default bench/out/<timestamp>)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
-    p.add_argument("--budget", metavar="SECONDS", type=float,
-                   help="start no new shape once this many seconds have passed since the run started "
-                        "(ceilings included); the rest are recorded as skipped "
-                        f"(default: none on CUDA, {CPU_BUDGET_S} s on CPU, which keeps a CPU run under 2 minutes)")
+    p.add_argument(
+        "--budget",
+        metavar="SECONDS",
+        type=float,
+        help="start no new shape once this many seconds have passed since the run started "
+        "(ceilings included); the rest are recorded as skipped "
+        f"(default: none on CUDA, {CPU_BUDGET_S} s on CPU, which keeps a CPU run under 2 minutes)",
+    )
     p.add_argument("--list", action="store_true", help="list the cases and shapes that would run, and exit")
-    p.add_argument("--profile", metavar="NAME",
-                   help="write a torch.profiler Chrome trace of the first case/shape matching NAME (a regex)")
-    p.add_argument("--record", metavar="RUN_JSON", type=Path,
-                   help="copy a run's results.json into --results-dir with its README markdown, print it, exit")
-    p.add_argument("--results-dir", metavar="DIR", type=Path, default=BENCH_DIR / "results",
-                   help="where --record writes (default bench/results)")
+    p.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="write a torch.profiler Chrome trace of the first case/shape matching NAME (a regex)",
+    )
+    p.add_argument(
+        "--record",
+        metavar="RUN_JSON",
+        type=Path,
+        help="copy a run's results.json into --results-dir with its README markdown, print it, exit",
+    )
+    p.add_argument(
+        "--results-dir",
+        metavar="DIR",
+        type=Path,
+        default=BENCH_DIR / "results",
+        help="where --record writes (default bench/results)",
+    )
     return p.parse_args(argv)
 
 
@@ -80,8 +96,12 @@ def main(argv=None):
         print(report.CPU_NOTE, file=sys.stderr)
     print(f"measuring the ceilings of {device} ...", file=sys.stderr, flush=True)
     meta = dict(machine.describe(device), size=size, filter=args.filter, argv=sys.argv[1:])
-    document = {"meta": meta, "ceilings": machine.measure_ceilings(device, args.quick), "results": [],
-                "load_errors": load_errors}
+    document = {
+        "meta": meta,
+        "ceilings": machine.measure_ceilings(device, args.quick),
+        "results": [],
+        "load_errors": load_errors,
+    }
     print(f"ceilings: {report.describe_ceilings(document['ceilings'])}", file=sys.stderr)
     results_json = out / "results.json"
 

@@ -11,10 +11,18 @@ from bench import machine
 
 def pytest_addoption(parser):
     group = parser.getgroup("bnnops bench")
-    group.addoption("--bench-size", choices=["full", "quick", "tiny"], default="full",
-                    help="shapes to run: every shape of the device's table, the headline shapes, or the smoke-test size")
-    group.addoption("--bench-device", choices=["cuda", "cpu"], default=None,
-                    help="default: cuda when available, else cpu (the reference path)")
+    group.addoption(
+        "--bench-size",
+        choices=["full", "quick", "tiny"],
+        default="full",
+        help="shapes to run: every shape of the device's table, the headline shapes, or the smoke-test size",
+    )
+    group.addoption(
+        "--bench-device",
+        choices=["cuda", "cpu"],
+        default=None,
+        help="default: cuda when available, else cpu (the reference path)",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ SIZES = {"cuda": (2**28, 8192), "cpu": (2**23, 1024)}
 
 
 def default_device():
-    """"cuda" when torch sees a GPU, else "cpu" (the reference path)."""
+    """ "cuda" when torch sees a GPU, else "cpu" (the reference path)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -16,13 +16,14 @@ import importlib
 import pkgutil
 import re
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any
 
 # What a case's rate is compared with (the ceilings ``bench.machine`` measures), and the rate's unit.
 BOUNDS = {"memory": "B/s", "bf16": "FLOP/s", "int8": "OP/s"}
 
-_REGISTRY: Dict[str, "Case"] = {}
+_REGISTRY: dict[str, Case] = {}
 
 
 @dataclass
@@ -43,10 +44,10 @@ class Workload:
     """
 
     ours: Callable[[], Any]
-    baselines: Dict[str, Callable[[], Any]]
+    baselines: dict[str, Callable[[], Any]]
     bound: str
     bytes: int
-    ops: Optional[int] = None
+    ops: int | None = None
 
     def __post_init__(self):
         if not callable(self.ours):
@@ -72,9 +73,9 @@ class Case:
 
     name: str
     setup: Callable[..., Workload]
-    cuda: Dict[str, Dict[str, Any]]
-    cpu: Dict[str, Dict[str, Any]]
-    tiny: Dict[str, Any]
+    cuda: dict[str, dict[str, Any]]
+    cpu: dict[str, dict[str, Any]]
+    tiny: dict[str, Any]
     quick: tuple = field(default=())
 
     def shapes(self, device, size):
@@ -98,7 +99,7 @@ def case(name, *, cuda, cpu, tiny, quick=None):
     """Register the decorated setup function as the benchmark case ``name``.
 
     Args:
-        name: the kernel column of the table, unique (e.g. "pack_signs", "gemm_a1w1").
+        name: the kernel column of the table, unique (e.g. "pack_signs", "gemm_w1a1").
         cuda: {shape label: params} timed on a GPU, headline shape first.
         cpu: {shape label: params} small enough for the CPU reference path (the whole CPU run of
             every case together must stay well under 2 minutes: aim for < 0.2 s per call).
@@ -139,7 +140,7 @@ def load_cases():
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         try:
             importlib.import_module(f"{package.__name__}.{info.name}")
-        except Exception:  # noqa: BLE001 - reported, and counted as a failure by the callers
+        except Exception:
             errors.append((info.name, traceback.format_exc()))
     return list(_REGISTRY.values()), errors
 

@@ -100,10 +100,15 @@ def text_report(document):
     lines.append(f"Measured ceilings: {describe_ceilings(document['ceilings'])}")
     lines += ["", text_table(table_rows(document["results"])), ""]
     lines.append("speedup = baseline time / our time (> 1: ours is faster); times are medians.")
-    lines += [f"FAILED: {r['case']} {r['shape']}: {r['error'].strip().splitlines()[-1]}"
-              for r in document["results"] if "error" in r]
-    lines += [f"FAILED to import bench/cases/{name}.py: {text.strip().splitlines()[-1]}"
-              for name, text in document.get("load_errors", [])]
+    lines += [
+        f"FAILED: {r['case']} {r['shape']}: {r['error'].strip().splitlines()[-1]}"
+        for r in document["results"]
+        if "error" in r
+    ]
+    lines += [
+        f"FAILED to import bench/cases/{name}.py: {text.strip().splitlines()[-1]}"
+        for name, text in document.get("load_errors", [])
+    ]
     return "\n".join(lines)
 
 
@@ -132,15 +137,24 @@ def chart(document, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    bars = [(f"{r['case']} {r['shape']}", name, s) for r in document["results"] for name, s in r.get("speedup", {}).items()]
+    bars = [
+        (f"{r['case']} {r['shape']}", name, s) for r in document["results"] for name, s in r.get("speedup", {}).items()
+    ]
     names = list(dict.fromkeys(name for _, name, _ in bars))
     colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.32 * max(len(bars), 1)))
     for y, (label, name, speedup) in enumerate(reversed(bars)):
         # Bars grow from 1x, left for slower and right for faster, symmetric on the log axis.
         ax.barh(y, speedup - 1.0, left=1.0, color=colors[name], label=name)
-        ax.annotate(f"{speedup:.2f}x", (speedup, y), xytext=(3 if speedup >= 1 else -3, 0),
-                    textcoords="offset points", va="center", ha="left" if speedup >= 1 else "right", fontsize=7)
+        ax.annotate(
+            f"{speedup:.2f}x",
+            (speedup, y),
+            xytext=(3 if speedup >= 1 else -3, 0),
+            textcoords="offset points",
+            va="center",
+            ha="left" if speedup >= 1 else "right",
+            fontsize=7,
+        )
     ax.set_yticks(range(len(bars)), [label for label, _, _ in reversed(bars)], fontsize=7)
     speedups = [s for _, _, s in bars] or [1.0]
     low, high = min(min(speedups), 1.0) / 2, max(max(speedups), 1.0) * 2

@@ -52,8 +52,15 @@ def measure(prepared, quick, ceilings):
     times = {name: median_seconds(fn, prepared.device, quick) for name, fn in prepared.fns.items()}
     ours = times.pop("ours")
     row = _row_head(prepared.case, prepared.label, prepared.params)
-    row.update(bound=work.bound, bytes=work.bytes, ops=work.ops, ours_s=ours, baselines_s=times,
-               speedup={name: t / ours for name, t in times.items()}, bandwidth=work.bytes / ours)
+    row.update(
+        bound=work.bound,
+        bytes=work.bytes,
+        ops=work.ops,
+        ours_s=ours,
+        baselines_s=times,
+        speedup={name: t / ours for name, t in times.items()},
+        bandwidth=work.bytes / ours,
+    )
     if work.ops:
         row["op_rate"] = work.ops / ours
     row["rate"] = row["bandwidth"] if work.bound == "memory" else row["op_rate"]
@@ -97,10 +104,11 @@ def run(items, device, quick, ceilings, on_row=None, budget_s=None):
             try:
                 row = measure(Prepared(case, label, params, device), quick, ceilings)
                 parts = [f"ours {format_seconds(row['ours_s'])}"] + [
-                    f"{name} {format_seconds(t)} ({row['speedup'][name]:.2f}x)" for name, t in row["baselines_s"].items()
+                    f"{name} {format_seconds(t)} ({row['speedup'][name]:.2f}x)"
+                    for name, t in row["baselines_s"].items()
                 ]
                 _progress(f"{head}: " + " | ".join(parts) + f"  [{time.perf_counter() - start:.0f} s]")
-            except Exception:  # noqa: BLE001 - one broken case must not lose the others' numbers
+            except Exception:
                 row = dict(_row_head(case, label, params), error=traceback.format_exc())
                 _progress(f"{head}: FAILED\n{row['error']}")
             _free(device)

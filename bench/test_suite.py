@@ -10,7 +10,6 @@ and its fraction of the ceiling measured in this session. Under ``--benchmark-di
 runs once (what tests/test_bench.py does at ``--bench-size tiny``).
 """
 
-
 from bench import load_cases, machine, runner
 from bench.registry import plan
 from bench.timing import synchronize
@@ -21,8 +20,11 @@ def pytest_generate_tests(metafunc):
         cases, errors = load_cases()
         if errors:
             raise RuntimeError("bench/cases modules failed to import:\n" + "\n".join(text for _, text in errors))
-        items = plan(cases, metafunc.config.getoption("--bench-device") or machine.default_device(),
-                     metafunc.config.getoption("--bench-size"))
+        items = plan(
+            cases,
+            metafunc.config.getoption("--bench-device") or machine.default_device(),
+            metafunc.config.getoption("--bench-size"),
+        )
         metafunc.parametrize("item", items, ids=[f"{c.name}[{label}]" for c, label, _ in items])
 
 

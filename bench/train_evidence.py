@@ -44,9 +44,13 @@ TASKS = ("digits", "teacher-student")
 # (task, optimizer, settings over the preset): the preset's Bop (the paper's section 5.1 values,
 # gamma 1e-3 and tau 1e-6) and latent Adam on both tasks, and on the teacher-student task also Bop
 # with the threshold the sweep preferred there (its gradients are larger; see the README text).
-ARMS = [("digits", "bop", {}), ("digits", "latent-adam", {}),
-        ("teacher-student", "bop", {}), ("teacher-student", "bop", {"threshold": 1e-4}),
-        ("teacher-student", "latent-adam", {})]
+ARMS = [
+    ("digits", "bop", {}),
+    ("digits", "latent-adam", {}),
+    ("teacher-student", "bop", {}),
+    ("teacher-student", "bop", {"threshold": 1e-4}),
+    ("teacher-student", "latent-adam", {}),
+]
 # What --sweep tries with seed 0 (the presets' values are among them), for SWEEP_EPOCHS epochs:
 # half the presets' 30, before their decay at epoch 20, so every value runs at a constant rate.
 SWEEP = {
@@ -67,8 +71,17 @@ def _load():
 def run_one(task, optimizer, seed, epochs=None, **overrides):
     """Train ``task``'s preset with ``optimizer`` and ``seed``; return the run's row."""
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig.from_preset(task, optimizer=optimizer, seed=seed, epochs=epochs, out=out,
-                                      progress=False, plots=False, device="cpu", **overrides)
+        cfg = TrainConfig.from_preset(
+            task,
+            optimizer=optimizer,
+            seed=seed,
+            epochs=epochs,
+            out=out,
+            progress=False,
+            plots=False,
+            device="cpu",
+            **overrides,
+        )
         t0, c0 = time.perf_counter(), time.process_time()
         log = train(cfg)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -76,12 +89,21 @@ def run_one(task, optimizer, seed, epochs=None, **overrides):
     last = log["history"][-1]
     flips = last["flip_ratio"]
     return {
-        "task": task, "optimizer": optimizer, "seed": seed, "epochs": cfg.epochs, "settings": overrides,
-        "final_test_acc": log["final_test_acc"], "best_test_acc": log["best_test_acc"],
-        "final_train_acc": last["train_acc"], "train_seconds": log["train_seconds"], "wall_seconds": wall,
+        "task": task,
+        "optimizer": optimizer,
+        "seed": seed,
+        "epochs": cfg.epochs,
+        "settings": overrides,
+        "final_test_acc": log["final_test_acc"],
+        "best_test_acc": log["best_test_acc"],
+        "final_train_acc": last["train_acc"],
+        "train_seconds": log["train_seconds"],
+        "wall_seconds": wall,
         "cpu_seconds": cpu,
-        "final_flip_ratio": sum(flips.values()) / len(flips), "test_acc_by_epoch": [h["test_acc"] for h in log["history"]],
-        "load_avg": _load(), "median_abs_m": m_median,
+        "final_flip_ratio": sum(flips.values()) / len(flips),
+        "test_acc_by_epoch": [h["test_acc"] for h in log["history"]],
+        "load_avg": _load(),
+        "median_abs_m": m_median,
     }
 
 
@@ -92,8 +114,12 @@ def _median_abs_m(checkpoint):
 
 
 def _spread(values):
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def summarize(rows):
@@ -102,27 +128,38 @@ def summarize(rows):
     for row in rows:
         settings = "".join(f", {k} {v:g}" for k, v in row["settings"].items())
         out.setdefault(f"{row['task']} / {row['optimizer']}{settings}", []).append(row)
-    return {key: {"runs": len(rs), "final_test_acc": _spread([r["final_test_acc"] for r in rs]),
-                  "best_test_acc": _spread([r["best_test_acc"] for r in rs]),
-                  "train_seconds": _spread([r["train_seconds"] for r in rs]),
-                  "cpu_seconds": _spread([r["cpu_seconds"] for r in rs]),
-                  "final_flip_ratio": _spread([r["final_flip_ratio"] for r in rs])}
-            for key, rs in out.items()}
+    return {
+        key: {
+            "runs": len(rs),
+            "final_test_acc": _spread([r["final_test_acc"] for r in rs]),
+            "best_test_acc": _spread([r["best_test_acc"] for r in rs]),
+            "train_seconds": _spread([r["train_seconds"] for r in rs]),
+            "cpu_seconds": _spread([r["cpu_seconds"] for r in rs]),
+            "final_flip_ratio": _spread([r["final_flip_ratio"] for r in rs]),
+        }
+        for key, rs in out.items()
+    }
 
 
 def markdown(summary, machine):
-    lines = ["| task / optimizer | runs | final test acc (mean ± std) | min - max | best epoch acc | "
-             "train wall s (mean) | process CPU s (mean) | last-epoch flip ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task / optimizer | runs | final test acc (mean ± std) | min - max | best epoch acc | "
+        "train wall s (mean) | process CPU s (mean) | last-epoch flip ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, s in summary.items():
         f, b, t, fr = s["final_test_acc"], s["best_test_acc"], s["train_seconds"], s["final_flip_ratio"]
         cpu = s["cpu_seconds"]
-        lines.append(f"| {key} | {s['runs']} | {100 * f['mean']:.1f}% ± {100 * f['std']:.1f} | "
-                     f"{100 * f['min']:.1f} - {100 * f['max']:.1f}% | {100 * b['mean']:.1f}% | {t['mean']:.1f} | {cpu['mean']:.1f} | "
-                     f"{fr['mean']:.1e} |")
+        lines.append(
+            f"| {key} | {s['runs']} | {100 * f['mean']:.1f}% ± {100 * f['std']:.1f} | "
+            f"{100 * f['min']:.1f} - {100 * f['max']:.1f}% | {100 * b['mean']:.1f}% | {t['mean']:.1f} | {cpu['mean']:.1f} | "
+            f"{fr['mean']:.1e} |"
+        )
     lines.append("")
-    lines.append(f"{machine['device_name']}, {machine['cpu_threads']} threads, torch {machine['torch']}, "
-                 f"{machine['date']}, commit {str(machine['commit'])[:10]}")
+    lines.append(
+        f"{machine['device_name']}, {machine['cpu_threads']} threads, torch {machine['torch']}, "
+        f"{machine['date']}, commit {str(machine['commit'])[:10]}"
+    )
     return "\n".join(lines)
 
 
@@ -142,9 +179,12 @@ def evidence(seeds, epochs=None):
         for task, optimizer, settings in ARMS:  # seed by seed, so load on the machine hits every arm alike
             rows.append(run_one(task, optimizer, seed, epochs, **settings))
             r = rows[-1]
-            print(f"{task:16s} {optimizer:12s} {settings} seed {seed}: final test acc {r['final_test_acc']:.4f} "
-                  f"(best {r['best_test_acc']:.4f}), {r['train_seconds']:.1f} s, load {r['load_avg']}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{task:16s} {optimizer:12s} {settings} seed {seed}: final test acc {r['final_test_acc']:.4f} "
+                f"(best {r['best_test_acc']:.4f}), {r['train_seconds']:.1f} s, load {r['load_avg']}",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
@@ -155,8 +195,10 @@ def references():
 
     d = data.teacher_student()
     fit = LogisticRegression(max_iter=2000).fit(d.x_train.numpy(), d.y_train.numpy())
-    return {"teacher-student majority class": d.info["majority_accuracy"],
-            "teacher-student float logistic regression": fit.score(d.x_test.numpy(), d.y_test.numpy())}
+    return {
+        "teacher-student majority class": d.info["majority_accuracy"],
+        "teacher-student float logistic regression": fit.score(d.x_test.numpy(), d.y_test.numpy()),
+    }
 
 
 def sweep(epochs=None):
@@ -166,20 +208,27 @@ def sweep(epochs=None):
             for settings in grid:
                 rows.append(run_one(task, optimizer, 0, epochs, **settings))
                 r = rows[-1]
-                print(f"{task:16s} {optimizer:12s} {settings}: final {r['final_test_acc']:.4f} best "
-                      f"{r['best_test_acc']:.4f} flips {r['final_flip_ratio']:.1e} {r['train_seconds']:.1f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{task:16s} {optimizer:12s} {settings}: final {r['final_test_acc']:.4f} best "
+                    f"{r['best_test_acc']:.4f} flips {r['final_flip_ratio']:.1e} {r['train_seconds']:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return rows
 
 
 def sweep_markdown(rows, machine):
-    lines = ["| task | optimizer | settings | final test acc | best | last-epoch flip ratio | median abs m |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | optimizer | settings | final test acc | best | last-epoch flip ratio | median abs m |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         settings = ", ".join(f"{k} {v:g}" for k, v in r["settings"].items())
-        lines.append(f"| {r['task']} | {r['optimizer']} | {settings} | {100 * r['final_test_acc']:.1f}% | "
-                     f"{100 * r['best_test_acc']:.1f}% | {r['final_flip_ratio']:.1e} | "
-                     f"{'-' if r['median_abs_m'] is None else format(r['median_abs_m'], '.1e')} |")
+        lines.append(
+            f"| {r['task']} | {r['optimizer']} | {settings} | {100 * r['final_test_acc']:.1f}% | "
+            f"{100 * r['best_test_acc']:.1f}% | {r['final_flip_ratio']:.1e} | "
+            f"{'-' if r['median_abs_m'] is None else format(r['median_abs_m'], '.1e')} |"
+        )
     lines.append("")
     lines.append(f"seed 0, {rows[0]['epochs']} epochs, {machine['device_name']}, {machine['date']}")
     return "\n".join(lines)
@@ -203,8 +252,12 @@ def main(argv=None):
 
         out = args.out or "bench/results/train_evidence_gpu_step.json"
         # Written after every row: a run stopped at its time limit keeps what it measured.
-        result, table = gpu_step_report(profile=args.profile, compile=args.compile, channels_last=args.channels_last,
-                                        progress=lambda result, table: _write(out, result, table))
+        result, table = gpu_step_report(
+            profile=args.profile,
+            compile=args.compile,
+            channels_last=args.channels_last,
+            progress=lambda result, table: _write(out, result, table),
+        )
     elif args.sweep:
         machine = describe("cpu")
         rows = sweep(args.epochs or SWEEP_EPOCHS)

@@ -5,19 +5,25 @@ NeurIPS 2019) as one fused update over bit-packed weights. CPU tensors run the p
 reference of every op; CUDA tensors run the Triton kernels in ``bnnops.kernels``.
 """
 
-from bnnops import kernels
+from bnnops import kernels, nn, optim, quantizers
 from bnnops.binary_tensor import BinaryTensor
-from bnnops.packing import pack_signs, packed_length, unpack_signs
-from bnnops import quantizers
-from bnnops.linear import binary_linear
 from bnnops.conv import binary_conv2d
-from bnnops import nn
-from bnnops import optim
+from bnnops.linear import binary_linear
+from bnnops.packing import pack_signs, packed_length, unpack_signs
 from bnnops.summary import summary
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BinaryTensor", "pack_signs", "unpack_signs", "packed_length", "kernels", "quantizers", "binary_linear",
-    "binary_conv2d", "nn", "optim", "summary",
+    "BinaryTensor",
+    "binary_conv2d",
+    "binary_linear",
+    "kernels",
+    "nn",
+    "optim",
+    "pack_signs",
+    "packed_length",
+    "quantizers",
+    "summary",
+    "unpack_signs",
 ]

@@ -2,7 +2,7 @@
 
 A wrapper tensor subclass in the style of torchao's NF4Tensor: to PyTorch it looks like a float
 tensor of the logical shape and dtype (so it can be an ``nn.Parameter`` and receives a plain dense
-float gradient of that shape in ``.grad``), while its only storage is ``.packed``, the int32 words
+float gradient of that shape in ``.grad``), while its only storage is ``.words``, the int32 words
 in the weight layout of :mod:`bnnops.packing` (packed along dim 1, the reduction dimension).
 
 What it supports, and why the rest is refused:
@@ -13,7 +13,7 @@ What it supports, and why the rest is refused:
   ``load_state_dict`` and ``torch.save`` / ``torch.load(weights_only=True)``.
 - out-of-place ops that only read (``w.sum()``, ``w * 2``, ``torch.equal``...) run on the dense
   +-1 copy and return dense tensors: correct, but they build the dense weight, so the bnnops ops
-  read ``.packed`` instead. Torch functions listed in ``TORCH_FUNCTIONS`` skip the dense copy:
+  read ``.words`` instead. Torch functions listed in ``TORCH_FUNCTIONS`` skip the dense copy:
   ``F.linear(x, w)`` (so ``nn.Linear`` with a binary weight) runs the packed W1A16 kernel.
 - view ops are refused (a view would have to be a dense temporary, and writing through it would
   silently change nothing), except the identity view and ``view(-1)``: torch.distributed flattens
@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_map_only
 
 from bnnops.packing import FLOAT_DTYPES, _check_floats, pack_weight, packed_weight_shape, unpack_weight
 
-__all__ = ["BinaryTensor", "pack_dense_state_entries", "metadata"]
+__all__ = ["BinaryTensor", "metadata", "pack_dense_state_entries"]
 
 aten = torch.ops.aten
 
@@ -45,7 +45,7 @@ class BinaryTensor(torch.Tensor):
     """A logical +-1 float tensor stored as bit-packed int32 words.
 
     Args:
-        packed: int32 tensor of shape ``packed_weight_shape(shape)``, the words in the weight
+        words: int32 tensor of shape ``packed_weight_shape(shape)``, the words in the weight
             layout of :mod:`bnnops.packing`: (N, ceil(K/32)) for a linear weight (N, K),
             (O, kh, kw, ceil(C/32)) for a conv weight (O, C, kh, kw). Bit 1 means -1.
         shape: the logical shape.
@@ -56,28 +56,28 @@ class BinaryTensor(torch.Tensor):
     Build one from a float weight with :meth:`from_float`.
     """
 
-    packed: torch.Tensor
+    words: torch.Tensor
 
     @staticmethod
-    def __new__(cls, packed, shape, dtype=torch.float32, requires_grad=False):
+    def __new__(cls, words, shape, dtype=torch.float32, requires_grad=False):
         shape = torch.Size(shape)
-        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32:
+        if not isinstance(words, torch.Tensor) or words.dtype != torch.int32:
             raise TypeError("BinaryTensor needs int32 packed words")
         if len(shape) == 0:
             raise ValueError("BinaryTensor needs at least one dimension")
-        if tuple(packed.shape) != tuple(packed_weight_shape(shape)):
+        if tuple(words.shape) != tuple(packed_weight_shape(shape)):
             raise ValueError(
-                f"packed words of shape {tuple(packed.shape)} do not hold a weight of shape "
+                f"packed words of shape {tuple(words.shape)} do not hold a weight of shape "
                 f"{tuple(shape)} (expected words of shape {tuple(packed_weight_shape(shape))})"
             )
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"BinaryTensor's logical dtype must be float32, bfloat16 or float16, got {dtype}")
         return torch.Tensor._make_wrapper_subclass(
-            cls, shape, dtype=dtype, device=packed.device, requires_grad=requires_grad
+            cls, shape, dtype=dtype, device=words.device, requires_grad=requires_grad
         )
 
-    def __init__(self, packed, shape, dtype=torch.float32, requires_grad=False):
-        self.packed = packed
+    def __init__(self, words, shape, dtype=torch.float32, requires_grad=False):
+        self.words = words
 
     @classmethod
     def from_float(cls, w, *, dtype=None, requires_grad=False):
@@ -97,7 +97,7 @@ class BinaryTensor(torch.Tensor):
 
     def dequantize(self, dtype=None):
         """The dense +-1 tensor of the logical shape, in ``dtype`` (default: the logical dtype)."""
-        return unpack_weight(self.packed, self.shape, dtype or self.dtype)
+        return unpack_weight(self.words, self.shape, dtype or self.dtype)
 
     @property
     def data(self):
@@ -106,38 +106,40 @@ class BinaryTensor(torch.Tensor):
     @data.setter
     def data(self, value):
         # Tensor.data's own setter swaps the tensor's storage, which a wrapper does not have: the
-        # words live in the Python attribute ``packed`` and would silently stay as they were.
+        # words live in the Python attribute ``words`` and would silently stay as they were.
         if not isinstance(value, BinaryTensor) or (value.shape, value.dtype, value.device) != (
-            self.shape, self.dtype, self.device
+            self.shape,
+            self.dtype,
+            self.device,
         ):
             raise RuntimeError(
                 "BinaryTensor.data can only be set to a BinaryTensor of the same shape, dtype and device; "
                 "use copy_ to load dense values (their signs are packed)"
             )
-        self.packed = value.packed
+        self.words = value.words
 
     def share_memory_(self):
         """Move the packed words to shared memory (``nn.Module.share_memory``, Hogwild training)."""
-        self.packed.share_memory_()
+        self.words.share_memory_()
         return self
 
     def is_shared(self):
-        return self.packed.is_shared()
+        return self.words.is_shared()
 
     def __repr__(self):
         grad = f", grad_fn={self.grad_fn.name()}" if self.grad_fn is not None else ""
         grad += ", requires_grad=True" if self.requires_grad and not grad else ""
         return (
             f"BinaryTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
-            f"packed int32 words {tuple(self.packed.shape)}{grad})"
+            f"packed int32 words {tuple(self.words.shape)}{grad})"
         )
 
     def __tensor_flatten__(self):
-        return ["packed"], self.dtype
+        return ["words"], self.dtype
 
     @staticmethod
     def __tensor_unflatten__(inner_tensors, dtype, outer_size, outer_stride):
-        return BinaryTensor(inner_tensors["packed"], outer_size, dtype)
+        return BinaryTensor(inner_tensors["words"], outer_size, dtype)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -193,8 +195,13 @@ def pack_dense_state_entries(module, state_dict, prefix, *args):
     the parameter binary too (without it, ``copy_`` packs the entry)."""
     for name, param in module.named_parameters(recurse=False):
         value = state_dict.get(prefix + name)
-        if (isinstance(param, BinaryTensor) and isinstance(value, torch.Tensor) and not isinstance(value, BinaryTensor)
-                and value.is_floating_point() and value.shape == param.shape):
+        if (
+            isinstance(param, BinaryTensor)
+            and isinstance(value, torch.Tensor)
+            and not isinstance(value, BinaryTensor)
+            and value.is_floating_point()
+            and value.shape == param.shape
+        ):
             try:
                 state_dict[prefix + name] = BinaryTensor.from_float(value)
             except (TypeError, ValueError) as e:
@@ -224,7 +231,7 @@ def _check_dense_source(w):
 
 
 def _alias(x):
-    return BinaryTensor(x.packed, x.shape, x.dtype)
+    return BinaryTensor(x.words, x.shape, x.dtype)
 
 
 def _view(x, size):
@@ -241,16 +248,16 @@ def _view(x, size):
 
 
 def _clone(x, memory_format=None):
-    return BinaryTensor(x.packed.clone(), x.shape, x.dtype)
+    return BinaryTensor(x.words.clone(), x.shape, x.dtype)
 
 
 def _to_copy(x, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"BinaryTensor converts only to float32, bfloat16 or float16 (it keeps its bits), not {dtype}; "
-            "use .packed for the int32 words or .dequantize() for a dense tensor"
+            "use .words for the int32 words or .dequantize() for a dense tensor"
         )
-    packed = x.packed.to(device=device or x.device, non_blocking=non_blocking)
+    packed = x.words.to(device=device or x.device, non_blocking=non_blocking)
     return BinaryTensor(packed, x.shape, dtype or x.dtype)
 
 
@@ -259,12 +266,14 @@ def _copy_(dst, src, non_blocking=False):
         # A dense tensor reading a binary one (a Bop checkpoint loaded into a dense model).
         return dst.copy_(src.dequantize(), non_blocking=non_blocking)
     if src.shape != dst.shape:
-        raise RuntimeError(f"cannot copy a tensor of shape {tuple(src.shape)} into a BinaryTensor of shape {tuple(dst.shape)}")
+        raise RuntimeError(
+            f"cannot copy a tensor of shape {tuple(src.shape)} into a BinaryTensor of shape {tuple(dst.shape)}"
+        )
     if isinstance(src, BinaryTensor):
-        dst.packed.copy_(src.packed, non_blocking=non_blocking)
+        dst.words.copy_(src.words, non_blocking=non_blocking)
     else:
         _check_dense_source(src)
-        dst.packed.copy_(pack_weight(src.to(dst.device)))
+        dst.words.copy_(pack_weight(src.to(dst.device)))
     return dst
 
 
@@ -274,10 +283,10 @@ def _empty_like(x, dtype=None, layout=None, device=None, pin_memory=None, memory
     if device is None:
         # The logical tensor is contiguous, so preserve_format is contiguous: no need to unpack the bits.
         fmt = torch.contiguous_format if memory_format in (None, torch.preserve_format) else memory_format
-        return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.packed.device, memory_format=fmt)
+        return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.words.device, memory_format=fmt)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"an empty BinaryTensor has a float32, bfloat16 or float16 logical dtype, not {dtype}")
-    return BinaryTensor(torch.empty_like(x.packed, device=device), x.shape, dtype or x.dtype)
+    return BinaryTensor(torch.empty_like(x.words, device=device), x.shape, dtype or x.dtype)
 
 
 class _FlatCopy(torch.Tensor):

@@ -7,7 +7,7 @@ pad_value, binarize)`` computes, for ``x`` (N, C, H, W) and the packed words ``w
 
     y = scale * conv2d(pad(a(x), padding, pad_value), w, stride, dilation, groups) + bias
 
-per output channel, where a = sign (A1W1, ``binarize=True``; sign(0) = +1, the convolution is an exact
+per output channel, where a = sign (W1A1, ``binarize=True``; sign(0) = +1, the convolution is an exact
 integer) or the identity (W1A16, ``binarize=False``), and ``pad`` pads with ``pad_value``: 0 is zero
 padding; +1 / -1 (larq's ``pad_values``) keep every input of a binary layer exactly +-1. ``padding``
 is (top, bottom, left, right). The output has x's dtype, is computed in fp32 (one rounding at the
@@ -32,7 +32,7 @@ from bnnops.library import check_channel_vectors, contiguous, define, first_deri
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference, unpack_weight
 from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
-__all__ = ["binary_conv2d", "BinaryConv2d", "binary_conv2d_reference", "conv_padding", "output_shape"]
+__all__ = ["BinaryConv2d", "binary_conv2d", "binary_conv2d_reference", "conv_padding", "output_shape"]
 
 PAD_VALUES = (0.0, 1.0, -1.0)
 
@@ -68,20 +68,26 @@ def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value)
             f"stride={list(stride)}, padding={list(padding)}, dilation={list(dilation)}"
         )
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got stride={list(stride)}, "
-                         f"padding={list(padding)}, dilation={list(dilation)}")
+        raise ValueError(
+            f"stride and dilation must be >= 1 and padding >= 0, got stride={list(stride)}, "
+            f"padding={list(padding)}, dilation={list(dilation)}"
+        )
     N, C, H, W = x.shape
     O, KH, KW, n_words = weight.shape
     if groups < 1 or C % groups or O % groups:
-        raise ValueError(f"groups={groups} must be >= 1 and divide both the input channels ({C}) and "
-                         f"the output channels ({O})")
+        raise ValueError(
+            f"groups={groups} must be >= 1 and divide both the input channels ({C}) and the output channels ({O})"
+        )
     Cg = C // groups
     if n_words != packed_length(Cg):
         raise ValueError(
             f"packed weight of shape {tuple(weight.shape)} holds {n_words} words per tap, but the input "
             f"has {C} channels in {groups} group(s): {Cg} per group needs {packed_length(Cg)} words"
         )
-    if H + padding[0] + padding[1] < dilation[0] * (KH - 1) + 1 or W + padding[2] + padding[3] < dilation[1] * (KW - 1) + 1:
+    if (
+        H + padding[0] + padding[1] < dilation[0] * (KH - 1) + 1
+        or W + padding[2] + padding[3] < dilation[1] * (KW - 1) + 1
+    ):
         raise ValueError(
             f"kernel {KH}x{KW} (dilation {list(dilation)}) is larger than the padded input "
             f"{H + padding[0] + padding[1]}x{W + padding[2] + padding[3]}"
@@ -93,8 +99,18 @@ def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value)
         raise ValueError(f"binary_conv2d weight is on {weight.device} but the input is on {x.device}")
 
 
-def binary_conv2d_reference(x, weight, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 0),
-                            dilation=(1, 1), groups=1, pad_value=0.0, binarize=True):
+def binary_conv2d_reference(
+    x,
+    weight,
+    bias=None,
+    scale=None,
+    stride=(1, 1),
+    padding=(0, 0, 0, 0),
+    dilation=(1, 1),
+    groups=1,
+    pad_value=0.0,
+    binarize=True,
+):
     """Pure-PyTorch ``bnnops::binary_conv2d`` (see the module docstring): F.conv2d in fp32 on the
     +-1 weight that ``weight``'s words hold, after padding with ``pad_value`` explicitly."""
     O, KH, KW, _ = weight.shape
@@ -114,8 +130,16 @@ def binary_conv2d_reference(x, weight, bias=None, scale=None, stride=(1, 1), pad
 def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
     # The kernel reads words, bias and scale with unit stride along their last dimension.
     return kernels.load("conv2d").conv2d(
-        x, weight.contiguous(), bias=contiguous(bias), scale=contiguous(scale), stride=stride, padding=padding,
-        dilation=dilation, groups=groups, pad_value=pad_value, binarize=binarize,
+        x,
+        weight.contiguous(),
+        bias=contiguous(bias),
+        scale=contiguous(scale),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        pad_value=pad_value,
+        binarize=binarize,
     )
 
 
@@ -155,7 +179,11 @@ def conv_padding(padding, kernel_size, stride, dilation):
     "same" (stride 1 only, as in PyTorch) pads d*(k-1) in all, the odd one at the bottom/right.
     kernel_size, stride and dilation are ints or pairs.
     """
-    kernel_size, stride, dilation = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(dilation, "dilation")
+    kernel_size, stride, dilation = (
+        _pair(kernel_size, "kernel_size"),
+        _pair(stride, "stride"),
+        _pair(dilation, "dilation"),
+    )
     if isinstance(padding, str):
         if padding == "valid":
             return (0, 0, 0, 0)
@@ -182,8 +210,9 @@ class _BinaryConv2dFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, words, weight_shape, weight_dtype, scale, bias, geometry, input_quantizer,
-                weight_quantizer):
+    def forward(
+        ctx, x, weight, words, weight_shape, weight_dtype, scale, bias, geometry, input_quantizer, weight_quantizer
+    ):
         y = _conv(x, words, scale, bias, geometry, input_quantizer)
         latent = weight if weight_quantizer is not None else None
         ctx.save_for_backward(x, words, scale, latent)
@@ -213,11 +242,20 @@ class _BinaryConv2dFunction(torch.autograd.Function):
                 a = F.pad(a, (pl, pr, pt, pb), value=pad_value)
                 cudnn_padding, crop = [0, 0], True
             grad_a, grad_weight, _ = torch.ops.aten.convolution_backward(
-                g, a, w, None, list(stride), cudnn_padding, list(dilation), False, [0, 0], groups,
+                g,
+                a,
+                w,
+                None,
+                list(stride),
+                cudnn_padding,
+                list(dilation),
+                False,
+                [0, 0],
+                groups,
                 [need_x, need_w, False],
             )
             if need_x:
-                grad_x = grad_a[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]] if crop else grad_a
+                grad_x = grad_a[:, :, pt : pt + x.shape[2], pl : pl + x.shape[3]] if crop else grad_a
                 if ctx.input_quantizer is not None:
                     grad_x = ctx.input_quantizer.grad(x, grad_x)
                 grad_x = grad_x.to(x.dtype)
@@ -232,21 +270,43 @@ class _BinaryConv2dFunction(torch.autograd.Function):
 
 
 def _conv(x, words, scale, bias, geometry, input_quantizer):
-    """The forward op: A1W1 with an input quantizer, else W1A16."""
+    """The forward op: W1A1 with an input quantizer, else W1A16."""
     stride, padding, dilation, groups, pad_value = geometry
-    return torch.ops.bnnops.binary_conv2d(x, words, bias, scale, list(stride), list(padding), list(dilation), groups,
-                                          pad_value, input_quantizer is not None)
+    return torch.ops.bnnops.binary_conv2d(
+        x,
+        words,
+        bias,
+        scale,
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        pad_value,
+        input_quantizer is not None,
+    )
 
 
-def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, pad_value=0.0,
-                  input_quantizer="ste_sign", scale=None, weight_quantizer=None):
+def binary_conv2d(
+    x,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    *,
+    pad_value=0.0,
+    input_quantizer="ste_sign",
+    scale=None,
+    weight_quantizer=None,
+):
     """Binary 2-D convolution: ``conv2d(pad(q(x), pad_value), sign(W)) * scale + bias``.
 
     Args:
         x: (N, C, H, W) or unbatched (C, H, W), float32 / bfloat16 / float16, NCHW or
             channels_last (the output follows); the weight's dtype, or any float dtype under
             ``torch.autocast`` (x and bias are then cast to autocast's dtype, as nn.Conv2d does).
-            With an input quantizer it is binarized inside the op (A1W1: exact integer sums); with
+            With an input quantizer it is binarized inside the op (W1A1: exact integer sums); with
             ``input_quantizer=None`` it stays real (W1A16: e.g. a first layer).
         weight: a :class:`bnnops.BinaryTensor` (O, C/groups, kh, kw), read packed; or a dense
             float latent weight of that shape, binarized by ``weight_quantizer`` every call.
@@ -274,28 +334,52 @@ def binary_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"binary_conv2d input must be a float32, bfloat16 or float16 tensor, got {got}")
-    weight_shape, weight_dtype, _, weight_requires_grad = metadata(weight) if isinstance(weight, torch.Tensor) else [None] * 4
+    weight_shape, weight_dtype, _, weight_requires_grad = (
+        metadata(weight) if isinstance(weight, torch.Tensor) else [None] * 4
+    )
     if weight_dtype not in FLOAT_DTYPES or len(weight_shape) != 4:
         got = (weight_dtype, tuple(weight_shape)) if weight_shape is not None else type(weight).__name__
-        raise TypeError(f"binary_conv2d weight must be a BinaryTensor or a float latent weight "
-                        f"(O, C/groups, kh, kw), got {got}")
+        raise TypeError(
+            f"binary_conv2d weight must be a BinaryTensor or a float latent weight (O, C/groups, kh, kw), got {got}"
+        )
     if x.dim() not in (3, 4):
         raise ValueError(f"binary_conv2d input must be (N, C, H, W) or unbatched (C, H, W), got shape {tuple(x.shape)}")
     x, bias = autocast_inputs(x, weight_dtype, bias)
     if x.dim() == 3:
         # Unbatched (C, H, W), as nn.Conv2d takes it.
-        return binary_conv2d(x[None], weight, bias, stride, padding, dilation, groups, pad_value=pad_value,
-                             input_quantizer=input_quantizer, scale=scale, weight_quantizer=weight_quantizer)[0]
+        return binary_conv2d(
+            x[None],
+            weight,
+            bias,
+            stride,
+            padding,
+            dilation,
+            groups,
+            pad_value=pad_value,
+            input_quantizer=input_quantizer,
+            scale=scale,
+            weight_quantizer=weight_quantizer,
+        )[0]
     if weight_shape[1] * groups != x.shape[1]:
-        raise ValueError(f"the input has {x.shape[1]} channels but the weight {tuple(weight_shape)} with "
-                         f"groups={groups} expects {weight_shape[1] * groups}")
+        raise ValueError(
+            f"the input has {x.shape[1]} channels but the weight {tuple(weight_shape)} with "
+            f"groups={groups} expects {weight_shape[1] * groups}"
+        )
     iq = get_input_quantizer(input_quantizer)
     wq, words, scale = binarize_weight(weight, weight_quantizer, scale)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
-    geometry = (stride, conv_padding(padding, tuple(weight_shape[2:]), stride, dilation), dilation, groups, float(pad_value))
+    geometry = (
+        stride,
+        conv_padding(padding, tuple(weight_shape[2:]), stride, dilation),
+        dilation,
+        groups,
+        float(pad_value),
+    )
     outside, op_scale, op_bias = split_epilogue(scale, bias, weight_shape[0], x.device)
     if needs_autograd(x, weight_requires_grad, op_bias):
-        y = _BinaryConv2dFunction.apply(x, weight, words, weight_shape, weight_dtype, op_scale, op_bias, geometry, iq, wq)
+        y = _BinaryConv2dFunction.apply(
+            x, weight, words, weight_shape, weight_dtype, op_scale, op_bias, geometry, iq, wq
+        )
     else:
         # Nothing to differentiate through the convolution (inference): the op alone, no autograd node.
         y = _conv(x, words, op_scale, op_bias, geometry, iq)
@@ -337,15 +421,34 @@ class BinaryConv2d(nn.Module):
     holds the signs of that init.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, padding_mode="zeros", device=None, dtype=None, *, pad_value=0.0,
-                 input_quantizer="ste_sign", weight_quantizer=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        padding_mode="zeros",
+        device=None,
+        dtype=None,
+        *,
+        pad_value=0.0,
+        input_quantizer="ste_sign",
+        weight_quantizer=None,
+    ):
         super().__init__()
         if padding_mode != "zeros":
-            raise ValueError(f"BinaryConv2d supports padding_mode='zeros' only, with the padding's value set by "
-                             f"pad_value (0, +1 or -1); got padding_mode={padding_mode!r}")
+            raise ValueError(
+                f"BinaryConv2d supports padding_mode='zeros' only, with the padding's value set by "
+                f"pad_value (0, +1 or -1); got padding_mode={padding_mode!r}"
+            )
         if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups={groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+            raise ValueError(
+                f"groups={groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})"
+            )
         if float(pad_value) not in PAD_VALUES:
             raise ValueError(f"pad_value must be 0.0, 1.0 or -1.0, got {pad_value}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -368,12 +471,23 @@ class BinaryConv2d(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x):
-        return binary_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                             pad_value=self.pad_value, input_quantizer=self.input_quantizer,
-                             weight_quantizer=self.weight_quantizer)
+        return binary_conv2d(
+            x,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            pad_value=self.pad_value,
+            input_quantizer=self.input_quantizer,
+            weight_quantizer=self.weight_quantizer,
+        )
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"bias={self.bias is not None}, pad_value={self.pad_value}, "
-                f"input_quantizer={self.input_quantizer}, weight_quantizer={self.weight_quantizer}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"bias={self.bias is not None}, pad_value={self.pad_value}, "
+            f"input_quantizer={self.input_quantizer}, weight_quantizer={self.weight_quantizer}"
+        )

@@ -17,13 +17,23 @@ needed. Images come out as float32 in [-1, 1], NCHW, the scaling of the paper's 
 
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["InMemoryDataset", "digits", "cifar10", "cifar10_augment", "teacher_student", "teacher_logits", "load", "DATASETS", "CIFAR10_FILES"]
+__all__ = [
+    "CIFAR10_FILES",
+    "DATASETS",
+    "InMemoryDataset",
+    "cifar10",
+    "cifar10_augment",
+    "digits",
+    "load",
+    "teacher_logits",
+    "teacher_student",
+]
 
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
@@ -49,7 +59,7 @@ class InMemoryDataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
-    augment: Optional[Callable] = None
+    augment: Callable | None = None
     info: dict = field(default_factory=dict)
 
     @property
@@ -67,8 +77,14 @@ class InMemoryDataset:
         """The first ``n_train`` training and ``n_test`` test samples (for quick runs and tests)."""
         n_test = n_train if n_test is None else n_test
         return InMemoryDataset(
-            self.name, self.x_train[:n_train], self.y_train[:n_train], self.x_test[:n_test],
-            self.y_test[:n_test], self.num_classes, self.augment, dict(self.info),
+            self.name,
+            self.x_train[:n_train],
+            self.y_train[:n_train],
+            self.x_test[:n_test],
+            self.y_test[:n_test],
+            self.num_classes,
+            self.augment,
+            dict(self.info),
         )
 
     def batches(self, split, batch_size, generator=None):
@@ -123,7 +139,12 @@ def digits(seed=0, test_fraction=0.2):
     labels = torch.from_numpy(data.target.astype(np.int64))
     train, test = (torch.from_numpy(i) for i in _stratified_split(data.target, test_fraction, seed))
     return InMemoryDataset(
-        "digits", images[train, None], labels[train], images[test, None], labels[test], 10,
+        "digits",
+        images[train, None],
+        labels[train],
+        images[test, None],
+        labels[test],
+        10,
         info={"split_seed": seed, "test_fraction": test_fraction},
     )
 
@@ -135,7 +156,8 @@ class _CifarUnpickler(pickle.Unpickler):
     # _codecs.encode: how a protocol-2 pickle written by Python 3 stores bytes.
     # numpy's own reconstructors (arrays, scalars, protocol-5 buffers), under both module names.
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
-        (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+        (f"numpy.{core}.{module}", name)
+        for core in ("core", "_core")
         for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
     }
 
@@ -215,8 +237,14 @@ def cifar10(root):
     train = [_read_cifar_batch(os.path.join(root, f)) for f in CIFAR10_FILES[:5]]
     x_test, y_test = _read_cifar_batch(os.path.join(root, CIFAR10_FILES[5]))
     return InMemoryDataset(
-        "cifar10", torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_test, y_test, 10,
-        augment=cifar10_augment, info={"root": root},
+        "cifar10",
+        torch.cat([x for x, _ in train]),
+        torch.cat([y for _, y in train]),
+        x_test,
+        y_test,
+        10,
+        augment=cifar10_augment,
+        info={"root": root},
     )
 
 
@@ -255,11 +283,16 @@ def teacher_student(seed=0, n_train=8192, n_test=2048, in_features=32, hidden=32
     x, y = torch.cat(xs), torch.cat(ys)
     counts = torch.bincount(y[n_train:], minlength=num_classes)
     info = {
-        "seed": seed, "in_features": in_features, "hidden": hidden,
-        "majority_accuracy": counts.max().item() / n_test, "best_accuracy": 1.0,
+        "seed": seed,
+        "in_features": in_features,
+        "hidden": hidden,
+        "majority_accuracy": counts.max().item() / n_test,
+        "best_accuracy": 1.0,
         "teacher": {"w1": w1, "w2": w2},
     }
-    return InMemoryDataset("teacher-student", x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes, info=info)
+    return InMemoryDataset(
+        "teacher-student", x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes, info=info
+    )
 
 
 DATASETS = ("digits", "cifar10", "teacher-student")

@@ -54,8 +54,10 @@ def refuse_backward(name, out, inputs):
     if not inputs:
         return out
     if isinstance(out, FakeTensor):
-        raise RuntimeError(f"bnnops::{name} has no derivative of its own: under torch.compile, call it through "
-                           f"bnnops.binary_linear, bnnops.binary_conv2d or the nn layers, or under torch.no_grad()")
+        raise RuntimeError(
+            f"bnnops::{name} has no derivative of its own: under torch.compile, call it through "
+            f"bnnops.binary_linear, bnnops.binary_conv2d or the nn layers, or under torch.no_grad()"
+        )
     return _NoDerivative.apply(name, out, *inputs)
 
 
@@ -69,7 +71,9 @@ def first_derivatives(name, grad_y, *grads):
 def needs_autograd(x, weight_requires_grad, bias):
     """Whether a binary layer's call needs its autograd function: grad mode on and x, the weight
     or the bias the op gets requiring grad. Otherwise (inference) the op runs alone, no node."""
-    return torch.is_grad_enabled() and (weight_requires_grad or x.requires_grad or (bias is not None and bias.requires_grad))
+    return torch.is_grad_enabled() and (
+        weight_requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
+    )
 
 
 def type_name(t):

@@ -3,7 +3,7 @@
 Two products with a packed +-1 weight W (out_features N, in_features K), stored as int32 words
 (N, ceil(K/32)) in the layout of :mod:`bnnops.packing`:
 
-- **A1W1** ``torch.ops.bnnops.binary_linear_a1w1(x, weight, K, scale, bias, out_dtype)``:
+- **W1A1** ``torch.ops.bnnops.binary_linear_w1a1(x, weight, K, scale, bias, out_dtype)``:
   y = sign(x) W^T * scale + bias. x is float (..., K), binarized x < 0 -> -1 else +1, or int32
   sign words (..., ceil(K/32)). The dot product is an exact integer.
 - **W1A16** ``torch.ops.bnnops.binary_linear_w1a16(x, weight, scale, bias)``: y = x W^T * scale +
@@ -29,16 +29,24 @@ from torch.nn import functional as F
 
 from bnnops import kernels
 from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, metadata, pack_dense_state_entries
-from bnnops.library import check_channel_vectors, contiguous, define, first_derivatives, needs_autograd, split_epilogue, type_name
+from bnnops.library import (
+    check_channel_vectors,
+    contiguous,
+    define,
+    first_derivatives,
+    needs_autograd,
+    split_epilogue,
+    type_name,
+)
 from bnnops.packing import FLOAT_DTYPES, packed_length, unpack_signs_reference
 from bnnops.quantizers import autocast_inputs, binarize_weight, get_input_quantizer, get_quantizer, sign
 
 __all__ = [
-    "binary_linear",
     "BinaryLinear",
-    "a1w1_reference",
-    "w1a16_reference",
+    "binary_linear",
     "grad_input_reference",
+    "w1a1_reference",
+    "w1a16_reference",
 ]
 
 
@@ -53,7 +61,7 @@ def _epilogue(y, scale, bias):
     return y
 
 
-def a1w1_reference(x, weight, K, scale=None, bias=None, out_dtype=torch.float32):
+def w1a1_reference(x, weight, K, scale=None, bias=None, out_dtype=torch.float32):
     """sign(x) @ W^T * scale + bias in fp32 (exact: integer sums below 2^24), cast to out_dtype."""
     xs = unpack_signs_reference(x, K, torch.float32) if x.dtype == torch.int32 else sign(x.float())
     y = xs @ unpack_signs_reference(weight, K, torch.float32).T
@@ -113,7 +121,7 @@ def _rows(x):
 # ----------------------------------------------------------------------------- ops
 
 
-def _a1w1_check(x, weight, K, scale, bias, out_dtype):
+def _w1a1_check(x, weight, K, scale, bias, out_dtype):
     _check_op(x, weight, K, scale, bias, packed_ok=True)
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
@@ -123,8 +131,8 @@ def _w1a16_check(x, weight, scale, bias):
     _check_op(x, weight, x.shape[-1] if x.dim() else 0, scale, bias, packed_ok=False)
 
 
-def _a1w1_cuda(x, weight, K, scale, bias, out_dtype):
-    y = kernels.load("gemm").a1w1(
+def _w1a1_cuda(x, weight, K, scale, bias, out_dtype):
+    y = kernels.load("gemm").w1a1(
         _rows(x), weight.contiguous(), K, scale=contiguous(scale), bias=contiguous(bias), out_dtype=out_dtype
     )
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -136,10 +144,10 @@ def _w1a16_cuda(x, weight, scale, bias):
 
 
 define(
-    "binary_linear_a1w1(Tensor x, Tensor weight, SymInt K, Tensor? scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
-    check=_a1w1_check,
-    reference=a1w1_reference,
-    cuda=_a1w1_cuda,
+    "binary_linear_w1a1(Tensor x, Tensor weight, SymInt K, Tensor? scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    check=_w1a1_check,
+    reference=w1a1_reference,
+    cuda=_w1a1_cuda,
     fake=lambda x, weight, K, scale, bias, out_dtype: x.new_empty(*x.shape[:-1], weight.shape[0], dtype=out_dtype),
 )
 define(
@@ -178,10 +186,10 @@ define(
 
 
 def _product(x, words, K, scale, bias, input_quantizer, out_dtype):
-    """The forward op on 2-D x: W1A16 for real x (no input quantizer), else A1W1."""
+    """The forward op on 2-D x: W1A16 for real x (no input quantizer), else W1A1."""
     if input_quantizer is None and x.dtype != torch.int32:
         return torch.ops.bnnops.binary_linear_w1a16(x, words, scale, bias)
-    return torch.ops.bnnops.binary_linear_a1w1(x, words, K, scale, bias, out_dtype)
+    return torch.ops.bnnops.binary_linear_w1a1(x, words, K, scale, bias, out_dtype)
 
 
 class _BinaryLinearFunction(torch.autograd.Function):
@@ -248,9 +256,9 @@ def binary_linear(x, weight, bias=None, *, input_quantizer="ste_sign", scale=Non
 
     Args:
         x: (..., in_features) float32 / bfloat16 / float16, any strides. With an input quantizer
-            it is binarized inside the kernel (A1W1, exact integer dot); with
+            it is binarized inside the kernel (W1A1, exact integer dot); with
             ``input_quantizer=None`` it stays real (W1A16, fp32 accumulation). int32 x is taken as
-            packed sign words (..., ceil(in_features/32)) (A1W1, no gradient for x). Float x has
+            packed sign words (..., ceil(in_features/32)) (W1A1, no gradient for x). Float x has
             the weight's dtype, or any float dtype under ``torch.autocast`` (x and bias are then
             cast to autocast's dtype, as nn.Linear does). On CUDA, W1A16 turns an infinite x
             into NaN outputs (the reference gives +-inf).
@@ -326,8 +334,16 @@ class BinaryLinear(nn.Module):
     holds the signs of that init.
     """
 
-    def __init__(self, in_features, out_features, bias=True, input_quantizer="ste_sign", weight_quantizer=None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        input_quantizer="ste_sign",
+        weight_quantizer=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -345,9 +361,12 @@ class BinaryLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x):
-        return binary_linear(x, self.weight, self.bias, input_quantizer=self.input_quantizer,
-                             weight_quantizer=self.weight_quantizer)
+        return binary_linear(
+            x, self.weight, self.bias, input_quantizer=self.input_quantizer, weight_quantizer=self.weight_quantizer
+        )
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"input_quantizer={self.input_quantizer}, weight_quantizer={self.weight_quantizer}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"input_quantizer={self.input_quantizer}, weight_quantizer={self.weight_quantizer}"
+        )

@@ -29,7 +29,7 @@ from torch import nn
 
 from bnnops.nn import BinaryConv2d, BinaryLinear
 
-__all__ = ["binarynet", "birealnet18", "small_bnn", "binary_mlp", "MODELS", "build"]
+__all__ = ["MODELS", "binary_mlp", "binarynet", "birealnet18", "build", "small_bnn"]
 
 
 # Keras' BatchNormalization defaults (momentum 0.99 of the old average, epsilon 1e-3), in torch's
@@ -60,8 +60,13 @@ def _vgg_bnn(input_shape, convs, dense, num_classes, first_padding, weight_quant
     for i, (out, pool) in enumerate(convs, 1):
         first = i == 1
         layers[f"conv{i}"] = BinaryConv2d(
-            channels, out, 3, padding=first_padding if first else 1, bias=False,
-            input_quantizer=None if first else "ste_sign", weight_quantizer=weight_quantizer,
+            channels,
+            out,
+            3,
+            padding=first_padding if first else 1,
+            bias=False,
+            input_quantizer=None if first else "ste_sign",
+            weight_quantizer=weight_quantizer,
         )
         size = size - 2 + 2 * (first_padding if first else 1)
         if pool:
@@ -85,8 +90,14 @@ def binarynet(num_classes=10, input_shape=(3, 32, 32), filters=128, dense_units=
     the defaults; batch norm with Keras' defaults, as in the paper's code. Input (N, 3, 32, 32) ->
     logits (N, num_classes). Weights start from nn.Conv2d / nn.Linear's init, not Keras' Glorot
     (under Bop only the signs matter, and both are symmetric)."""
-    convs = [(filters, False), (filters, True), (2 * filters, False), (2 * filters, True),
-             (4 * filters, False), (4 * filters, True)]
+    convs = [
+        (filters, False),
+        (filters, True),
+        (2 * filters, False),
+        (2 * filters, True),
+        (4 * filters, False),
+        (4 * filters, True),
+    ]
     return _vgg_bnn(input_shape, convs, (dense_units, dense_units), num_classes, 0, weight_quantizer, KERAS_BN)
 
 
@@ -110,8 +121,9 @@ def binary_mlp(num_classes=4, input_shape=(32,), hidden=(32,), weight_quantizer=
     features = math.prod(input_shape)
     layers = OrderedDict(flatten=nn.Flatten())
     for i, out in enumerate((*hidden, num_classes), 1):
-        layers[f"fc{i}"] = BinaryLinear(features, out, bias=False, input_quantizer=None if i == 1 else "ste_sign",
-                                        weight_quantizer=weight_quantizer)
+        layers[f"fc{i}"] = BinaryLinear(
+            features, out, bias=False, input_quantizer=None if i == 1 else "ste_sign", weight_quantizer=weight_quantizer
+        )
         layers[f"bn{i}"] = _bn(1, out, scale=True)
         features = out
     model = nn.Sequential(layers)
@@ -126,8 +138,16 @@ class _BiRealBlock(nn.Module):
     def __init__(self, in_channels, out_channels, input_quantizer, weight_quantizer):
         super().__init__()
         stride = 1 if in_channels == out_channels else 2
-        self.conv = BinaryConv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False,
-                                 input_quantizer=input_quantizer, weight_quantizer=weight_quantizer)
+        self.conv = BinaryConv2d(
+            in_channels,
+            out_channels,
+            3,
+            stride=stride,
+            padding=1,
+            bias=False,
+            input_quantizer=input_quantizer,
+            weight_quantizer=weight_quantizer,
+        )
         self.bn = nn.BatchNorm2d(out_channels, **BIREAL_BN)
         self.shortcut = nn.Identity()
         if stride != 1:
@@ -141,8 +161,9 @@ class _BiRealBlock(nn.Module):
         return self.bn(self.conv(x)) + self.shortcut(x)
 
 
-def birealnet18(num_classes=1000, input_shape=(3, 224, 224), filters=64, input_quantizer="approx_sign",
-                weight_quantizer=None):
+def birealnet18(
+    num_classes=1000, input_shape=(3, 224, 224), filters=64, input_quantizer="approx_sign", weight_quantizer=None
+):
     """Bi-Real Net-18 (module docstring). ``input_quantizer`` of the binary convolutions:
     Bi-Real Net's ``approx_sign`` by default. Input (N, 3, H, W) -> logits (N, num_classes).
 

@@ -7,4 +7,4 @@
 from bnnops.conv import BinaryConv2d
 from bnnops.linear import BinaryLinear
 
-__all__ = ["BinaryLinear", "BinaryConv2d"]
+__all__ = ["BinaryConv2d", "BinaryLinear"]

@@ -36,14 +36,14 @@ from bnnops import kernels
 from bnnops.library import FLOAT_DTYPES, define
 
 __all__ = [
-    "packed_length",
-    "pack_signs",
-    "unpack_signs",
-    "pack_signs_reference",
-    "unpack_signs_reference",
     "pack_bits",
-    "packed_weight_shape",
+    "pack_signs",
+    "pack_signs_reference",
     "pack_weight",
+    "packed_length",
+    "packed_weight_shape",
+    "unpack_signs",
+    "unpack_signs_reference",
     "unpack_weight",
 ]
 
@@ -58,7 +58,9 @@ def pack_bits(bits):
     ``bits[..., 32*w + j]``, padding bits 0. Pure PyTorch, any device (the format's packing of a
     mask: :func:`pack_signs_reference` is ``pack_bits(x < 0)``)."""
     if not isinstance(bits, torch.Tensor) or bits.dtype != torch.bool:
-        raise TypeError(f"pack_bits takes a bool tensor, got {bits.dtype if isinstance(bits, torch.Tensor) else type(bits).__name__}")
+        raise TypeError(
+            f"pack_bits takes a bool tensor, got {bits.dtype if isinstance(bits, torch.Tensor) else type(bits).__name__}"
+        )
     if bits.dim() == 0:
         raise ValueError("pack_bits needs at least one dimension (the packed one), got a scalar")
     K = bits.shape[-1]

@@ -21,19 +21,19 @@ from bnnops.binary_tensor import BinaryTensor
 from bnnops.packing import FLOAT_DTYPES, pack_weight
 
 __all__ = [
+    "ApproxSign",
+    "MagnitudeAwareSign",
     "SignQuantizer",
     "SteSign",
-    "ApproxSign",
     "SwishSign",
-    "MagnitudeAwareSign",
-    "ste_sign",
     "approx_sign",
-    "swish_sign",
-    "magnitude_aware_sign",
-    "get_quantizer",
-    "get_input_quantizer",
     "binarize_weight",
+    "get_input_quantizer",
+    "get_quantizer",
+    "magnitude_aware_sign",
     "sign",
+    "ste_sign",
+    "swish_sign",
 ]
 
 
@@ -216,11 +216,13 @@ def binarize_weight(weight, weight_quantizer, scale):
     """
     if scale is not None and (not isinstance(scale, torch.Tensor) or scale.dtype not in FLOAT_DTYPES):
         got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
-        raise TypeError(f"scale must be a float32, bfloat16 or float16 tensor (one value per output channel), got {got}")
+        raise TypeError(
+            f"scale must be a float32, bfloat16 or float16 tensor (one value per output channel), got {got}"
+        )
     if isinstance(weight, BinaryTensor):
         if weight_quantizer is not None:
             raise ValueError("a BinaryTensor weight is already binary: weight_quantizer must be None")
-        return None, weight.packed, scale
+        return None, weight.words, scale
     wq = get_quantizer(weight_quantizer if weight_quantizer is not None else "ste_sign")
     if isinstance(wq, MagnitudeAwareSign):
         alpha = wq.scale(weight)
@@ -247,7 +249,9 @@ def autocast_inputs(x, weight_dtype, bias):
         if bias is not None and bias.is_floating_point():
             bias = bias.to(dtype)
     elif x.dtype in FLOAT_DTYPES and x.dtype != weight_dtype:
-        raise TypeError(f"x ({x.dtype}) and weight ({weight_dtype}) must have the same dtype (or run under torch.autocast)")
+        raise TypeError(
+            f"x ({x.dtype}) and weight ({weight_dtype}) must have the same dtype (or run under torch.autocast)"
+        )
     if bias is not None and x.dtype in FLOAT_DTYPES and bias.dtype != x.dtype:
         raise TypeError(f"bias ({bias.dtype}) and x ({x.dtype}) must have the same dtype")
     return x, bias

@@ -38,7 +38,7 @@ from torch import nn
 from bnnops.binary_tensor import BinaryTensor
 from bnnops.packing import packed_weight_shape
 
-__all__ = ["summary", "ModelSummary", "LayerSummary", "is_binary_weight"]
+__all__ = ["LayerSummary", "ModelSummary", "is_binary_weight", "summary"]
 
 _MAC_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -115,22 +115,63 @@ class ModelSummary:
     def to_dict(self):
         totals = {
             name: getattr(self, name)
-            for name in ("binary_params", "real_params", "params", "memory_bytes", "float32_bytes",
-                         "compression", "binary_macs", "real_macs", "binary_mac_ratio")
+            for name in (
+                "binary_params",
+                "real_params",
+                "params",
+                "memory_bytes",
+                "float32_bytes",
+                "compression",
+                "binary_macs",
+                "real_macs",
+                "binary_mac_ratio",
+            )
         }
-        return {"input_shape": list(self.input_shape), "layers": [asdict(layer) for layer in self.layers], "totals": totals}
+        return {
+            "input_shape": list(self.input_shape),
+            "layers": [asdict(layer) for layer in self.layers],
+            "totals": totals,
+        }
 
     def __str__(self):
-        header = ["layer", "kind", "input", "output", "binary params", "real params", "memory (B)",
-                  "binary MACs", "real MACs"]
+        header = [
+            "layer",
+            "kind",
+            "input",
+            "output",
+            "binary params",
+            "real params",
+            "memory (B)",
+            "binary MACs",
+            "real MACs",
+        ]
         rows = [
-            [layer.name, layer.kind, "1-bit" if layer.input_binary else "-", "x".join(map(str, layer.output_shape)),
-             f"{layer.binary_params:,}", f"{layer.real_params:,}", f"{layer.memory_bytes:,}",
-             f"{layer.binary_macs:,}", f"{layer.real_macs:,}"]
+            [
+                layer.name,
+                layer.kind,
+                "1-bit" if layer.input_binary else "-",
+                "x".join(map(str, layer.output_shape)),
+                f"{layer.binary_params:,}",
+                f"{layer.real_params:,}",
+                f"{layer.memory_bytes:,}",
+                f"{layer.binary_macs:,}",
+                f"{layer.real_macs:,}",
+            ]
             for layer in self.layers
         ]
-        rows.append(["total", "", "", "", f"{self.binary_params:,}", f"{self.real_params:,}",
-                     f"{self.memory_bytes:,}", f"{self.binary_macs:,}", f"{self.real_macs:,}"])
+        rows.append(
+            [
+                "total",
+                "",
+                "",
+                "",
+                f"{self.binary_params:,}",
+                f"{self.real_params:,}",
+                f"{self.memory_bytes:,}",
+                f"{self.binary_macs:,}",
+                f"{self.real_macs:,}",
+            ]
+        )
         widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
 
         def line(row):
@@ -138,12 +179,15 @@ class ModelSummary:
 
         rule = "-" * len(line(header))
         out = [line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
-        out.append(f"input shape {tuple(self.input_shape)}; params: {self.params:,} "
-                   f"({self.binary_params:,} binary, {self.real_params:,} real)")
-        out.append(f"memory as stored: {_human(self.memory_bytes)}; as float32: {_human(self.float32_bytes)}; "
-                   f"compression {self.compression:.2f}x")
-        out.append(f"MACs per sample: {self.binary_macs + self.real_macs:,} "
-                   f"({self.binary_mac_ratio:.2%} binary)")
+        out.append(
+            f"input shape {tuple(self.input_shape)}; params: {self.params:,} "
+            f"({self.binary_params:,} binary, {self.real_params:,} real)"
+        )
+        out.append(
+            f"memory as stored: {_human(self.memory_bytes)}; as float32: {_human(self.float32_bytes)}; "
+            f"compression {self.compression:.2f}x"
+        )
+        out.append(f"MACs per sample: {self.binary_macs + self.real_macs:,} ({self.binary_mac_ratio:.2%} binary)")
         return "\n".join(out)
 
 
@@ -188,8 +232,9 @@ def _layer_row(name, module, output):
         else:
             real_macs = macs
     shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
-    return LayerSummary(name, type(module).__name__, shape, input_binary, binary_params, real_params,
-                        memory, binary_macs, real_macs)
+    return LayerSummary(
+        name, type(module).__name__, shape, input_binary, binary_params, real_params, memory, binary_macs, real_macs
+    )
 
 
 @torch.no_grad()
@@ -220,8 +265,13 @@ def summary(model, input_shape=None, *, print_table=True, device=None, dtype=tor
         device = first.device if first is not None else "cpu"
     outputs, order = {}, []
     modules = {m: n for n, m in model.named_modules()}
-    counted = [m for m in modules if not list(m.children()) or
-               any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))]
+    counted = [
+        m
+        for m in modules
+        if not list(m.children())
+        or any(True for _ in m.parameters(recurse=False))
+        or any(True for _ in m.buffers(recurse=False))
+    ]
 
     def record(module, args, output):
         if module not in outputs:
@@ -238,8 +288,9 @@ def summary(model, input_shape=None, *, print_table=True, device=None, dtype=tor
         for h in hooks:
             h.remove()
     order += [m for m in counted if m not in outputs]
-    result = ModelSummary(tuple(input_shape),
-                          [_layer_row(modules[m] or type(m).__name__, m, outputs.get(m)) for m in order])
+    result = ModelSummary(
+        tuple(input_shape), [_layer_row(modules[m] or type(m).__name__, m, outputs.get(m)) for m in order]
+    )
     if print_table:
         print(result)
     return result

@@ -36,7 +36,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -45,7 +44,7 @@ from bnnops import data, models
 from bnnops.optim import BinaryAndReal, Bop, Bop2ndOrder, split_parameters
 from bnnops.summary import is_binary_weight
 
-__all__ = ["TrainConfig", "PRESETS", "OPTIMIZERS", "RESUME_OVERRIDES", "train", "main"]
+__all__ = ["OPTIMIZERS", "PRESETS", "RESUME_OVERRIDES", "TrainConfig", "main", "train"]
 
 OPTIMIZERS = ("bop", "bop2", "latent-adam")
 
@@ -94,8 +93,8 @@ class TrainConfig:
     decay_every: int = 0
     seed: int = 0
     data_seed: int = 0
-    data_dir: Optional[str] = None
-    limit: Optional[int] = None
+    data_dir: str | None = None
+    limit: int | None = None
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: str = "runs/train"
     progress: bool = True
@@ -128,8 +127,12 @@ class TrainConfig:
 
 def _binary_weights(model):
     """(name, parameter) of every binary weight (packed, or latent with a weight quantizer)."""
-    return [(f"{name}.{pname}" if name else pname, p) for name, module in model.named_modules()
-            for pname, p in module.named_parameters(recurse=False) if is_binary_weight(module, pname, p)]
+    return [
+        (f"{name}.{pname}" if name else pname, p)
+        for name, module in model.named_modules()
+        for pname, p in module.named_parameters(recurse=False)
+        if is_binary_weight(module, pname, p)
+    ]
 
 
 class _Optimization:
@@ -142,12 +145,17 @@ class _Optimization:
             binary, real = split_parameters(model)
             if not binary:
                 raise ValueError(f"{cfg.model} has no BinaryTensor weights for Bop to train")
-            bop = (Bop(binary, lr=cfg.gamma, threshold=cfg.threshold) if cfg.optimizer == "bop" else
-                   Bop2ndOrder(binary, lr=cfg.gamma, threshold=cfg.threshold, sigma=cfg.sigma))
+            bop = (
+                Bop(binary, lr=cfg.gamma, threshold=cfg.threshold)
+                if cfg.optimizer == "bop"
+                else Bop2ndOrder(binary, lr=cfg.gamma, threshold=cfg.threshold, sigma=cfg.sigma)
+            )
             self.optimizer = BinaryAndReal(bop, torch.optim.Adam(real, lr=cfg.adam_lr))
             decayed = bop
         elif cfg.optimizer == "latent-adam":
-            self.optimizer = decayed = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.adam_lr)
+            self.optimizer = decayed = torch.optim.Adam(
+                [p for p in model.parameters() if p.requires_grad], lr=cfg.adam_lr
+            )
         else:
             raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         step = cfg.decay_every if cfg.decay_every > 0 else 1 << 30
@@ -176,8 +184,10 @@ class _Optimization:
 
     def end_epoch(self):
         """Per layer flip ratio over the epoch (flips / weights / steps), then reset; step the schedule."""
-        ratios = {name.removesuffix(".weight"): self.flips[name].item() / (p.numel() * max(self.steps, 1))
-                  for name, p in self.weights}
+        ratios = {
+            name.removesuffix(".weight"): self.flips[name].item() / (p.numel() * max(self.steps, 1))
+            for name, p in self.weights
+        }
         for t in self.flips.values():
             t.zero_()
         self.steps = 0
@@ -215,8 +225,13 @@ def _train_epoch(model, dataset, opt, cfg, generator, epoch):
     correct = torch.zeros((), dtype=torch.int64, device=cfg.device)
     n = 0
     total = math.ceil(dataset.x_train.shape[0] / cfg.batch_size)
-    bar = tqdm(dataset.batches("train", cfg.batch_size, generator), total=total, leave=False,
-               desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress)
+    bar = tqdm(
+        dataset.batches("train", cfg.batch_size, generator),
+        total=total,
+        leave=False,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        disable=not cfg.progress,
+    )
     for x, y in bar:
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y)
@@ -247,8 +262,10 @@ def plot_history(history, out):
 
     epochs = [h["epoch"] for h in history]
     paths = []
-    for name, keys, ylabel in (("loss", ("train_loss", "test_loss"), "cross-entropy"),
-                               ("accuracy", ("train_acc", "test_acc"), "accuracy")):
+    for name, keys, ylabel in (
+        ("loss", ("train_loss", "test_loss"), "cross-entropy"),
+        ("accuracy", ("train_acc", "test_acc"), "accuracy"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
         for key in keys:
             ax.plot(epochs, [h[key] for h in history], label=key.replace("_", " "))
@@ -298,8 +315,10 @@ def train(cfg, resume=False):
         with torch.no_grad():
             model.eval()(next(dataset.batches("test", 1))[0])  # as training sees it (CIFAR: scaled floats)
     except (IndexError, RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(f"model {cfg.model!r} does not take dataset {cfg.dataset!r}'s inputs of shape "
-                         f"{tuple(dataset.input_shape)}: {e}") from e
+        raise ValueError(
+            f"model {cfg.model!r} does not take dataset {cfg.dataset!r}'s inputs of shape "
+            f"{tuple(dataset.input_shape)}: {e}"
+        ) from e
     opt = _Optimization(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     history, start, seconds = [], 0, 0.0
@@ -312,10 +331,14 @@ def train(cfg, resume=False):
     def log():
         accs = [h["test_acc"] for h in history]
         return {
-            "config": dataclasses.asdict(cfg), "history": history, "train_seconds": seconds,
-            "best_test_acc": max(accs, default=None), "final_test_acc": accs[-1] if accs else None,
+            "config": dataclasses.asdict(cfg),
+            "history": history,
+            "train_seconds": seconds,
+            "best_test_acc": max(accs, default=None),
+            "final_test_acc": accs[-1] if accs else None,
             "dataset": {k: v for k, v in dataset.info.items() if k != "teacher"},
-            "train_samples": dataset.x_train.shape[0], "test_samples": dataset.x_test.shape[0],
+            "train_samples": dataset.x_train.shape[0],
+            "test_samples": dataset.x_test.shape[0],
         }
 
     for epoch in range(start + 1, cfg.epochs + 1):
@@ -325,15 +348,37 @@ def train(cfg, resume=False):
         seconds += time.perf_counter() - t0
         flip_ratio = opt.end_epoch()
         test_loss, test_acc = evaluate(model, dataset, max(cfg.batch_size, 500))
-        history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
-                            test_acc=test_acc, rate=rate, seconds=seconds, flip_ratio=flip_ratio))
+        history.append(
+            dict(
+                epoch=epoch,
+                train_loss=train_loss,
+                train_acc=train_acc,
+                test_loss=test_loss,
+                test_acc=test_acc,
+                rate=rate,
+                seconds=seconds,
+                flip_ratio=flip_ratio,
+            )
+        )
         if cfg.progress:
             mean_flips = sum(flip_ratio.values()) / max(len(flip_ratio), 1)
-            print(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | test loss {test_loss:.4f} "
-                  f"acc {test_acc:.4f} | rate {rate:.3g} | mean flip ratio {mean_flips:.2e}", file=sys.stderr)
-        torch.save({"config": dataclasses.asdict(cfg), "epoch": epoch, "model": model.state_dict(),
-                    "optimization": opt.state_dict(), "generator": generator.get_state(), "history": history,
-                    "train_seconds": seconds}, ckpt_path + ".tmp")
+            print(
+                f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | test loss {test_loss:.4f} "
+                f"acc {test_acc:.4f} | rate {rate:.3g} | mean flip ratio {mean_flips:.2e}",
+                file=sys.stderr,
+            )
+        torch.save(
+            {
+                "config": dataclasses.asdict(cfg),
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimization": opt.state_dict(),
+                "generator": generator.get_state(),
+                "history": history,
+                "train_seconds": seconds,
+            },
+            ckpt_path + ".tmp",
+        )
         os.replace(ckpt_path + ".tmp", ckpt_path)
         _write_json(os.path.join(cfg.out, "log.json"), log())
     if cfg.plots:
@@ -342,10 +387,15 @@ def train(cfg, resume=False):
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m bnnops.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                   help=f"hyperparameters to start from (default {DEFAULT_PRESET}); the options below override them")
+    p = argparse.ArgumentParser(
+        prog="python -m bnnops.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        choices=sorted(PRESETS),
+        help=f"hyperparameters to start from (default {DEFAULT_PRESET}); the options below override them",
+    )
     p.add_argument("--model", choices=sorted(models.MODELS))
     p.add_argument("--dataset", choices=data.DATASETS)
     p.add_argument("--data-dir", help="CIFAR-10's directory (the unpacked cifar-10-batches-py)")
@@ -387,16 +437,23 @@ def main(argv=None):
             args["epochs"] = saved["epochs"]
         # --preset only picks defaults, which a resumed run takes from its checkpoint; an option
         # equal to the saved value changes nothing. Refuse the others rather than drop them.
-        changed = [f"--{k.replace('_', '-')} {v}" for k, v in args.items()
-                   if v is not None and k not in RESUME_OVERRIDES and saved.get(k) != v]
+        changed = [
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in args.items()
+            if v is not None and k not in RESUME_OVERRIDES and saved.get(k) != v
+        ]
         if changed:
-            raise SystemExit(f"--resume continues {args['out']} with its saved configuration; it cannot change "
-                             f"{', '.join(changed)} (only --epochs, --device, --data-dir, --out and the output "
-                             "switches). Start a new run with a new --out instead.")
+            raise SystemExit(
+                f"--resume continues {args['out']} with its saved configuration; it cannot change "
+                f"{', '.join(changed)} (only --epochs, --device, --data-dir, --out and the output "
+                "switches). Start a new run with a new --out instead."
+            )
     cfg = TrainConfig.from_preset(preset, **args)
     result = train(cfg, resume=resume)
-    print(f"{cfg.out}: final test accuracy {result['final_test_acc']:.4f}, best {result['best_test_acc']:.4f}, "
-          f"{result['train_seconds']:.1f} s training")
+    print(
+        f"{cfg.out}: final test accuracy {result['final_test_acc']:.4f}, best {result['best_test_acc']:.4f}, "
+        f"{result['train_seconds']:.1f} s training"
+    )
     return result
 
 

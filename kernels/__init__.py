@@ -13,7 +13,7 @@ import functools
 import importlib
 import importlib.util
 
-__all__ = ["triton_available", "triton_unavailable_reason", "load"]
+__all__ = ["load", "triton_available", "triton_unavailable_reason"]
 
 
 @functools.cache

@@ -79,12 +79,19 @@ NUM_WARPS = 4
 # the first-program column is one sorted array for the binary search. The gradient addresses and
 # the hyperparameters change between steps and live in two small tensors of their own.
 _COLUMNS = (
-    "m", "v", "w",               # addresses (v is 0 without a second moment)
-    "first_block", "n_words",    # the row's first program, its number of (virtual) words
-    "C", "words_per_row", "R",   # geometry of the (O, R, C) view: packed length, ceil(C/32), prod(kernel)
-    "gs_o", "gs_r", "gs_c",      # strides of g in that view, in elements
-    "hyper",                     # the row of the hyperparameter table (gamma, threshold, sigma)
-    "slot",                      # where the tensor's flips are counted
+    "m",
+    "v",
+    "w",  # addresses (v is 0 without a second moment)
+    "first_block",
+    "n_words",  # the row's first program, its number of (virtual) words
+    "C",
+    "words_per_row",
+    "R",  # geometry of the (O, R, C) view: packed length, ceil(C/32), prod(kernel)
+    "gs_o",
+    "gs_r",
+    "gs_c",  # strides of g in that view, in elements
+    "hyper",  # the row of the hyperparameter table (gamma, threshold, sigma)
+    "slot",  # where the tensor's flips are counted
 )
 _COL = {name: tl.constexpr(i) for i, name in enumerate(_COLUMNS)}
 _M, _V, _W = _COL["m"], _COL["v"], _COL["w"]
@@ -204,9 +211,8 @@ def _bop_kernel(
         row, c = _row_and_channel(word, bit, _column(table, _WORDS_PER_ROW, t, n_rows))
         o = row // R
         r = row - o * R
-        g_off = (
-            (o * _column(table, _GS_O, t, n_rows) + r * _column(table, _GS_R, t, n_rows))[:, None]
-            + c * _column(table, _GS_C, t, n_rows)
+        g_off = (o * _column(table, _GS_O, t, n_rows) + r * _column(table, _GS_R, t, n_rows))[:, None] + c * _column(
+            table, _GS_C, t, n_rows
         )
 
     g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
@@ -308,8 +314,16 @@ def _layout_key(grads, weights, ms, vs, hyper_rows):
     key = []
     for g, w, m, v, h in zip(grads, weights, ms, vs if vs is not None else [None] * len(grads), hyper_rows):
         key += (
-            g.dtype, g.shape, g.stride(), g.data_ptr() & 15, w.dtype, w.data_ptr(), m.dtype, m.data_ptr(),
-            0 if v is None else v.data_ptr(), h,
+            g.dtype,
+            g.shape,
+            g.stride(),
+            g.data_ptr() & 15,
+            w.dtype,
+            w.data_ptr(),
+            m.dtype,
+            m.data_ptr(),
+            0 if v is None else v.data_ptr(),
+            h,
         )
     return key
 
@@ -328,8 +342,11 @@ class _Launch:
         self.table = _upload([row[c] for c in _COLUMNS for row in rows], torch.int64, device)
         self.g_rows = g_rows  # per row: (tensor index, byte offset of the row's first element in g)
         self.constexprs = dict(
-            constexprs, SEARCH_STEPS=(len(rows) - 1).bit_length(), BLOCK_WORDS=block_words,
-            num_warps=num_warps, enable_fp_fusion=False,
+            constexprs,
+            SEARCH_STEPS=(len(rows) - 1).bit_length(),
+            BLOCK_WORDS=block_words,
+            num_warps=num_warps,
+            enable_fp_fusion=False,
         )
         self.device = device
         self.g_values = self.g_addresses = None
@@ -359,7 +376,9 @@ class _Plan:
             if g.device != device or w.device != device:
                 raise ValueError(f"bop_step tensors must all be on {device}, got {g.device} and {w.device}")
             if g.dtype not in _TL_FLOAT or g.dim() == 0:
-                raise ValueError(f"bop_step gradient {i} must be float32/bfloat16/float16 of rank >= 1, got {g.dtype}, rank {g.dim()}")
+                raise ValueError(
+                    f"bop_step gradient {i} must be float32/bfloat16/float16 of rank >= 1, got {g.dtype}, rank {g.dim()}"
+                )
             for name, s in (("m", m), ("v", v)):
                 if s is not None:
                     _check_state(name, s, g, packed)
@@ -403,14 +422,29 @@ class _Plan:
                 flat = C % 32 == 0 and all(a % 16 == 0 for a in at.values())
                 g_at = _address(g, offset)
                 constexprs = dict(
-                    G_DTYPE=_TL_FLOAT[g.dtype], W_DTYPE=w_dtype, PACKED=packed, FLAT=flat,
-                    G_FLAT=g_flat and g_at % 16 == 0, STATE_BF16=m.dtype == torch.bfloat16, SECOND_ORDER=second,
+                    G_DTYPE=_TL_FLOAT[g.dtype],
+                    W_DTYPE=w_dtype,
+                    PACKED=packed,
+                    FLAT=flat,
+                    G_FLAT=g_flat and g_at % 16 == 0,
+                    STATE_BF16=m.dtype == torch.bfloat16,
+                    SECOND_ORDER=second,
                 )
                 rows, g_rows = launches.setdefault(tuple(constexprs.items()), ([], []))
-                rows.append(dict(
-                    **at, n_words=n_words, C=C, words_per_row=_cdiv(C, 32), R=R, gs_o=gs_o, gs_r=gs_r, gs_c=gs_c,
-                    hyper=hyper_rows[i], slot=i,
-                ))
+                rows.append(
+                    dict(
+                        **at,
+                        n_words=n_words,
+                        C=C,
+                        words_per_row=_cdiv(C, 32),
+                        R=R,
+                        gs_o=gs_o,
+                        gs_r=gs_r,
+                        gs_c=gs_c,
+                        hyper=hyper_rows[i],
+                        slot=i,
+                    )
+                )
                 g_rows.append((i, offset * g.element_size()))
         self.launches = [_Launch(rows, g_rows, dict(k), device, config) for k, (rows, g_rows) in launches.items()]
         # Flip counters: two buffers that steps use in turn; each step's kernel zeroes the other.
@@ -522,4 +556,6 @@ def bop_step(grads, weights, ms, gammas, thresholds, *, vs=None, sigmas=None, hy
     This builds the launch tables for one call; an optimizer keeps a :class:`FusedBop`, which
     builds them once and reuses them while its tensors stay where they are.
     """
-    return FusedBop().step(grads, weights, ms, gammas, thresholds, vs=vs, sigmas=sigmas, hyper_rows=hyper_rows, flips=flips)
+    return FusedBop().step(
+        grads, weights, ms, gammas, thresholds, vs=vs, sigmas=sigmas, hyper_rows=hyper_rows, flips=flips
+    )

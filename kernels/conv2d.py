@@ -6,14 +6,14 @@ packed weight of a logical +-1 weight (O, C/groups, kh, kw), and ``P`` the input
 
     y[n, o, p, q] = scale[o] * sum_{c,r,s} a(P[n, g*Cg + c, p*sh + r*dh, q*sw + s*dw]) * w[o, c, r, s] + bias[o]
 
-with g the group of output channel o, Cg = C/groups, and a() = sign() (A1W1, sign(0) = +1: the sum
+with g the group of output channel o, Cg = C/groups, and a() = sign() (W1A1, sign(0) = +1: the sum
 is an exact integer) or the identity (W1A16: real inputs, e.g. a first layer).
 
 Two launches per call:
 
 1. ``_prepare_kernel`` writes both GEMM operands in the dot's dtype, in one launch (programs
    [0, n_x) do the input, the rest the weight): the input as a channels-last copy *with the padding
-   written in* (N, H + pads, W + pads, C), holding sign(x) as +-1 (A1W1: fp8 e4m3 by default, or
+   written in* (N, H + pads, W + pads, C), holding sign(x) as +-1 (W1A1: fp8 e4m3 by default, or
    int8; 1 byte an element) or x itself (W1A16: fp32), and the pad value on the border; and the
    packed weight unpacked to +-1, (O, kh, kw, 32*ceil(Cg/32)), bit j of word [o, r, s, w] becoming
    element [o, r, s, 32w + j] (the ``bnnops.packing`` layout; padding bits unpack to +1 and meet
@@ -28,7 +28,7 @@ Two launches per call:
    a 16-bit input and +-1) or 3xTF32 (fp32 inputs). Channels past the group's Cg (the K tail) are
    masked to 0 on both operands, only when Cg is not a multiple of BLOCK_K (EVEN_K). The epilogue
    multiplies by the per-output-channel scale, then adds the bias, in fp32 *without FMA contraction*
-   (``enable_fp_fusion=False``: two roundings, as torch's separate mul and add, so an A1W1 result
+   (``enable_fp_fusion=False``: two roundings, as torch's separate mul and add, so an W1A1 result
    equals the reference bit for bit), and stores in the input's dtype; the output is channels_last
    when the input is. A channels-last tile stores 16-byte vectors along the channels. An NCHW
    output has each channel's pixels consecutive instead: without more, the store went one
@@ -50,7 +50,7 @@ wgmma at once (pendings=0), hence fp8 by default. Every config picked for ResNet
 in a quarter of its MMA time or less (e.g. 128x256x128: 112 instructions, 224 issue clocks against
 1024 MMA clocks), so the MMA issue rate is not what limits it.
 
-Two numbers for ResNet-18's 3x3 stride-1 layers at batch 256, A1W1, bf16 in and out (every such
+Two numbers for ResNet-18's 3x3 stride-1 layers at batch 256, W1A1, bf16 in and out (every such
 layer does 2*M*N*K = 59.2 G operations: 30 us at the H100's 1979 dense fp8/int8 TOPS, 60 us at the
 989 bf16 TFLOP/s of the cuDNN baseline):
 
@@ -94,9 +94,9 @@ import triton.language as tl
 
 # A-operand modes of the kernel (constexpr): what the padded copy holds and how the dot runs.
 A_REAL = 0  # fp32 copy of x (W1A16): TF32 / 3xTF32 dot into fp32
-A_INT8 = 1  # int8 +-1 (A1W1): int8 dot into int32
-A_FP8 = 2  # fp8 e4m3 +-1 (A1W1): fp8 dot into fp32
-A_ROUTES = {"fp8": A_FP8, "int8": A_INT8}
+A_INT8 = 1  # int8 +-1 (W1A1): int8 dot into int32
+A_FP8 = 2  # fp8 e4m3 +-1 (W1A1): fp8 dot into fp32
+ROUTES = {"fp8": A_FP8, "int8": A_INT8}
 # Hopper's fp8 MMA adds into an accumulator of about 14 significant bits (1 sign, 8 exponent, 13
 # mantissa: the DeepSeek-V3 report's "around 14 bits"), so sums of +-1 products are exact while
 # |sum| <= K <= 2**14; beyond that the "fp8" route falls back to "int8".
@@ -163,9 +163,29 @@ def pick_config(M, Og, Cg, a_mode, n_sms=132, out_bytes=2):
 
 @triton.jit
 def _prepare_kernel(
-    x_ptr, a_ptr, words_ptr, w_ptr,
-    P, C, H, W, HWp, Wp, pad_h, pad_w, pad_value, sxn, sxc, sxh, sxw, n_x_programs, n_words,
-    BINARIZE: tl.constexpr, X_CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    words_ptr,
+    w_ptr,
+    P,
+    C,
+    H,
+    W,
+    HWp,
+    Wp,
+    pad_h,
+    pad_w,
+    pad_value,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    n_x_programs,
+    n_words,
+    BINARIZE: tl.constexpr,
+    X_CHANNELS_LAST: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_WORDS: tl.constexpr,
 ):
     """Programs [0, n_x_programs): x (N, C, H, W), any strides -> a (N, Hp, Wp, C) contiguous in a's
@@ -188,8 +208,13 @@ def _prepare_kernel(
         else:
             # NCHW: neighbouring pixels are neighbours in memory, so the load is [BLOCK_C, BLOCK_P]
             # (a warp reads along a row of the image), transposed on chip.
-            x = tl.trans(tl.load(x_ptr + src[None, :] + c[:, None] * sxc,
-                                 mask=(c < C)[:, None] & ((p < P) & inside)[None, :], other=0))
+            x = tl.trans(
+                tl.load(
+                    x_ptr + src[None, :] + c[:, None] * sxc,
+                    mask=(c < C)[:, None] & ((p < P) & inside)[None, :],
+                    other=0,
+                )
+            )
         x = x.to(tl.float32)
         if BINARIZE:
             # Compare in fp32: exact for every float dtype (the interpreter has no bf16 arithmetic).
@@ -203,18 +228,46 @@ def _prepare_kernel(
         # Arithmetic shift keeps the sign of negative words; & 1 keeps only bit j; bit 1 means -1.
         # Through fp32: the interpreter converts int to 8-bit floats wrongly; free on the GPU.
         unpacked = (1 - 2 * ((words[:, None] >> bit[None, :]) & 1)).to(tl.float32)
-        tl.store(w_ptr + word[:, None] * 32 + bit[None, :], unpacked.to(w_ptr.dtype.element_ty),
-                 mask=(word < n_words)[:, None])
+        tl.store(
+            w_ptr + word[:, None] * 32 + bit[None, :],
+            unpacked.to(w_ptr.dtype.element_ty),
+            mask=(word < n_words)[:, None],
+        )
 
 
 @triton.jit
 def _conv2d_kernel(
-    a_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr,
-    M, OH, OW, Wp, HWp, C, Cg, Og, n_taps, KW,
-    son, soc, soh, sow,  # strides of the output
-    stride_h, stride_w, dil_h, dil_w,
-    A_MODE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    scale_ptr,
+    bias_ptr,
+    M,
+    OH,
+    OW,
+    Wp,
+    HWp,
+    C,
+    Cg,
+    Og,
+    n_taps,
+    KW,
+    son,
+    soc,
+    soh,
+    sow,  # strides of the output
+    stride_h,
+    stride_w,
+    dil_h,
+    dil_w,
+    A_MODE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     OUT_VEC: tl.constexpr,
 ):
     # Output-channel tiles of one pixel tile are neighbours in launch order, so they share its
@@ -360,15 +413,49 @@ def prepare(x, words, dtype, binarize=True, padding=(0, 0, 0, 0), pad_value=0.0)
     n_w = _cdiv(n_words, PREP_WORDS)
     if n_x + n_w:
         _prepare_kernel[(n_x + n_w,)](
-            x, a, words, w, P, C, H, W, Hp * Wp, Wp, pt, pl, float(pad_value), *x.stride(), n_x, n_words,
-            BINARIZE=binarize, X_CHANNELS_LAST=x.stride(1) == 1, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_WORDS=PREP_WORDS, num_warps=8,
+            x,
+            a,
+            words,
+            w,
+            P,
+            C,
+            H,
+            W,
+            Hp * Wp,
+            Wp,
+            pt,
+            pl,
+            float(pad_value),
+            *x.stride(),
+            n_x,
+            n_words,
+            BINARIZE=binarize,
+            X_CHANNELS_LAST=x.stride(1) == 1,
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            BLOCK_WORDS=PREP_WORDS,
+            num_warps=8,
         )
     return a, w
 
 
-def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1),
-           groups=1, pad_value=0.0, binarize=True, a_route="fp8", out=None, config=None):
-    """Binary (A1W1) or binary-weight (W1A16) conv2d of ``x`` with a packed +-1 weight.
+def conv2d(
+    x,
+    words,
+    *,
+    bias=None,
+    scale=None,
+    stride=(1, 1),
+    padding=(0, 0, 0, 0),
+    dilation=(1, 1),
+    groups=1,
+    pad_value=0.0,
+    binarize=True,
+    route="fp8",
+    out=None,
+    config=None,
+):
+    """Binary (W1A1) or binary-weight (W1A16) conv2d of ``x`` with a packed +-1 weight.
 
     Args:
         x: (N, C, H, W) float32, bfloat16 or float16, any strides (NCHW and channels_last are read
@@ -378,8 +465,8 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
         bias, scale: optional contiguous (O,) float tensors: y = scale * conv + bias, in fp32.
         stride, dilation: (sh, sw), (dh, dw). padding: (top, bottom, left, right).
         groups: divides C and O. pad_value: 0.0, 1.0 or -1.0, the value the input is padded with.
-        binarize: True for A1W1 (sign of x, exact sums), False for W1A16 (x as is).
-        a_route: the A1W1 operand dtype, "fp8" (runs "int8" when kh*kw*Cg > FP8_EXACT_K) or
+        binarize: True for W1A1 (sign of x, exact sums), False for W1A16 (x as is).
+        route: the W1A1 operand dtype, "fp8" (runs "int8" when kh*kw*Cg > FP8_EXACT_K) or
             "int8"; ignored for W1A16.
         out: optional output (N, O, OH, OW) of x's dtype to write into (any strides).
         config: optional (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) instead of
@@ -401,22 +488,49 @@ def conv2d(x, words, *, bias=None, scale=None, stride=(1, 1), padding=(0, 0, 0, 
     if out.numel() == 0:
         return out
 
-    a_mode = A_ROUTES[a_route] if binarize else A_REAL
+    a_mode = ROUTES[route] if binarize else A_REAL
     if a_mode == A_FP8 and KH * KW * Cg > FP8_EXACT_K:
         a_mode = A_INT8
     a, w = prepare(x, words, DOT_DTYPES[a_mode], binarize, padding, pad_value)
 
     M = N * OH * OW
-    block_m, block_n, block_k, warps, stages = config or pick_config(M, Og, Cg, a_mode, _sm_count(x.device), out.element_size())
+    block_m, block_n, block_k, warps, stages = config or pick_config(
+        M, Og, Cg, a_mode, _sm_count(x.device), out.element_size()
+    )
     dummy = out  # never read when HAS_SCALE / HAS_BIAS is False
     grid = (_cdiv(M, block_m) * _cdiv(Og, block_n), groups)
     _conv2d_kernel[grid](
-        a, w, out, dummy if scale is None else scale, dummy if bias is None else bias,
-        M, OH, OW, a.shape[2], a.shape[1] * a.shape[2], C, Cg, Og, KH * KW, KW, *out.stride(),
-        stride[0], stride[1], dilation[0], dilation[1],
-        A_MODE=a_mode, PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32", EVEN_K=Cg % block_k == 0,
-        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, OUT_VEC=_pixel_run(out), num_warps=warps, num_stages=stages,
+        a,
+        w,
+        out,
+        dummy if scale is None else scale,
+        dummy if bias is None else bias,
+        M,
+        OH,
+        OW,
+        a.shape[2],
+        a.shape[1] * a.shape[2],
+        C,
+        Cg,
+        Og,
+        KH * KW,
+        KW,
+        *out.stride(),
+        stride[0],
+        stride[1],
+        dilation[0],
+        dilation[1],
+        A_MODE=a_mode,
+        PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32",
+        EVEN_K=Cg % block_k == 0,
+        HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        OUT_VEC=_pixel_run(out),
+        num_warps=warps,
+        num_stages=stages,
         # Two roundings in the epilogue (scale, then bias), as the reference's separate mul and add.
         enable_fp_fusion=False,
     )

@@ -4,7 +4,7 @@
 operand unpacked in registers, in three roles (and ``_gemv_kernel`` does W1A16 for M <= 2 on the
 CUDA cores, see below):
 
-- **A1W1** (:func:`a1w1`): ``y = sign(x) W^T`` with W (N, K) packed. The +-1 operands are int8 and
+- **W1A1** (:func:`w1a1`): ``y = sign(x) W^T`` with W (N, K) packed. The +-1 operands are int8 and
   ``tl.dot`` accumulates exactly in int32. x is float (binarized in the kernel) or packed words.
 - **W1A16** (:func:`w1a16`): ``y = x W^T`` for real x (fp32, bf16, fp16); W is unpacked to x's
   dtype and ``tl.dot`` accumulates in fp32 (fp32 x as two TF32 products, error about 2^-20 |x|:
@@ -19,7 +19,7 @@ to the output dtype once.
 The two numbers (H100 SXM: 1979 dense int8 TOPS, 989 bf16 TFLOP/s, about 800 measured by
 torch.matmul, 3.35 TB/s HBM, about 3.0 measured):
 
-- A1W1, M = N = K = 8192: 2 * 8192^3 = 1.1e12 int8 ops, 0.56 ms at peak. Fewest bytes: x once
+- W1A1, M = N = K = 8192: 2 * 8192^3 = 1.1e12 int8 ops, 0.56 ms at peak. Fewest bytes: x once
   (bf16, 128 MB), W packed 8 MB, y 128 MB (bf16) or 256 MB (fp32): about 0.1 ms, compute-bound.
   bf16 torch.matmul on the same +-1 values: about 1.37 ms; 1.6x of it is 0.86 ms, 65% of peak.
 - W1A16, M = 1, N = K = 8192: 1.3e8 flops (nothing). Fewest bytes: W packed 8 MB (x and y are 16
@@ -35,15 +35,15 @@ them, see :func:`sweep`):
   default layout spreads a word's 32 bits over 32 lanes: one shared-memory load per bit).
   int8: a lane holds four +-1 bytes, ``bits * 0xFE + 0x01010101`` (no byte carries). 16-bit: a
   lane holds two values, 1.0 or-ed onto the sign bits 15 and 31.
-- INTERLEAVED K order: when x is packed (A1W1, both operands unpacked alike) or small (SWAP_AB
+- INTERLEAVED K order: when x is packed (W1A1, both operands unpacked alike) or small (SWAP_AB
   below: x is loaded in that order as joined contiguous runs), a lane takes bits j, j+8, j+16,
   j+24 (int8: shift, mask, multiply-add for four values) or h, h+16 (16-bit: mask, shift, or for
   two). A common permutation of K leaves the dot product unchanged. Natural order (large-batch
   real or float activations) costs a multiply more per lane.
-- A1W1 with float x: binarizing in the kernel costs about 2.5 instructions per value and every
-  column of tiles redoes it, so for M > 16 and N > 128 :func:`a1w1` packs x once first
+- W1A1 with float x: binarizing in the kernel costs about 2.5 instructions per value and every
+  column of tiles redoes it, so for M > 16 and N > 128 :func:`w1a1` packs x once first
   (``pack_signs``, one pass over x, 6% of the ideal time at 8192) and runs packed x packed.
-- A1W1 packed: measured on an H100 at 8192^3, 128 x 128 x 128 tiles (211 instructions per warp
+- W1A1 packed: measured on an H100 at 8192^3, 128 x 128 x 128 tiles (211 instructions per warp
   per K step, 127 registers, so two CTAs an SM) took 1450 us and 128 x 256 x 128 (316, 225
   registers, one CTA) 1339 us, which the table uses; the unpacking did not hide under the
   other CTA's wgmma (Triton waits for each step's wgmma before the next unpack, and both
@@ -133,11 +133,11 @@ def _unpack_tile(words, R: tl.constexpr, BKW: tl.constexpr, DTYPE: tl.constexpr,
     must be permuted alike (:func:`_load_interleaved`), which leaves the dot product unchanged.
     """
     w = words.to(tl.uint32, bitcast=True)
-    if DTYPE == tl.float32:
+    if tl.float32 == DTYPE:
         w = tl.reshape(_replicate(w, 5), (R, BKW, 32))
         j = tl.arange(0, 32)[None, None, :]
         values = (((w << (31 - j)) & 0x80000000) | 0x3F800000).to(tl.float32, bitcast=True)
-    elif DTYPE == tl.int8:
+    elif tl.int8 == DTYPE:
         # Four values per 32-bit lane, one per byte: first bytes of 0 or 1 ...
         w = tl.reshape(_replicate(w, 3), (R, BKW, 8))
         g = tl.arange(0, 8)[None, None, :]
@@ -152,7 +152,7 @@ def _unpack_tile(words, R: tl.constexpr, BKW: tl.constexpr, DTYPE: tl.constexpr,
         values = lanes.to(tl.int8)
     else:
         # Two 16-bit values per lane; the sign bits are bits 15 and 31. ONE: 1.0 in both halves.
-        ONE: tl.constexpr = 0x3F803F80 if DTYPE == tl.bfloat16 else 0x3C003C00
+        ONE: tl.constexpr = 0x3F803F80 if tl.bfloat16 == DTYPE else 0x3C003C00
         w = tl.reshape(_replicate(w, 4), (R, BKW, 16))
         h = tl.arange(0, 16)[None, None, :]
         if INTERLEAVED:
@@ -235,7 +235,7 @@ def _valid_bits(word_index, K):
 def _to_output(y, OUT_T: tl.constexpr):
     """fp32 -> OUT_T rounded to nearest even, done by hand for bf16 so that every backend (Triton's
     interpreter truncates) gives the bits of torch's cast; NaN stays NaN."""
-    if OUT_T == tl.bfloat16:
+    if tl.bfloat16 == OUT_T:
         bits = y.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -265,8 +265,23 @@ def _split_range(n_steps, split_k, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _store_result(acc, rm, rn, M, N, pad, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
-                  has_scale, has_bias, SPLIT: tl.constexpr):
+def _store_result(
+    acc,
+    rm,
+    rn,
+    M,
+    N,
+    pad,
+    y_ptr,
+    part_ptr,
+    scale_ptr,
+    bias_ptr,
+    stride_ym,
+    stride_yn,
+    has_scale,
+    has_bias,
+    SPLIT: tl.constexpr,
+):
     """Write the fp32 tile acc[rm, rn]: with SPLIT as part[program_id(1)] (fp32, (split_k, M, N)
     contiguous) for ``_split_k_epilogue_kernel``, else y = epilogue(acc) in y's dtype."""
     mask_n = rn < N
@@ -284,12 +299,31 @@ def _store_result(acc, rm, rn, M, N, pad, y_ptr, part_ptr, scale_ptr, bias_ptr, 
 # epilogue) and M only masks rows: not specializing on them keeps the compiled variants few.
 @triton.jit(do_not_specialize=["M", "has_scale", "has_bias", "split_k"])
 def _gemm_kernel(
-    x_ptr, w_ptr, y_ptr, scale_ptr, bias_ptr, part_ptr,
-    M, N, R, KW,
-    stride_xm, stride_xr, stride_ym, stride_yn, has_scale, has_bias, split_k,
-    X_MODE: tl.constexpr, TRANS_W: tl.constexpr,
-    EMULATE_TC: tl.constexpr, SWAP_AB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    scale_ptr,
+    bias_ptr,
+    part_ptr,
+    M,
+    N,
+    R,
+    KW,
+    stride_xm,
+    stride_xr,
+    stride_ym,
+    stride_yn,
+    has_scale,
+    has_bias,
+    split_k,
+    X_MODE: tl.constexpr,
+    TRANS_W: tl.constexpr,
+    EMULATE_TC: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     """y[M, N] = (A[M, R] @ B[R, N]) * scale[N] + bias[N], B from packed words w.
@@ -335,7 +369,7 @@ def _gemm_kernel(
 
     # Interleave K when x is packed (both operands unpacked alike) or small (SWAP_AB: cheap to
     # permute); the grad's packed dimension is its output, which must stay in order.
-    INTERLEAVED: tl.constexpr = (X_MODE == X_PACKED or SWAP_AB) and not TRANS_W and DOT_T != tl.float32
+    INTERLEAVED: tl.constexpr = (X_MODE == X_PACKED or SWAP_AB) and not TRANS_W and tl.float32 != DOT_T
     LANES: tl.constexpr = 4 if INT else 2
     n_steps = tl.cdiv(R, BLOCK_R)
     first_step, end_step = _split_range(n_steps, split_k, SPLIT)
@@ -358,8 +392,9 @@ def _gemm_kernel(
             else:
                 a = xv
         if TRANS_W:
-            words = tl.load(w_ptr + r.to(tl.int64)[:, None] * KW + cw[None, :],
-                            mask=(r < R)[:, None] & (cw < KW)[None, :], other=0)
+            words = tl.load(
+                w_ptr + r.to(tl.int64)[:, None] * KW + cw[None, :], mask=(r < R)[:, None] & (cw < KW)[None, :], other=0
+            )
             b = _unpack_tile(words, BLOCK_R, BNW, DOT_T, False)
         else:
             words = tl.load(w_rows + rw[None, :], mask=mask_n[:, None] & (rw < KW)[None, :], other=0)
@@ -367,7 +402,7 @@ def _gemm_kernel(
                 words = words & _valid_bits(rw, R)[None, :]
             b = tl.trans(_unpack_tile(words, BLOCK_N, BRW, DOT_T, INTERLEAVED))
         # a holds x (or g), b the unpacked weight, whichever operand order the dot uses.
-        if DOT_T == tl.float32:
+        if tl.float32 == DOT_T:
             # Two TF32 products: +-1 is exact in TF32 and x = hi + lo with hi its top 10
             # mantissa bits, so only lo (already < 2^-10 |x|) is rounded: about 2^-20 |x|.
             # The split is of x itself, before SWAP_AB decides which side of the dot it is on.
@@ -381,18 +416,49 @@ def _gemm_kernel(
         acc = tl.trans(acc)
     # INT: each padded position k in [R, n_steps * BLOCK_R) added +1 times +1.
     pad = n_steps * BLOCK_R - R if INT else 0
-    _store_result(acc.to(tl.float32), rm, rn, M, N, pad, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
-                  has_scale, has_bias, SPLIT)
+    _store_result(
+        acc.to(tl.float32),
+        rm,
+        rn,
+        M,
+        N,
+        pad,
+        y_ptr,
+        part_ptr,
+        scale_ptr,
+        bias_ptr,
+        stride_ym,
+        stride_yn,
+        has_scale,
+        has_bias,
+        SPLIT,
+    )
 
 
 # KW is not specialized: a row start not known to be 16-byte aligned keeps the word loads scalar,
 # so a thread holds one word of each of its rows (x shared by them), not four words of one row.
 @triton.jit(do_not_specialize=["M", "KW", "has_scale", "has_bias", "split_k"])
 def _gemv_kernel(
-    x_ptr, w_ptr, y_ptr, scale_ptr, bias_ptr, part_ptr,
-    M, N, K, KW,
-    stride_xm, stride_xk, stride_ym, stride_yn, has_scale, has_bias, split_k,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    scale_ptr,
+    bias_ptr,
+    part_ptr,
+    M,
+    N,
+    K,
+    KW,
+    stride_xm,
+    stride_xk,
+    stride_ym,
+    stride_yn,
+    has_scale,
+    has_bias,
+    split_k,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """W1A16 for a batch of one or two: y[M, N] = x[M, K] @ W^T * scale + bias on the CUDA cores.
 
@@ -429,8 +495,11 @@ def _gemv_kernel(
         for nibble in tl.static_range(8):
             # Bits 4 * nibble + bit of each word; x past K loads as 0, so padding bits add nothing.
             k = 32 * kw[:, None] + 4 * nibble + bit[None, :]
-            xv = tl.load(x_rows[:, None, None] + k[None, :, :] * stride_xk, mask=mask_m[:, None, None] & (k < K)[None, :, :],
-                         other=0.0).to(tl.float32)[:, None, :, :]
+            xv = tl.load(
+                x_rows[:, None, None] + k[None, :, :] * stride_xk,
+                mask=mask_m[:, None, None] & (k < K)[None, :, :],
+                other=0.0,
+            ).to(tl.float32)[:, None, :, :]
             neg = tl.where((w & (1 << (4 * nibble + bit))[None, None, None, :]) != 0, neg + xv, neg)
         kw = next_kw
     # S over this program's share of K, in a pass of its own (in the tile's layout each x value
@@ -439,17 +508,34 @@ def _gemv_kernel(
     total = tl.zeros((BLOCK_M, LANES, 4), tl.float32)
     for step in range(first_step, end_step):
         k = 32 * (lane + step * LANES)[:, None] + tl.arange(0, 32)[None, :]
-        xs = tl.load(x_rows[:, None, None] + k[None, :, :] * stride_xk, mask=mask_m[:, None, None] & (k < K)[None, :, :],
-                     other=0.0).to(tl.float32)
+        xs = tl.load(
+            x_rows[:, None, None] + k[None, :, :] * stride_xk,
+            mask=mask_m[:, None, None] & (k < K)[None, :, :],
+            other=0.0,
+        ).to(tl.float32)
         total += tl.sum(tl.reshape(xs, (BLOCK_M, LANES, 8, 4)), 2)  # bit 4 * nibble + b into accumulator b
     y = tl.sum(tl.sum(tl.expand_dims(total, 1) - 2 * neg, 3), 2)
-    _store_result(y, rm, rn, M, N, 0, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn,
-                  has_scale, has_bias, SPLIT)
+    _store_result(
+        y, rm, rn, M, N, 0, y_ptr, part_ptr, scale_ptr, bias_ptr, stride_ym, stride_yn, has_scale, has_bias, SPLIT
+    )
 
 
 @triton.jit(do_not_specialize=["M", "pad", "has_scale", "has_bias", "split_k"])
-def _split_k_epilogue_kernel(part_ptr, y_ptr, scale_ptr, bias_ptr, M, N, pad, stride_ym, stride_yn, has_scale, has_bias,
-                             split_k, BLOCK: tl.constexpr):
+def _split_k_epilogue_kernel(
+    part_ptr,
+    y_ptr,
+    scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    pad,
+    stride_ym,
+    stride_yn,
+    has_scale,
+    has_bias,
+    split_k,
+    BLOCK: tl.constexpr,
+):
     """y[m, n] = epilogue(sum_s part[s, m, n]): the end of a split-K product, in a fixed order."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < M * N
@@ -484,8 +570,16 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
         # sums cost split * M * N * 8 bytes). Not yet timed: the first H100 run had no such shape.
         tiles = triton.cdiv(M, 128) * triton.cdiv(N, block_n)
         split = _split_k(triton.cdiv(R, block_r), min(sms // tiles, 8)) if 2 * tiles <= sms else 1
-        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=8, SWAP_AB=False, SPLIT_K=split,
-                    num_warps=8, num_stages=3)
+        return dict(
+            BLOCK_M=128,
+            BLOCK_N=block_n,
+            BLOCK_R=block_r,
+            GROUP_M=8,
+            SWAP_AB=False,
+            SPLIT_K=split,
+            num_warps=8,
+            num_stages=3,
+        )
     # Weight streaming: the weight tile is the wgmma M operand (SWAP_AB, 64 rows), the batch its
     # N operand (16), long K steps with several in flight, and K split so that every SM gets at
     # least two CTAs (N = 8192 alone gives 128 tiles of 64 rows).
@@ -497,8 +591,9 @@ def default_config(x_mode, trans_w, M, N, R, x_dtype, device):
     else:
         block_r = 128 if x_mode == X_REAL and x_dtype == torch.float32 else 256
     split = _split_k(triton.cdiv(R, block_r), min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), 8))
-    return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=1, SWAP_AB=True, SPLIT_K=split,
-                num_warps=4, num_stages=4)
+    return dict(
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=1, SWAP_AB=True, SPLIT_K=split, num_warps=4, num_stages=4
+    )
 
 
 def gemv_config(M, N, K, sms, block_n=128):
@@ -506,8 +601,7 @@ def gemv_config(M, N, K, sms, block_n=128):
     (BLOCK_N / 16 a thread: 8 at 128), K split until every SM has about four programs of 4 warps."""
     steps = triton.cdiv(triton.cdiv(K, 32), GEMV_LANES.value)
     split = _split_k(steps, triton.cdiv(4 * sms, triton.cdiv(N, block_n)))
-    return dict(GEMV=True, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split, num_warps=4,
-                num_stages=1)
+    return dict(GEMV=True, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split, num_warps=4, num_stages=1)
 
 
 def _split_k(steps, wanted):
@@ -544,30 +638,66 @@ def _launch(x, words, out, M, N, R, KW, x_mode, trans_w, scale, bias, config):
     part = torch.empty(split, M, N, dtype=torch.float32, device=out.device) if split > 1 else unused
     scale_ptr = scale if scale is not None else unused
     bias_ptr = bias if bias is not None else unused
-    args = (x, words, out, scale_ptr, bias_ptr, part, M, N, R, KW, x.stride(0), x.stride(1), out.stride(0),
-            out.stride(1), int(scale is not None), int(bias is not None), split)
-    # enable_fp_fusion=False: y * scale + bias rounded twice, like torch (bit-exact A1W1).
+    args = (
+        x,
+        words,
+        out,
+        scale_ptr,
+        bias_ptr,
+        part,
+        M,
+        N,
+        R,
+        KW,
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        int(scale is not None),
+        int(bias is not None),
+        split,
+    )
+    # enable_fp_fusion=False: y * scale + bias rounded twice, like torch (bit-exact W1A1).
     if gemv:
-        if x_mode != X_REAL or trans_w or M > config["BLOCK_M"]:
+        if x_mode != X_REAL or trans_w or config["BLOCK_M"] < M:
             raise ValueError(f"the GEMV kernel computes W1A16 for M <= BLOCK_M, got M={M} with {config}")
         _gemv_kernel[(triton.cdiv(N, config["BLOCK_N"]), split)](
-            *args, SPLIT=split > 1, enable_fp_fusion=False, **config)
+            *args, SPLIT=split > 1, enable_fp_fusion=False, **config
+        )
     else:
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), split)
-        _gemm_kernel[grid](*args, X_MODE=int(x_mode), TRANS_W=trans_w, SPLIT=split > 1, EMULATE_TC=_interpreting(),
-                           enable_fp_fusion=False, **config)
+        _gemm_kernel[grid](
+            *args,
+            X_MODE=int(x_mode),
+            TRANS_W=trans_w,
+            SPLIT=split > 1,
+            EMULATE_TC=_interpreting(),
+            enable_fp_fusion=False,
+            **config,
+        )
     if split > 1:
         pad = triton.cdiv(R, config["BLOCK_R"]) * config["BLOCK_R"] - R if x_mode != X_REAL else 0
         block = 1024
         _split_k_epilogue_kernel[(triton.cdiv(M * N, block),)](
-            part, out, scale_ptr, bias_ptr, M, N, pad, out.stride(0), out.stride(1), *args[-3:],
-            BLOCK=block, enable_fp_fusion=False,
+            part,
+            out,
+            scale_ptr,
+            bias_ptr,
+            M,
+            N,
+            pad,
+            out.stride(0),
+            out.stride(1),
+            *args[-3:],
+            BLOCK=block,
+            enable_fp_fusion=False,
         )
     return out
 
 
-def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=None, config=None, prepack=None,
-         route="int8"):
+def w1a1(
+    x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=None, config=None, prepack=None, route="int8"
+):
     """Binary GEMM: y = sign(x) @ W^T, exact in int32, then y * scale + bias.
 
     Args:
@@ -581,12 +711,12 @@ def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=Non
         prepack: pack float x with ``pack_signs`` first (True) or binarize it in the kernel
             (False); None: pack first when M > 16 and N > 128 (see the module docstring) unless
             ``config`` is given.
-        route: "int8" (default): the kernels of this module. "fp8", for float x: the A1W1 GEMM as
+        route: "int8" (default): the kernels of this module. "fp8", for float x: the W1A1 GEMM as
             the 1x1 convolution it is, on ``bnnops.kernels.conv2d``: one launch writes sign(x) and
             the unpacked weight as fp8 e4m3 +-1 (1 byte an element: transient copies of M*K and
             N*K bytes, 64 MiB each at 8192^2), then an implicit GEMM whose fp8
             wgmma Triton 3.6 pipelines (it waits for every int8 one); exact while K <= 2**14, int8
-            above. Not yet timed on a GPU: the benchmark case ``gemm_a1w1_fp8`` measures it.
+            above. Not yet timed on a GPU: the benchmark case ``gemm_w1a1_fp8`` measures it.
 
     Returns:
         (M, N) tensor of ``out_dtype``.
@@ -594,7 +724,7 @@ def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=Non
     M, N = x.shape[0], words.shape[0]
     out = out if out is not None else torch.empty(M, N, dtype=out_dtype, device=x.device)
     if route == "fp8":
-        return _a1w1_as_conv(x, words, scale, bias, out)
+        return _w1a1_as_conv(x, words, scale, bias, out)
     if route != "int8":
         raise ValueError(f"route must be 'int8' or 'fp8', got {route!r}")
     x_mode = X_PACKED if x.dtype == torch.int32 else X_SIGN
@@ -605,10 +735,10 @@ def a1w1(x, words, K, *, scale=None, bias=None, out_dtype=torch.float32, out=Non
     return _launch(x, words, out, M, N, K, words.shape[1], x_mode, False, scale, bias, config)
 
 
-def _a1w1_as_conv(x, words, scale, bias, out):
-    """y = sign(x) W^T as a 1x1 convolution of M one-pixel images of K channels (``a1w1``'s "fp8" route)."""
+def _w1a1_as_conv(x, words, scale, bias, out):
+    """y = sign(x) W^T as a 1x1 convolution of M one-pixel images of K channels (``w1a1``'s "fp8" route)."""
     if x.dtype == torch.int32:
-        raise ValueError("a1w1's fp8 route takes float x; packed x runs route='int8'")
+        raise ValueError("w1a1's fp8 route takes float x; packed x runs route='int8'")
     M, K = x.shape
     N, KW = words.shape
     # (M, K) with unit stride along K is a channels-last (M, K, 1, 1) batch, which the prepare pass reads as is.
@@ -663,15 +793,20 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
     ones eagerly (host cost included, op dispatch in the "op" rows).
 
     Args:
-        shapes: (name, M, N, K) cases, name one of "a1w1" (the public call with float x: large x is
-            packed first), "a1w1-packed" (x given packed), "w1a16"; default the benchmark shapes.
+        shapes: (name, M, N, K) cases, name one of "w1a1" (the public call with float x: large x is
+            packed first), "w1a1-packed" (x given packed), "w1a16"; default the benchmark shapes.
         configs: extra configs (dicts like :func:`default_config` returns) to try in every case.
         dtype: the activations' dtype.
     """
     from triton.testing import do_bench
 
-    shapes = shapes or [("w1a16", 1, 8192, 8192), ("w1a16", 16, 8192, 8192), ("w1a16", 128, 8192, 8192),
-                        ("a1w1-packed", 8192, 8192, 8192), ("a1w1", 8192, 8192, 8192)]
+    shapes = shapes or [
+        ("w1a16", 1, 8192, 8192),
+        ("w1a16", 16, 8192, 8192),
+        ("w1a16", 128, 8192, 8192),
+        ("w1a1-packed", 8192, 8192, 8192),
+        ("w1a1", 8192, 8192, 8192),
+    ]
     sms = torch.cuda.get_device_properties().multi_processor_count
     # What the table does not decide from measurements yet: where the GEMV stops beating the
     # tensor-core small-batch path (39 us at M = 1 and 16 on the first H100 run; counted in SASS
@@ -679,19 +814,24 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
     # programs and 27 us at M = 8 with 32-row ones, against about 6 at M = 1),
     # its split and rows per program; the large W1A16 config at M = 128 (100 us in the sweep,
     # 179 us through the op in the benchmark).
-    small_batch = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, SWAP_AB=True, SPLIT_K=3, num_warps=4,
-                       num_stages=4)
+    small_batch = dict(
+        BLOCK_M=16, BLOCK_N=64, BLOCK_R=256, GROUP_M=1, SWAP_AB=True, SPLIT_K=3, num_warps=4, num_stages=4
+    )
     candidates = {
-        "w1a16": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1, num_warps=8,
-                       num_stages=3)],
-        "a1w1-packed": [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_R=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1,
-                             num_warps=8, num_stages=4)],
+        "w1a16": [
+            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1, num_warps=8, num_stages=3)
+        ],
+        "w1a1-packed": [
+            dict(BLOCK_M=128, BLOCK_N=256, BLOCK_R=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1, num_warps=8, num_stages=4)
+        ],
     }
     for name, M, N, K in shapes:
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         # do_bench flushes L2 before every call, so the weight is read from HBM each time.
-        words = torch.randint(-(2**31), 2**31, (N, triton.cdiv(K, 32)), device="cuda", dtype=torch.int64).to(torch.int32)
-        x_mode = {"a1w1": X_SIGN, "a1w1-packed": X_PACKED, "w1a16": X_REAL}[name]
+        words = torch.randint(-(2**31), 2**31, (N, triton.cdiv(K, 32)), device="cuda", dtype=torch.int64).to(
+            torch.int32
+        )
+        x_mode = {"w1a1": X_SIGN, "w1a1-packed": X_PACKED, "w1a16": X_REAL}[name]
         if x_mode == X_PACKED:
             x = pack_signs(x)
         default = default_config(x_mode, False, M, N, K, x.dtype, x.device)
@@ -701,7 +841,10 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
             # then the tensor-core path.
             bm = triton.next_power_of_2(M)
             gemv = [gemv_config(M, N, K, sms, rows) for rows in (256 // bm, 128 // bm) if 16 <= rows <= 128]
-            gemv += [dict(gemv[0], SPLIT_K=max(gemv[0]["SPLIT_K"] // 2, 1)), dict(gemv[0], SPLIT_K=2 * gemv[0]["SPLIT_K"])]
+            gemv += [
+                dict(gemv[0], SPLIT_K=max(gemv[0]["SPLIT_K"] // 2, 1)),
+                dict(gemv[0], SPLIT_K=2 * gemv[0]["SPLIT_K"]),
+            ]
             tried = [default] + [c for c in gemv + [small_batch] if c != default] + ["op"]
         elif x_mode == X_REAL:
             tried = [default] + candidates["w1a16"] + ["op"]
@@ -710,14 +853,16 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
         else:
             tried = ["op"]
         for config in tried + list(configs or []):
+
             def call(config=config):
                 if config == "op" and x_mode == X_REAL:
                     return torch.ops.bnnops.binary_linear_w1a16(x, words, None, None)
                 if config == "op":
-                    return torch.ops.bnnops.binary_linear_a1w1(x, words, K, None, None, dtype)
+                    return torch.ops.bnnops.binary_linear_w1a1(x, words, K, None, None, dtype)
                 if x_mode == X_REAL:
                     return w1a16(x, words, config=config)
-                return a1w1(x, words, K, out_dtype=dtype, config=config)
+                return w1a1(x, words, K, out_dtype=dtype, config=config)
+
             try:
                 # Small batches as graph replays: eagerly the host's launch cost (tens of us) hides the kernel.
                 ms = do_bench(graph_replay(call) if M <= SMALL_M else call, warmup=10, rep=40, return_mode="median")
@@ -726,5 +871,8 @@ def sweep(shapes=None, configs=None, dtype=torch.bfloat16):
                 continue
             tops, weight_gbs = 2 * M * N * K / ms / 1e9, words.numel() * 4 / ms / 1e6
             what = "torch.ops.bnnops (the table's config)" if config == "op" else config
-            print(f"{'*' if config is default else ' '} {name:11s} M={M:5d} N={N} K={K}: {ms * 1e3:9.1f} us "
-                  f"{tops:7.1f} TOPS {weight_gbs:7.1f} GB/s of packed W  {what}", flush=True)
+            print(
+                f"{'*' if config is default else ' '} {name:11s} M={M:5d} N={N} K={K}: {ms * 1e3:9.1f} us "
+                f"{tops:7.1f} TOPS {weight_gbs:7.1f} GB/s of packed W  {what}",
+                flush=True,
+            )

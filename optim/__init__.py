@@ -5,4 +5,4 @@ from bnnops.optim.binary_and_real import BinaryAndReal, split_parameters
 from bnnops.optim.bop import Bop, Bop2ndOrder, bop_reference_
 from bnnops.optim.schedules import ThresholdScheduler
 
-__all__ = ["Bop", "Bop2ndOrder", "bop_reference_", "ThresholdScheduler", "BinaryAndReal", "split_parameters"]
+__all__ = ["BinaryAndReal", "Bop", "Bop2ndOrder", "ThresholdScheduler", "bop_reference_", "split_parameters"]

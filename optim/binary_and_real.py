@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from bnnops.binary_tensor import BinaryTensor
 
-__all__ = ["split_parameters", "BinaryAndReal"]
+__all__ = ["BinaryAndReal", "split_parameters"]
 
 
 def split_parameters(params):
@@ -53,12 +53,16 @@ class BinaryAndReal:
     def __init__(self, binary, real):
         for name, part in (("binary", binary), ("real", real)):
             if not isinstance(part, Optimizer):
-                raise TypeError(f"BinaryAndReal's {name} part must be a torch.optim.Optimizer, got {type(part).__name__}")
+                raise TypeError(
+                    f"BinaryAndReal's {name} part must be a torch.optim.Optimizer, got {type(part).__name__}"
+                )
         held = {id(p) for group in binary.param_groups for p in group["params"]}
         for group in real.param_groups:
             for p in group["params"]:
                 if id(p) in held:
-                    raise ValueError(f"a parameter of shape {tuple(p.shape)} is claimed by both the binary and the real optimizer")
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)} is claimed by both the binary and the real optimizer"
+                    )
                 if isinstance(p, BinaryTensor):
                     raise ValueError(
                         f"the real optimizer holds a BinaryTensor parameter of shape {tuple(p.shape)}: its bits change "

@@ -15,7 +15,7 @@ Bop2ndOrder (Suarez-Ramirez et al. 2021) also keeps the second moment v and norm
 gamma is the param-group key ``"lr"``, so every ``torch.optim.lr_scheduler`` schedules it; the
 threshold has :class:`bnnops.optim.ThresholdScheduler`.
 
-Parameters: ``bnnops.BinaryTensor`` parameters (the bits of ``p.packed`` flip in place; ``p.grad``
+Parameters: ``bnnops.BinaryTensor`` parameters (the bits of ``p.words`` flip in place; ``p.grad``
 is a dense float tensor of the logical shape) and dense float parameters holding only +1 and -1
 (their signs flip; checked once, when their state is created).
 
@@ -91,7 +91,7 @@ def bop_reference_(w, g, m, gamma, threshold, v=None, sigma=None):
     negative = (w.dequantize() if isinstance(w, BinaryTensor) else w) < 0
     flip = finite & (torch.where(negative, -m_hat, m_hat) > threshold)  # w * m > threshold
     if isinstance(w, BinaryTensor):
-        w.packed.bitwise_xor_(pack_weight(flip))
+        w.words.bitwise_xor_(pack_weight(flip))
     else:
         w.copy_(torch.where(flip, -w, w))
     return flip.sum(dtype=torch.int64)
@@ -241,14 +241,16 @@ class Bop(Optimizer):
                         batch = fused[p.device] = ([], [], [], [] if self._second_order else None, [], [])
                     grads, weights, ms, vs, rows, states = batch
                     grads.append(g)
-                    weights.append(p.packed if isinstance(p, BinaryTensor) else p)
+                    weights.append(p.words if isinstance(p, BinaryTensor) else p)
                     ms.append(state["m"])
                     if vs is not None:
                         vs.append(state["v"])
                     rows.append(h)
                     states.append(state)
         for p, g, state, group in reference:
-            state["flips"] = bop_reference_(p, g, state["m"], group["lr"], group["threshold"], state.get("v"), group.get("sigma"))
+            state["flips"] = bop_reference_(
+                p, g, state["m"], group["lr"], group["threshold"], state.get("v"), group.get("sigma")
+            )
         for device, batch in fused.items():
             self._fused_step(device, *batch)
         return loss
@@ -259,8 +261,14 @@ class Bop(Optimizer):
             stepper = self._steppers[device] = kernels.load("bop").FusedBop()
         groups = self.param_groups
         stepper.step(
-            grads, weights, ms, [g["lr"] for g in groups], [g["threshold"] for g in groups],
-            vs=vs, sigmas=[g["sigma"] for g in groups] if vs is not None else None, hyper_rows=rows,
+            grads,
+            weights,
+            ms,
+            [g["lr"] for g in groups],
+            [g["threshold"] for g in groups],
+            vs=vs,
+            sigmas=[g["sigma"] for g in groups] if vs is not None else None,
+            hyper_rows=rows,
         )
         for state, count in zip(states, stepper.counts):
             state["flips"] = count
@@ -291,8 +299,10 @@ class Bop(Optimizer):
         name = type(self).__name__
         if any(("sigma" in g) != self._second_order for g in state_dict["param_groups"]):
             other = "Bop" if self._second_order else "Bop2ndOrder"
-            raise ValueError(f"{name} cannot load a {other} state_dict: the second moment v and sigma "
-                             f"{'are missing' if self._second_order else 'have no use here'}")
+            raise ValueError(
+                f"{name} cannot load a {other} state_dict: the second moment v and sigma "
+                f"{'are missing' if self._second_order else 'have no use here'}"
+            )
         saved = state_dict["state"]
         # New state tensors may reuse the addresses of the old ones: rebuild the launch tables.
         self._steppers.clear()
@@ -321,5 +331,15 @@ class Bop2ndOrder(Bop):
 
     _second_order = True
 
-    def __init__(self, params, lr=1e-6, threshold=1e-6, sigma=1e-2, *, state_dtype=torch.float32, fused=None, differentiable=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-6,
+        threshold=1e-6,
+        sigma=1e-2,
+        *,
+        state_dtype=torch.float32,
+        fused=None,
+        differentiable=False,
+    ):
         self._init(params, dict(lr=lr, threshold=threshold, sigma=sigma), state_dtype, fused, differentiable)

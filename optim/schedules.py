@@ -54,8 +54,10 @@ class ThresholdScheduler:
             base = group.setdefault("initial_threshold", base)
             threshold = base * factor(self.last_epoch)
             if not threshold >= 0:
-                raise ValueError(f"ThresholdScheduler: the threshold must stay >= 0, but step {self.last_epoch} "
-                                 f"gives {base} * {factor(self.last_epoch)} = {threshold}")
+                raise ValueError(
+                    f"ThresholdScheduler: the threshold must stay >= 0, but step {self.last_epoch} "
+                    f"gives {base} * {factor(self.last_epoch)} = {threshold}"
+                )
             group["threshold"] = threshold
 
     def get_last_threshold(self):

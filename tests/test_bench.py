@@ -63,7 +63,7 @@ def test_case_shapes_fit_the_setup_signature(bench_case):
 
 
 def test_workload_rejects_what_cannot_be_rated():
-    ours = lambda: None  # noqa: E731
+    ours = lambda: None
     with pytest.raises(ValueError, match="bound"):
         Workload(ours=ours, baselines={}, bound="fp8", bytes=1)
     with pytest.raises(ValueError, match="ops"):
@@ -87,8 +87,9 @@ def test_plan_runs_headline_shapes_first_and_filters():
         raise AssertionError("plan must not build inputs")
 
     fake = [
-        registry.Case(name, setup, cuda={"big": {"n": 2}, "head": {"n": 1}}, cpu={"c": {"n": 1}}, tiny={"n": 1},
-                      quick=("head",))
+        registry.Case(
+            name, setup, cuda={"big": {"n": 2}, "head": {"n": 1}}, cpu={"c": {"n": 1}}, tiny={"n": 1}, quick=("head",)
+        )
         for name in ("k1", "k2")
     ]
     order = [(c.name, label) for c, label, _ in registry.plan(fake, "cuda", "full")]
@@ -131,9 +132,22 @@ def test_main_job_quick_end_to_end(tmp_path, capsys):
 def test_benchmark_suite_runs_at_tiny_size():
     pytest.importorskip("pytest_benchmark")
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench", "-q", "--bench-size", "tiny", "--benchmark-disable",
-         "-p", "no:cacheprovider"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "bench",
+            "-q",
+            "--bench-size",
+            "tiny",
+            "--benchmark-disable",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{len(CASES)} passed" in done.stdout
@@ -148,11 +162,15 @@ def test_train_step_profile_names_where_the_time_goes(variant, device):
     names = {e["name"] for e in result["top"]}
     if device == "cuda":
         # Kernels by device time: ours runs the Triton conv kernel, the plain twin never does.
-        assert 0 < result["kernel_ms"]
+        assert result["kernel_ms"] > 0
         assert any("_conv2d_kernel" in name for name in names) == (variant == "ours")
     else:
         # Torch ops by self time: ours runs the binary conv op (6 convolutions a step), the plain twin cuDNN's.
-        conv = next(e for e in result["top"] if e["name"] == ("bnnops::binary_conv2d" if variant == "ours" else "aten::convolution"))
+        conv = next(
+            e
+            for e in result["top"]
+            if e["name"] == ("bnnops::binary_conv2d" if variant == "ours" else "aten::convolution")
+        )
         assert conv["calls"] == 6
         assert ("bnnops::binary_conv2d" in names) == (variant == "ours")
     table = profile_markdown({variant: result})
@@ -188,8 +206,12 @@ def test_train_step_channels_last_matches_nchw(variant, device):
     channels_last = training_step(variant, device, batch=2, filters=4, dense_units=8, channels_last=True)
     formats = []
     hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: formats.append(out.is_contiguous(memory_format=torch.channels_last) and not
-                                                 out.is_contiguous()) if out.dim() == 4 and out.shape[1] > 1 else None)
+        lambda module, args, out: (
+            formats.append(out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())
+            if out.dim() == 4 and out.shape[1] > 1
+            else None
+        )
+    )
     try:
         for _ in range(2):
             torch.testing.assert_close(channels_last(), nchw(), rtol=1e-4, atol=1e-5)
@@ -220,16 +242,42 @@ def test_gpu_step_report_tables(monkeypatch):
     monkeypatch.setattr(machine, "describe", lambda device: {"device_name": "stub GPU"})
     monkeypatch.setattr(train_step, "training_step", fake_training_step)
     monkeypatch.setattr(train_step, "_measure", fake_measure)
-    monkeypatch.setattr(train_step, "step_profile", lambda step, device: {
-        "steps": 3, "host_ms": 1.0, "wall_ms": 4.0, "kernel_ms": 3.5, "top": [{"name": "k", "ms": 1.0, "calls": 2}]})
+    monkeypatch.setattr(
+        train_step,
+        "step_profile",
+        lambda step, device: {
+            "steps": 3,
+            "host_ms": 1.0,
+            "wall_ms": 4.0,
+            "kernel_ms": 3.5,
+            "top": [{"name": "k", "ms": 1.0, "calls": 2}],
+        },
+    )
     seen = []
-    result, table = train_step.gpu_step_report(batch=8, compile=True, profile=True, channels_last=True,
-                                               progress=lambda result, table: seen.append(len(result["rows"])))
+    result, table = train_step.gpu_step_report(
+        batch=8,
+        compile=True,
+        profile=True,
+        channels_last=True,
+        progress=lambda result, table: seen.append(len(result["rows"])),
+    )
     assert seen == [1, 2, 3, 4, 5, 6]  # the caller can write the file after every row
-    assert calls == [("ours", False, False), ("plain", False, False), ("ours", False, True), ("plain", False, True),
-                     ("ours", True, False), ("plain", True, False)]
-    assert list(result["rows"]) == ["ours", "plain", "ours channels_last", "plain channels_last", "ours compiled",
-                                    "plain compiled"]
+    assert calls == [
+        ("ours", False, False),
+        ("plain", False, False),
+        ("ours", False, True),
+        ("plain", False, True),
+        ("ours", True, False),
+        ("plain", True, False),
+    ]
+    assert list(result["rows"]) == [
+        "ours",
+        "plain",
+        "ours channels_last",
+        "plain channels_last",
+        "ours compiled",
+        "plain compiled",
+    ]
     assert result["speedup_channels_last"] == pytest.approx(1.0)
     assert "| ours / plain channels_last | 1.00x | 1.00x |" in table
     assert "| bnnops + Bop (bf16 activations), channels_last | 2000 | 3 MiB |" in table

@@ -3,11 +3,11 @@ import io
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, random_signs_input
 from torch import nn
 
 import bnnops
 from bnnops import BinaryTensor
-from conftest import FLOAT_DTYPES, random_signs_input
 
 
 def signs(w):
@@ -29,8 +29,8 @@ def test_from_float_and_dequantize(device, shape, dtype):
     b = BinaryTensor.from_float(w)
     assert isinstance(b, BinaryTensor)
     assert b.shape == w.shape and b.dtype == dtype and b.device == w.device
-    assert b.packed.dtype == torch.int32
-    assert b.packed.shape == bnnops.packing.packed_weight_shape(shape)
+    assert b.words.dtype == torch.int32
+    assert b.words.shape == bnnops.packing.packed_weight_shape(shape)
     dense = b.dequantize()
     assert type(dense) is torch.Tensor and dense.is_contiguous()
     assert torch.equal(dense, signs(w))
@@ -42,10 +42,10 @@ def test_conv_weight_layout(device):
     w = torch.ones(2, 40, 3, 3, device=device)
     w[1, 33, 2, 0] = -1.0
     b = BinaryTensor.from_float(w)
-    assert b.packed.shape == (2, 3, 3, 2)
-    nonzero = b.packed.nonzero().tolist()
+    assert b.words.shape == (2, 3, 3, 2)
+    nonzero = b.words.nonzero().tolist()
     assert nonzero == [[1, 2, 0, 1]]
-    assert b.packed[1, 2, 0, 1].item() == 2
+    assert b.words[1, 2, 0, 1].item() == 2
 
 
 def test_from_float_rejects_bad_input(device):
@@ -93,7 +93,7 @@ def test_reading_ops_run_on_dense_values(device):
 def test_in_place_and_view_ops_refused(device):
     m = Holder(torch.randn(4, 40, device=device))
     p = m.weight
-    before = p.packed.clone()
+    before = p.words.clone()
     with torch.no_grad():
         for mutate in (lambda: p.add_(1), lambda: p.mul_(-1), lambda: p.zero_(), lambda: p.data.neg_()):
             with pytest.raises(RuntimeError, match="in-place op"):
@@ -105,8 +105,8 @@ def test_in_place_and_view_ops_refused(device):
     p.grad = torch.randn(4, 40, device=device)
     with pytest.raises(RuntimeError, match="Bop"):
         torch.optim.SGD(m.parameters(), lr=0.1).step()
-    assert torch.equal(p.packed, before)
-    assert torch.equal(p.view(4, 40).packed, before)  # the identity view is an alias
+    assert torch.equal(p.words, before)
+    assert torch.equal(p.view(4, 40).words, before)  # the identity view is an alias
     flat = p.detach().view(-1)
     assert torch.equal(torch.cat([flat, flat]), p.dequantize().view(-1).repeat(2))
     with pytest.raises(RuntimeError, match="write would be lost"):
@@ -116,10 +116,10 @@ def test_in_place_and_view_ops_refused(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_to_dtype_keeps_bits(device, dtype):
     m = Holder(torch.randn(5, 70, device=device))
-    bits = m.weight.packed.clone()
+    bits = m.weight.words.clone()
     m.to(dtype)
     assert isinstance(m.weight, BinaryTensor) and isinstance(m.weight, nn.Parameter)
-    assert m.weight.dtype == dtype and torch.equal(m.weight.packed, bits)
+    assert m.weight.dtype == dtype and torch.equal(m.weight.words, bits)
     assert m.weight.dequantize().dtype == dtype
     with pytest.raises(TypeError, match="keeps its bits"):
         m.weight.to(torch.int32)
@@ -129,15 +129,15 @@ def test_to_device(device):
     b = BinaryTensor.from_float(torch.randn(3, 50))
     moved = b.to(device)
     assert isinstance(moved, BinaryTensor) and moved.device.type == device
-    assert moved.packed.device.type == device and torch.equal(moved.packed.cpu(), b.packed)
+    assert moved.words.device.type == device and torch.equal(moved.words.cpu(), b.words)
 
 
 def test_data_assignment(device):
     m = Holder(torch.randn(4, 40, device=device))
     other = BinaryTensor.from_float(torch.randn(4, 40, device=device))
     m.weight.data = other
-    assert m.weight.packed is other.packed and isinstance(m.weight, nn.Parameter)
-    assert isinstance(m.weight.data, BinaryTensor) and torch.equal(m.weight.data.packed, other.packed)
+    assert m.weight.words is other.words and isinstance(m.weight, nn.Parameter)
+    assert isinstance(m.weight.data, BinaryTensor) and torch.equal(m.weight.data.words, other.words)
     for bad in (torch.randn(4, 40, device=device), BinaryTensor.from_float(torch.randn(4, 41, device=device))):
         with pytest.raises(RuntimeError, match="can only be set to a BinaryTensor of the same shape"):
             m.weight.data = bad
@@ -147,8 +147,8 @@ def test_deepcopy_is_independent(device):
     m = Holder(torch.randn(4, 40, device=device))
     m2 = copy.deepcopy(m)
     assert isinstance(m2.weight, BinaryTensor) and isinstance(m2.weight, nn.Parameter)
-    assert torch.equal(m2.weight.packed, m.weight.packed)
-    assert m2.weight.packed.data_ptr() != m.weight.packed.data_ptr()
+    assert torch.equal(m2.weight.words, m.weight.words)
+    assert m2.weight.words.data_ptr() != m.weight.words.data_ptr()
 
 
 def test_state_dict_round_trip(device):
@@ -157,7 +157,7 @@ def test_state_dict_round_trip(device):
     sd = src.state_dict()
     assert isinstance(sd["weight"], BinaryTensor)
     dst.load_state_dict(sd)
-    assert torch.equal(dst.weight.packed, src.weight.packed)
+    assert torch.equal(dst.weight.words, src.weight.words)
     # From a dense float checkpoint (a latent-weight model): its signs are packed.
     dense = torch.randn(6, 45, device=device)
     dst.load_state_dict({"weight": dense})
@@ -179,10 +179,10 @@ def test_save_load_weights_only(device):
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     assert isinstance(loaded["weight"], BinaryTensor)
-    assert torch.equal(loaded["weight"].packed, m.weight.packed)
+    assert torch.equal(loaded["weight"].words, m.weight.words)
     fresh = Holder(torch.randn(4096, 4096, device=device))
     fresh.load_state_dict(loaded)
-    assert torch.equal(fresh.weight.packed, m.weight.packed)
+    assert torch.equal(fresh.weight.words, m.weight.words)
 
 
 def test_compile_fullgraph_forward_and_backward(device):
@@ -224,10 +224,10 @@ def test_dense_tensors_read_a_binary_one(device):
     # Reads that start from an empty_like scratch tensor (dropout) get a dense one.
     dropped = torch.nn.functional.dropout(b, 0.5, training=True)
     assert type(dropped) is torch.Tensor and set(dropped.unique().tolist()) <= {-2.0, 0.0, 2.0}
-    before = b.packed.clone()
+    before = b.words.clone()
     with pytest.raises(RuntimeError, match="in-place op"):
         torch._foreach_add_([b], [torch.ones(5, 40, device=device)])
-    assert torch.equal(b.packed, before)
+    assert torch.equal(b.words, before)
 
 
 def test_layers_load_dense_state_with_assign(device):
@@ -244,9 +244,9 @@ def test_layers_load_dense_state_with_assign(device):
 def test_share_memory_meta_and_to_empty():
     layer = bnnops.nn.BinaryConv2d(4, 6, 3)
     layer.share_memory()
-    assert layer.weight.is_shared() and layer.weight.packed.is_shared()
+    assert layer.weight.is_shared() and layer.weight.words.is_shared()
     meta = bnnops.nn.BinaryLinear(40, 5, device="meta")
-    assert meta.weight.device.type == "meta" and meta.weight.packed.shape == (5, 2)
+    assert meta.weight.device.type == "meta" and meta.weight.words.shape == (5, 2)
     meta.to_empty(device="cpu")
-    assert isinstance(meta.weight, BinaryTensor) and meta.weight.packed.device.type == "cpu"
-    assert meta.weight.packed.shape == (5, 2)
+    assert isinstance(meta.weight, BinaryTensor) and meta.weight.words.device.type == "cpu"
+    assert meta.weight.words.shape == (5, 2)

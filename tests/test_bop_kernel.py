@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
+from helpers import DEVICE, poisoned
 
 from bnnops import BinaryTensor, kernels
 from bnnops.optim import bop_reference_
 from bnnops.optim.bop import _new_state
-from conftest import DEVICE, poisoned
 
 # (shape, packed, channels-last gradient): ragged packed lengths, every layout the kernel
 # addresses (flat linear, ragged linear, conv with strided or channels-last gradients, rank 1,
@@ -84,7 +84,7 @@ def test_launcher_matches_reference(dtype, state_dtype, second_order):
         grads = [_gradient(shape, dtype, cl, gen, step) for shape, _, cl in TENSORS]
         flips = kernels.load("bop").bop_step(
             grads,
-            [w.packed if isinstance(w, BinaryTensor) else w for w in fused],
+            [w.words if isinstance(w, BinaryTensor) else w for w in fused],
             m_fused,
             gammas,
             thresholds,
@@ -93,13 +93,15 @@ def test_launcher_matches_reference(dtype, state_dtype, second_order):
             flips=poisoned((n,), torch.int64, DEVICE),
         )
         for i in range(n):
-            expect = bop_reference_(ref[i], grads[i], m_ref[i], gammas[i], thresholds[i], v_ref[i], sigmas and sigmas[i])
+            expect = bop_reference_(
+                ref[i], grads[i], m_ref[i], gammas[i], thresholds[i], v_ref[i], sigmas and sigmas[i]
+            )
             assert flips[i].item() == expect.item(), (i, step)
             assert torch.equal(m_fused[i].float(), m_ref[i].float()), (i, step)
             if second_order:
                 assert torch.equal(v_fused[i].float(), v_ref[i].float()), (i, step)
             if isinstance(ref[i], BinaryTensor):
-                assert torch.equal(fused[i].packed, ref[i].packed), (i, step)
+                assert torch.equal(fused[i].words, ref[i].words), (i, step)
             else:
                 assert torch.equal(fused[i], ref[i]), (i, step)
         total += flips.sum().item()
@@ -114,7 +116,7 @@ def test_threshold_is_strict(device):
         w = BinaryTensor.from_float(torch.ones(1, 32, device=device))
         m = _new_state(w, torch.float32)
         if fused:
-            flips = kernels.load("bop").bop_step([g], [w.packed], [m], [1.0], [threshold])[0]
+            flips = kernels.load("bop").bop_step([g], [w.words], [m], [1.0], [threshold])[0]
         else:
             flips = bop_reference_(w, g, m, 1.0, threshold)
         # All weights are +1: only w * m = 0.75 > 0.5 flips, at columns 2 mod 4.
@@ -128,12 +130,12 @@ def test_launcher_rejects_bad_layouts(device):
     w = BinaryTensor.from_float(torch.randn(4, 40, 3, 3, device=device))
     bop = kernels.load("bop")
     with pytest.raises(ValueError, match="packed layout's element order"):
-        bop.bop_step([g], [w.packed], [torch.zeros_like(g)], [0.1], [0.0])
+        bop.bop_step([g], [w.words], [torch.zeros_like(g)], [0.1], [0.0])
     with pytest.raises(ValueError, match="do not hold a weight"):
         m = _new_state(BinaryTensor.from_float(g[:, :32]), torch.float32)
-        bop.bop_step([g[:, :32]], [w.packed], [m], [0.1], [0.0])
+        bop.bop_step([g[:, :32]], [w.words], [m], [0.1], [0.0])
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        bop.bop_step([g], [w.packed], [_new_state(w, torch.float32).half()], [0.1], [0.0])
+        bop.bop_step([g], [w.words], [_new_state(w, torch.float32).half()], [0.1], [0.0])
     dense = torch.ones(8, 8, device=device)
     with pytest.raises(ValueError, match="contiguous"):
         bop.bop_step([torch.randn(8, 8, device=device).t()], [dense], [torch.zeros_like(dense)], [0.1], [0.0])

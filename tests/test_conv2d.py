@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import poisoned, random_signs_input
 
 import bnnops.conv  # noqa: F401  (registers bnnops::binary_conv2d)
 from bnnops import kernels
 from bnnops.conv import binary_conv2d_reference
 from bnnops.packing import pack_weight
-from conftest import poisoned, random_signs_input
 
 FP = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,15 +42,16 @@ def test_reference_is_f_conv2d_with_explicit_pad_value():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 7, 9, generator=g)
     dense = torch.randn(4, 3, 3, 2, generator=g)
-    y = binary_conv2d_reference(x, pack_weight(dense), torch.arange(4.0), torch.full((4,), 0.5),
-                                (2, 1), (1, 0, 2, 1), (1, 2), 2, -1.0, True)
+    y = binary_conv2d_reference(
+        x, pack_weight(dense), torch.arange(4.0), torch.full((4,), 0.5), (2, 1), (1, 0, 2, 1), (1, 2), 2, -1.0, True
+    )
     padded = F.pad(signs(x), (2, 1, 1, 0), value=-1.0)
     expected = F.conv2d(padded, signs(dense), None, (2, 1), 0, (1, 2), 2) * 0.5 + torch.arange(4.0).view(1, 4, 1, 1)
     assert torch.equal(y, expected)
 
 
 # (N, C, H, W, O, kernel, stride, padding (t, b, l, r), dilation, groups, pad_value, dtype,
-#  channels_last, scale_bias, binarize, a_route). Few cases: on CUDA each is a compile.
+#  channels_last, scale_bias, binarize, route). Few cases: on CUDA each is a compile.
 CASES = [
     (2, 3, 7, 9, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.0, "fp32", False, False, True, "fp8"),
     (1, 31, 5, 7, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.0, "bf16", True, True, True, "fp8"),
@@ -71,8 +72,10 @@ CASES = [
 
 def _case_id(c):
     N, C, H, W, O, k, st, pad, dil, g, pv, dt, cl, sb, binarize, ar = c
-    return (f"{'a1w1' if binarize else 'w1a16'}-N{N}C{C}x{H}x{W}-O{O}k{k[0]}x{k[1]}-s{st[0]}{st[1]}-d{dil[0]}{dil[1]}"
-            f"-g{g}-pad{pv:+.0f}-{dt}{'-cl' if cl else ''}{'-sb' if sb else ''}{'-' + ar if binarize else ''}")
+    return (
+        f"{'w1a1' if binarize else 'w1a16'}-N{N}C{C}x{H}x{W}-O{O}k{k[0]}x{k[1]}-s{st[0]}{st[1]}-d{dil[0]}{dil[1]}"
+        f"-g{g}-pad{pv:+.0f}-{dt}{'-cl' if cl else ''}{'-sb' if sb else ''}{'-' + ar if binarize else ''}"
+    )
 
 
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -81,7 +84,7 @@ ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11
 def _tolerance(dtype, binarize, x, K):
     """(rtol, atol) against the fp32 reference.
 
-    A1W1: the sums are exact integers and the epilogue rounds scale * acc, then + bias, in fp32
+    W1A1: the sums are exact integers and the epilogue rounds scale * acc, then + bias, in fp32
     without FMA (as the reference's separate mul and add), then once to the output dtype with
     round-to-nearest-even: bit-exact on the GPU. Triton's interpreter truncates fp32 -> bf16
     instead, one bf16 ulp (< 2^-7 relative) at most. W1A16: products are exact (16-bit x times +-1
@@ -110,10 +113,20 @@ def test_kernel_matches_reference(conv_kernels, device, c):
     out = poisoned(expected.shape, dtype, device)
     if cl:
         out = out.contiguous(memory_format=torch.channels_last)
-    to = (lambda t: None if t is None else t.to(device))
+    to = lambda t: None if t is None else t.to(device)
     y = conv_kernels.conv2d(
-        x.to(device), words.to(device), bias=to(bias), scale=to(scale), stride=stride, padding=padding,
-        dilation=dilation, groups=groups, pad_value=pad_value, binarize=binarize, a_route=ar, out=out,
+        x.to(device),
+        words.to(device),
+        bias=to(bias),
+        scale=to(scale),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        pad_value=pad_value,
+        binarize=binarize,
+        route=ar,
+        out=out,
     )
     assert y is out
     rtol, atol = _tolerance(dtype, binarize, x.float(), kh * kw * C // groups)
@@ -134,9 +147,12 @@ def test_prepare_writes_padded_signs_and_unpacked_weight(conv_kernels, device):
     assert w.shape == (5, 3, 2, 64) and torch.equal(w.cpu(), expected_w.to(torch.int8))
 
 
-@pytest.mark.parametrize("C, kernel, a_route", [(512, 3, "fp8"), (512, 3, "int8"), (16384, 1, "fp8")],
-                         ids=["K4608-fp8", "K4608-int8", "K16384-fp8"])
-def test_kernel_exact_at_the_largest_sums(conv_kernels, device, C, kernel, a_route):
+@pytest.mark.parametrize(
+    "C, kernel, route",
+    [(512, 3, "fp8"), (512, 3, "int8"), (16384, 1, "fp8")],
+    ids=["K4608-fp8", "K4608-int8", "K16384-fp8"],
+)
+def test_kernel_exact_at_the_largest_sums(conv_kernels, device, C, kernel, route):
     # Output channel 0 sums K products of +1 and channel 1 K products of -1 at the centre pixel:
     # the extremes an fp8 accumulator must still hold exactly (FP8_EXACT_K = 16384). The second
     # image and the other channels are random. BLOCK_K = 128 keeps the interpreter's step count low.
@@ -150,15 +166,18 @@ def test_kernel_exact_at_the_largest_sums(conv_kernels, device, C, kernel, a_rou
     assert expected[0, 0, kernel // 2, kernel // 2] == C * kernel * kernel
     # On the GPU the config it would pick (the wgmma path whose accumulator is in question).
     config = None if device == "cuda" else (32, 32, 128, 4, 1)
-    y = conv_kernels.conv2d(x.to(device), words.to(device), padding=pad, a_route=a_route, config=config)
+    y = conv_kernels.conv2d(x.to(device), words.to(device), padding=pad, route=route, config=config)
     assert torch.equal(y.cpu(), expected)
 
 
 def test_kernel_allocates_in_the_input_memory_format(conv_kernels, device):
     x = torch.randn(2, 33, 6, 5, device=device)
     words = pack_weight(torch.randn(8, 33, 3, 3)).to(device)
-    for x_in, channels_last in ((x, False), (x.contiguous(memory_format=torch.channels_last), True),
-                                (x[:, :, :, 1:], False)):  # a non-contiguous NCHW view
+    for x_in, channels_last in (
+        (x, False),
+        (x.contiguous(memory_format=torch.channels_last), True),
+        (x[:, :, :, 1:], False),
+    ):  # a non-contiguous NCHW view
         y = conv_kernels.conv2d(x_in, words, padding=(1, 1, 1, 1))
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         expected = binary_conv2d_reference(x_in.cpu(), words.cpu(), padding=(1, 1, 1, 1))
@@ -168,7 +187,16 @@ def test_kernel_allocates_in_the_input_memory_format(conv_kernels, device):
 def test_pixel_run(conv_kernels):
     # OUT_VEC: the largest power of two up to 8 dividing OH*OW where each channel's pixels are
     # consecutive (stride(3) == 1, stride(2) == OW), else 1 (no promise).
-    for (oh, ow), run in {(1, 1): 1, (1, 2): 2, (2, 3): 2, (3, 4): 4, (7, 7): 1, (14, 14): 4, (4, 6): 8, (32, 32): 8}.items():
+    for (oh, ow), run in {
+        (1, 1): 1,
+        (1, 2): 2,
+        (2, 3): 2,
+        (3, 4): 4,
+        (7, 7): 1,
+        (14, 14): 4,
+        (4, 6): 8,
+        (32, 32): 8,
+    }.items():
         assert conv_kernels._pixel_run(torch.empty(2, 3, oh, ow)) == run, (oh, ow)
     assert conv_kernels._pixel_run(torch.empty(2, 3, 4, 6, memory_format=torch.channels_last)) == 1
     assert conv_kernels._pixel_run(torch.empty(2, 3, 4, 7)[..., :6]) == 1  # rows padded to 7
@@ -257,7 +285,7 @@ def test_op_rejects_bad_input(device):
 
 
 # Compiles, for sm_90 in a process without the interpreter (no GPU needed: Triton ships ptxas and
-# cuobjdump), the A1W1 fp8 kernel with scale and bias in every config pick_config chooses for
+# cuobjdump), the W1A1 fp8 kernel with scale and bias in every config pick_config chooses for
 # ResNet-18's 3x3 layers at batch 256 and 64 and for the GEMM's fp8 route at 4096^3 and 8192^3, as a launch on those shapes specializes it (16-byte
 # aligned pointers, channel counts and strides divisible by 16, unit strides and dilations), and
 # prints what the test checks: the wgmma waits of the TTGIR and the registers / spills of the cubin.
@@ -270,7 +298,7 @@ from bnnops.kernels import conv2d
 fn = conv2d._conv2d_kernel
 picked = {(conv2d.pick_config(n * hw * hw, c, c, conv2d.A_FP8), "bf16")
           for n in (256, 64) for hw, c in ((56, 64), (28, 128), (14, 256), (7, 512))}
-# The A1W1 GEMM's fp8 route (a 1x1 conv) at 4096^3 and 8192^3, with bf16 and fp32 outputs.
+# The W1A1 GEMM's fp8 route (a 1x1 conv) at 4096^3 and 8192^3, with bf16 and fp32 outputs.
 picked |= {(conv2d.pick_config(n, n, n, conv2d.A_FP8, 132, size), out) for n in (4096, 8192)
            for out, size in (("bf16", 2), ("fp32", 4))}
 # Each with a channels-last output (soc = 1) and an NCHW one (sow = 1, pixel runs of 8), which must

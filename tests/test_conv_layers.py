@@ -5,13 +5,13 @@ torch.compile of a small conv net."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import check_inference_runs_the_op_alone, check_learnable_scale_output_without_grad, random_signs_input
 from torch import nn
 
 import bnnops
 from bnnops import BinaryTensor
 from bnnops.conv import BinaryConv2d, binary_conv2d, conv_padding
 from bnnops.quantizers import get_quantizer
-from conftest import check_inference_runs_the_op_alone, check_learnable_scale_output_without_grad, random_signs_input
 
 # Gradients: cuDNN / the CPU conv backward against autograd through F.conv2d on the same +-1 and
 # real values: both sum the same fp32 products in possibly different orders.
@@ -21,7 +21,7 @@ GRAD_TOL = dict(rtol=1e-5, atol=1e-5)
 @pytest.fixture(autouse=True)
 def fp32_convolutions():
     """cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa products): the dense
-    references here must be true fp32, as the kernel is (exact A1W1, 3xTF32 W1A16)."""
+    references here must be true fp32, as the kernel is (exact W1A1, 3xTF32 W1A16)."""
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     yield
@@ -55,7 +55,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("c", CASES, ids=lambda c: f"C{c[0]}-O{c[1]}-k{c[2]}-p{c[4]}-g{c[6]}-pad{c[7]:+.0f}-{c[8]}-{c[9]}")
+@pytest.mark.parametrize(
+    "c", CASES, ids=lambda c: f"C{c[0]}-O{c[1]}-k{c[2]}-p{c[4]}-g{c[6]}-pad{c[7]:+.0f}-{c[8]}-{c[9]}"
+)
 def test_forward_and_gradients_match_dense_reference(device, c):
     C, O, k, stride, padding, dilation, groups, pad_value, iq_name, wq_name, with_scale = c
     kernel = k if isinstance(k, tuple) else (k, k)
@@ -74,13 +76,24 @@ def test_forward_and_gradients_match_dense_reference(device, c):
         w_ref = latent.clone().requires_grad_()
         w_dense = wq(w_ref)
 
-    y = binary_conv2d(x, weight, bias, stride, padding, dilation, groups, pad_value=pad_value,
-                      input_quantizer=iq_name, scale=scale, weight_quantizer=wq_name)
+    y = binary_conv2d(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        pad_value=pad_value,
+        input_quantizer=iq_name,
+        scale=scale,
+        weight_quantizer=wq_name,
+    )
     x_ref = x.detach().clone().requires_grad_()
     bias_ref = bias.detach().clone().requires_grad_()
     expected = dense_reference(x_ref, w_dense, bias_ref, scale, stride, padding, dilation, groups, pad_value, iq)
     assert y.shape == expected.shape
-    # A1W1: exact sums, then scale and bias (or a magnitude-aware scale inside the reference's
+    # W1A1: exact sums, then scale and bias (or a magnitude-aware scale inside the reference's
     # weights): fp32 rounding only. W1A16: the kernel's 3xTF32 bound.
     atol = 1e-5 if iq is not None else w1a16_atol(x, kernel[0] * kernel[1] * C // groups)
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=atol)
@@ -100,7 +113,9 @@ def test_learnable_scale_gets_its_gradient(device):
     scale = torch.rand(4, device=device).requires_grad_()
     scale_ref = scale.detach().clone().requires_grad_()
     y = binary_conv2d(x, weight, None, padding=1, scale=scale)
-    expected = dense_reference(x, weight.dequantize(), None, scale_ref, (1, 1), 1, (1, 1), 1, 0.0, get_quantizer("ste_sign"))
+    expected = dense_reference(
+        x, weight.dequantize(), None, scale_ref, (1, 1), 1, (1, 1), 1, 0.0, get_quantizer("ste_sign")
+    )
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-5)
     y.sum().backward()
     expected.sum().backward()
@@ -115,8 +130,9 @@ def test_binary_conv2d_bf16_channels_last(device):
     weight = BinaryTensor.from_float(torch.randn(8, 40, 3, 3, device=device), dtype=torch.bfloat16)
     y = binary_conv2d(x, weight, padding=1, pad_value=1.0)
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
-    expected = dense_reference(x.float(), weight.dequantize(torch.float32), None, None, (1, 1), 1, (1, 1), 1, 1.0,
-                               bnnops.quantizers.sign)
+    expected = dense_reference(
+        x.float(), weight.dequantize(torch.float32), None, None, (1, 1), 1, (1, 1), 1, 1.0, bnnops.quantizers.sign
+    )
     assert torch.equal(y.float(), expected)
 
 
@@ -137,8 +153,10 @@ def test_backward_runs_in_the_input_memory_format_without_weight_copies(device, 
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy) \
-                    and out.shape == self.shape:
+            if (
+                func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy)
+                and out.shape == self.shape
+            ):
                 self.copies.append(func)
             if func.overloadpacket is torch.ops.aten.convolution_backward:
                 self.formats.append(suggest_memory_format(args[2]))
@@ -156,11 +174,16 @@ def test_backward_runs_in_the_input_memory_format_without_weight_copies(device, 
         with Watch(weight.shape) as watch:  # grad_x alone: AccumulateGrad copies a channels_last grad_weight
             torch.autograd.grad(y, x, grad, retain_graph=True)
         copies = 1 if memory_format == torch.contiguous_format and kernel > 1 else 0
-        assert len(watch.copies) == copies and watch.formats == [memory_format], (memory_format, watch.copies, watch.formats)
+        assert len(watch.copies) == copies and watch.formats == [memory_format], (
+            memory_format,
+            watch.copies,
+            watch.formats,
+        )
         weight.grad = None
         y.backward(grad)
-        dense_reference(x_ref, w_ref, None, None, (1, 1), padding, (1, 1), groups, pad_value,
-                        get_quantizer("ste_sign")).backward(grad)
+        dense_reference(
+            x_ref, w_ref, None, None, (1, 1), padding, (1, 1), groups, pad_value, get_quantizer("ste_sign")
+        ).backward(grad)
         assert x.grad.is_contiguous(memory_format=memory_format)
         torch.testing.assert_close(x.grad, x_ref.grad, **GRAD_TOL)
         torch.testing.assert_close(weight.grad, w_ref.grad, **GRAD_TOL)
@@ -171,13 +194,27 @@ def test_layer_options_and_init(device):
     assert isinstance(layer.weight, BinaryTensor) and layer.weight.shape == (8, 6, 3, 3)
     assert layer.bias.shape == (8,) and "pad_value=-1.0" in repr(layer)
     assert layer(torch.randn(2, 6, 5, 7, device=device)).shape == (2, 8, 5, 7)
-    even = BinaryConv2d(4, 4, 4, padding="same", dilation=2, bias=False, input_quantizer=None,
-                        weight_quantizer="ste_sign", device=device)
+    even = BinaryConv2d(
+        4,
+        4,
+        4,
+        padding="same",
+        dilation=2,
+        bias=False,
+        input_quantizer=None,
+        weight_quantizer="ste_sign",
+        device=device,
+    )
     assert type(even.weight) is nn.Parameter and not isinstance(even.weight, BinaryTensor) and even.bias is None
     assert even(torch.randn(1, 4, 9, 8, device=device)).shape == (1, 4, 9, 8)
     strided = BinaryConv2d(4, 6, (3, 1), stride=(2, 1), padding=(1, 0), groups=2, device=device)
     assert strided(torch.randn(1, 4, 9, 8, device=device)).shape == (1, 6, 5, 8)
-    assert nn.Conv2d(4, 6, (3, 1), stride=(2, 1), padding=(1, 0), groups=2)(torch.randn(1, 4, 9, 8)).shape == (1, 6, 5, 8)
+    assert nn.Conv2d(4, 6, (3, 1), stride=(2, 1), padding=(1, 0), groups=2)(torch.randn(1, 4, 9, 8)).shape == (
+        1,
+        6,
+        5,
+        8,
+    )
 
 
 def test_bad_input_gets_clear_errors(device):
@@ -210,8 +247,9 @@ def test_bad_input_gets_clear_errors(device):
         binary_conv2d(torch.randn(1, 4, 6, 6, device=device), layer.weight, input_quantizer="magnitude_aware_sign")
     # A learnable scale is applied outside the op: its shape is still checked (no silent broadcast).
     with pytest.raises(ValueError, match=r"scale must have shape \(4,\)"):
-        binary_conv2d(torch.randn(1, 4, 6, 6, device=device), layer.weight,
-                      scale=torch.ones(1, device=device, requires_grad=True))
+        binary_conv2d(
+            torch.randn(1, 4, 6, 6, device=device), layer.weight, scale=torch.ones(1, device=device, requires_grad=True)
+        )
 
 
 @pytest.mark.parametrize("iq,wq", [("ste_sign", None), (None, None), ("ste_sign", "magnitude_aware_sign")])
@@ -220,7 +258,6 @@ def test_inference_runs_the_op_alone(monkeypatch, device, iq, wq):
     layer = BinaryConv2d(6, 5, 3, padding=1, input_quantizer=iq, weight_quantizer=wq, device=device)
     x = torch.randn(2, 6, 5, 5, device=device)
     check_inference_runs_the_op_alone(monkeypatch, layer, x, bnnops.conv._BinaryConv2dFunction)
-
 
 
 def test_f_conv2d_on_a_binary_weight_runs_w1a16(device):
@@ -238,6 +275,7 @@ def test_f_conv2d_on_a_binary_weight_runs_w1a16(device):
     expected.sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, **GRAD_TOL)
     torch.testing.assert_close(conv.weight.grad, w_ref.grad, **GRAD_TOL)
+
 
 class SmallNet(nn.Module):
     """A real-input first layer, two binary layers (one with +1 padding), a binary linear head."""
@@ -288,6 +326,8 @@ def test_unbatched_input_and_autocast(device):
     with torch.autocast(device_type, dtype=torch.bfloat16):
         y = layer(x4)
     assert y.dtype == torch.bfloat16
-    assert torch.equal(y, binary_conv2d(x4.bfloat16(), layer.weight.to(torch.bfloat16), layer.bias.bfloat16(), padding=1))
+    assert torch.equal(
+        y, binary_conv2d(x4.bfloat16(), layer.weight.to(torch.bfloat16), layer.bias.bfloat16(), padding=1)
+    )
     y.float().sum().backward()
     assert x4.grad.dtype == layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32

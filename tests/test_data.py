@@ -43,8 +43,11 @@ def _write_cifar(root, sizes, rng):
         images = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n).tolist()
         with open(os.path.join(root, name), "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"data": images, b"labels": labels,
-                         b"filenames": [b"x.png"] * n}, f, protocol=2)
+            pickle.dump(
+                {b"batch_label": name.encode(), b"data": images, b"labels": labels, b"filenames": [b"x.png"] * n},
+                f,
+                protocol=2,
+            )
         written[name] = (images, labels)
     return written
 
@@ -104,7 +107,9 @@ def test_cifar10_augment_is_a_padded_crop_or_its_mirror():
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4), value=-1.0)  # black in the loader's [-1, 1] scale
     flipped_any = False
     for i in range(16):
-        crops = [(padded[i, :, dy:dy + 8, dx:dx + 8], flip) for dy in range(9) for dx in range(9) for flip in (0, 1)]
+        crops = [
+            (padded[i, :, dy : dy + 8, dx : dx + 8], flip) for dy in range(9) for dx in range(9) for flip in (0, 1)
+        ]
         match = [flip for c, flip in crops if torch.equal(out[i], c.flip(-1) if flip else c)]
         assert match, f"image {i} is not a crop of the padded image"
         flipped_any |= 1 in match
@@ -123,10 +128,15 @@ def test_teacher_student_labels_are_the_teachers():
         top2 = logits.topk(2, 1).values
         assert (top2[:, 0] > top2[:, 1]).all(), "a label with a tie"
         assert torch.equal(logits.argmax(1), y)
-    assert torch.equal(data.teacher_student(seed=3, n_train=300, n_test=200, in_features=12, hidden=10,
-                                            num_classes=5).x_test, d.x_test)
-    assert not torch.equal(data.teacher_student(seed=4, n_train=300, n_test=200, in_features=12, hidden=10,
-                                                num_classes=5).info["teacher"]["w1"], w1)
+    assert torch.equal(
+        data.teacher_student(seed=3, n_train=300, n_test=200, in_features=12, hidden=10, num_classes=5).x_test, d.x_test
+    )
+    assert not torch.equal(
+        data.teacher_student(seed=4, n_train=300, n_test=200, in_features=12, hidden=10, num_classes=5).info["teacher"][
+            "w1"
+        ],
+        w1,
+    )
     assert d.info["majority_accuracy"] == torch.bincount(d.y_test).max().item() / 200
     wide = data.teacher_student(seed=3, n_train=100, n_test=100, in_features=12, hidden=10, num_classes=5, margin=4)
     top2 = data.teacher_logits(wide.x_train, wide.info["teacher"]["w1"], wide.info["teacher"]["w2"]).topk(2, 1).values

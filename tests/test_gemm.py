@@ -8,11 +8,11 @@ tile the shape table's own blocks.
 
 import pytest
 import torch
+from helpers import DEVICE, FLOAT_DTYPES, poisoned, random_signs_input
 
 from bnnops import kernels
-from bnnops.linear import a1w1_reference, grad_input_reference, w1a16_reference
+from bnnops.linear import grad_input_reference, w1a1_reference, w1a16_reference
 from bnnops.packing import pack_signs_reference
-from conftest import DEVICE, FLOAT_DTYPES, poisoned, random_signs_input
 
 if DEVICE == "cuda":
     # (M, N, K): M = 1 and sizes not multiples of any block or of 32, large enough for several
@@ -84,37 +84,37 @@ def assert_close_dot(y, ref, abs_sum):
 
 
 @every_config_shape_dtype
-def test_a1w1_float_input(gemm, device, config, M, N, K, dtype):
+def test_w1a1_float_input(gemm, device, config, M, N, K, dtype):
     # Binarized in the kernel: exact integer results, in fp32 and in the activation dtype.
     x = random_signs_input((M, K), dtype, device)
     words = weight_words(N, K, device)
-    scale, bias = channel_vectors(N, device, with_scale=(M, N, K) == SHAPES[1], with_bias=(M, N, K) != SHAPES[0])
+    scale, bias = channel_vectors(N, device, with_scale=SHAPES[1] == (M, N, K), with_bias=SHAPES[0] != (M, N, K))
     out = poisoned((M, N), dtype, device)
-    y = gemm.a1w1(x, words, K, scale=scale, bias=bias, out_dtype=dtype, out=out, config=config, prepack=False)
+    y = gemm.w1a1(x, words, K, scale=scale, bias=bias, out_dtype=dtype, out=out, config=config, prepack=False)
     assert y is out
-    ref = a1w1_reference(x.cpu(), words.cpu(), K, _cpu(scale), _cpu(bias), dtype)
+    ref = w1a1_reference(x.cpu(), words.cpu(), K, _cpu(scale), _cpu(bias), dtype)
     assert torch.equal(y.cpu(), ref)
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_a1w1_fp8_route(gemm, device, M, N, K, dtype):
+def test_w1a1_fp8_route(gemm, device, M, N, K, dtype):
     """The fp8 route (the GEMM as a 1x1 convolution on bnnops.kernels.conv2d): the same exact result."""
     x = random_signs_input((M, K), dtype, device)
     words = weight_words(N, K, device)
     scale, bias = channel_vectors(N, device, with_scale=True, with_bias=True)
     out = poisoned((M, N), torch.float32, device)
-    assert gemm.a1w1(x, words, K, scale=scale, bias=bias, out=out, route="fp8") is out
-    assert torch.equal(out.cpu(), a1w1_reference(x.cpu(), words.cpu(), K, _cpu(scale), _cpu(bias)))
+    assert gemm.w1a1(x, words, K, scale=scale, bias=bias, out=out, route="fp8") is out
+    assert torch.equal(out.cpu(), w1a1_reference(x.cpu(), words.cpu(), K, _cpu(scale), _cpu(bias)))
     # Integer sums rounded once to the output dtype, as the reference casts them.
-    y = gemm.a1w1(x.t().contiguous().t(), words, K, out_dtype=dtype, route="fp8")
-    assert torch.equal(y.cpu(), a1w1_reference(x.cpu(), words.cpu(), K, None, None, dtype))
+    y = gemm.w1a1(x.t().contiguous().t(), words, K, out_dtype=dtype, route="fp8")
+    assert torch.equal(y.cpu(), w1a1_reference(x.cpu(), words.cpu(), K, None, None, dtype))
     with pytest.raises(ValueError, match="takes float x"):
-        gemm.a1w1(pack_signs_reference(x.cpu()).to(device), words, K, route="fp8")
+        gemm.w1a1(pack_signs_reference(x.cpu()).to(device), words, K, route="fp8")
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_a1w1_packed_input(gemm, device, M, N, K):
+def test_w1a1_packed_input(gemm, device, M, N, K):
     x = random_signs_input((M, K), torch.float32, device)
     x_words = pack_signs_reference(x.cpu())
     # Random garbage in x's padding bits against W's all-ones garbage: unmasked, their products
@@ -122,30 +122,30 @@ def test_a1w1_packed_input(gemm, device, M, N, K):
     garbage = torch.randint(-(2**31), 2**31, (M,), dtype=torch.int64).to(torch.int32)
     x_words[:, -1] |= garbage & torch.tensor(-(1 << (K % 32)), dtype=torch.int32)
     words = weight_words(N, K, device)
-    ref = a1w1_reference(x.cpu(), words.cpu(), K)
+    ref = w1a1_reference(x.cpu(), words.cpu(), K)
     for config in CONFIGS:
         out = poisoned((M, N), torch.float32, device)
-        assert torch.equal(gemm.a1w1(x_words.to(device), words, K, out=out, config=config).cpu(), ref)
+        assert torch.equal(gemm.w1a1(x_words.to(device), words, K, out=out, config=config).cpu(), ref)
     # Float input packed first by the pack kernel (what large shapes do), then the packed path.
-    assert torch.equal(gemm.a1w1(x, words, K, prepack=True).cpu(), ref)
+    assert torch.equal(gemm.w1a1(x, words, K, prepack=True).cpu(), ref)
 
 
-def test_a1w1_exact_at_large_k(gemm, device):
+def test_w1a1_exact_at_large_k(gemm, device):
     # Integer results up to K must come out exact: all-minus x against all-plus rows gives -K.
     K = 970
     x = -torch.ones(2, K, device=device)
     words = weight_words(3, K, device, garbage_padding=False)
     words[0] = 0  # an all +1 row
-    y = gemm.a1w1(x, words, K)
+    y = gemm.w1a1(x, words, K)
     assert y[:, 0].tolist() == [-K, -K]
-    assert torch.equal(y.cpu(), a1w1_reference(x.cpu(), words.cpu(), K))
+    assert torch.equal(y.cpu(), w1a1_reference(x.cpu(), words.cpu(), K))
 
 
 @every_config_shape_dtype
 def test_w1a16(gemm, device, config, M, N, K, dtype):
     x = random_signs_input((M, K), dtype, device, finite=True)
     words = weight_words(N, K, device)
-    scale, bias = channel_vectors(N, device, with_scale=(M, N, K) != SHAPES[2], with_bias=(M, N, K) != SHAPES[0])
+    scale, bias = channel_vectors(N, device, with_scale=SHAPES[2] != (M, N, K), with_bias=SHAPES[0] != (M, N, K))
     out = poisoned((M, N), dtype, device)
     y = gemm.w1a16(x, words, scale=scale, bias=bias, out=out, config=config)
     assert y is out and y.dtype == dtype
@@ -188,7 +188,7 @@ def test_default_config_splits_k_when_output_tiles_leave_sms_idle(gemm):
         assert split >= 2 and tiles * split <= 132, (tiles, split)
 
 
-@pytest.mark.parametrize("mode", ["a1w1-packed", "a1w1", "w1a16", "grad_input"])
+@pytest.mark.parametrize("mode", ["w1a1-packed", "w1a1", "w1a16", "grad_input"])
 def test_split_k_shares_of_several_steps(gemm, device, mode):
     # K = 300 in 64-wide steps is 5 steps: 3 shares of 2, 2 and 1 (one not starting at 0, the last
     # owning the padded step), in the large-batch layout.
@@ -196,18 +196,20 @@ def test_split_k_shares_of_several_steps(gemm, device, mode):
     config = SPLIT
     x = random_signs_input((M, K if mode != "grad_input" else N), torch.bfloat16, device, finite=True)
     words = weight_words(N, K, device)
-    if mode == "a1w1-packed":
-        y = gemm.a1w1(pack_signs_reference(x.cpu()).to(device), words, K, config=config)
-        assert torch.equal(y.cpu(), a1w1_reference(x.cpu(), words.cpu(), K))
-    elif mode == "a1w1":
-        y = gemm.a1w1(x, words, K, config=config, prepack=False)
-        assert torch.equal(y.cpu(), a1w1_reference(x.cpu(), words.cpu(), K))
+    if mode == "w1a1-packed":
+        y = gemm.w1a1(pack_signs_reference(x.cpu()).to(device), words, K, config=config)
+        assert torch.equal(y.cpu(), w1a1_reference(x.cpu(), words.cpu(), K))
+    elif mode == "w1a1":
+        y = gemm.w1a1(x, words, K, config=config, prepack=False)
+        assert torch.equal(y.cpu(), w1a1_reference(x.cpu(), words.cpu(), K))
     elif mode == "w1a16":
         y = gemm.w1a16(x, words, config=config)
         assert_close_dot(y, w1a16_reference(x.cpu().float(), words.cpu()), x.cpu().float().abs().sum(1, keepdim=True))
     else:
         y = gemm.grad_input(x, words, K, config=config)
-        assert_close_dot(y, grad_input_reference(x.cpu().float(), words.cpu(), K), x.cpu().float().abs().sum(1, keepdim=True))
+        assert_close_dot(
+            y, grad_input_reference(x.cpu().float(), words.cpu(), K), x.cpu().float().abs().sum(1, keepdim=True)
+        )
 
 
 def test_default_config_splits_k_without_empty_shares(gemm):
@@ -216,9 +218,18 @@ def test_default_config_splits_k_without_empty_shares(gemm):
     # four programs per SM on 132 SMs, which would leave the ninth empty: 8 shares of 4 steps.
     for M in range(1, gemm.GEMV_M + 1):
         assert gemm.default_config(gemm.X_REAL, False, M, 8192, 8192, torch.bfloat16, cpu) == dict(
-            GEMV=True, BLOCK_M=1 << (M - 1).bit_length(), BLOCK_N=128, SPLIT_K=8, num_warps=4, num_stages=1)
-    for M, N, K in [(1, 4096, 11008), (1, 100, 70), (16, 8192, 8192), (16, 512, 8000), (5, 8192, 300),
-                    (256, 1024, 8192), (128, 8192, 8192), (100, 50, 7000)]:
+            GEMV=True, BLOCK_M=1 << (M - 1).bit_length(), BLOCK_N=128, SPLIT_K=8, num_warps=4, num_stages=1
+        )
+    for M, N, K in [
+        (1, 4096, 11008),
+        (1, 100, 70),
+        (16, 8192, 8192),
+        (16, 512, 8000),
+        (5, 8192, 300),
+        (256, 1024, 8192),
+        (128, 8192, 8192),
+        (100, 50, 7000),
+    ]:
         config = gemm.default_config(gemm.X_REAL, False, M, N, K, torch.bfloat16, cpu)
         steps = -(-K // (32 * gemm.GEMV_LANES.value)) if config.get("GEMV") else -(-K // config["BLOCK_R"])
         share = -(-steps // config["SPLIT_K"])
@@ -240,17 +251,18 @@ def test_non_contiguous_inputs(gemm, device):
     K, N = 70, 40
     x = torch.randn(K, 9, device=device).t()  # (9, 70) with strides (1, 9)
     words = weight_words(N, K, device)
-    assert torch.equal(gemm.a1w1(x, words, K, prepack=False).cpu(), a1w1_reference(x.cpu(), words.cpu(), K))
+    assert torch.equal(gemm.w1a1(x, words, K, prepack=False).cpu(), w1a1_reference(x.cpu(), words.cpu(), K))
     y = gemm.w1a16(x, words)
     assert_close_dot(y, w1a16_reference(x.cpu(), words.cpu()), x.cpu().abs().sum(1, keepdim=True))
     g = torch.randn(N, 9, device=device).t()
-    assert_close_dot(gemm.grad_input(g, words, K), grad_input_reference(g.cpu(), words.cpu(), K),
-                     g.cpu().abs().sum(1, keepdim=True))
+    assert_close_dot(
+        gemm.grad_input(g, words, K), grad_input_reference(g.cpu(), words.cpu(), K), g.cpu().abs().sum(1, keepdim=True)
+    )
 
 
 def test_empty(gemm, device):
     words = weight_words(5, 40, device)
-    assert gemm.a1w1(torch.randn(0, 40, device=device), words, 40).shape == (0, 5)
+    assert gemm.w1a1(torch.randn(0, 40, device=device), words, 40).shape == (0, 5)
     assert gemm.w1a16(torch.randn(0, 40, device=device), words).shape == (0, 5)
     # K = 0: an empty dot is 0, and the epilogue still applies.
     bias = torch.randn(5, device=device)

@@ -18,11 +18,13 @@ def _calls(device):
     grad = torch.randn(3, 5, device=device, requires_grad=True)
     ops = torch.ops.bnnops
     return [
-        ("binary_linear_a1w1", lambda: ops.binary_linear_a1w1(x, words, 40, None, None, torch.float32)),
+        ("binary_linear_w1a1", lambda: ops.binary_linear_w1a1(x, words, 40, None, None, torch.float32)),
         ("binary_linear_w1a16", lambda: ops.binary_linear_w1a16(x, words, None, None)),
         ("binary_linear_grad_input", lambda: ops.binary_linear_grad_input(grad, words, 40)),
-        ("binary_conv2d", lambda: ops.binary_conv2d(image, conv_words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1,
-                                                    0.0, True)),
+        (
+            "binary_conv2d",
+            lambda: ops.binary_conv2d(image, conv_words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True),
+        ),
     ]
 
 
@@ -52,8 +54,12 @@ def test_create_graph_through_a_layer(device, kind):
     assert torch.equal(grad.detach(), expected)
     with pytest.raises(RuntimeError, match="has no derivative of its own"):
         grad.square().sum().backward()
-    y = torch.ops.bnnops.binary_linear_w1a16(torch.randn(2, 40, device=device, requires_grad=True),
-                                            bnnops.pack_signs(torch.randn(5, 40, device=device)), None, None)
+    y = torch.ops.bnnops.binary_linear_w1a16(
+        torch.randn(2, 40, device=device, requires_grad=True),
+        bnnops.pack_signs(torch.randn(5, 40, device=device)),
+        None,
+        None,
+    )
     y.relu_()  # an in-place op on a marked result is fine; only its backward raises
 
 
@@ -61,8 +67,9 @@ def test_raw_op_with_grad_under_compile_raises():
     """Under torch.compile the marking node would not enter the graph: the op refuses at trace time."""
     words = bnnops.pack_signs(torch.randn(5, 40))
     x = torch.randn(2, 40, requires_grad=True)
-    f = torch.compile(lambda x: torch.ops.bnnops.binary_linear_w1a16(x * 2, words, None, None), backend="aot_eager",
-                      fullgraph=True)
+    f = torch.compile(
+        lambda x: torch.ops.bnnops.binary_linear_w1a16(x * 2, words, None, None), backend="aot_eager", fullgraph=True
+    )
     with pytest.raises(Exception, match="has no derivative of its own"):
         f(x).sum().backward()
 
@@ -92,7 +99,7 @@ def test_cuda_implementations_match_the_references(device):
     """The exact code each op registers for CUDA (its glue: contiguity, reshapes, the launcher), run
     here on non-contiguous, ragged inputs (on a CPU by the Triton interpreter), equals the op's
     pure-PyTorch reference bit for bit. Integer-valued inputs make every float sum exact."""
-    cpu = lambda *ts: [t.cpu() if isinstance(t, torch.Tensor) else t for t in ts]  # noqa: E731
+    cpu = lambda *ts: [t.cpu() if isinstance(t, torch.Tensor) else t for t in ts]
     words = torch.randint(-(2**31), 2**31 - 1, (7, 4), dtype=torch.int32, device=device)[:, ::2]  # K = 45
     x3 = _integers((3, 2, 90), device)[..., ::2]  # (3, 2, 45), strided
     vec = _integers((14,), device)[::2]  # (7,) strided
@@ -101,7 +108,7 @@ def test_cuda_implementations_match_the_references(device):
     calls = {
         "pack_signs": (_integers((45, 5), device, torch.float16).t(),),
         "unpack_signs": (words, 45, torch.bfloat16),
-        "binary_linear_a1w1": (x3, words, 45, vec, vec, torch.float32),
+        "binary_linear_w1a1": (x3, words, 45, vec, vec, torch.float32),
         "binary_linear_w1a16": (x3, words, vec, None),
         "binary_linear_grad_input": (_integers((3, 14), device)[:, ::2], words, 45),
         "binary_conv2d": (image, conv_words, vec[:4], None, [1, 2], [1, 0, 2, 1], [2, 1], 1, -1.0, True),

@@ -2,17 +2,22 @@ import warnings
 
 import pytest
 import torch
+from helpers import (
+    FLOAT_DTYPES,
+    check_inference_runs_the_op_alone,
+    check_learnable_scale_output_without_grad,
+    random_signs_input,
+)
 from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnnops
-from bnnops import BinaryTensor, kernels, linear
+from bnnops import BinaryTensor, linear
 from bnnops.library import CUDA_IMPLEMENTATIONS
 from bnnops.nn import BinaryLinear
 from bnnops.packing import pack_signs
 from bnnops.quantizers import get_quantizer
-from conftest import FLOAT_DTYPES, check_inference_runs_the_op_alone, check_learnable_scale_output_without_grad, random_signs_input
 
 
 def signs(t):
@@ -121,16 +126,20 @@ def test_ops_match_independent_dense_math(device):
     x = torch.randn(K, 2, 3, device=device).permute(1, 2, 0)  # (2, 3, K), not contiguous
     scale = torch.rand(2 * N, device=device)[::2] + 0.5  # not contiguous either
     bias = torch.randn(N, device=device)
-    y = torch.ops.bnnops.binary_linear_a1w1(x, words, K, scale, bias, torch.float32)
+    y = torch.ops.bnnops.binary_linear_w1a1(x, words, K, scale, bias, torch.float32)
     assert torch.equal(y, (signs(x) @ dense.T) * scale + bias)
-    y = torch.ops.bnnops.binary_linear_a1w1(bnnops.pack_signs(x), words, K, None, None, torch.bfloat16)
+    y = torch.ops.bnnops.binary_linear_w1a1(bnnops.pack_signs(x), words, K, None, None, torch.bfloat16)
     assert y.dtype == torch.bfloat16 and torch.equal(y, (signs(x) @ dense.T).bfloat16())
     # Real fp32 operands go through the tensor cores as two TF32 terms: 2^-18 of the sum of |terms|.
     y = torch.ops.bnnops.binary_linear_w1a16(x, words, None, bias)
     torch.testing.assert_close(y, x @ dense.T + bias, rtol=1e-5, atol=2.0**-18 * x.abs().sum(-1).max().item())
     g = torch.randn(N, 2, 3, device=device).permute(1, 2, 0)
-    torch.testing.assert_close(torch.ops.bnnops.binary_linear_grad_input(g, words, K), g @ dense,
-                               rtol=1e-5, atol=2.0**-18 * g.abs().sum(-1).max().item())
+    torch.testing.assert_close(
+        torch.ops.bnnops.binary_linear_grad_input(g, words, K),
+        g @ dense,
+        rtol=1e-5,
+        atol=2.0**-18 * g.abs().sum(-1).max().item(),
+    )
 
 
 def test_opcheck(device):
@@ -138,9 +147,10 @@ def test_opcheck(device):
     words = bnnops.pack_signs(torch.randn(N, K, device=device))
     x = torch.randn(2, 3, K, device=device)
     scale, bias = torch.rand(N, device=device), torch.randn(N, device=device)
-    torch.library.opcheck(torch.ops.bnnops.binary_linear_a1w1.default, (x, words, K, scale, bias, torch.float32))
-    torch.library.opcheck(torch.ops.bnnops.binary_linear_a1w1.default,
-                          (bnnops.pack_signs(x), words, K, None, None, torch.bfloat16))
+    torch.library.opcheck(torch.ops.bnnops.binary_linear_w1a1.default, (x, words, K, scale, bias, torch.float32))
+    torch.library.opcheck(
+        torch.ops.bnnops.binary_linear_w1a1.default, (bnnops.pack_signs(x), words, K, None, None, torch.bfloat16)
+    )
     torch.library.opcheck(torch.ops.bnnops.binary_linear_w1a16.default, (x.half(), words, None, bias.half()))
     grad = torch.randn(5, N, device=device)
     torch.library.opcheck(torch.ops.bnnops.binary_linear_grad_input.default, (grad, words, K))
@@ -171,7 +181,7 @@ def counted_unpacks(monkeypatch):
     cuda_kernels = torch.library.Library("bnnops", "IMPL")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Warning only once for all operators")
-        for name in ("binary_linear_a1w1", "binary_linear_w1a16", "binary_linear_grad_input"):
+        for name in ("binary_linear_w1a1", "binary_linear_w1a16", "binary_linear_grad_input"):
             cuda_kernels.impl(name, CUDA_IMPLEMENTATIONS[name], "CPU")
     yield calls
     cuda_kernels._destroy()
@@ -225,7 +235,7 @@ def test_binary_linear_layer(device):
     # state_dict round trip of the packed layer.
     other = BinaryLinear(50, 20).to(device)
     other.load_state_dict(layer.state_dict())
-    assert torch.equal(other.weight.packed, layer.weight.packed)
+    assert torch.equal(other.weight.words, layer.weight.words)
     half = BinaryLinear(50, 20).to(device, torch.bfloat16)
     assert half(torch.randn(3, 50, device=device, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
@@ -239,8 +249,9 @@ def test_f_linear_routes_to_packed_kernel(device, counted_unpacks):
         y.sum().backward()
     assert counted_unpacks == []
     dense = lin.weight.dequantize().detach()
-    torch.testing.assert_close(y, x.detach() @ dense.T + lin.bias.detach(), rtol=1e-5,
-                               atol=2.0**-18 * x.abs().sum(-1).max().item())  # two TF32 terms
+    torch.testing.assert_close(
+        y, x.detach() @ dense.T + lin.bias.detach(), rtol=1e-5, atol=2.0**-18 * x.abs().sum(-1).max().item()
+    )  # two TF32 terms
     torch.testing.assert_close(lin.weight.grad, y.new_ones(6, 30).T @ x.detach().reshape(6, 70))
     # Other reads still see the dense values (not routed).
     assert torch.equal(F.linear(dense, lin.weight), dense @ dense.T)
@@ -264,8 +275,10 @@ def run_and_grads(model, x):
     return y.detach(), grads
 
 
-@pytest.mark.parametrize("backend,weight_quantizer", [("aot_eager", None), ("aot_eager", "ste_sign"),
-                                                      ("aot_eager", "magnitude_aware_sign"), ("inductor", None)])
+@pytest.mark.parametrize(
+    "backend,weight_quantizer",
+    [("aot_eager", None), ("aot_eager", "ste_sign"), ("aot_eager", "magnitude_aware_sign"), ("inductor", None)],
+)
 def test_compile_mlp_fullgraph(device, backend, weight_quantizer):
     # Inductor runs on the CPU (its GPU compile would spend the GPU budget on Triton codegen of
     # the elementwise ops around the custom ops, which aot_eager already traces the same way).
@@ -316,7 +329,9 @@ def test_bad_inputs(device):
     with pytest.raises(ValueError, match=r"scale must have shape \(8,\)"):
         bnnops.binary_linear(x, w, scale=torch.ones(1, device=device, requires_grad=True))
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
-        bnnops.binary_linear(x, w, torch.zeros(1, device=device), scale=torch.ones(8, device=device, requires_grad=True))
+        bnnops.binary_linear(
+            x, w, torch.zeros(1, device=device), scale=torch.ones(8, device=device, requires_grad=True)
+        )
     # The W1A16 op takes K from x, so the layer checks in_features itself (padding bits are not weights).
     with pytest.raises(ValueError, match="last dimension is 50, expected in_features = 40"):
         F.linear(torch.randn(3, 50, device=device), w)
@@ -332,18 +347,18 @@ def test_bad_inputs(device):
         BinaryLinear(4, 4, input_quantizer="relu")
     with pytest.raises(ValueError, match="magnitude_aware_sign is a weight quantizer"):
         BinaryLinear(4, 4, input_quantizer="magnitude_aware_sign")
-    words = w.packed
+    words = w.words
     with pytest.raises(ValueError, match=r"shape \(out_features, ceil\(K/32\)\) = \(N, 2\) for K=40"):
         torch.ops.bnnops.binary_linear_w1a16(x, words[:, :1], None, None)
     with pytest.raises(TypeError, match="packed weight must be int32"):
-        torch.ops.bnnops.binary_linear_a1w1(x, words.float(), 40, None, None, torch.float32)
+        torch.ops.bnnops.binary_linear_w1a1(x, words.float(), 40, None, None, torch.float32)
     with pytest.raises(TypeError, match="scale must be a float32"):
         int_scale = torch.ones(8, dtype=torch.int32, device=device)
-        torch.ops.bnnops.binary_linear_a1w1(x, words, 40, int_scale, None, torch.float32)
+        torch.ops.bnnops.binary_linear_w1a1(x, words, 40, int_scale, None, torch.float32)
     with pytest.raises(ValueError, match=r"grad must have shape \(..., out_features = 8\)"):
         torch.ops.bnnops.binary_linear_grad_input(torch.randn(3, 9, device=device), words, 40)
     with pytest.raises(TypeError, match="out_dtype must be float32, bfloat16 or float16"):
-        torch.ops.bnnops.binary_linear_a1w1(x, words, 40, None, None, torch.int32)
+        torch.ops.bnnops.binary_linear_w1a1(x, words, 40, None, None, torch.int32)
 
 
 @pytest.mark.parametrize("iq", ["ste_sign", None])
@@ -351,11 +366,20 @@ def test_learnable_scale_output_without_grad(device, iq):
     w = BinaryTensor.from_float(torch.randn(8, 40, device=device), dtype=torch.bfloat16)
     x = torch.randn(3, 40, device=device, dtype=torch.bfloat16)
     scale = torch.rand(8, device=device, requires_grad=True)
-    check_learnable_scale_output_without_grad(lambda: bnnops.binary_linear(x, w, scale=scale, input_quantizer=iq), scale)
+    check_learnable_scale_output_without_grad(
+        lambda: bnnops.binary_linear(x, w, scale=scale, input_quantizer=iq), scale
+    )
 
 
-@pytest.mark.parametrize("iq,wq,packed_x", [("ste_sign", None, False), (None, None, False), ("ste_sign", None, True),
-                                            ("ste_sign", "magnitude_aware_sign", False)])
+@pytest.mark.parametrize(
+    "iq,wq,packed_x",
+    [
+        ("ste_sign", None, False),
+        (None, None, False),
+        ("ste_sign", None, True),
+        ("ste_sign", "magnitude_aware_sign", False),
+    ],
+)
 def test_inference_runs_the_op_alone(monkeypatch, device, iq, wq, packed_x):
     """With nothing to differentiate the layer calls the op without an autograd node; same output."""
     layer = BinaryLinear(40, 7, input_quantizer=iq, weight_quantizer=wq, device=device)
@@ -374,7 +398,9 @@ def test_autocast_and_empty_features(device):
         binary = nn.Linear(40, 5).to(device)
         binary.weight = nn.Parameter(BinaryTensor.from_float(binary.weight.detach()))
         assert binary(x).dtype == torch.bfloat16  # F.linear on a binary weight follows autocast too
-    expected = bnnops.binary_linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16(), weight_quantizer="ste_sign")
+    expected = bnnops.binary_linear(
+        x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16(), weight_quantizer="ste_sign"
+    )
     assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
     y.float().sum().backward()
     assert x.grad.dtype == layer.weight.grad.dtype == torch.float32

@@ -10,15 +10,23 @@ import io
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES
 from torch import nn
 
 from bnnops import BinaryTensor
 from bnnops.optim import Bop, Bop2ndOrder, ThresholdScheduler
-from conftest import FLOAT_DTYPES
 
 # (shape, binary): BinaryTensor weights with ragged packed lengths (numel not a multiple of 32),
 # conv weights and rank 1, and dense +-1 weights with and without a ragged tail.
-SHAPES = [((6, 40), True), ((3, 64), True), ((4, 35, 3, 3), True), ((7, 45), False), ((70,), True), ((5, 32, 1, 3), True), ((2, 64), False)]
+SHAPES = [
+    ((6, 40), True),
+    ((3, 64), True),
+    ((4, 35, 3, 3), True),
+    ((7, 45), False),
+    ((70,), True),
+    ((5, 32, 1, 3), True),
+    ((2, 64), False),
+]
 
 
 def plain_rule(signs, m, g, gamma, threshold, v=None, sigma=None):
@@ -45,7 +53,9 @@ class Model(nn.Module):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         ws = [
-            (BinaryTensor.from_float if binary else lambda w: w)(torch.where(torch.randn(s, generator=gen) < 0, -1.0, 1.0).to(device, dtype))
+            (BinaryTensor.from_float if binary else lambda w: w)(
+                torch.where(torch.randn(s, generator=gen) < 0, -1.0, 1.0).to(device, dtype)
+            )
             for s, binary in SHAPES
             if binary or not binary_only
         ]
@@ -65,7 +75,11 @@ def signs(p):
 def random_grads(model, gen, step, device):
     for i, p in enumerate(model.ws):
         # Every third step one parameter has no gradient and must be skipped.
-        p.grad = None if (step + i) % 3 == 0 and i == step % 6 else (torch.randn(p.shape, generator=gen) * 0.1).to(device, p.dtype)
+        p.grad = (
+            None
+            if (step + i) % 3 == 0 and i == step % 6
+            else (torch.randn(p.shape, generator=gen) * 0.1).to(device, p.dtype)
+        )
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -110,7 +124,9 @@ def test_bop2ndorder_matches_plain_rule(device, fused):
             for i, p in enumerate(model.ws):
                 if p.grad is not None:
                     gamma, threshold, sigma = hyper[i]
-                    s, m, v, flips = plain_rule(expect[i][0], expect[i][1], p.grad, gamma, threshold, expect[i][2], sigma)
+                    s, m, v, flips = plain_rule(
+                        expect[i][0], expect[i][1], p.grad, gamma, threshold, expect[i][2], sigma
+                    )
                     expect[i] = (s, m, v)
                     assert opt.state[p]["flips"].item() == flips
                 assert torch.equal(signs(p), expect[i][0]), (step, i)
@@ -130,7 +146,9 @@ def test_non_finite_gradients_touch_only_their_elements(device, fused):
     bad = []
     for p in model.ws:
         mask = torch.rand(p.shape, generator=gen).to(device) < 0.2
-        p.grad[mask] = torch.tensor([float("nan"), float("inf"), float("-inf")], device=device)[torch.arange(int(mask.sum()), device=device) % 3]
+        p.grad[mask] = torch.tensor([float("nan"), float("inf"), float("-inf")], device=device)[
+            torch.arange(int(mask.sum()), device=device) % 3
+        ]
         bad.append(mask)
     opt.step()
     for p, (s0, m0), mask in zip(model.ws, before, bad):
@@ -154,8 +172,12 @@ def test_flip_statistics(device, fused):
     opt.step()
     changed = [int((signs(p) != s).sum()) for p, s in zip(model.ws, before)]
     stepped = [p for p in model.ws if p.grad is not None]
-    assert [opt.state[p]["flips"].item() for p in stepped] == [c for p, c in zip(model.ws, changed) if p.grad is not None]
-    assert all(opt.state[p]["flips"].dtype == torch.int64 and opt.state[p]["flips"].device.type == device for p in stepped)
+    assert [opt.state[p]["flips"].item() for p in stepped] == [
+        c for p, c in zip(model.ws, changed) if p.grad is not None
+    ]
+    assert all(
+        opt.state[p]["flips"].dtype == torch.int64 and opt.state[p]["flips"].device.type == device for p in stepped
+    )
     total = sum(changed)
     assert total > 0
     assert opt.flip_ratio().item() == pytest.approx(total / sum(p.numel() for p in stepped))
@@ -297,7 +319,7 @@ def _binary_to_bfloat16(model, opt):
 def _swap_storage(model, opt):
     binary, dense = model.ws[0], model.ws[3]
     with torch.no_grad():
-        torch.utils.swap_tensors(binary, nn.Parameter(BinaryTensor(binary.packed.clone(), binary.shape, binary.dtype)))
+        torch.utils.swap_tensors(binary, nn.Parameter(BinaryTensor(binary.words.clone(), binary.shape, binary.dtype)))
     dense.data = dense.data.clone()
 
 
@@ -403,14 +425,14 @@ def test_hyperparameters_checked_when_stepping_and_loading(device):
     for p in model.ws:
         p.grad = torch.randn(p.shape, device=device)
     opt = Bop(model.parameters(), lr=0.5, threshold=1e-3)
-    words = [p.packed.clone() for p in model.ws]
+    words = [p.words.clone() for p in model.ws]
     opt.param_groups[0]["threshold"] = -1e-3  # as a buggy schedule would write it
     with pytest.raises(ValueError, match="threshold must be >= 0"):
         opt.step()
     opt.param_groups[0].update(threshold=1e-3, lr=2.5)
     with pytest.raises(ValueError, match=r"lr \(gamma\) must be in \[0, 1\]"):
         opt.step()
-    assert all(torch.equal(p.packed, w) for p, w in zip(model.ws, words))  # nothing stepped
+    assert all(torch.equal(p.words, w) for p, w in zip(model.ws, words))  # nothing stepped
     # fused is how this optimizer runs, not part of the checkpoint; the other hyperparameters load.
     opt.param_groups[0]["lr"] = 0.5
     fused = Bop(model.parameters(), lr=0.1, fused=True)
@@ -430,6 +452,7 @@ def test_hyperparameters_checked_when_stepping_and_loading(device):
 def test_threshold_scheduler_resumes_from_an_older_checkpoint(device):
     """A scheduler state without base thresholds (an older checkpoint) takes the base the loaded
     optimizer groups carry, in either load order."""
+
     def make(threshold):
         opt = Bop(Model(torch.float32, device, binary_only=True).ws, threshold=threshold)
         return opt, ThresholdScheduler(opt, lambda t: 0.1**t)

@@ -105,7 +105,7 @@ def test_state_dict_round_trip(device):
         _backward(m, x, y)
         o.step()
         t.step()
-    assert torch.equal(model.weight.packed, model2.weight.packed)
+    assert torch.equal(model.weight.words, model2.weight.words)
     assert torch.equal(model.alpha, model2.alpha) and torch.equal(model.bias, model2.bias)
     assert opt2.binary.param_groups[0]["threshold"] == opt.binary.param_groups[0]["threshold"] == 1e-6 * 2.0**-4
     assert torch.equal(opt.binary.state[model.weight]["m"], opt2.binary.state[model2.weight]["m"])
@@ -127,20 +127,24 @@ def test_grad_scaler(device):
     _backward(plain_model, x, y)
     plain_opt.step()
     assert plain_opt.binary.state[plain_model.weight]["flips"].item() > 0
-    assert torch.equal(scaled_model.weight.packed, plain_model.weight.packed)
-    assert torch.equal(scaled_opt.binary.state[scaled_model.weight]["m"], plain_opt.binary.state[plain_model.weight]["m"])
+    assert torch.equal(scaled_model.weight.words, plain_model.weight.words)
+    assert torch.equal(
+        scaled_opt.binary.state[scaled_model.weight]["m"], plain_opt.binary.state[plain_model.weight]["m"]
+    )
     assert torch.equal(scaled_model.alpha, plain_model.alpha)
 
     # An inf in one real-valued gradient: neither part steps, the scale backs off.
     scaled_opt.zero_grad()
     scaler.scale(torch.nn.functional.mse_loss(scaled_model(x), y)).backward()
     scaled_model.bias.grad[0] = float("inf")
-    words, m = scaled_model.weight.packed.clone(), scaled_opt.binary.state[scaled_model.weight]["m"].clone()
+    words, m = scaled_model.weight.words.clone(), scaled_opt.binary.state[scaled_model.weight]["m"].clone()
     alpha = scaled_model.alpha.detach().clone()
     scaler.step(scaled_opt)
     scaler.update()
     assert scaler.get_scale() == 2.0**11
-    assert torch.equal(scaled_model.weight.packed, words) and torch.equal(scaled_opt.binary.state[scaled_model.weight]["m"], m)
+    assert torch.equal(scaled_model.weight.words, words) and torch.equal(
+        scaled_opt.binary.state[scaled_model.weight]["m"], m
+    )
     assert torch.equal(scaled_model.alpha, alpha)
 
 
@@ -152,18 +156,18 @@ def _ddp_worker(rank, init_file, fused):
         binary, real = split_parameters(model)
         opt = BinaryAndReal(Bop(binary, lr=0.05, threshold=1e-6, fused=fused), torch.optim.Adam(real, lr=1e-2))
         x, y = teacher_data("cpu", n=64, seed=10 + rank)  # each rank its own data
-        start = model.weight.packed.clone()
+        start = model.weight.words.clone()
         flips = 0
         for _ in range(4):
             opt.zero_grad()
             torch.nn.functional.mse_loss(ddp(x), y).backward()
             opt.step()
             flips += opt.binary.state[model.weight]["flips"].item()
-        words = [torch.empty_like(model.weight.packed) for _ in range(2)]
-        dist.all_gather(words, model.weight.packed)
+        words = [torch.empty_like(model.weight.words) for _ in range(2)]
+        dist.all_gather(words, model.weight.words)
         ms = [torch.empty_like(opt.binary.state[model.weight]["m"]) for _ in range(2)]
         dist.all_gather(ms, opt.binary.state[model.weight]["m"].contiguous())
-        assert flips > 0 and not torch.equal(model.weight.packed, start)
+        assert flips > 0 and not torch.equal(model.weight.words, start)
         assert torch.equal(words[0], words[1]) and torch.equal(ms[0], ms[1])
         # Every rank done communicating before any tears down. Without it, a clean-clone CI run saw
         # rank 1 abort in teardown (SIGABRT, "terminate called without an active exception") about

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, poisoned, random_signs_input
 
 import bnnops
 from bnnops import kernels, packing
 from bnnops.packing import pack_bits, pack_signs_reference, pack_weight, unpack_signs_reference
-from conftest import FLOAT_DTYPES, poisoned, random_signs_input
 
 KS = [1, 31, 32, 33, 100, 4097]
 LEADING = [(), (3,), (2, 5)]

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from helpers import FLOAT_DTYPES
 
 from bnnops import quantizers
 from bnnops.quantizers import ApproxSign, MagnitudeAwareSign, SteSign, SwishSign, get_quantizer
-from conftest import FLOAT_DTYPES
 
 # The edge cases of each surrogate: 0, -0, the clip boundaries, inside and outside them.
 POINTS = [-3.0, -1.0, -0.999, -0.5, -1e-7, -0.0, 0.0, 1e-7, 0.25, 0.999, 1.0, 1.001, 2.5]

@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 import bnnops
@@ -46,8 +45,14 @@ def test_counts_by_hand(weight_quantizer, capsys):
     assert list(rows) == list(EXPECTED)
     for name, (binary, real, memory, bmacs, rmacs, shape) in EXPECTED.items():
         r = rows[name]
-        assert (r.binary_params, r.real_params, r.memory_bytes, r.binary_macs, r.real_macs, r.output_shape) == \
-            (binary, real, memory, bmacs, rmacs, shape), name
+        assert (r.binary_params, r.real_params, r.memory_bytes, r.binary_macs, r.real_macs, r.output_shape) == (
+            binary,
+            real,
+            memory,
+            bmacs,
+            rmacs,
+            shape,
+        ), name
     assert rows["2"].input_binary and not rows["0"].input_binary
     assert (s.binary_params, s.real_params) == (556, 47)
     assert s.memory_bytes == 640 and s.float32_bytes == 4 * 603

@@ -4,16 +4,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_data import _write_cifar
 
 from bnnops import BinaryTensor, models, train
 from bnnops.train import TrainConfig
-from test_data import _write_cifar
 
 
 def quick(tmp_path, **overrides):
     """The binary MLP on 100 digits, batch 50 (two steps an epoch), no plots."""
-    settings = dict(model="mlp", optimizer="bop", epochs=1, limit=100, out=str(tmp_path), progress=False,
-                    plots=False, device="cpu")
+    settings = dict(
+        model="mlp", optimizer="bop", epochs=1, limit=100, out=str(tmp_path), progress=False, plots=False, device="cpu"
+    )
     settings.update(overrides)
     return TrainConfig.from_preset("digits", **settings)
 
@@ -71,8 +72,10 @@ def test_resume_continues_exactly(tmp_path):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
     sa, sb = (torch.load(p / "checkpoint.pt", weights_only=True)["model"] for p in (tmp_path / "a", tmp_path / "b"))
     for key in sa:
-        assert torch.equal(sa[key].dequantize() if isinstance(sa[key], BinaryTensor) else sa[key],
-                           sb[key].dequantize() if isinstance(sb[key], BinaryTensor) else sb[key]), key
+        assert torch.equal(
+            sa[key].dequantize() if isinstance(sa[key], BinaryTensor) else sa[key],
+            sb[key].dequantize() if isinstance(sb[key], BinaryTensor) else sb[key],
+        ), key
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train.train(quick(tmp_path / "c"), resume=True)
 
@@ -112,15 +115,27 @@ def test_cifar10_run_and_resume_keep_the_data_dir(tmp_path):
     common = ["--model", "mlp", "--dataset", "cifar10", "--out", out, "--no-progress", "--no-plots", "--device", "cpu"]
     first = train.main(common + ["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "4"])
     assert len(first["history"]) == 1
-    assert len(train.main(["--out", out, "--no-progress", "--no-plots", "--device", "cpu", "--resume",
-                           "--epochs", "2"])["history"]) == 2
+    assert (
+        len(
+            train.main(["--out", out, "--no-progress", "--no-plots", "--device", "cpu", "--resume", "--epochs", "2"])[
+                "history"
+            ]
+        )
+        == 2
+    )
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(epochs=0), "epochs must be an integer >= 1"), (dict(batch_size=-5), "batch_size must be"),
-    (dict(limit=0), "limit must be"), (dict(decay_every=-1), "decay_every must be"),
-    (dict(decay=-1.0), "decay must be > 0"), (dict(gamma=2.5), r"gamma must be in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(epochs=0), "epochs must be an integer >= 1"),
+        (dict(batch_size=-5), "batch_size must be"),
+        (dict(limit=0), "limit must be"),
+        (dict(decay_every=-1), "decay_every must be"),
+        (dict(decay=-1.0), "decay must be > 0"),
+        (dict(gamma=2.5), r"gamma must be in \[0, 1\]"),
+    ],
+)
 def test_config_refuses_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**bad)
@@ -128,8 +143,18 @@ def test_config_refuses_bad_values(bad, match):
 
 def test_model_that_cannot_take_the_dataset(tmp_path):
     with pytest.raises(ValueError, match="model 'small-bnn' does not take dataset 'teacher-student'"):
-        train.train(TrainConfig(model="small-bnn", dataset="teacher-student", limit=20, epochs=1, device="cpu",
-                                out=str(tmp_path), progress=False, plots=False))
+        train.train(
+            TrainConfig(
+                model="small-bnn",
+                dataset="teacher-student",
+                limit=20,
+                epochs=1,
+                device="cpu",
+                out=str(tmp_path),
+                progress=False,
+                plots=False,
+            )
+        )
 
 
 def test_gamma_decays_every_n_epochs(tmp_path):

@@ -39,9 +39,15 @@ from bnnops.optim import Bop, bop_reference_
 # Their gradients are contiguous (O, C, kh, kw), which the kernel reads with a stride along C.
 RESNET18_CONVS = (
     *[(64, 64, 3, 3)] * 4,
-    (128, 64, 3, 3), *[(128, 128, 3, 3)] * 3, (128, 64, 1, 1),
-    (256, 128, 3, 3), *[(256, 256, 3, 3)] * 3, (256, 128, 1, 1),
-    (512, 256, 3, 3), *[(512, 512, 3, 3)] * 3, (512, 256, 1, 1),
+    (128, 64, 3, 3),
+    *[(128, 128, 3, 3)] * 3,
+    (128, 64, 1, 1),
+    (256, 128, 3, 3),
+    *[(256, 256, 3, 3)] * 3,
+    (256, 128, 1, 1),
+    (512, 256, 3, 3),
+    *[(512, 512, 3, 3)] * 3,
+    (512, 256, 1, 1),
 )
 
 _COMPILED = {}
@@ -85,7 +91,7 @@ def bop_step(device, shapes):
         weights = [p.detach() for p in dense]
         baselines["compiled Bop"] = lambda: [step(w, g, m, 1e-4, 1e-8) for w, g, m in zip(weights, grads, ms)]
     numel = sum(math.prod(s) for s in shapes)
-    words = sum(p.packed.numel() for p in binary)
+    words = sum(p.words.numel() for p in binary)
     return Workload(
         ours=Bop(binary).step,
         baselines=baselines,
@@ -103,7 +109,7 @@ def _binary_model(device, shapes):
 
 def _launcher_step(fused, params, ms):
     rows = [0] * len(params)
-    return lambda: fused.step([p.grad for p in params], [p.packed for p in params], ms, [1e-4], [1e-8], hyper_rows=rows)
+    return lambda: fused.step([p.grad for p in params], [p.words for p in params], ms, [1e-4], [1e-8], hyper_rows=rows)
 
 
 def sweep(quick):
@@ -147,7 +153,7 @@ def sweep(quick):
     for label in labels:
         shapes = CUDA_SHAPES[label]["shapes"]
         params = _binary_model("cuda", shapes)
-        nbytes = 12 * sum(math.prod(s) for s in shapes) + 8 * sum(p.packed.numel() for p in params)
+        nbytes = 12 * sum(math.prod(s) for s in shapes) + 8 * sum(p.words.numel() for p in params)
         opt = Bop(params)
         opt.step()  # builds the tables, compiles
         print(f"{label:32} {f'host: Bop.step(), {len(shapes)} tensors':34} {host_us(opt.step):8.1f}")
@@ -157,7 +163,9 @@ def sweep(quick):
             step()
             us = gpu_us(step)
             default = " (default)" if config == (bop.BLOCK_WORDS, bop.NUM_WARPS) else ""
-            print(f"{label:32} {f'GPU: {config[0]} words, {config[1]} warps{default}':34} {us:8.1f} {nbytes / us / 1e6:6.2f}")
+            print(
+                f"{label:32} {f'GPU: {config[0]} words, {config[1]} warps{default}':34} {us:8.1f} {nbytes / us / 1e6:6.2f}"
+            )
         del params, opt, ms
 
 

@@ -1,4 +1,4 @@
-"""Cases of the binary conv2d kernel (kernels/conv2d.py): ``bnnops::binary_conv2d``, A1W1.
+"""Cases of the binary conv2d kernel (kernels/conv2d.py): ``bnnops::binary_conv2d``, W1A1.
 
 ResNet-18's 3x3 stride-1 convolutions at batch 64 and 256, zero padding 1: our op binarizes the bf16
 channels-last input and reads the packed weight; the baseline is cuDNN (``F.conv2d``) in bf16,
@@ -29,11 +29,16 @@ import torch.nn.functional as F
 from bench import Workload, case
 from bnnops.packing import pack_weight
 
-LAYERS = {"layer1 56x56x64": (56, 64), "layer2 28x28x128": (28, 128), "layer3 14x14x256": (14, 256),
-          "layer4 7x7x512": (7, 512)}
+LAYERS = {
+    "layer1 56x56x64": (56, 64),
+    "layer2 28x28x128": (28, 128),
+    "layer3 14x14x256": (14, 256),
+    "layer4 7x7x512": (7, 512),
+}
 CUDA_SHAPES = {
     f"{name} b{batch}": dict(N=batch, HW=hw, C=c, dtype=torch.bfloat16)
-    for batch in (256, 64) for name, (hw, c) in LAYERS.items()
+    for batch in (256, 64)
+    for name, (hw, c) in LAYERS.items()
 }
 CPU_SHAPES = {"8x8x32 b8 fp32": dict(N=8, HW=8, C=32, dtype=torch.float32)}
 TINY = dict(N=1, HW=5, C=33, dtype=torch.float32)
@@ -45,8 +50,9 @@ def _inputs(device, N, HW, C, dtype):
     return x, dense
 
 
-@case("binary_conv2d", cuda=CUDA_SHAPES, cpu=CPU_SHAPES, tiny=TINY,
-      quick=["layer1 56x56x64 b256", "layer4 7x7x512 b256"])
+@case(
+    "binary_conv2d", cuda=CUDA_SHAPES, cpu=CPU_SHAPES, tiny=TINY, quick=["layer1 56x56x64 b256", "layer4 7x7x512 b256"]
+)
 def binary_conv2d(device, N, HW, C, dtype):
     x, dense = _inputs(device, N, HW, C, dtype)
     words = pack_weight(dense)
@@ -55,8 +61,11 @@ def binary_conv2d(device, N, HW, C, dtype):
     return Workload(
         ours=lambda: torch.ops.bnnops.binary_conv2d(x, words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True),
         # On CPU F.conv2d is not cuDNN and the CPU shape is fp32: name what runs.
-        baselines={("cudnn bf16 channels_last" if device == "cuda" else "F.conv2d channels_last"):
-                   lambda: F.conv2d(signs_x, signs_w, None, 1, 1)},
+        baselines={
+            ("cudnn bf16 channels_last" if device == "cuda" else "F.conv2d channels_last"): lambda: F.conv2d(
+                signs_x, signs_w, None, 1, 1
+            )
+        },
         bound="int8",
         bytes=2 * x.numel() * dtype.itemsize + words.numel() * 4,
         ops=2 * N * HW * HW * C * C * 9,
@@ -78,7 +87,7 @@ HOST_PROBLEM = ("host", 1, 8, 64)
 
 
 def _sweep_items(layers):
-    """(label, batch, hw, channels, a_route, config) to compile and time; config None is pick_config's."""
+    """(label, batch, hw, channels, route, config) to compile and time; config None is pick_config's."""
     items = [(*HOST_PROBLEM, "fp8", None)]
     for name in layers:
         hw, c = LAYERS[name]
@@ -87,14 +96,14 @@ def _sweep_items(layers):
     return items
 
 
-def _launcher(label, batch, hw, c, a_route, config):
+def _launcher(label, batch, hw, c, route, config):
     """A zero-argument call of the conv2d launcher on one layer, and the layer's tensors."""
     from bnnops import kernels
 
     conv = kernels.load("conv2d")
     x, dense = _inputs("cuda", batch, hw, c, torch.bfloat16)
     words = pack_weight(dense)
-    return (lambda: conv.conv2d(x, words, padding=(1, 1, 1, 1), a_route=a_route, config=config)), x, dense, words
+    return (lambda: conv.conv2d(x, words, padding=(1, 1, 1, 1), route=route, config=config)), x, dense, words
 
 
 def _compile(item):
@@ -138,7 +147,8 @@ def sweep(quick):
     host = {
         "F.conv2d (cuDNN)": lambda: F.conv2d(x, signs_w, None, 1, 1),
         "torch.ops.bnnops.binary_conv2d": lambda: torch.ops.bnnops.binary_conv2d(
-            x, words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True),
+            x, words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True
+        ),
         "kernels conv2d (launcher)": lambda: conv.conv2d(x, words, padding=(1, 1, 1, 1)),
         "kernels prepare (1 launch)": lambda: conv.prepare(x, words, torch.float8_e4m3fn, True, (1, 1, 1, 1)),
     }
@@ -159,23 +169,25 @@ def sweep(quick):
         rows = {
             "cudnn bf16 channels_last": lambda: F.conv2d(signs_x, signs_w, None, 1, 1),
             "the op (torch.ops.bnnops.binary_conv2d)": lambda: torch.ops.bnnops.binary_conv2d(
-                x, words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True),
+                x, words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True
+            ),
             "prepare pass alone": lambda: conv.prepare(x, words, torch.float8_e4m3fn, True, (1, 1, 1, 1)),
         }
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         picked = conv.pick_config(SWEEP_BATCH * hw * hw, c, c, conv.A_FP8, sms)
-        for layer, _, _, _, a_route, config in items:
+        for layer, _, _, _, route, config in items:
             if layer == name:
                 # The launcher runs the prepare pass too: the kernel alone is the difference.
-                call = lambda a_route=a_route, config=config: conv.conv2d(  # noqa: E731
-                    x, words, padding=(1, 1, 1, 1), a_route=a_route, config=config)
-                rows[f"launcher {a_route} {config or 'picked ' + str(picked)}"] = call
+                call = lambda route=route, config=config: conv.conv2d(
+                    x, words, padding=(1, 1, 1, 1), route=route, config=config
+                )
+                rows[f"launcher {route} {config or 'picked ' + str(picked)}"] = call
         for label, f in rows.items():
             us = bench(f)
             rate = f"{ops / us / 1e6:6.0f}" if "prepare" not in label else ""
             print(f"{name:18} {label:46} {us:8.1f} {rate}")
         # fp8 accumulation must be exact (FP8_EXACT_K): the same integers as the int8 route.
-        same = torch.equal(fn(), conv.conv2d(x, words, padding=(1, 1, 1, 1), a_route="int8"))
+        same = torch.equal(fn(), conv.conv2d(x, words, padding=(1, 1, 1, 1), route="int8"))
         print(f"{name:18} fp8 == int8 (exact sums at K = {9 * c}): {same}")
     print(f"sweep done in {time.perf_counter() - start:.1f} s")
 

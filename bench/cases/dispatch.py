@@ -19,9 +19,13 @@ def _direct(device, reference, launcher):
     return launcher if torch.device(device).type == "cuda" else reference
 
 
-@case("op_dispatch", cuda={"w1a16 4x64x64": dict(op="w1a16"), "conv2d 1x32x8x8": dict(op="conv2d")},
-      cpu={"w1a16 4x64x64": dict(op="w1a16"), "conv2d 1x32x8x8": dict(op="conv2d")},
-      tiny=dict(op="conv2d"), quick=["w1a16 4x64x64", "conv2d 1x32x8x8"])
+@case(
+    "op_dispatch",
+    cuda={"w1a16 4x64x64": dict(op="w1a16"), "conv2d 1x32x8x8": dict(op="conv2d")},
+    cpu={"w1a16 4x64x64": dict(op="w1a16"), "conv2d 1x32x8x8": dict(op="conv2d")},
+    tiny=dict(op="conv2d"),
+    quick=["w1a16 4x64x64", "conv2d 1x32x8x8"],
+)
 def op_dispatch(device, op):
     if op == "w1a16":
         x, words = torch.randn(4, 64, device=device), pack_signs(torch.randn(64, 64, device=device))
@@ -33,14 +37,20 @@ def op_dispatch(device, op):
         args = (x, words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True)
         call, direct = torch.ops.bnnops.binary_conv2d, _direct(device, conv.binary_conv2d_reference, conv._conv2d_cuda)
         nbytes = 2 * x.numel() * 4 + words.numel() * 4
-    return Workload(ours=lambda: call(*args), baselines={"implementation, called directly": lambda: direct(*args)},
-                    bound="memory", bytes=nbytes)
+    return Workload(
+        ours=lambda: call(*args),
+        baselines={"implementation, called directly": lambda: direct(*args)},
+        bound="memory",
+        bytes=nbytes,
+    )
 
 
-_LAYER_SHAPES = {"BinaryLinear 4x64x64 inference": dict(layer="linear", training=False),
-                 "BinaryLinear 4x64x64 training forward": dict(layer="linear", training=True),
-                 "BinaryConv2d 1x32x8x8 inference": dict(layer="conv2d", training=False),
-                 "BinaryConv2d 1x32x8x8 training forward": dict(layer="conv2d", training=True)}
+_LAYER_SHAPES = {
+    "BinaryLinear 4x64x64 inference": dict(layer="linear", training=False),
+    "BinaryLinear 4x64x64 training forward": dict(layer="linear", training=True),
+    "BinaryConv2d 1x32x8x8 inference": dict(layer="conv2d", training=False),
+    "BinaryConv2d 1x32x8x8 training forward": dict(layer="conv2d", training=True),
+}
 
 
 @case("layer_overhead", cuda=_LAYER_SHAPES, cpu=_LAYER_SHAPES, tiny=dict(layer="conv2d", training=True))
@@ -50,12 +60,12 @@ def layer_overhead(device, layer, training):
     if layer == "linear":
         module = BinaryLinear(64, 64, device=device)
         x = torch.randn(4, 64, device=device, requires_grad=training)
-        args = (x.detach(), module.weight.packed, 64, None, module.bias, torch.float32)
-        op = torch.ops.bnnops.binary_linear_a1w1
+        args = (x.detach(), module.weight.words, 64, None, module.bias, torch.float32)
+        op = torch.ops.bnnops.binary_linear_w1a1
     else:
         module = BinaryConv2d(32, 32, 3, padding=1, device=device)
         x = torch.randn(1, 32, 8, 8, device=device, requires_grad=training)
-        args = (x.detach(), module.weight.packed, module.bias, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True)
+        args = (x.detach(), module.weight.words, module.bias, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True)
         op = torch.ops.bnnops.binary_conv2d
     # Inference: both under no_grad. Training: x requires grad, the op gets it detached (as the
     # layer's autograd function passes it).
@@ -69,5 +79,9 @@ def layer_overhead(device, layer, training):
         with torch.no_grad():
             return op(*args)
 
-    return Workload(ours=call_layer, baselines={"its op, called directly": call_op}, bound="memory",
-                    bytes=2 * x.numel() * 4 + module.weight.packed.numel() * 4)
+    return Workload(
+        ours=call_layer,
+        baselines={"its op, called directly": call_op},
+        bound="memory",
+        bytes=2 * x.numel() * 4 + module.weight.words.numel() * 4,
+    )

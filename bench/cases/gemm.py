@@ -1,12 +1,12 @@
 """Cases of the binary GEMM kernels (kernels/gemm.py), timed through the ops a user calls.
 
-- ``gemm_a1w1``: ``torch.ops.bnnops.binary_linear_a1w1`` on bf16 activations (binarized by the op:
+- ``gemm_w1a1``: ``torch.ops.bnnops.binary_linear_w1a1`` on bf16 activations (binarized by the op:
   packed first at these sizes, then the packed x packed-W kernel) against ``torch.matmul`` in bf16 on
   the same +-1 values and ``torch._int_mm`` on them as int8. int8-bound: 2*M*N*K ops.
-- ``gemm_a1w1_fp8``: the same on the launcher's "fp8" route (the GEMM as a 1x1 convolution, fp8
+- ``gemm_w1a1_fp8``: the same on the launcher's "fp8" route (the GEMM as a 1x1 convolution, fp8
   e4m3 +-1 operands written by one prepare launch, then a pipelined fp8 wgmma), not yet timed on
   a GPU.
-- ``gemm_a1w1_packed``: the same with activations already packed (a binary network can keep them
+- ``gemm_w1a1_packed``: the same with activations already packed (a binary network can keep them
   packed between layers): the kernel alone.
 - ``gemm_w1a16``: ``torch.ops.bnnops.binary_linear_w1a16`` (real bf16 activations, packed +-1
   weight) against ``torch.matmul`` in bf16 on the dense +-1 weight. Memory-bound on the packed
@@ -24,8 +24,8 @@ from bench import Workload, case
 from bnnops import kernels
 from bnnops.packing import pack_signs, packed_length
 
-A1W1_CPU = {"M=N=K=512 fp32": dict(M=512, N=512, K=512, dtype=torch.float32)}
-A1W1_TINY = dict(M=3, N=5, K=33, dtype=torch.float32)
+W1A1_CPU = {"M=N=K=512 fp32": dict(M=512, N=512, K=512, dtype=torch.float32)}
+W1A1_TINY = dict(M=3, N=5, K=33, dtype=torch.float32)
 
 
 def _signs(shape, device, dtype):
@@ -44,7 +44,7 @@ def _matmul_name(dtype):
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype] + " matmul"
 
 
-def _a1w1_baselines(xs, ws, device):
+def _w1a1_baselines(xs, ws, device):
     """bf16 matmul on the +-1 values, and int8 _int_mm on them where it runs (CUDA, M > 16)."""
     baselines = {_matmul_name(xs.dtype): lambda: torch.matmul(xs, ws.T)}
     if torch.device(device).type == "cuda" and xs.shape[0] > 16 and xs.shape[1] % 8 == 0 and ws.shape[0] % 8 == 0:
@@ -53,11 +53,13 @@ def _a1w1_baselines(xs, ws, device):
     return baselines
 
 
-A1W1_CUDA = {"M=N=K=8192 bf16": dict(M=8192, N=8192, K=8192, dtype=torch.bfloat16),
-             "M=N=K=4096 bf16": dict(M=4096, N=4096, K=4096, dtype=torch.bfloat16)}
+W1A1_CUDA = {
+    "M=N=K=8192 bf16": dict(M=8192, N=8192, K=8192, dtype=torch.bfloat16),
+    "M=N=K=4096 bf16": dict(M=4096, N=4096, K=4096, dtype=torch.bfloat16),
+}
 
 
-def gemm_a1w1(device, M, N, K, dtype, route="int8"):
+def gemm_w1a1(device, M, N, K, dtype, route="int8"):
     """Float x binarized by the op; ``route="fp8"`` runs the launcher's fp8 route instead (the
     GEMM as a 1x1 conv with pipelined fp8 wgmma), which the op does not take yet; on the CPU
     there are no routes: the op's reference."""
@@ -66,36 +68,37 @@ def gemm_a1w1(device, M, N, K, dtype, route="int8"):
     words = pack_signs(w)
     if route == "fp8" and torch.device(device).type == "cuda":
         gemm = kernels.load("gemm")
-        ours = lambda: gemm.a1w1(x, words, K, out_dtype=dtype, route="fp8")  # noqa: E731
+        ours = lambda: gemm.w1a1(x, words, K, out_dtype=dtype, route="fp8")
     else:
-        ours = lambda: torch.ops.bnnops.binary_linear_a1w1(x, words, K, None, None, dtype)  # noqa: E731
+        ours = lambda: torch.ops.bnnops.binary_linear_w1a1(x, words, K, None, None, dtype)
     return Workload(
         ours=ours,
-        baselines=_a1w1_baselines(torch.where(x < 0, -1.0, 1.0).to(dtype), w, device),
+        baselines=_w1a1_baselines(torch.where(x < 0, -1.0, 1.0).to(dtype), w, device),
         bound="int8",
         bytes=M * K * dtype.itemsize + N * packed_length(K) * 4 + M * N * dtype.itemsize,
         ops=2 * M * N * K,
     )
 
 
-case("gemm_a1w1", cuda=A1W1_CUDA, cpu=A1W1_CPU, tiny=A1W1_TINY)(gemm_a1w1)
-case("gemm_a1w1_fp8", cuda={label: dict(p, route="fp8") for label, p in A1W1_CUDA.items()}, cpu=A1W1_CPU,
-     tiny=A1W1_TINY)(gemm_a1w1)
+case("gemm_w1a1", cuda=W1A1_CUDA, cpu=W1A1_CPU, tiny=W1A1_TINY)(gemm_w1a1)
+case(
+    "gemm_w1a1_fp8", cuda={label: dict(p, route="fp8") for label, p in W1A1_CUDA.items()}, cpu=W1A1_CPU, tiny=W1A1_TINY
+)(gemm_w1a1)
 
 
 @case(
-    "gemm_a1w1_packed",
+    "gemm_w1a1_packed",
     cuda={"M=N=K=8192 packed x, bf16 y": dict(M=8192, N=8192, K=8192, dtype=torch.bfloat16)},
-    cpu=A1W1_CPU,
-    tiny=A1W1_TINY,
+    cpu=W1A1_CPU,
+    tiny=W1A1_TINY,
 )
-def gemm_a1w1_packed(device, M, N, K, dtype):
+def gemm_w1a1_packed(device, M, N, K, dtype):
     xs = _signs((M, K), device, dtype)
     w = _signs((N, K), device, dtype)
     x_words, words = pack_signs(xs), pack_signs(w)
     return Workload(
-        ours=lambda: torch.ops.bnnops.binary_linear_a1w1(x_words, words, K, None, None, dtype),
-        baselines=_a1w1_baselines(xs, w, device),
+        ours=lambda: torch.ops.bnnops.binary_linear_w1a1(x_words, words, K, None, None, dtype),
+        baselines=_w1a1_baselines(xs, w, device),
         bound="int8",
         bytes=(M + N) * packed_length(K) * 4 + M * N * dtype.itemsize,
         ops=2 * M * N * K,
@@ -104,9 +107,11 @@ def gemm_a1w1_packed(device, M, N, K, dtype):
 
 @case(
     "gemm_w1a16",
-    cuda={"M=1 N=K=8192 bf16": dict(M=1, N=8192, K=8192, dtype=torch.bfloat16),
-          "M=16 N=K=8192 bf16": dict(M=16, N=8192, K=8192, dtype=torch.bfloat16),
-          "M=128 N=K=8192 bf16": dict(M=128, N=8192, K=8192, dtype=torch.bfloat16)},
+    cuda={
+        "M=1 N=K=8192 bf16": dict(M=1, N=8192, K=8192, dtype=torch.bfloat16),
+        "M=16 N=K=8192 bf16": dict(M=16, N=8192, K=8192, dtype=torch.bfloat16),
+        "M=128 N=K=8192 bf16": dict(M=128, N=8192, K=8192, dtype=torch.bfloat16),
+    },
     cpu={"M=16 N=K=1024 fp32": dict(M=16, N=1024, K=1024, dtype=torch.float32)},
     tiny=dict(M=1, N=5, K=33, dtype=torch.float32),
 )

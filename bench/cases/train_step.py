@@ -66,12 +66,24 @@ def plain_pytorch_copy(model):
         if isinstance(module, BinaryConv2d):
             if module.pad_value != 0:
                 raise ValueError(f"{name}: nn.Conv2d pads with zeros only, this layer pads with {module.pad_value}")
-            twin = SteConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                             module.padding, module.dilation, module.groups, module.bias is not None,
-                             binarize_input=module.input_quantizer is not None)
+            twin = SteConv2d(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+                module.bias is not None,
+                binarize_input=module.input_quantizer is not None,
+            )
         elif isinstance(module, BinaryLinear):
-            twin = SteLinear(module.in_features, module.out_features, module.bias is not None,
-                             binarize_input=module.input_quantizer is not None)
+            twin = SteLinear(
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                binarize_input=module.input_quantizer is not None,
+            )
         else:
             continue
         parent, _, child = name.rpartition(".")
@@ -212,13 +224,18 @@ def step_profile(step, device, steps=3, top=12):
             step()
         _sync(device)
     if cuda:
-        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
-                  if e.device_type == DeviceType.CUDA]
+        events = [
+            (e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA
+        ]
     else:
         events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
     events.sort(key=lambda e: -e[1])
-    result = {"steps": steps, "host_ms": 1e3 * host / steps, "wall_ms": 1e3 * wall / steps,
-              "top": [{"name": name, "ms": us / 1e3 / steps, "calls": count / steps} for name, us, count in events[:top]]}
+    result = {
+        "steps": steps,
+        "host_ms": 1e3 * host / steps,
+        "wall_ms": 1e3 * wall / steps,
+        "top": [{"name": name, "ms": us / 1e3 / steps, "calls": count / steps} for name, us, count in events[:top]],
+    }
     if cuda:
         result["kernel_ms"] = sum(us for _, us, _ in events) / 1e3 / steps
     return result
@@ -229,15 +246,18 @@ def profile_markdown(profiles):
     sections = []
     for name, p in profiles.items():
         kernel = f", kernels {p['kernel_ms']:.2f} ms" if "kernel_ms" in p else ""
-        lines = [f"{name}: host {p['host_ms']:.2f} ms, wall {p['wall_ms']:.2f} ms{kernel} per step (mean of {p['steps']})",
-                 "", "| op or kernel | ms / step | calls / step |", "|---|---|---|"]
+        lines = [
+            f"{name}: host {p['host_ms']:.2f} ms, wall {p['wall_ms']:.2f} ms{kernel} per step (mean of {p['steps']})",
+            "",
+            "| op or kernel | ms / step | calls / step |",
+            "|---|---|---|",
+        ]
         lines += [f"| `{e['name'][:90]}` | {e['ms']:.3f} | {e['calls']:g} |" for e in p["top"]]
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
 
-def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False, channels_last=False,
-                    progress=None):
+def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False, channels_last=False, progress=None):
     """Images/s and peak memory of ours and the plain baseline, one process, one after the other.
 
     Returns (result dict, markdown table). Peak memory is ``torch.cuda.max_memory_allocated``
@@ -253,8 +273,10 @@ def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False,
 
     if not torch.cuda.is_available():
         raise RuntimeError("--gpu-step needs a CUDA GPU")
-    base = {"ours": "bnnops + Bop (bf16 activations)",
-            "plain": "plain nn.Conv2d/nn.Linear + ste_sign + Adam (bf16 autocast)"}
+    base = {
+        "ours": "bnnops + Bop (bf16 activations)",
+        "plain": "plain nn.Conv2d/nn.Linear + ste_sign + Adam (bf16 autocast)",
+    }
     # (row suffix, label suffix, compile, channels_last), in the order they run.
     kinds = [("", "", False, False)]
     if channels_last:
@@ -262,21 +284,29 @@ def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False,
     if compile:
         kinds.append((" compiled", ", torch.compile", True, False))
     runs = [(name + suffix, name, compiled, cl) for suffix, _, compiled, cl in kinds for name in base]
-    labels = {name + suffix: label + label_suffix for suffix, label_suffix, _, _ in kinds for name, label in base.items()}
-    result = {"machine": describe("cuda"), "batch": batch, "steps": steps, "warmup": warmup, "rows": {},
-              "target": "speedup >= 1.5 at memory_ratio <= 1"}
+    labels = {
+        name + suffix: label + label_suffix for suffix, label_suffix, _, _ in kinds for name, label in base.items()
+    }
+    result = {
+        "machine": describe("cuda"),
+        "batch": batch,
+        "steps": steps,
+        "warmup": warmup,
+        "rows": {},
+        "target": "speedup >= 1.5 at memory_ratio <= 1",
+    }
     rows = result["rows"]
     for row_name, variant, compiled, cl in runs:
         try:  # one variant failing still leaves the other's numbers from a short GPU window
             step = training_step(variant, "cuda", batch, compile=compiled, channels_last=cl)
             seconds, peak = _measure(step, steps, warmup)
             row = rows[row_name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds, "peak_bytes": peak}
-        except Exception:  # noqa: BLE001 - recorded in the result and the table
+        except Exception:
             rows[row_name] = {"error": traceback.format_exc()}
         if profile and "error" not in rows[row_name]:
             try:
                 row["profile"] = step_profile(step, "cuda")
-            except Exception:  # noqa: BLE001 - the timing above stands
+            except Exception:
                 row["profile_error"] = traceback.format_exc()
         step = None  # frees the model, its optimizer and the batch before the next variant
         torch.cuda.empty_cache()
@@ -289,13 +319,20 @@ def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False,
 def _report_table(result, labels):
     """Fills result's ratios and returns the markdown of :func:`gpu_step_report`."""
     rows = result["rows"]
-    lines = [f"BinaryNet training step, CIFAR-10 shapes, batch {result['batch']} ({result['machine']['device_name']})",
-             "", "| | images/s | peak memory |", "|---|---|---|"]
+    lines = [
+        f"BinaryNet training step, CIFAR-10 shapes, batch {result['batch']} ({result['machine']['device_name']})",
+        "",
+        "| | images/s | peak memory |",
+        "|---|---|---|",
+    ]
     for name, row in rows.items():
-        cells = ("FAILED", row["error"].strip().splitlines()[-1]) if "error" in row else \
-            (f"{row['images_per_s']:.0f}", f"{row['peak_bytes'] / 2**20:.0f} MiB")
+        cells = (
+            ("FAILED", row["error"].strip().splitlines()[-1])
+            if "error" in row
+            else (f"{row['images_per_s']:.0f}", f"{row['peak_bytes'] / 2**20:.0f} MiB")
+        )
         lines.append(f"| {labels[name]} | {cells[0]} | {cells[1]} |")
-    for suffix in [name[len("ours"):] for name in rows if name.startswith("ours")]:
+    for suffix in [name[len("ours") :] for name in rows if name.startswith("ours")]:
         ours, plain = rows.get("ours" + suffix), rows.get("plain" + suffix)
         if ours and plain and "error" not in ours and "error" not in plain:
             speedup = ours["images_per_s"] / plain["images_per_s"]
@@ -306,6 +343,9 @@ def _report_table(result, labels):
     profiles = {labels[name]: row["profile"] for name, row in rows.items() if "profile" in row}
     if profiles:
         lines += ["", profile_markdown(profiles)]
-    lines += [f"\n{labels[name]}: the profile failed: {row['profile_error'].strip().splitlines()[-1]}"
-              for name, row in rows.items() if "profile_error" in row]
+    lines += [
+        f"\n{labels[name]}: the profile failed: {row['profile_error'].strip().splitlines()[-1]}"
+        for name, row in rows.items()
+        if "profile_error" in row
+    ]
     return "\n".join(lines)
