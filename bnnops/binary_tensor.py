@@ -13,8 +13,9 @@ What it supports, and why the rest is refused:
   ``load_state_dict`` and ``torch.save`` / ``torch.load(weights_only=True)``.
 - out-of-place ops that only read (``w.sum()``, ``w * 2``, ``torch.equal``...) run on the dense
   +-1 copy and return dense tensors: correct, but they build the dense weight, so the bnnops ops
-  read ``.words`` instead. Torch functions listed in ``TORCH_FUNCTIONS`` skip the dense copy:
-  ``F.linear(x, w)`` (so ``nn.Linear`` with a binary weight) runs the packed W1A16 kernel.
+  read ``.words`` instead. Torch functions registered in ``TORCH_FUNCTIONS`` skip the dense copy:
+  ``F.linear(x, w)`` (so ``nn.Linear`` with a binary weight) runs the packed W1A16 kernel, and
+  ``F.conv2d`` the packed conv kernel.
 - view ops are refused (a view would have to be a dense temporary, and writing through it would
   silently change nothing), except the identity view and ``view(-1)``: torch.distributed flattens
   parameters with it (DDP's start-up broadcast), so it returns a dense +-1 copy (``_FlatCopy``)
@@ -25,20 +26,75 @@ What it supports, and why the rest is refused:
   binary checkpoint into a dense model) uses its +-1 values.
 - ``share_memory_`` shares the words; ``empty_like`` (``Module.to_empty``) gives uninitialized
   words; a model can be built on the meta device.
+
+Two tables route calls, each filled by a decorator: ``@implements([aten ops])`` registers an
+``ATEN_OPS`` handler, run by ``__torch_dispatch__`` below autograd (the aliasing and copying ops
+above); ``@implements_torch_function(torch functions)`` registers a ``TORCH_FUNCTIONS`` handler,
+run by ``__torch_function__`` above autograd, for a function with a packed kernel of its own.
+Every other aten op runs on the dense +-1 copy, or raises if it writes to or views the weight.
 """
+
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map_only
 
 from bnnops.packing import FLOAT_DTYPES, _check_floats, pack_weight, packed_weight_shape, unpack_weight
 
-__all__ = ["BinaryTensor", "metadata", "pack_dense_state_entries"]
+__all__ = [
+    "ATEN_OPS",
+    "TORCH_FUNCTIONS",
+    "BinaryTensor",
+    "implements",
+    "implements_torch_function",
+    "metadata",
+    "pack_dense_state_entries",
+]
 
 aten = torch.ops.aten
 
-# torch function -> implementation for BinaryTensor arguments, filled by the modules that own
-# the packed kernels (bnnops.linear registers F.linear).
-TORCH_FUNCTIONS = {}
+# aten op -> implementation on BinaryTensor arguments, called as ``handler(*args, **kwargs)`` by
+# ``__torch_dispatch__``; filled with :func:`implements`.
+ATEN_OPS: dict[torch._ops.OpOverload, Callable[..., Any]] = {}
+
+# torch function -> implementation for BinaryTensor arguments, called as ``handler(*args, **kwargs)``
+# by ``__torch_function__`` (it may return NotImplemented to decline); filled with
+# :func:`implements_torch_function` by the modules that own the packed kernels (``bnnops.linear``
+# registers ``F.linear``, ``bnnops.conv`` ``F.conv2d``). A plain ``TORCH_FUNCTIONS[f] = handler``
+# registers too.
+TORCH_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def implements(aten_ops: Sequence[torch._ops.OpOverload]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register the decorated function as BinaryTensor's ``__torch_dispatch__``
+    implementation of each op in ``aten_ops`` (torchao's NF4Tensor style). The function takes the
+    op's arguments as they are, ``handler(*args, **kwargs)``, and is returned unchanged."""
+
+    def decorator(handler: Callable[..., Any]) -> Callable[..., Any]:
+        for op in aten_ops:
+            ATEN_OPS[op] = handler
+        return handler
+
+    return decorator
+
+
+def implements_torch_function(*funcs: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register the decorated function as BinaryTensor's ``__torch_function__``
+    implementation of each torch function in ``funcs``, e.g. ``@implements_torch_function(F.linear)``.
+
+    The handler is called as ``handler(*args, **kwargs)`` with the function's arguments, above
+    autograd (it owns the gradient), before any dense copy is made; it may return
+    ``NotImplemented`` to decline (the call then runs on the dense +-1 values). It is returned
+    unchanged.
+    """
+
+    def decorator(handler: Callable[..., Any]) -> Callable[..., Any]:
+        for func in funcs:
+            TORCH_FUNCTIONS[func] = handler
+        return handler
+
+    return decorator
 
 
 class BinaryTensor(torch.Tensor):
@@ -59,7 +115,13 @@ class BinaryTensor(torch.Tensor):
     words: torch.Tensor
 
     @staticmethod
-    def __new__(cls, words, shape, dtype=torch.float32, requires_grad=False):
+    def __new__(
+        cls,
+        words: torch.Tensor,
+        shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        requires_grad: bool = False,
+    ) -> "BinaryTensor":
         shape = torch.Size(shape)
         if not isinstance(words, torch.Tensor) or words.dtype != torch.int32:
             raise TypeError("BinaryTensor needs int32 packed words")
@@ -76,11 +138,19 @@ class BinaryTensor(torch.Tensor):
             cls, shape, dtype=dtype, device=words.device, requires_grad=requires_grad
         )
 
-    def __init__(self, words, shape, dtype=torch.float32, requires_grad=False):
+    def __init__(
+        self,
+        words: torch.Tensor,
+        shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        requires_grad: bool = False,
+    ) -> None:
         self.words = words
 
     @classmethod
-    def from_float(cls, w, *, dtype=None, requires_grad=False):
+    def from_float(
+        cls, w: torch.Tensor, *, dtype: torch.dtype | None = None, requires_grad: bool = False
+    ) -> "BinaryTensor":
         """Binarize a float weight: -1 where ``w < 0``, else +1 (sign(0) = +1).
 
         Args:
@@ -95,16 +165,16 @@ class BinaryTensor(torch.Tensor):
         _check_dense_source(w)
         return cls(pack_weight(w.detach()), w.shape, dtype or w.dtype, requires_grad)
 
-    def dequantize(self, dtype=None):
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense +-1 tensor of the logical shape, in ``dtype`` (default: the logical dtype)."""
         return unpack_weight(self.words, self.shape, dtype or self.dtype)
 
     @property
-    def data(self):
+    def data(self) -> "BinaryTensor":
         return torch._C.TensorBase.data.__get__(self)
 
     @data.setter
-    def data(self, value):
+    def data(self, value: "BinaryTensor") -> None:
         # Tensor.data's own setter swaps the tensor's storage, which a wrapper does not have: the
         # words live in the Python attribute ``words`` and would silently stay as they were.
         if not isinstance(value, BinaryTensor) or (value.shape, value.dtype, value.device) != (
@@ -118,15 +188,15 @@ class BinaryTensor(torch.Tensor):
             )
         self.words = value.words
 
-    def share_memory_(self):
+    def share_memory_(self) -> "BinaryTensor":
         """Move the packed words to shared memory (``nn.Module.share_memory``, Hogwild training)."""
         self.words.share_memory_()
         return self
 
-    def is_shared(self):
+    def is_shared(self) -> bool:
         return self.words.is_shared()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         grad = f", grad_fn={self.grad_fn.name()}" if self.grad_fn is not None else ""
         grad += ", requires_grad=True" if self.requires_grad and not grad else ""
         return (
@@ -157,8 +227,10 @@ class BinaryTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Ops in ATEN_OPS keep the result packed; writes and views are refused; everything else
+        # runs on the dense +-1 copy.
         kwargs = kwargs or {}
-        handler = _HANDLERS.get(func)
+        handler = ATEN_OPS.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
         if _writes_binary(func, args, kwargs):
@@ -178,7 +250,7 @@ class BinaryTensor(torch.Tensor):
         return func(*args, **kwargs)
 
 
-def metadata(t):
+def metadata(t: torch.Tensor) -> tuple[torch.Size, torch.dtype, torch.device, bool]:
     """(shape, dtype, device, requires_grad) of the tensor ``t``, read without ``__torch_function__``.
 
     On a BinaryTensor each attribute read is a round trip through its Python ``__torch_function__``
@@ -189,7 +261,7 @@ def metadata(t):
         return t.shape, t.dtype, t.device, t.requires_grad
 
 
-def pack_dense_state_entries(module, state_dict, prefix, *args):
+def pack_dense_state_entries(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook of the bnnops layers: a dense float entry for a BinaryTensor
     parameter becomes a BinaryTensor of its signs (refusing NaN and inf), so ``assign=True`` keeps
     the parameter binary too (without it, ``copy_`` packs the entry)."""
@@ -230,10 +302,12 @@ def _check_dense_source(w):
         raise ValueError("cannot binarize a weight that holds NaN or inf")
 
 
+@implements([aten.detach.default, aten.alias.default])
 def _alias(x):
     return BinaryTensor(x.words, x.shape, x.dtype)
 
 
+@implements([aten.view.default])
 def _view(x, size):
     if list(size) == [-1] and x.dim() > 1:
         # torch.distributed flattens parameters to broadcast them (DDP's start-up sync) and writes
@@ -247,10 +321,12 @@ def _view(x, size):
     return _alias(x)
 
 
+@implements([aten.clone.default])
 def _clone(x, memory_format=None):
     return BinaryTensor(x.words.clone(), x.shape, x.dtype)
 
 
+@implements([aten._to_copy.default])
 def _to_copy(x, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(
@@ -261,6 +337,7 @@ def _to_copy(x, dtype=None, layout=None, device=None, pin_memory=None, non_block
     return BinaryTensor(packed, x.shape, dtype or x.dtype)
 
 
+@implements([aten.copy_.default])
 def _copy_(dst, src, non_blocking=False):
     if not isinstance(dst, BinaryTensor):
         # A dense tensor reading a binary one (a Bop checkpoint loaded into a dense model).
@@ -277,6 +354,7 @@ def _copy_(dst, src, non_blocking=False):
     return dst
 
 
+@implements([aten.empty_like.default])
 def _empty_like(x, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
     # Module.to_empty passes a device: uninitialized words there, the same logical tensor. Without
     # one it is a dense scratch tensor, as reads build them (dropout: empty_like(w).bernoulli_()).
@@ -317,16 +395,6 @@ class _FlatCopy(torch.Tensor):
         # A view of the copy is a copy too (split & co. return several).
         return tree_map_only(torch.Tensor, _FlatCopy, out) if func.is_view else out
 
-
-_HANDLERS = {
-    aten.detach.default: _alias,
-    aten.alias.default: _alias,
-    aten.view.default: _view,
-    aten.clone.default: _clone,
-    aten._to_copy.default: _to_copy,
-    aten.copy_.default: _copy_,
-    aten.empty_like.default: _empty_like,
-}
 
 # torch.load(weights_only=True) rebuilds only allow-listed classes; checkpoints name this class
 # by its import path, bnnops.binary_tensor.BinaryTensor, so that path is public API.

@@ -17,8 +17,9 @@ needed. Images come out as float32 in [-1, 1], NCHW, the scaling of the paper's 
 
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ __all__ = [
     "teacher_student",
 ]
 
-CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+CIFAR10_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
 @dataclass
@@ -59,21 +60,21 @@ class InMemoryDataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
-    augment: Callable | None = None
-    info: dict = field(default_factory=dict)
+    augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def input_shape(self):
+    def input_shape(self) -> tuple[int, ...]:
         """Shape of one input sample, e.g. (1, 8, 8) or (3, 32, 32)."""
         return tuple(self.x_train.shape[1:])
 
-    def to(self, device):
+    def to(self, device: torch.device | str) -> "InMemoryDataset":
         """Move the tensors to ``device`` (once, so batches are cut there)."""
         for name in ("x_train", "y_train", "x_test", "y_test"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def subset(self, n_train, n_test=None):
+    def subset(self, n_train: int, n_test: int | None = None) -> "InMemoryDataset":
         """The first ``n_train`` training and ``n_test`` test samples (for quick runs and tests)."""
         n_test = n_train if n_test is None else n_test
         return InMemoryDataset(
@@ -87,7 +88,9 @@ class InMemoryDataset:
             dict(self.info),
         )
 
-    def batches(self, split, batch_size, generator=None):
+    def batches(
+        self, split: str, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)`` float32 / int64 batches of ``split`` ('train' or 'test').
 
         Training batches are shuffled with ``generator`` (a torch.Generator on the CPU; the
@@ -108,25 +111,25 @@ class InMemoryDataset:
             yield xb, y[idx]
 
 
-def _to_float(x):
+def _to_float(x: torch.Tensor) -> torch.Tensor:
     # 8-bit images -> [-1, 1], as the paper's preprocessing: x / (255 / 2) - 1.
     return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
 
 
-def _stratified_split(labels, test_fraction, seed):
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, test) taking ``test_fraction`` of each class into test, seeded."""
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = int(round(test_fraction * len(idx)))
+        n_test = round(test_fraction * len(idx))
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     # Shuffle across classes so that subset() takes a mix of classes.
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
 
-def digits(seed=0, test_fraction=0.2):
+def digits(seed: int = 0, test_fraction: float = 0.2) -> InMemoryDataset:
     """scikit-learn's handwritten digits: 1797 grey 8x8 images (16 grey levels), 10 classes.
 
     Split stratified by class with ``seed`` (default 1438 train / 359 test at 0.2).
@@ -161,13 +164,13 @@ class _CifarUnpickler(pickle.Unpickler):
         for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
     }
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path):
+def _read_cifar_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     not_a_batch = f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels')"
     try:
         with open(path, "rb") as f:
@@ -184,7 +187,7 @@ def _read_cifar_batch(path):
     return torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.tensor(labels, dtype=torch.int64)
 
 
-def cifar10_augment(x, generator=None):
+def cifar10_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The paper's CIFAR-10 training augmentation on a float batch (N, C, H, W).
 
     Pad by 4 black pixels on each side (``resize_with_crop_or_pad`` to 40x40 on the uint8 images
@@ -204,7 +207,7 @@ def cifar10_augment(x, generator=None):
     return padded[batch, chans, rows, cols]
 
 
-def cifar10(root):
+def cifar10(root: str | os.PathLike | None) -> InMemoryDataset:
     """CIFAR-10 from ``root``, a directory holding the standard python-pickle batches.
 
     Those are the files of ``cifar-10-python.tar.gz`` (https://www.cs.toronto.edu/~kriz/cifar.html),
@@ -248,13 +251,21 @@ def cifar10(root):
     )
 
 
-def teacher_logits(x, w1, w2):
+def teacher_logits(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """Integer logits of the binary teacher, ``sign(x @ w1.T) @ w2.T`` (sign(0) = +1); the label is their argmax."""
     hidden = torch.where(x @ w1.T < 0, -1.0, 1.0)
     return hidden @ w2.T
 
 
-def teacher_student(seed=0, n_train=8192, n_test=2048, in_features=32, hidden=32, num_classes=4, margin=1):
+def teacher_student(
+    seed: int = 0,
+    n_train: int = 8192,
+    n_test: int = 2048,
+    in_features: int = 32,
+    hidden: int = 32,
+    num_classes: int = 4,
+    margin: float = 1,
+) -> InMemoryDataset:
     """A task whose best accuracy is known: labels made by a random binary network.
 
     The teacher has +-1 weights ``w1`` (hidden, in_features) and ``w2`` (num_classes, hidden)
@@ -264,8 +275,11 @@ def teacher_student(seed=0, n_train=8192, n_test=2048, in_features=32, hidden=32
     unambiguous. A student with the teacher's architecture
     (``bnnops.models.binary_mlp(num_classes, (in_features,), hidden=(hidden,))``: real input,
     binary weights, binary hidden activations; at the defaults, the ``mlp`` model of
-    ``python -m bnnops.train``) represents the teacher exactly, so 100% test accuracy is reachable; ``info['majority_accuracy']`` is the accuracy of always guessing the most common
+    ``python -m bnnops.train``) represents the teacher exactly, so 100% test accuracy is
+    reachable; ``info['majority_accuracy']`` is the accuracy of always guessing the most common
     class, the floor to beat. The teacher's weights are in ``info['teacher']``.
+
+    Returns an :class:`InMemoryDataset` with float32 x of shape (N, in_features).
     """
     # numpy's PCG64, not torch's generator: a student initialized after torch.manual_seed(seed)
     # would otherwise draw the very numbers the teacher was made of and start at the answer.
@@ -295,10 +309,10 @@ def teacher_student(seed=0, n_train=8192, n_test=2048, in_features=32, hidden=32
     )
 
 
-DATASETS = ("digits", "cifar10", "teacher-student")
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "teacher-student")
 
 
-def load(name, seed=0, data_dir=None):
+def load(name: str, seed: int = 0, data_dir: str | os.PathLike | None = None) -> InMemoryDataset:
     """The dataset called ``name`` (one of :data:`DATASETS`); ``seed`` picks the digits split or
     the teacher, ``data_dir`` is CIFAR-10's directory."""
     if name == "digits":

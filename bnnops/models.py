@@ -24,7 +24,9 @@ compares Bop against. The architecture is the same either way. Each model carrie
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from bnnops.nn import BinaryConv2d, BinaryLinear
@@ -38,7 +40,7 @@ KERAS_BN = dict(momentum=0.01, eps=1e-3)
 BIREAL_BN = dict(momentum=0.2, eps=1e-3)
 
 
-def _bn(dims, channels, scale, bn=None):
+def _bn(dims: int, channels: int, scale: bool, bn: dict[str, float] | None = None) -> nn.Module:
     """Batch norm after a binary layer, with ``bn`` (momentum, eps) or torch's defaults.
     ``scale=False`` is Keras' BatchNormalization(scale=False) of the paper's code: the scale stays 1
     (frozen), only the shift trains."""
@@ -48,7 +50,15 @@ def _bn(dims, channels, scale, bn=None):
     return bn
 
 
-def _vgg_bnn(input_shape, convs, dense, num_classes, first_padding, weight_quantizer, bn=None):
+def _vgg_bnn(
+    input_shape: Sequence[int],
+    convs: Sequence[tuple[int, bool]],
+    dense: Sequence[int],
+    num_classes: int,
+    first_padding: int,
+    weight_quantizer: str | None,
+    bn: dict[str, float] | None = None,
+) -> nn.Sequential:
     """conv -> [maxpool 2x2] -> BN blocks, flatten, dense -> BN blocks; all weights binary; ``bn``:
     the batch norms' (momentum, eps) settings, torch's defaults if None.
 
@@ -85,7 +95,13 @@ def _vgg_bnn(input_shape, convs, dense, num_classes, first_padding, weight_quant
     return model
 
 
-def binarynet(num_classes=10, input_shape=(3, 32, 32), filters=128, dense_units=1024, weight_quantizer=None):
+def binarynet(
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (3, 32, 32),
+    filters: int = 128,
+    dense_units: int = 1024,
+    weight_quantizer: str | None = None,
+) -> nn.Sequential:
     """BinaryNet for CIFAR-10 as trained in the paper (module docstring); 10.4M binary weights at
     the defaults; batch norm with Keras' defaults, as in the paper's code. Input (N, 3, 32, 32) ->
     logits (N, num_classes). Weights start from nn.Conv2d / nn.Linear's init, not Keras' Glorot
@@ -101,7 +117,13 @@ def binarynet(num_classes=10, input_shape=(3, 32, 32), filters=128, dense_units=
     return _vgg_bnn(input_shape, convs, (dense_units, dense_units), num_classes, 0, weight_quantizer, KERAS_BN)
 
 
-def small_bnn(num_classes=10, input_shape=(1, 8, 8), filters=32, dense_units=128, weight_quantizer=None):
+def small_bnn(
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (1, 8, 8),
+    filters: int = 32,
+    dense_units: int = 128,
+    weight_quantizer: str | None = None,
+) -> nn.Sequential:
     """A BinaryNet-style network for 8x8 images: three 3x3 convolutions (filters, filters,
     2*filters; the first on the real image, padded 'same') with two 2x2 max pools, then dense
     layers (dense_units, classes); every weight binary, batch norm after every layer."""
@@ -109,7 +131,12 @@ def small_bnn(num_classes=10, input_shape=(1, 8, 8), filters=32, dense_units=128
     return _vgg_bnn(input_shape, convs, (dense_units,), num_classes, 1, weight_quantizer)
 
 
-def binary_mlp(num_classes=4, input_shape=(32,), hidden=(32,), weight_quantizer=None):
+def binary_mlp(
+    num_classes: int = 4,
+    input_shape: Sequence[int] = (32,),
+    hidden: Sequence[int] = (32,),
+    weight_quantizer: str | None = None,
+) -> nn.Sequential:
     """Binary-weight MLP: flatten, then per hidden width a bias-free binary linear layer and batch
     norm; the first layer sees the real input (W1A16), the others binarize theirs (ste_sign).
 
@@ -135,7 +162,9 @@ class _BiRealBlock(nn.Module):
     """Binary 3x3 conv -> batch norm, plus a real shortcut (identity, or 2x2 average pool ->
     real 1x1 conv -> batch norm when the width doubles and the resolution halves)."""
 
-    def __init__(self, in_channels, out_channels, input_quantizer, weight_quantizer):
+    def __init__(
+        self, in_channels: int, out_channels: int, input_quantizer: str | None, weight_quantizer: str | None
+    ) -> None:
         super().__init__()
         stride = 1 if in_channels == out_channels else 2
         self.conv = BinaryConv2d(
@@ -157,13 +186,17 @@ class _BiRealBlock(nn.Module):
                 nn.BatchNorm2d(out_channels, **BIREAL_BN),
             )
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x)) + self.shortcut(x)
 
 
 def birealnet18(
-    num_classes=1000, input_shape=(3, 224, 224), filters=64, input_quantizer="approx_sign", weight_quantizer=None
-):
+    num_classes: int = 1000,
+    input_shape: Sequence[int] = (3, 224, 224),
+    filters: int = 64,
+    input_quantizer: str | None = "approx_sign",
+    weight_quantizer: str | None = None,
+) -> nn.Sequential:
     """Bi-Real Net-18 (module docstring). ``input_quantizer`` of the binary convolutions:
     Bi-Real Net's ``approx_sign`` by default. Input (N, 3, H, W) -> logits (N, num_classes).
 
@@ -186,10 +219,17 @@ def birealnet18(
     return model
 
 
-MODELS = {"binarynet": binarynet, "birealnet18": birealnet18, "small-bnn": small_bnn, "mlp": binary_mlp}
+MODELS: dict[str, Callable[..., nn.Sequential]] = {
+    "binarynet": binarynet,
+    "birealnet18": birealnet18,
+    "small-bnn": small_bnn,
+    "mlp": binary_mlp,
+}
 
 
-def build(name, input_shape, num_classes, weight_quantizer=None):
+def build(
+    name: str, input_shape: Sequence[int], num_classes: int, weight_quantizer: str | None = None
+) -> nn.Sequential:
     """The model called ``name`` (a key of :data:`MODELS`) for inputs of ``input_shape`` (one
     sample) and ``num_classes`` classes, at its default width."""
     if name not in MODELS:

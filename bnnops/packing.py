@@ -4,8 +4,9 @@
 Format of a packed tensor (every bnnops kernel and reference reads and writes this):
 
 - Signs are packed along the last dimension K, 32 per int32 word: a float tensor of shape
-  (..., K) becomes int32 words of shape (..., ceil(K / 32)), and bit j of word w holds element
-  32*w + j.
+  (..., K) becomes int32 words of shape (..., ceil(K / 32)), and bit j of word w,
+  ``(word >> j) & 1``, holds element 32*w + j. Bit 31 is the int32 sign bit, so a word whose
+  element 32*w + 31 is negative is a negative int32 (two's complement).
 - Bit 1 means -1 and bit 0 means +1, so all-zero words are all +1 and sign(0) = +1 for both
   +0.0 and -0.0 (larq's convention). +inf packs as +1, -inf as -1.
 - A bit cannot hold NaN. The ops are sync-free and pack NaN as +1 (``x < 0`` is false for NaN);
@@ -21,13 +22,17 @@ that dimension moved last::
 
     linear weight (N, K)                -> words (N, ceil(K/32))
     conv2d weight (O, C/groups, kh, kw) -> words (O, kh, kw, ceil((C/groups)/32))
+    any weight (d0, d1, d2, ...)        -> words (d0, d2, ..., ceil(d1/32))
+    rank-1 weight (K,)                  -> words (ceil(K/32),)
 
 so for conv, word [o, r, s, w] bit j holds weight[o, 32*w + j, r, s]: each kernel tap (r, s)
 holds whole words of input channels, which lines up with a channels-last input and lets an
-implicit-GEMM kernel walk the reduction tap by tap, channel word by channel word. A rank-1
-weight is packed along its only dimension. :func:`pack_weight` and :func:`unpack_weight`
-convert between a logical float weight and its words.
+implicit-GEMM kernel walk the reduction tap by tap, channel word by channel word.
+:func:`pack_weight` and :func:`unpack_weight` convert between a logical float weight and its
+words; :func:`packed_weight_shape` gives the words' shape.
 """
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +53,12 @@ __all__ = [
 ]
 
 
-def packed_length(K):
+def packed_length(K: int) -> int:
     """Number of int32 words that hold K signs: ceil(K / 32)."""
     return (K + 31) // 32
 
 
-def pack_bits(bits):
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack a bool tensor (..., K) into int32 words (..., ceil(K/32)): bit j of word w is
     ``bits[..., 32*w + j]``, padding bits 0. Pure PyTorch, any device (the format's packing of a
     mask: :func:`pack_signs_reference` is ``pack_bits(x < 0)``)."""
@@ -72,16 +77,16 @@ def pack_bits(bits):
     return (bits.to(torch.int32) << shifts).sum(-1, dtype=torch.int32)
 
 
-def pack_signs_reference(x):
+def pack_signs_reference(x: torch.Tensor) -> torch.Tensor:
     """Pure-PyTorch packing of ``x`` (..., K), float, into int32 words (..., ceil(K/32))."""
     return pack_bits(x < 0)
 
 
 # (dtype, device) -> the (256, 8) table whose row b holds the +-1 values of the 8 bits of byte b.
-_BYTE_SIGNS = {}
+_BYTE_SIGNS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _byte_signs(dtype, device):
+def _byte_signs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     table = _BYTE_SIGNS.get((dtype, device))
     if table is None:
         bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
@@ -91,7 +96,7 @@ def _byte_signs(dtype, device):
     return table
 
 
-def unpack_signs_reference(words, K, dtype):
+def unpack_signs_reference(words: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
     """Pure-PyTorch unpacking of int32 words (..., ceil(K/32)) into +-1 (..., K) of ``dtype``.
 
     One table lookup per byte (byte i of a word holds elements 8i .. 8i + 7, bit j element 8i + j):
@@ -103,7 +108,7 @@ def unpack_signs_reference(words, K, dtype):
     return values.flatten(-3)[..., :K].contiguous()
 
 
-def _check_floats(x, what):
+def _check_floats(x: torch.Tensor, what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -112,7 +117,7 @@ def _check_floats(x, what):
         raise ValueError(f"{what} must have at least one dimension (the packed one), got a scalar")
 
 
-def _check_words(words, K, dtype):
+def _check_words(words: torch.Tensor, K: int, dtype: torch.dtype) -> None:
     if not isinstance(words, torch.Tensor) or words.dtype != torch.int32:
         got = words.dtype if isinstance(words, torch.Tensor) else type(words).__name__
         raise TypeError(f"packed words must be an int32 tensor, got {got}")
@@ -127,7 +132,7 @@ def _check_words(words, K, dtype):
         raise TypeError(f"unpack dtype must be float32, bfloat16 or float16, got {dtype}")
 
 
-def _pack_fake(x):
+def _pack_fake(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], packed_length(x.shape[-1]), dtype=torch.int32)
 
 
@@ -147,7 +152,7 @@ define(
 )
 
 
-def pack_signs(x):
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """Pack the signs of a float tensor into int32 words.
 
     Args:
@@ -168,7 +173,7 @@ def pack_signs(x):
     return torch.ops.bnnops.pack_signs(x)
 
 
-def unpack_signs(words, K, dtype=torch.float32):
+def unpack_signs(words: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unpack int32 words (..., ceil(K/32)) into a +-1 tensor (..., K) of ``dtype``.
 
     The inverse of :func:`pack_signs` up to the sign: ``unpack_signs(pack_signs(x), K)`` is
@@ -177,14 +182,14 @@ def unpack_signs(words, K, dtype=torch.float32):
     return torch.ops.bnnops.unpack_signs(words, K, dtype)
 
 
-def packed_weight_shape(shape):
+def packed_weight_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """Shape of the words that hold a weight of logical ``shape`` (see the layout above)."""
     if len(shape) == 1:
         return (packed_length(shape[0]),)
     return (shape[0], *shape[2:], packed_length(shape[1]))
 
 
-def pack_weight(w):
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
     """Words of a logical float weight (bit 1 where w < 0), or of a bool mask of its shape (bit 1
     where True), packed along dim 1 (see the layout above).
 
@@ -195,7 +200,12 @@ def pack_weight(w):
     return pack_bits(w) if w.dtype == torch.bool else torch.ops.bnnops.pack_signs(w)
 
 
-def unpack_weight(words, shape, dtype, memory_format=torch.contiguous_format):
+def unpack_weight(
+    words: torch.Tensor,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
     """The dense +-1 weight of logical ``shape`` held by ``words`` (inverse of pack_weight), contiguous
     in ``memory_format``: ``torch.contiguous_format``, or for a 4-D conv weight ``torch.channels_last``,
     which costs no copy (the words are in channels-last order)."""

@@ -30,7 +30,9 @@ Counting rules (larq's, stated here so the numbers can be checked by hand):
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +51,7 @@ class LayerSummary:
 
     name: str
     kind: str
-    output_shape: tuple
+    output_shape: tuple[int, ...]
     input_binary: bool
     binary_params: int
     real_params: int
@@ -58,7 +60,7 @@ class LayerSummary:
     real_macs: int
 
     @property
-    def params(self):
+    def params(self) -> int:
         return self.binary_params + self.real_params
 
 
@@ -66,53 +68,54 @@ class LayerSummary:
 class ModelSummary:
     """Per-layer rows and totals; ``str()`` is the printed table, ``to_dict()`` plain data."""
 
-    input_shape: tuple
-    layers: list = field(default_factory=list)
+    input_shape: tuple[int, ...]
+    layers: list[LayerSummary] = field(default_factory=list)
 
-    def _total(self, attr):
+    def _total(self, attr: str) -> int:
         return sum(getattr(layer, attr) for layer in self.layers)
 
     @property
-    def binary_params(self):
+    def binary_params(self) -> int:
         return self._total("binary_params")
 
     @property
-    def real_params(self):
+    def real_params(self) -> int:
         return self._total("real_params")
 
     @property
-    def params(self):
+    def params(self) -> int:
         return self.binary_params + self.real_params
 
     @property
-    def memory_bytes(self):
+    def memory_bytes(self) -> int:
         return self._total("memory_bytes")
 
     @property
-    def float32_bytes(self):
+    def float32_bytes(self) -> int:
         """Memory if every counted value were float32."""
         return 4 * self.params
 
     @property
-    def compression(self):
+    def compression(self) -> float:
         """float32 bytes / stored bytes."""
         return self.float32_bytes / self.memory_bytes if self.memory_bytes else 1.0
 
     @property
-    def binary_macs(self):
+    def binary_macs(self) -> int:
         return self._total("binary_macs")
 
     @property
-    def real_macs(self):
+    def real_macs(self) -> int:
         return self._total("real_macs")
 
     @property
-    def binary_mac_ratio(self):
+    def binary_mac_ratio(self) -> float:
         """Fraction of the MACs that are binary (XNOR-popcount); 0 for a model without MACs."""
         macs = self.binary_macs + self.real_macs
         return self.binary_macs / macs if macs else 0.0
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: ``input_shape``, ``layers`` (one dict per :class:`LayerSummary`), ``totals``."""
         totals = {
             name: getattr(self, name)
             for name in (
@@ -133,7 +136,7 @@ class ModelSummary:
             "totals": totals,
         }
 
-    def __str__(self):
+    def __str__(self) -> str:
         header = [
             "layer",
             "kind",
@@ -174,7 +177,7 @@ class ModelSummary:
         )
         widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
 
-        def line(row):
+        def line(row: list[str]) -> str:
             return "  ".join(str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
 
         rule = "-" * len(line(header))
@@ -191,14 +194,14 @@ class ModelSummary:
         return "\n".join(out)
 
 
-def _human(n):
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB"):
         if n < 1024 or unit == "MiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
 
 
-def is_binary_weight(module, name, tensor):
+def is_binary_weight(module: nn.Module, name: str, tensor: torch.Tensor) -> bool:
     """Whether ``module``'s parameter ``name`` (the tensor ``tensor``) is a binary weight: a packed
     BinaryTensor, or the latent ``weight`` of a layer with a ``weight_quantizer``."""
     if isinstance(tensor, BinaryTensor):
@@ -206,7 +209,7 @@ def is_binary_weight(module, name, tensor):
     return name == "weight" and getattr(module, "weight_quantizer", None) is not None
 
 
-def _layer_row(name, module, output):
+def _layer_row(name: str, module: nn.Module, output: Any) -> LayerSummary:
     binary_params = real_params = memory = 0
     weight_binary = False
     for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
@@ -238,7 +241,14 @@ def _layer_row(name, module, output):
 
 
 @torch.no_grad()
-def summary(model, input_shape=None, *, print_table=True, device=None, dtype=torch.float32):
+def summary(
+    model: nn.Module,
+    input_shape: Sequence[int] | None = None,
+    *,
+    print_table: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ModelSummary:
     """Profile ``model`` on one sample of ``input_shape`` and return a :class:`ModelSummary`.
 
     Args:
@@ -273,7 +283,7 @@ def summary(model, input_shape=None, *, print_table=True, device=None, dtype=tor
         or any(True for _ in m.buffers(recurse=False))
     ]
 
-    def record(module, args, output):
+    def record(module: nn.Module, args: Any, output: Any) -> None:
         if module not in outputs:
             order.append(module)
         outputs[module] = output

@@ -3,11 +3,13 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import FLOAT_DTYPES, random_signs_input
 from torch import nn
 
 import bnnops
 from bnnops import BinaryTensor
+from bnnops.binary_tensor import ATEN_OPS, TORCH_FUNCTIONS, implements_torch_function
 
 
 def signs(w):
@@ -200,6 +202,28 @@ def test_compile_fullgraph_forward_and_backward(device):
     out.backward()
     assert torch.equal(out, (m.weight.dequantize() * c).sum())
     assert torch.equal(m.weight.grad, eager_grad)
+
+
+def test_handler_tables_and_decorators(monkeypatch):
+    """``@implements_torch_function`` fills TORCH_FUNCTIONS, which ``__torch_function__`` reads (a
+    handler may decline with NotImplemented); the aliasing ops are ATEN_OPS handlers."""
+    b = BinaryTensor.from_float(torch.randn(3, 3))
+    assert F.linear in TORCH_FUNCTIONS and F.conv2d in TORCH_FUNCTIONS  # registered by bnnops.linear / conv
+    monkeypatch.setitem(TORCH_FUNCTIONS, torch.trace, None)  # the test's entry is removed afterwards
+    calls = []
+
+    @implements_torch_function(torch.trace)
+    def packed_trace(w):
+        calls.append(w)
+        return "packed" if len(calls) == 1 else NotImplemented
+
+    assert TORCH_FUNCTIONS[torch.trace] is packed_trace
+    assert torch.trace(b) == "packed" and calls[0] is b
+    assert torch.equal(torch.trace(b), b.dequantize().trace())  # declined: runs on the dense copy
+    assert len(calls) == 2
+    for op in (torch.ops.aten.detach.default, torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+        assert op in ATEN_OPS
+    assert type(b.detach()) is BinaryTensor and b.detach().words is b.words
 
 
 def test_dense_tensors_read_a_binary_one(device):

@@ -62,7 +62,7 @@ def test_cifar10_reader_on_tiny_batches(tmp_path):
         assert d.x_train.shape == (12, 3, 32, 32) and d.x_train.dtype == torch.uint8
         assert d.x_test.shape == (5, 3, 32, 32)
         images = np.concatenate([written[f][0] for f in data.CIFAR10_FILES[:5]])
-        labels = sum((written[f][1] for f in data.CIFAR10_FILES[:5]), [])
+        labels = [label for f in data.CIFAR10_FILES[:5] for label in written[f][1]]
         # row layout: 1024 red, then 1024 green, then 1024 blue values, each row-major 32x32
         assert np.array_equal(d.x_train.numpy(), images.reshape(12, 3, 32, 32))
         assert d.y_train.tolist() == labels and d.y_test.tolist() == written["test_batch"][1]

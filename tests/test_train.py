@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +163,12 @@ def test_gamma_decays_every_n_epochs(tmp_path):
     result = train.train(quick(tmp_path, limit=50, epochs=3, gamma=1e-3, decay=0.1, decay_every=2))
     rates = [h["rate"] for h in result["history"]]
     assert rates == pytest.approx([1e-3, 1e-3, 1e-4])
+
+
+def test_module_entry_point():
+    """``python -m bnnops.train`` runs the command line (bnnops/train/__main__.py)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bnnops.train", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m bnnops.train" in done.stdout and "--resume" in done.stdout
