@@ -3,6 +3,11 @@
 Bit-packed binary GEMM and conv2d forward passes, and the Binary Optimizer (Bop, Helwegen et al.,
 NeurIPS 2019) as one fused update over bit-packed weights. CPU tensors run the pure-PyTorch
 reference of every op; CUDA tensors run the Triton kernels in ``bnnops.kernels``.
+
+From the bottom up: the ops ``torch.ops.bnnops.*`` (:mod:`bnnops.ops`; the pack ops with their
+format in :mod:`bnnops.packing`), no autograd; the functions :func:`binary_linear`
+(:mod:`bnnops.linear`) and :func:`binary_conv2d` (:mod:`bnnops.conv`), which add autograd and
+quantizers (:mod:`bnnops.quantizers`); the modules of :mod:`bnnops.nn` on top of them.
 """
 
 from bnnops import kernels, nn, optim, quantizers

@@ -1,10 +1,179 @@
-"""Binary layers (``bnnops.nn``): drop-in modules that run the bnnops kernels.
+"""Binary layers (``bnnops.nn``): drop-in modules that run the bnnops ops.
 
-- :class:`BinaryLinear`: binary (or binary-weight) linear layer, see :mod:`bnnops.linear`.
-- :class:`BinaryConv2d`: binary (or binary-weight) 2-D convolution, see :mod:`bnnops.conv`.
+- :class:`BinaryLinear`: binary (or binary-weight) linear layer, on :func:`bnnops.binary_linear`.
+- :class:`BinaryConv2d`: binary (or binary-weight) 2-D convolution, on :func:`bnnops.binary_conv2d`.
+
+Without a weight quantizer the weight is a packed :class:`bnnops.BinaryTensor` parameter, trained
+by Bop (:mod:`bnnops.optim`); with one (e.g. ``"ste_sign"``) it is a float latent parameter
+binarized every forward (latent-weight training with a torch optimizer), still on the binary ops.
+Either layer loads a state dict holding a dense float weight by packing its signs.
 """
 
-from bnnops.conv import BinaryConv2d
-from bnnops.linear import BinaryLinear
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from bnnops.binary_tensor import BinaryTensor, pack_dense_state_entries
+from bnnops.conv import as_pair, binary_conv2d, conv_padding
+from bnnops.linear import binary_linear
+from bnnops.ops.conv import PAD_VALUES
+from bnnops.quantizers import SignQuantizer, get_input_quantizer, get_quantizer
 
 __all__ = ["BinaryConv2d", "BinaryLinear"]
+
+
+class BinaryLinear(nn.Module):
+    """A linear layer with +-1 weights (and, by default, +-1 inputs) on the binary GEMM kernels.
+
+    Args:
+        in_features, out_features, bias: as :class:`torch.nn.Linear`.
+        input_quantizer: binarizes the input (a name or SignQuantizer); None keeps real inputs
+            (W1A16: first/last layers, binary-weight networks).
+        weight_quantizer: None (default): the weight is a packed :class:`bnnops.BinaryTensor`
+            parameter. A quantizer: the weight is a float latent parameter (see the module
+            docstring).
+        device, dtype: as :class:`torch.nn.Linear`.
+
+    Init: like :class:`torch.nn.Linear` (Kaiming-uniform weight, uniform bias); the binary weight
+    holds the signs of that init.
+
+    Raises:
+        ValueError: an unknown quantizer, or a weight quantizer as the input quantizer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        input_quantizer: SignQuantizer | str | None = "ste_sign",
+        weight_quantizer: SignQuantizer | str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.input_quantizer = get_input_quantizer(input_quantizer)
+        self.weight_quantizer = get_quantizer(weight_quantizer)
+        factory = dict(device=device, dtype=dtype)
+        w = torch.empty(out_features, in_features, **factory)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.weight = nn.Parameter(w if self.weight_quantizer is not None else BinaryTensor.from_float(w))
+        self.register_load_state_dict_pre_hook(pack_dense_state_entries)
+        if bias:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`bnnops.binary_linear` of x (..., in_features) -> (..., out_features)."""
+        return binary_linear(
+            x, self.weight, self.bias, input_quantizer=self.input_quantizer, weight_quantizer=self.weight_quantizer
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"input_quantizer={self.input_quantizer}, weight_quantizer={self.weight_quantizer}"
+        )
+
+
+class BinaryConv2d(nn.Module):
+    """A 2-D convolution with +-1 weights (and, by default, +-1 inputs) on the binary conv kernel.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device,
+            dtype: as :class:`torch.nn.Conv2d` (padding may be "same" or "valid").
+        padding_mode: only "zeros"; the padding's value is ``pad_value``.
+        pad_value: 0.0 (zero padding) or +1.0 / -1.0 (larq's pad_values: the padding is a binary
+            value, so every input of a binary layer stays exactly +-1).
+        input_quantizer: binarizes the input (a name or SignQuantizer); None keeps real inputs
+            (W1A16: a first layer).
+        weight_quantizer: None (default): the weight is a packed :class:`bnnops.BinaryTensor`
+            parameter. A quantizer: the weight is a float latent parameter (see the module
+            docstring).
+
+    Init: like :class:`torch.nn.Conv2d` (Kaiming-uniform weight, uniform bias); the binary weight
+    holds the signs of that init.
+
+    Raises:
+        ValueError: a padding_mode other than "zeros", groups that do not divide both channel
+            counts, a pad_value other than 0, +1, -1, a bad padding (as :func:`bnnops.conv.conv_padding`),
+            an unknown quantizer, or a weight quantizer as the input quantizer.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        pad_value: float = 0.0,
+        input_quantizer: SignQuantizer | str | None = "ste_sign",
+        weight_quantizer: SignQuantizer | str | None = None,
+    ):
+        super().__init__()
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"BinaryConv2d supports padding_mode='zeros' only, with the padding's value set by "
+                f"pad_value (0, +1 or -1); got padding_mode={padding_mode!r}"
+            )
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups={groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})"
+            )
+        if float(pad_value) not in PAD_VALUES:
+            raise ValueError(f"pad_value must be 0.0, 1.0 or -1.0, got {pad_value}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride, self.dilation = as_pair(stride, "stride"), as_pair(dilation, "dilation")
+        conv_padding(padding, self.kernel_size, self.stride, self.dilation)  # refuse a bad padding at construction
+        self.padding, self.groups, self.pad_value = padding, groups, float(pad_value)
+        self.input_quantizer = get_input_quantizer(input_quantizer)
+        self.weight_quantizer = get_quantizer(weight_quantizer)
+        factory = dict(device=device, dtype=dtype)
+        w = torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.weight = nn.Parameter(w if self.weight_quantizer is not None else BinaryTensor.from_float(w))
+        self.register_load_state_dict_pre_hook(pack_dense_state_entries)
+        if bias:
+            fan_in = w[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`bnnops.binary_conv2d` of x (N, C, H, W) or (C, H, W) with the layer's settings."""
+        return binary_conv2d(
+            x,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            pad_value=self.pad_value,
+            input_quantizer=self.input_quantizer,
+            weight_quantizer=self.weight_quantizer,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"bias={self.bias is not None}, pad_value={self.pad_value}, "
+            f"input_quantizer={self.input_quantizer}, weight_quantizer={self.weight_quantizer}"
+        )

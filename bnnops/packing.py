@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from bnnops import kernels
-from bnnops.library import FLOAT_DTYPES, define
+from bnnops.ops.library import FLOAT_DTYPES, define
 
 __all__ = [
     "pack_bits",

@@ -9,16 +9,16 @@ A quantizer is a :class:`SignQuantizer`: its surrogate derivative ``q.derivative
 function of the input, and ``q.grad(x, grad_out)`` is the one place it is applied. Calling the
 quantizer (``ste_sign(x)``) runs an autograd function built on ``grad``; the fused binary linear
 (:func:`bnnops.binary_linear`) binarizes its input inside the kernel and calls the same ``grad`` in
-its backward, so both share one gradient code path.
+its backward, so both share one gradient code path (so do :func:`bnnops.binary_conv2d` and the
+layers of :mod:`bnnops.nn`).
 
 Quantizers are looked up by name with :func:`get_quantizer` (``"ste_sign"``, ``"approx_sign"``,
 ``"swish_sign"``, ``"magnitude_aware_sign"``) or passed as objects, e.g. ``SwishSign(beta=10)``.
 """
 
-import torch
+from typing import ClassVar
 
-from bnnops.binary_tensor import BinaryTensor
-from bnnops.packing import FLOAT_DTYPES, pack_weight
+import torch
 
 __all__ = [
     "ApproxSign",
@@ -27,7 +27,6 @@ __all__ = [
     "SteSign",
     "SwishSign",
     "approx_sign",
-    "binarize_weight",
     "get_input_quantizer",
     "get_quantizer",
     "magnitude_aware_sign",
@@ -37,7 +36,7 @@ __all__ = [
 ]
 
 
-def sign(x):
+def sign(x: torch.Tensor) -> torch.Tensor:
     """Binarize: -1 where ``x < 0``, else +1 (sign(0) = +1), in x's dtype, no gradient."""
     # The 0-dim one carries x's dtype into the result without a full tensor of ones: a compare and a
     # select move 6 bytes per bf16 value, 10 with ones_like. (``torch.where(x < 0, -1.0, 1.0).to(x.dtype)``
@@ -69,29 +68,29 @@ class SignQuantizer:
     parameters match.
     """
 
-    name = None
+    name: ClassVar[str | None] = None
 
-    def derivative(self, x):
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """The surrogate derivative d sign(x) / dx, elementwise, in x's dtype."""
         raise NotImplementedError
 
-    def grad(self, x, grad_out):
+    def grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """The input gradient given ``grad_out``, the gradient with respect to sign(x)."""
         return grad_out * self.derivative(x).to(grad_out.dtype)
 
-    def __call__(self, x):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _SurrogateSign.apply(x, self)
 
     def _params(self):
         return tuple(sorted(vars(self).items()))
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self._params() == other._params()
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((type(self), self._params()))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._params())
         return f"{type(self).__name__}({params})"
 
@@ -105,13 +104,13 @@ class SteSign(SignQuantizer):
 
     name = "ste_sign"
 
-    def __init__(self, clip_value=1.0):
+    def __init__(self, clip_value: float = 1.0):
         self.clip_value = float(clip_value)
 
-    def derivative(self, x):
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
         return (x.abs() <= self.clip_value).to(x.dtype)
 
-    def grad(self, x, grad_out):
+    def grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         if type(self).derivative is not SteSign.derivative:  # a subclass with its own surrogate
             return super().grad(x, grad_out)
         # A select instead of a multiply by the 0/1 derivative: one kernel and one cast fewer in
@@ -129,7 +128,7 @@ class ApproxSign(SignQuantizer):
 
     name = "approx_sign"
 
-    def derivative(self, x):
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
         return torch.clamp(2 - 2 * x.abs(), min=0)
 
 
@@ -143,10 +142,10 @@ class SwishSign(SignQuantizer):
 
     name = "swish_sign"
 
-    def __init__(self, beta=5.0):
+    def __init__(self, beta: float = 5.0):
         self.beta = float(beta)
 
-    def derivative(self, x):
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
         # At least fp32: cosh overflows fp16 early (the result is then 0, as it should be).
         bx = self.beta * x.to(torch.promote_types(x.dtype, torch.float32))
         d = self.beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx))
@@ -163,18 +162,18 @@ class MagnitudeAwareSign(SteSign):
     ``magnitude_aware_sign``; Rastegari et al., "XNOR-Net" (arXiv 1603.05279) for alpha; Liu et
     al., "Bi-Real Net" (arXiv 1808.00278).
 
-    In :func:`bnnops.binary_linear` the sign is packed and alpha goes to the kernel's
-    per-output-channel scale.
+    In :func:`bnnops.binary_linear` and :func:`bnnops.binary_conv2d` the sign is packed and alpha
+    goes to the op's per-output-channel scale.
     """
 
     name = "magnitude_aware_sign"
 
-    def scale(self, w):
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
         """alpha, the detached per-output-channel mean |w|: float32 of shape (out,) ((1,) for 1-D w)."""
         magnitude = w.detach().abs().float()
         return magnitude.flatten(1).mean(1) if w.dim() > 1 else magnitude.mean().reshape(1)
 
-    def __call__(self, w):
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
         alpha = self.scale(w).to(w.dtype)
         return alpha.view(-1, *([1] * (w.dim() - 1))) * super().__call__(w)
 
@@ -187,8 +186,12 @@ magnitude_aware_sign = MagnitudeAwareSign()
 _BY_NAME = {q.name: q for q in (ste_sign, approx_sign, swish_sign, magnitude_aware_sign)}
 
 
-def get_quantizer(quantizer):
-    """A :class:`SignQuantizer` from a name (see the module docstring) or an instance; None stays None."""
+def get_quantizer(quantizer: SignQuantizer | str | None) -> SignQuantizer | None:
+    """A :class:`SignQuantizer` from a name (see the module docstring) or an instance; None stays None.
+
+    Raises:
+        ValueError: an unknown name, or neither a name nor a SignQuantizer.
+    """
     if quantizer is None or isinstance(quantizer, SignQuantizer):
         return quantizer
     if isinstance(quantizer, str) and quantizer in _BY_NAME:
@@ -196,62 +199,15 @@ def get_quantizer(quantizer):
     raise ValueError(f"unknown quantizer {quantizer!r}; expected one of {sorted(_BY_NAME)} or a SignQuantizer")
 
 
-def get_input_quantizer(quantizer):
-    """:func:`get_quantizer` for activations: refuses magnitude_aware_sign, a weight quantizer."""
+def get_input_quantizer(quantizer: SignQuantizer | str | None) -> SignQuantizer | None:
+    """:func:`get_quantizer` for activations.
+
+    Raises:
+        ValueError: as :func:`get_quantizer`, or for magnitude_aware_sign, a weight quantizer.
+    """
     q = get_quantizer(quantizer)
     if isinstance(q, MagnitudeAwareSign):
         raise ValueError(
             "magnitude_aware_sign is a weight quantizer; use ste_sign, approx_sign or swish_sign for inputs"
         )
     return q
-
-
-def binarize_weight(weight, weight_quantizer, scale):
-    """(weight quantizer or None, packed words, scale) for a layer's weight, the rule every binary op shares.
-
-    A :class:`bnnops.BinaryTensor` is already binary: its words as they are (``weight_quantizer``
-    must be None). A dense float latent weight is binarized by ``weight_quantizer`` (default
-    ste_sign) and packed in the weight layout of :mod:`bnnops.packing`; magnitude_aware_sign also
-    multiplies ``scale`` by its per-output-channel mean |w|.
-    """
-    if scale is not None and (not isinstance(scale, torch.Tensor) or scale.dtype not in FLOAT_DTYPES):
-        got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
-        raise TypeError(
-            f"scale must be a float32, bfloat16 or float16 tensor (one value per output channel), got {got}"
-        )
-    if isinstance(weight, BinaryTensor):
-        if weight_quantizer is not None:
-            raise ValueError("a BinaryTensor weight is already binary: weight_quantizer must be None")
-        return None, weight.words, scale
-    wq = get_quantizer(weight_quantizer if weight_quantizer is not None else "ste_sign")
-    if isinstance(wq, MagnitudeAwareSign):
-        alpha = wq.scale(weight)
-        scale = alpha if scale is None else scale * alpha.to(scale.dtype)
-    return wq, pack_weight(weight.detach()), scale
-
-
-def autocast_inputs(x, weight_dtype, bias):
-    """(x, bias) in the dtype a binary layer computes in, as :func:`binary_linear` and
-    :func:`binary_conv2d` take them.
-
-    Under ``torch.autocast`` for x's device, x and bias are cast to autocast's dtype, as
-    ``nn.Linear`` and ``nn.Conv2d`` compute there (a +-1 weight is exact in every float dtype, so
-    it needs no cast; gradients still reach each input in its own dtype). Otherwise x (if float)
-    must have the weight's dtype ``weight_dtype`` and bias x's, as ``F.linear`` asks. A bias that is
-    not a tensor raises TypeError.
-    """
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a float tensor (one value per output channel), got {type(bias).__name__}")
-    device = x.device.type
-    if x.dtype in FLOAT_DTYPES and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x = x.to(dtype)
-        if bias is not None and bias.is_floating_point():
-            bias = bias.to(dtype)
-    elif x.dtype in FLOAT_DTYPES and x.dtype != weight_dtype:
-        raise TypeError(
-            f"x ({x.dtype}) and weight ({weight_dtype}) must have the same dtype (or run under torch.autocast)"
-        )
-    if bias is not None and x.dtype in FLOAT_DTYPES and bias.dtype != x.dtype:
-        raise TypeError(f"bias ({bias.dtype}) and x ({x.dtype}) must have the same dtype")
-    return x, bias

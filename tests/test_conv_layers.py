@@ -10,7 +10,8 @@ from torch import nn
 
 import bnnops
 from bnnops import BinaryTensor
-from bnnops.conv import BinaryConv2d, binary_conv2d, conv_padding
+from bnnops.conv import binary_conv2d, conv_padding
+from bnnops.nn import BinaryConv2d
 from bnnops.quantizers import get_quantizer
 
 # Gradients: cuDNN / the CPU conv backward against autograd through F.conv2d on the same +-1 and

@@ -1,11 +1,11 @@
-"""The op registration (bnnops/library.py): every op checks its input on every path, and refuses
+"""The op registration (bnnops/ops/library.py): every op checks its input on every path, and refuses
 to be differentiated through directly with a clear error."""
 
 import pytest
 import torch
 
 import bnnops
-from bnnops.library import CUDA_IMPLEMENTATIONS
+from bnnops.ops.library import CUDA_IMPLEMENTATIONS
 from bnnops.packing import pack_weight
 
 

@@ -14,8 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnnops
 from bnnops import BinaryTensor, linear
-from bnnops.library import CUDA_IMPLEMENTATIONS
 from bnnops.nn import BinaryLinear
+from bnnops.ops import reference
+from bnnops.ops.library import CUDA_IMPLEMENTATIONS
 from bnnops.packing import pack_signs
 from bnnops.quantizers import get_quantizer
 
@@ -171,7 +172,7 @@ def counted_unpacks(monkeypatch):
 
     monkeypatch.setattr(BinaryTensor, "dequantize", counting("dequantize", BinaryTensor.dequantize))
     reference_unpack = counting("unpack_signs_reference", bnnops.packing.unpack_signs_reference)
-    for module in (bnnops.packing, linear):
+    for module in (bnnops.packing, reference):
         monkeypatch.setattr(module, "unpack_signs_reference", reference_unpack)
     monkeypatch.setattr(bnnops.packing, "unpack_weight", counting("unpack_weight", bnnops.packing.unpack_weight))
     if torch.cuda.is_available():

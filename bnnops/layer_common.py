@@ -1,0 +1,129 @@
+"""The rules :func:`bnnops.binary_linear` and :func:`bnnops.binary_conv2d` share: the dtype they
+compute in, how a weight becomes words, when a call needs an autograd node, where scale and bias
+are applied, and first-derivative-only backward results.
+
+Output channels are dim 1 of a layer's output here: (M, N) rows for linear, (N, O, OH, OW) for conv.
+"""
+
+import torch
+
+from bnnops.binary_tensor import BinaryTensor
+from bnnops.ops.checks import check_channel_vectors
+from bnnops.ops.library import FLOAT_DTYPES, refuse_backward
+from bnnops.packing import pack_weight
+from bnnops.quantizers import MagnitudeAwareSign, SignQuantizer, get_quantizer
+
+__all__ = [
+    "apply_scale_bias",
+    "autocast_inputs",
+    "binarize_weight",
+    "first_derivatives",
+    "needs_autograd",
+    "split_epilogue",
+]
+
+
+def autocast_inputs(
+    x: torch.Tensor, weight_dtype: torch.dtype, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, bias) in the dtype a binary layer computes in.
+
+    Under ``torch.autocast`` for x's device, x and bias are cast to autocast's dtype, as
+    ``nn.Linear`` and ``nn.Conv2d`` compute there (a +-1 weight is exact in every float dtype, so
+    it needs no cast; gradients still reach each input in its own dtype). Otherwise float x must
+    have the weight's dtype ``weight_dtype``, as ``F.linear`` asks. Int32 x (sign words) passes.
+
+    Raises:
+        TypeError: bias is not a tensor; float x's dtype is not the weight's (outside autocast);
+            bias's dtype is not float x's.
+    """
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a float tensor (one value per output channel), got {type(bias).__name__}")
+    device = x.device.type
+    if x.dtype in FLOAT_DTYPES and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x = x.to(dtype)
+        if bias is not None and bias.is_floating_point():
+            bias = bias.to(dtype)
+    elif x.dtype in FLOAT_DTYPES and x.dtype != weight_dtype:
+        raise TypeError(
+            f"x ({x.dtype}) and weight ({weight_dtype}) must have the same dtype (or run under torch.autocast)"
+        )
+    if bias is not None and x.dtype in FLOAT_DTYPES and bias.dtype != x.dtype:
+        raise TypeError(f"bias ({bias.dtype}) and x ({x.dtype}) must have the same dtype")
+    return x, bias
+
+
+def binarize_weight(
+    weight: torch.Tensor, weight_quantizer: SignQuantizer | str | None, scale: torch.Tensor | None
+) -> tuple[SignQuantizer | None, torch.Tensor, torch.Tensor | None]:
+    """(weight quantizer or None, words, scale) for a layer's weight.
+
+    A :class:`bnnops.BinaryTensor` is already binary: its words as they are (``weight_quantizer``
+    must be None). A dense float latent weight is binarized by ``weight_quantizer`` (default
+    ste_sign) and packed in the weight layout of :mod:`bnnops.packing`; magnitude_aware_sign also
+    multiplies ``scale`` by its per-output-channel mean |w|.
+
+    Raises:
+        TypeError: scale is not a float tensor.
+        ValueError: a weight quantizer for a BinaryTensor, or an unknown quantizer name.
+    """
+    if scale is not None and (not isinstance(scale, torch.Tensor) or scale.dtype not in FLOAT_DTYPES):
+        got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise TypeError(
+            f"scale must be a float32, bfloat16 or float16 tensor (one value per output channel), got {got}"
+        )
+    if isinstance(weight, BinaryTensor):
+        if weight_quantizer is not None:
+            raise ValueError("a BinaryTensor weight is already binary: weight_quantizer must be None")
+        return None, weight.words, scale
+    wq = get_quantizer(weight_quantizer if weight_quantizer is not None else "ste_sign")
+    if isinstance(wq, MagnitudeAwareSign):
+        alpha = wq.scale(weight)
+        scale = alpha if scale is None else scale * alpha.to(scale.dtype)
+    return wq, pack_weight(weight.detach()), scale
+
+
+def needs_autograd(x: torch.Tensor, weight_requires_grad: bool, bias: torch.Tensor | None) -> bool:
+    """Whether a binary layer's call needs its autograd function: grad mode on and x, the weight
+    or the bias the op gets requiring grad. Otherwise (inference) the op runs alone, no node."""
+    return torch.is_grad_enabled() and (
+        weight_requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
+def split_epilogue(
+    scale: torch.Tensor | None, bias: torch.Tensor | None, n: int, device: torch.device
+) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
+    """Where a binary layer applies its per-output-channel ``scale`` and ``bias``: (outside,
+    op_scale, op_bias).
+
+    Normally the op fuses both into its epilogue. A learnable scale (requires_grad) needs the
+    product before scale and bias, so both are applied outside the op, after it, by
+    :func:`apply_scale_bias` (the op then gets None for them and does not check them: they are
+    checked here, against ``n`` channels on ``device``). The split depends on the scale alone, not
+    on grad mode, so a call under no_grad gives the same values as with grad.
+    """
+    if scale is not None and scale.requires_grad:
+        check_channel_vectors(n, device, scale=scale, bias=bias)
+        return True, None, None
+    return False, scale, bias
+
+
+def apply_scale_bias(
+    y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``y * scale + bias`` per output channel (dim 1 of y) in fp32, cast to ``dtype``: the
+    epilogue that :func:`split_epilogue` moves outside the op."""
+    shape = (-1,) + (1,) * (y.dim() - 2)
+    y = y.float() * scale.float().view(shape)
+    if bias is not None:
+        y = y + bias.float().view(shape)
+    return y.to(dtype)
+
+
+def first_derivatives(name: str, grad_y: torch.Tensor, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """A binary layer's backward results (None kept), each refusing a second derivative: with
+    ``create_graph`` they would be differentiable only in part (the +-1 weight and sign(x) are
+    constants there), so a backward through them raises instead (:func:`bnnops.ops.library.refuse_backward`)."""
+    return tuple(None if g is None else refuse_backward(name, g, (grad_y,)) for g in grads)

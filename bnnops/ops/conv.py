@@ -1,0 +1,130 @@
+"""The conv op: ``bnnops::binary_conv2d``.
+
+``torch.ops.bnnops.binary_conv2d(x, weight, bias, scale, stride, padding, dilation, groups,
+pad_value, binarize)`` computes, for ``x`` (N, C, H, W) and the int32 words ``weight``
+(O, kh, kw, ceil(Cg/32)) of a logical +-1 weight (O, Cg, kh, kw), Cg = C / groups
+(layout: :mod:`bnnops.packing`),
+
+    y = scale * conv2d(pad(a(x), padding, pad_value), w, stride, dilation, groups) + bias
+
+per output channel, where a = sign (W1A1, ``binarize=True``; sign(0) = +1, the convolution is an
+exact integer) or the identity (W1A16, ``binarize=False``), and ``pad`` pads with ``pad_value``: 0 is
+zero padding; +1 / -1 (larq's ``pad_values``) keep every input of a binary layer exactly +-1.
+``stride`` and ``dilation`` are 2 ints >= 1, ``padding`` is 4 ints >= 0 (top, bottom, left, right).
+``bias`` and ``scale`` are optional (O,) float tensors. The output (N, O, OH, OW)
+(:func:`output_shape`) has x's dtype, is computed in fp32 (one rounding at the end), and is
+channels_last when x is (:func:`bnnops.ops.reference.output_is_channels_last`).
+
+Bad input raises TypeError (a dtype or type) or ValueError (a shape, a geometry, a pad value, a
+device) on every path. CPU tensors run :func:`bnnops.ops.reference.binary_conv2d_reference`, CUDA
+tensors the implicit-GEMM kernel of ``bnnops.kernels.conv2d``, which reads the words.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from bnnops import kernels
+from bnnops.ops.checks import check_channel_vectors
+from bnnops.ops.library import FLOAT_DTYPES, contiguous, define
+from bnnops.ops.reference import binary_conv2d_reference, output_is_channels_last
+from bnnops.packing import packed_length
+
+__all__ = ["PAD_VALUES", "output_shape"]
+
+# The values the padding may hold: zero padding, or a binary value (larq's pad_values).
+PAD_VALUES = (0.0, 1.0, -1.0)
+
+
+def output_shape(
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, int, int, int]:
+    """(N, O, OH, OW) of a conv of ``x_shape`` (N, C, H, W) with words of ``weight_shape``
+    (O, kh, kw, words per tap), padding (top, bottom, left, right)."""
+    N, _, H, W = x_shape
+    O, KH, KW, _ = weight_shape
+    OH = (H + padding[0] + padding[1] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    OW = (W + padding[2] + padding[3] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    return N, O, OH, OW
+
+
+def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"binary_conv2d input must be a float32, bfloat16 or float16 tensor, got {got}")
+    if x.dim() != 4:
+        raise ValueError(f"binary_conv2d input must have rank 4 (N, C, H, W), got shape {tuple(x.shape)}")
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int32 or weight.dim() != 4:
+        got = (weight.dtype, tuple(weight.shape)) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"binary_conv2d weight must be int32 packed words (O, kh, kw, ceil(Cg/32)), got {got}")
+    if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
+        raise ValueError(
+            f"stride and dilation need 2 values and padding 4 (top, bottom, left, right), got "
+            f"stride={list(stride)}, padding={list(padding)}, dilation={list(dilation)}"
+        )
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"stride and dilation must be >= 1 and padding >= 0, got stride={list(stride)}, "
+            f"padding={list(padding)}, dilation={list(dilation)}"
+        )
+    _, C, H, W = x.shape
+    O, KH, KW, words_per_row = weight.shape
+    if groups < 1 or C % groups or O % groups:
+        raise ValueError(
+            f"groups={groups} must be >= 1 and divide both the input channels ({C}) and the output channels ({O})"
+        )
+    Cg = C // groups
+    if words_per_row != packed_length(Cg):
+        raise ValueError(
+            f"packed weight of shape {tuple(weight.shape)} holds {words_per_row} words per tap, but the input "
+            f"has {C} channels in {groups} group(s): {Cg} per group needs {packed_length(Cg)} words"
+        )
+    if (
+        H + padding[0] + padding[1] < dilation[0] * (KH - 1) + 1
+        or W + padding[2] + padding[3] < dilation[1] * (KW - 1) + 1
+    ):
+        raise ValueError(
+            f"kernel {KH}x{KW} (dilation {list(dilation)}) is larger than the padded input "
+            f"{H + padding[0] + padding[1]}x{W + padding[2] + padding[3]}"
+        )
+    if pad_value not in PAD_VALUES:
+        raise ValueError(f"pad_value must be 0.0, 1.0 or -1.0, got {pad_value}")
+    check_channel_vectors(O, x.device, bias=bias, scale=scale)
+    if weight.device != x.device:
+        raise ValueError(f"binary_conv2d weight is on {weight.device} but the input is on {x.device}")
+
+
+def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
+    # The kernel reads words, bias and scale with unit stride along their last dimension.
+    return kernels.load("conv2d").conv2d(
+        x,
+        weight.contiguous(),
+        bias=contiguous(bias),
+        scale=contiguous(scale),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        pad_value=pad_value,
+        binarize=binarize,
+    )
+
+
+def _conv2d_fake(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
+    fmt = torch.channels_last if output_is_channels_last(x) else torch.contiguous_format
+    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+define(
+    "binary_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, int[] stride, int[] padding, "
+    "int[] dilation, int groups, float pad_value, bool binarize) -> Tensor",
+    check=_check,
+    reference=binary_conv2d_reference,
+    cuda=_conv2d_cuda,
+    fake=_conv2d_fake,
+)

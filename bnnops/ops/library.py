@@ -1,0 +1,109 @@
+"""How bnnops defines a ``torch.ops.bnnops.*`` op: one schema, a CPU reference, a CUDA launcher, a fake.
+
+:func:`define` registers an op with ``torch.library.Library`` (the C++ dispatcher's registration
+API) rather than ``torch.library.custom_op``. Both give the same op to eager code, opcheck and
+``torch.compile``; they differ in the host cost of a call: a ``custom_op`` call runs Python
+wrappers (an autograd layer that redispatches, a dynamo-disable frame) around the kernel. On a
+development CPU (torch 2.13, interleaved runs, ``bnnops::binary_conv2d`` on a 1x32x8x8 input,
+against its checks and reference called directly) a call costs +120 to +170 us as a
+``custom_op`` and +50 to +60 us as a ``Library`` op, and about 35 us more with a Python Autograd
+kernel that redispatches, so there is none. The benchmark case ``op_dispatch`` measures it.
+
+The ops have no derivative of their own: the autograd functions of :mod:`bnnops.linear` and
+:mod:`bnnops.conv` call them and define the gradients. Called with grad mode on and an input that
+requires grad (directly, or in a layer's backward under ``create_graph=True``), an op with a float
+output returns a result whose backward raises, naming the functions to use; torch's autograd fallback
+would only warn and return no gradient.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+LIBRARY = torch.library.Library("bnnops", "DEF")
+# The float dtypes every op takes (activations, scale, bias; a binary weight's logical dtype).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# op name -> its CUDA implementation (unchecked), so CPU tests can run that exact code on CPU
+# tensors with the Triton interpreter.
+CUDA_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+class _NoDerivative(torch.autograd.Function):
+    """Identity on an op's output, for an op called with grad on: its backward raises."""
+
+    @staticmethod
+    def forward(ctx, name, out, *inputs):
+        ctx.name = name
+        return out.clone()  # not a view of out: in-place ops on the result stay allowed
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"bnnops::{ctx.name} has no derivative of its own: call it through bnnops.binary_linear, "
+            f"bnnops.binary_conv2d or the nn layers, which define its first derivatives (there is no "
+            f"second derivative through their backward either)"
+        )
+
+
+def refuse_backward(name: str, out: torch.Tensor, inputs: Sequence[object]) -> torch.Tensor:
+    """``out`` with a node whose backward raises (the op ``name`` has no derivative), when grad is
+    on, ``out`` is float and one of ``inputs`` requires grad; else ``out`` itself.
+
+    Raises:
+        RuntimeError at once under torch.compile's tracing (``out`` a FakeTensor), where the node
+        would not enter the graph and a gradient term would silently vanish.
+    """
+    if not (torch.is_grad_enabled() and out.is_floating_point()):
+        return out
+    inputs = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not inputs:
+        return out
+    if isinstance(out, FakeTensor):
+        raise RuntimeError(
+            f"bnnops::{name} has no derivative of its own: under torch.compile, call it through "
+            f"bnnops.binary_linear, bnnops.binary_conv2d or the nn layers, or under torch.no_grad()"
+        )
+    return _NoDerivative.apply(name, out, *inputs)
+
+
+def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t.contiguous()``, None for None: the CUDA launchers read optional vectors with unit stride."""
+    return None if t is None else t.contiguous()
+
+
+def _checked(name, check, implementation):
+    def kernel(*args):
+        check(*args)
+        # The Autograd key falls through to here, so a node made here is what autograd sees.
+        return refuse_backward(name, implementation(*args), args)
+
+    return kernel
+
+
+def define(
+    schema: str,
+    *,
+    check: Callable[..., None],
+    reference: Callable[..., torch.Tensor],
+    cuda: Callable[..., torch.Tensor],
+    fake: Callable[..., torch.Tensor],
+) -> torch._ops.OpOverload:
+    """Define ``torch.ops.bnnops.<name>`` from ``schema`` (``"name(Tensor x, SymInt K) -> Tensor"``).
+
+    CPU tensors run ``reference`` (pure PyTorch), CUDA tensors ``cuda`` (a Triton launcher call),
+    and fake / meta tensors ``fake`` (shapes only, for torch.compile); each after ``check(*args)``,
+    which raises on bad input, and each marked by :func:`refuse_backward`. ``cuda`` is also
+    recorded in :data:`CUDA_IMPLEMENTATIONS`. Returns the op's overload
+    (``torch.ops.bnnops.<name>.default``).
+    """
+    name = schema.split("(", 1)[0]
+    # pt2_compliant: opcheck passes on every op (tests).
+    LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+    LIBRARY.impl(name, _checked(name, check, reference), "CPU")
+    LIBRARY.impl(name, _checked(name, check, cuda), "CUDA")
+    CUDA_IMPLEMENTATIONS[name] = cuda
+    torch.library.register_fake(f"bnnops::{name}", _checked(name, check, fake), lib=LIBRARY)
+    # No autograd layer: the kernels mark their own results (see _checked), so skip straight to them.
+    LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    return getattr(torch.ops.bnnops, name).default

@@ -1,0 +1,103 @@
+"""Pure-PyTorch references of the linear and conv ops: the CPU body of each op, and what the Triton
+kernels are tested against.
+
+Weights are int32 words in the layout of :mod:`bnnops.packing` (bit 1 means -1): (N, ceil(K/32))
+for a linear weight (N, K), (O, kh, kw, ceil(Cg/32)) for a conv weight (O, Cg, kh, kw). Each
+reference unpacks them to a dense +-1 weight, computes in fp32 and casts once at the end. The
+references of ``pack_signs`` / ``unpack_signs`` are in :mod:`bnnops.packing`.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from bnnops.packing import unpack_signs_reference
+from bnnops.quantizers import sign
+
+__all__ = [
+    "binary_conv2d_reference",
+    "grad_input_reference",
+    "output_is_channels_last",
+    "w1a1_reference",
+    "w1a16_reference",
+]
+
+
+def _epilogue(y, scale, bias):
+    if scale is not None:
+        y = y * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def w1a1_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    K: int,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``bnnops::binary_linear_w1a1``: sign(x) @ W^T * scale + bias, (..., K) -> (..., N).
+
+    x is float (..., K) (x < 0 -> -1, else +1) or int32 sign words (..., ceil(K/32)). Computed in
+    fp32 (exact: integer sums below 2^24), cast to ``out_dtype``.
+    """
+    xs = unpack_signs_reference(x, K, torch.float32) if x.dtype == torch.int32 else sign(x.float())
+    y = xs @ unpack_signs_reference(weight, K, torch.float32).T
+    return _epilogue(y, scale, bias).to(out_dtype)
+
+
+def w1a16_reference(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``bnnops::binary_linear_w1a16``: x @ W^T * scale + bias for real x (..., K), fp32
+    accumulation, in x's dtype."""
+    y = x.float() @ unpack_signs_reference(weight, x.shape[-1], torch.float32).T
+    return _epilogue(y, scale, bias).to(x.dtype)
+
+
+def grad_input_reference(grad: torch.Tensor, weight: torch.Tensor, K: int) -> torch.Tensor:
+    """``bnnops::binary_linear_grad_input``: grad @ W, (..., N) -> (..., K), fp32 accumulation, in
+    grad's dtype."""
+    return (grad.float() @ unpack_signs_reference(weight, K, torch.float32)).to(grad.dtype)
+
+
+def output_is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``bnnops::binary_conv2d`` returns a channels_last output for input ``x``: when x is
+    channels_last-contiguous but not contiguous, as F.conv2d on CUDA decides.
+
+    The kernel launcher (``bnnops.kernels.conv2d``) applies the same rule; it is stated here too
+    because the CPU path must work without Triton.
+    """
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def binary_conv2d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    pad_value: float = 0.0,
+    binarize: bool = True,
+) -> torch.Tensor:
+    """``bnnops::binary_conv2d`` (contract: :mod:`bnnops.ops.conv`): F.conv2d in fp32 on the +-1
+    weight that ``weight``'s words hold, after padding (top, bottom, left, right) with
+    ``pad_value`` explicitly; x binarized (x < 0 -> -1, else +1) when ``binarize``. The output has
+    x's dtype and is channels_last when :func:`output_is_channels_last`."""
+    O = weight.shape[0]
+    Cg = x.shape[1] // groups
+    w = unpack_signs_reference(weight, Cg, torch.float32).permute(0, 3, 1, 2)
+    a = torch.where(x < 0, -1.0, 1.0) if binarize else x.float()
+    a = F.pad(a, (padding[2], padding[3], padding[0], padding[1]), value=pad_value)
+    y = F.conv2d(a, w, None, stride, 0, dilation, groups)
+    if scale is not None:
+        y = y * scale.float().view(1, O, 1, 1)
+    if bias is not None:
+        y = y + bias.float().view(1, O, 1, 1)
+    fmt = torch.channels_last if output_is_channels_last(x) else torch.contiguous_format
+    return y.to(x.dtype).contiguous(memory_format=fmt)
