@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import bnnops.ops.conv  # noqa: F401  (defines torch.ops.bnnops.binary_conv2d, which this module calls)
-from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, metadata
+from bnnops.binary_tensor import BinaryTensor, implements_torch_function, metadata
 from bnnops.layer_common import (
     apply_scale_bias,
     autocast_inputs,
@@ -278,11 +278,9 @@ def binary_conv2d(
     return apply_scale_bias(y, scale, bias, x.dtype) if outside else y
 
 
+@implements_torch_function(F.conv2d)
 def _f_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """``F.conv2d(x, binary_weight)`` (so also ``nn.Conv2d``): the W1A16 conv, weight read packed."""
     if not isinstance(weight, BinaryTensor) or isinstance(input, BinaryTensor) or isinstance(bias, BinaryTensor):
         return NotImplemented
     return binary_conv2d(input, weight, bias, stride, padding, dilation, groups, input_quantizer=None)
-
-
-TORCH_FUNCTIONS[F.conv2d] = _f_conv2d

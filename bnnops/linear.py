@@ -12,7 +12,7 @@ backward. ``F.linear`` (so ``nn.Linear``) on a BinaryTensor weight runs the W1A1
 import torch
 from torch.nn import functional as F
 
-from bnnops.binary_tensor import TORCH_FUNCTIONS, BinaryTensor, metadata
+from bnnops.binary_tensor import BinaryTensor, implements_torch_function, metadata
 from bnnops.layer_common import (
     apply_scale_bias,
     autocast_inputs,
@@ -170,11 +170,9 @@ def binary_linear(
     return y.reshape(*x.shape[:-1], N)
 
 
+@implements_torch_function(F.linear)
 def _f_linear(input, weight, bias=None):
     """``F.linear(x, binary_weight)`` (so also ``nn.Linear``): the W1A16 product, weight read packed."""
     if not isinstance(weight, BinaryTensor) or isinstance(input, BinaryTensor) or isinstance(bias, BinaryTensor):
         return NotImplemented
     return binary_linear(input, weight, bias, input_quantizer=None)
-
-
-TORCH_FUNCTIONS[F.linear] = _f_linear
