@@ -9,7 +9,7 @@ import pytest
 from bench import machine
 
 
-def pytest_addoption(parser):
+def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("bnnops bench")
     group.addoption(
         "--bench-size",
@@ -26,12 +26,13 @@ def pytest_addoption(parser):
 
 
 @pytest.fixture(scope="session")
-def device(request):
+def device(request: pytest.FixtureRequest) -> str:
+    """--bench-device, else "cuda" when torch sees a GPU, else "cpu"."""
     return request.config.getoption("--bench-device") or machine.default_device()
 
 
 @pytest.fixture(scope="session")
-def ceilings(request, device):
+def ceilings(request: pytest.FixtureRequest, device: str) -> dict:
     """The machine's measured ceilings, once per session; none under --benchmark-disable."""
     if request.config.getoption("benchmark_disable"):
         return {}

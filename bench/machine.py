@@ -1,10 +1,11 @@
 """The machine a run measures: its description (GPU, versions, commit) and its measured ceilings.
 
-"Two numbers first" (DESIGN.md): every kernel is reported as a fraction of what this machine does
-in the same run: memory bandwidth from a large device-to-device copy (bytes read + written), bf16
-throughput from a square ``torch.matmul`` and int8 throughput from ``torch._int_mm``. On an H100
-SXM expect about 3.0 TB/s, 800 TFLOP/s and well over 1000 TOPS. On the CPU the same three are
-measured at small sizes so the CPU table has the same columns; they describe this CPU, not a GPU.
+Every kernel is reported as a fraction of what this machine does in the same run (docs/design.md,
+"Performance model"): memory bandwidth from a large device-to-device copy (bytes read + written),
+bf16 throughput from a square ``torch.matmul`` and int8 throughput from ``torch._int_mm``. An H100
+80GB HBM3 measured 3 TB/s, 680-716 TFLOP/s and 870-914 TOPS (runs T1422, T1429). On the CPU the
+same three are measured at small sizes so the CPU table has the same columns; they describe this
+CPU, not a GPU.
 """
 
 import datetime
@@ -13,6 +14,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,15 +27,17 @@ REPO = Path(__file__).resolve().parent.parent
 SIZES = {"cuda": (2**28, 8192), "cpu": (2**23, 1024)}
 
 
-def default_device():
+def default_device() -> str:
     """ "cuda" when torch sees a GPU, else "cpu" (the reference path)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def measure_ceilings(device, quick=False):
+def measure_ceilings(device: str, quick: bool = False) -> dict[str, dict[str, Any]]:
     """{bound: {"what", "rate", "unit", "seconds"}} for the bounds "memory", "bf16" and "int8".
 
-    ``rate`` is in bytes/s for "memory" and operations/s (a multiply-add counts 2) otherwise.
+    ``rate`` is in bytes/s for "memory" and operations/s (a multiply-add counts 2) otherwise;
+    ``seconds`` is the median time of one call; ``quick`` shortens the timing (see
+    :func:`bench.timing.median_seconds`).
     """
     copy_numel, n = SIZES[device]
     src = torch.rand(copy_numel, device=device)
@@ -42,8 +46,8 @@ def measure_ceilings(device, quick=False):
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     # Random int8 in [-128, 127]: _int_mm accumulates in int32, which cannot overflow at this n.
     a8 = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
-    # Column-major second operand: cuBLASLt's fast int8 path is the "TN" layout; a row-major b8
-    # measured 130 TOPS on an H100 (a slow fallback), against ~970 for the same product in TN.
+    # Column-major second operand: cuBLASLt's fast int8 path is the "TN" layout. A row-major b8
+    # measured 130 TOPS on an H100 (run T1322, a slow fallback); TN 870-914 (runs T1422, T1429).
     b8 = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8).t()
     runs = {
         "memory": (f"copy of {src.nbytes / 2**20:.0f} MiB, read + write", 2 * src.nbytes, lambda: dst.copy_(src)),
@@ -82,8 +86,8 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
-def describe(device):
-    """The run's metadata: device name, versions, commit, date (UTC)."""
+def describe(device: str) -> dict[str, Any]:
+    """The run's metadata: device name, versions, commit (and whether the tree is dirty), date (UTC)."""
     cuda = device == "cuda"
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {

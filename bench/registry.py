@@ -6,8 +6,8 @@ device and a parameter set and returns a :class:`Workload`: our callable, the ba
 user would otherwise run, and the work (operations and fewest bytes) from which rates and
 fractions of the measured ceilings are computed in one place (``bench.runner``).
 
-Cases live one module per kernel under ``bench/cases/``; :func:`load_cases` imports every module
-there, so adding a kernel's cases is adding one file (see ``bench/README.md``).
+Cases live one module per kernel family under ``bench/cases/``; :func:`load_cases` imports every
+module there, so adding a kernel's cases is adding one file (see ``bench/README.md``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,17 @@ import importlib
 import pkgutil
 import re
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 # What a case's rate is compared with (the ceilings ``bench.machine`` measures), and the rate's unit.
 BOUNDS = {"memory": "B/s", "bf16": "FLOP/s", "int8": "OP/s"}
+
+Params = dict[str, Any]
+"""One shape's parameters: the keyword arguments of a case's setup after ``device``."""
+Setup = Callable[..., "Workload"]
+"""A case's setup, called as ``setup(device, **params)``."""
 
 _REGISTRY: dict[str, Case] = {}
 
@@ -62,7 +67,7 @@ class Workload:
         if self.bound != "memory" and not (self.ops or 0) > 0:
             raise ValueError(f"Workload.ops must be > 0 for a {self.bound!r}-bound case, got {self.ops}")
 
-    def callables(self):
+    def callables(self) -> dict[str, Callable[[], Any]]:
         """name -> callable, ours first, then the baselines in their order."""
         return {"ours": self.ours, **self.baselines}
 
@@ -72,13 +77,13 @@ class Case:
     """A registered benchmark case; build one with the :func:`case` decorator."""
 
     name: str
-    setup: Callable[..., Workload]
-    cuda: dict[str, dict[str, Any]]
-    cpu: dict[str, dict[str, Any]]
-    tiny: dict[str, Any]
-    quick: tuple = field(default=())
+    setup: Setup
+    cuda: dict[str, Params]
+    cpu: dict[str, Params]
+    tiny: Params
+    quick: tuple[str, ...] = ()
 
-    def shapes(self, device, size):
+    def shapes(self, device: str, size: str) -> list[tuple[str, Params]]:
         """[(label, params)] to run on ``device`` ("cuda" or "cpu") at ``size``.
 
         ``size`` is "full" (every shape of the device's table), "quick" (the ``quick`` labels on
@@ -95,7 +100,18 @@ class Case:
         raise ValueError(f"size must be 'full', 'quick' or 'tiny', got {size!r}")
 
 
-def case(name, *, cuda, cpu, tiny, quick=None):
+Item = tuple[Case, str, Params]
+"""One thing to run: (case, shape label, params)."""
+
+
+def case(
+    name: str,
+    *,
+    cuda: dict[str, Params],
+    cpu: dict[str, Params],
+    tiny: Params,
+    quick: Iterable[str] | None = None,
+) -> Callable[[Setup], Setup]:
     """Register the decorated setup function as the benchmark case ``name``.
 
     Args:
@@ -108,7 +124,12 @@ def case(name, *, cuda, cpu, tiny, quick=None):
         quick: labels of ``cuda`` run by ``--quick`` and run first in a full run (default: the
             first label).
 
-    The setup is called as ``setup(device, **params)`` and returns a :class:`Workload`.
+    The setup is called as ``setup(device, **params)`` and returns a :class:`Workload`; the
+    decorator returns it unchanged.
+
+    Raises:
+        ValueError: ``name`` is taken or not letters, digits, '_', '.', '-'; ``cuda`` or ``cpu`` is
+            empty; a ``quick`` label is not a ``cuda`` label.
     """
     if name in _REGISTRY:
         raise ValueError(f"benchmark case {name!r} is registered twice")
@@ -121,14 +142,14 @@ def case(name, *, cuda, cpu, tiny, quick=None):
     if unknown:
         raise ValueError(f"benchmark case {name!r}: quick labels {unknown} are not cuda shapes {list(cuda)}")
 
-    def register(setup):
+    def register(setup: Setup) -> Setup:
         _REGISTRY[name] = Case(name, setup, dict(cuda), dict(cpu), dict(tiny), quick)
         return setup
 
     return register
 
 
-def load_cases():
+def load_cases() -> tuple[list[Case], list[tuple[str, str]]]:
     """Import every module of ``bench/cases`` and return (cases, load_errors).
 
     ``cases`` are in module-name order, then definition order. A module that fails to import
@@ -136,7 +157,7 @@ def load_cases():
     """
     import bench.cases as package
 
-    errors = []
+    errors: list[tuple[str, str]] = []
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         try:
             importlib.import_module(f"{package.__name__}.{info.name}")
@@ -145,8 +166,8 @@ def load_cases():
     return list(_REGISTRY.values()), errors
 
 
-def plan(cases, device, size, pattern=None):
-    """The (case, label, params) to run, in run order.
+def plan(cases: Iterable[Case], device: str, size: str, pattern: str | None = None) -> list[Item]:
+    """The (case, label, params) of ``cases`` to run on ``device`` at ``size``, in run order.
 
     A full run puts every case's quick (headline) shapes first, so a run cut short by a time
     budget still has every kernel's headline number. ``pattern`` is a case-insensitive regular

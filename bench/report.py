@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 HEADERS = ["kernel", "shape", "ours", "baseline", "baseline time", "speedup", "achieved", "of ceiling"]
 UNIT_NAMES = {"B/s": "B/s", "FLOP/s": "FLOP/s", "OP/s": "OPS"}
@@ -19,14 +20,15 @@ CPU_NOTE = (
 )
 
 
-def format_seconds(seconds):
+def format_seconds(seconds: float) -> str:
+    """0.00123 -> "1.23 ms": three significant digits in s, ms, us or ns."""
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if seconds >= scale:
             return f"{seconds / scale:.3g} {unit}"
     return f"{seconds / 1e-9:.3g} ns"
 
 
-def format_rate(rate, unit):
+def format_rate(rate: float, unit: str) -> str:
     """3.01e12, "B/s" -> "3.01 TB/s"; 8.1e14, "FLOP/s" -> "810 TFLOP/s"; 1.2e15, "OP/s" -> "1.2 POPS"."""
     for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
         if rate >= scale:
@@ -34,19 +36,19 @@ def format_rate(rate, unit):
     return f"{rate:.3g} {UNIT_NAMES[unit]}"
 
 
-def slug(text):
+def slug(text: str) -> str:
     """``text`` as a file-name part: runs of other characters than letters, digits, '-', '.' become '_'."""
     return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")
 
 
-def write_json(path, document):
+def write_json(path: str | Path, document: dict[str, Any]) -> None:
     """Write ``document`` to ``path`` through a temporary file, so a killed run leaves valid JSON."""
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(document, indent=1))
     tmp.replace(path)
 
 
-def table_rows(results):
+def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     """Rows of strings under HEADERS: one per (case, shape, baseline); ours on the first only."""
     rows = []
     for r in results:
@@ -66,20 +68,22 @@ def table_rows(results):
     return rows
 
 
-def text_table(rows, headers=HEADERS):
+def text_table(rows: list[list[str]], headers: list[str] = HEADERS) -> str:
+    """``rows`` under ``headers`` as fixed-width columns, a dashed line under the headers."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [headers, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def markdown_table(rows, headers=HEADERS):
+def markdown_table(rows: list[list[str]], headers: list[str] = HEADERS) -> str:
+    """``rows`` under ``headers`` as a markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def describe_run(meta):
+def describe_run(meta: dict[str, Any]) -> str:
     """One line naming the machine and versions of a run."""
     versions = f"torch {meta['torch']}" + (f", CUDA {meta['cuda']}" if meta.get("cuda") else "")
     versions += f", triton {meta['triton']}" if meta.get("triton") else ""
@@ -87,11 +91,12 @@ def describe_run(meta):
     return f"{meta['device_name']} ({meta['device']}); {versions}; bnnops commit {commit}; {meta['date']}"
 
 
-def describe_ceilings(ceilings):
+def describe_ceilings(ceilings: dict[str, dict[str, Any]]) -> str:
+    """One line: each bound's measured rate and what was timed for it."""
     return "; ".join(f"{bound} {format_rate(c['rate'], c['unit'])} ({c['what']})" for bound, c in ceilings.items())
 
 
-def text_report(document):
+def text_report(document: dict[str, Any]) -> str:
     """The table ``python -m bench`` prints, with the machine, the ceilings and the CPU note."""
     meta = document["meta"]
     lines = [f"bnnops benchmark on {describe_run(meta)}"]
@@ -112,8 +117,11 @@ def text_report(document):
     return "\n".join(lines)
 
 
-def markdown(document, source=None):
-    """The README "Performance" section body: machine, ceilings and the measured rows only."""
+def markdown(document: dict[str, Any], source: str | None = None) -> str:
+    """The README "Performance" section body: machine, ceilings and the measured rows only.
+
+    ``source``: the recorded JSON's path, named after the machine line.
+    """
     meta = document["meta"]
     measured = [r for r in document["results"] if "ours_s" in r]
     missing = [f"{r['case']} {r['shape']}" for r in document["results"] if "ours_s" not in r]
@@ -128,7 +136,7 @@ def markdown(document, source=None):
     return "\n".join(lines) + "\n"
 
 
-def chart(document, path):
+def chart(document: dict[str, Any], path: str | Path) -> bool:
     """Write a PNG bar chart of every speedup (log scale, 1x marked). Returns False without matplotlib."""
     try:
         import matplotlib
@@ -143,7 +151,7 @@ def chart(document, path):
     names = list(dict.fromkeys(name for _, name, _ in bars))
     colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.32 * max(len(bars), 1)))
-    for y, (label, name, speedup) in enumerate(reversed(bars)):
+    for y, (_, name, speedup) in enumerate(reversed(bars)):
         # Bars grow from 1x, left for slower and right for faster, symmetric on the log axis.
         ax.barh(y, speedup - 1.0, left=1.0, color=colors[name], label=name)
         ax.annotate(
@@ -180,7 +188,7 @@ def chart(document, path):
     return True
 
 
-def record(run_json, results_dir):
+def record(run_json: str | Path, results_dir: str | Path) -> tuple[Path, str]:
     """Copy a run's JSON into ``results_dir`` with its README markdown beside it.
 
     Names are <date>T<hhmm>_<device>[_cpu-reference].json / .md. Returns (json path, markdown text).

@@ -16,23 +16,33 @@ import gc
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from bench.registry import BOUNDS
+from bench.registry import BOUNDS, Case, Item, Params
 from bench.report import format_seconds, slug
 from bench.timing import MAX_ROTATION, ROTATE_BYTES, median_seconds, rotating, synchronize
+
+Row = dict[str, Any]
+"""One result row (see the module docstring)."""
 
 
 class Prepared:
     """A case's workload(s) at one shape on one device, ready to time.
 
+    Attributes:
+        work: the :class:`~bench.registry.Workload` of the first setup call (its bound, bytes, ops).
+        fns: name -> zero-argument callable, "ours" first, then the baselines.
+
     On CUDA a memory-bound case's setup runs several times, each building fresh inputs, until
-    their bytes reach ``ROTATE_BYTES``; ``fns`` then rotates through the copies so no call finds
-    its inputs in L2.
+    their bytes reach ``ROTATE_BYTES`` (or ``MAX_ROTATION`` copies); each of ``fns`` then rotates
+    through the copies so no call finds its inputs in L2.
     """
 
-    def __init__(self, case, label, params, device):
+    def __init__(self, case: Case, label: str, params: Params, device: str) -> None:
         self.case, self.label, self.params, self.device = case, label, params, device
         self.work = case.setup(device, **params)
         copies = [self.work]
@@ -42,12 +52,17 @@ class Prepared:
         self.fns = {name: rotating([w.callables()[name] for w in copies]) for name in self.work.callables()}
 
 
-def jsonable(params):
+def jsonable(params: Params) -> dict[str, Any]:
+    """``params`` with every value that is not a JSON scalar (a torch dtype) as its ``str``."""
     return {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v) for k, v in params.items()}
 
 
-def measure(prepared, quick, ceilings):
-    """Time ``prepared`` (ours, then each baseline) and return its result row."""
+def measure(prepared: Prepared, quick: bool, ceilings: dict[str, dict[str, Any]]) -> Row:
+    """Time ``prepared`` (ours, then each baseline) and return its result row.
+
+    ``ceilings`` are :func:`bench.machine.measure_ceilings`'s; without the case's bound among them
+    the row has no "ceiling_fraction".
+    """
     work = prepared.work
     times = {name: median_seconds(fn, prepared.device, quick) for name, fn in prepared.fns.items()}
     ours = times.pop("ours")
@@ -70,7 +85,7 @@ def measure(prepared, quick, ceilings):
     return row
 
 
-def _row_head(case, label, params):
+def _row_head(case: Case, label: str, params: Params) -> Row:
     return {"case": case.name, "shape": label, "params": jsonable(params)}
 
 
@@ -84,7 +99,14 @@ def _progress(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def run(items, device, quick, ceilings, on_row=None, budget_s=None):
+def run(
+    items: Sequence[Item],
+    device: str,
+    quick: bool,
+    ceilings: dict[str, dict[str, Any]],
+    on_row: Callable[[list[Row]], None] | None = None,
+    budget_s: float | None = None,
+) -> list[Row]:
     """Measure every (case, label, params) of ``items`` in order and return the rows.
 
     Progress goes to stderr. A failing case becomes a row with "error" and the run goes on.
@@ -118,7 +140,7 @@ def run(items, device, quick, ceilings, on_row=None, budget_s=None):
     return rows
 
 
-def profile(item, device, out_dir, iterations=5):
+def profile(item: Item, device: str, out_dir: Path, iterations: int = 5) -> Path:
     """Write a torch.profiler Chrome trace of one (case, label, params): ours, then each baseline.
 
     Each callable runs twice untimed first (compilation, autotuning), then ``iterations`` times

@@ -10,12 +10,15 @@ and its fraction of the ceiling measured in this session. Under ``--benchmark-di
 runs once (what tests/test_bench.py does at ``--bench-size tiny``).
 """
 
+import pytest
+
 from bench import load_cases, machine, runner
-from bench.registry import plan
+from bench.registry import Item, plan
 from bench.timing import synchronize
 
 
-def pytest_generate_tests(metafunc):
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``item`` with the planned (case, label, params) of --bench-device and --bench-size."""
     if "item" in metafunc.fixturenames:
         cases, errors = load_cases()
         if errors:
@@ -28,7 +31,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("item", items, ids=[f"{c.name}[{label}]" for c, label, _ in items])
 
 
-def test_case(benchmark, item, device, ceilings):
+def test_case(benchmark, item: Item, device: str, ceilings: dict) -> None:
     case, label, params = item
     prepared = runner.Prepared(case, label, params, device)
     benchmark.group = f"{case.name} {label}"

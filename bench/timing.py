@@ -9,6 +9,8 @@ of an H100 even without the flush.
 import itertools
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -17,7 +19,7 @@ ROTATE_BYTES = 2 * 50 * 2**20
 MAX_ROTATION = 64
 
 
-def rotating(fns):
+def rotating(fns: Sequence[Callable[[], Any]]) -> Callable[[], Any]:
     """One callable that calls ``fns`` in turn (``fns[0]`` itself when there is one)."""
     if len(fns) == 1:
         return fns[0]
@@ -25,7 +27,7 @@ def rotating(fns):
     return lambda: next(turn)()
 
 
-def median_seconds(fn, device, quick=False):
+def median_seconds(fn: Callable[[], Any], device: str, quick: bool = False) -> float:
     """Median seconds of one call of ``fn`` after warm-up.
 
     CUDA: ``do_bench(return_mode="median")`` over ~100 ms of calls (~30 ms with ``quick``).
@@ -46,6 +48,7 @@ def median_seconds(fn, device, quick=False):
     return statistics.median(times)
 
 
-def synchronize(device):
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work when ``device`` is "cuda"; nothing on the CPU."""
     if device == "cuda":
         torch.cuda.synchronize()

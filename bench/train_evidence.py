@@ -33,6 +33,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -60,7 +62,7 @@ SWEEP = {
 SWEEP_EPOCHS = 15
 
 
-def _load():
+def _load() -> float | None:
     """The 1-minute load average (other processes on the machine distort the seconds)."""
     try:
         return os.getloadavg()[0]
@@ -68,8 +70,11 @@ def _load():
         return None
 
 
-def run_one(task, optimizer, seed, epochs=None, **overrides):
-    """Train ``task``'s preset with ``optimizer`` and ``seed``; return the run's row."""
+def run_one(task: str, optimizer: str, seed: int, epochs: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train ``task``'s preset with ``optimizer`` and ``seed`` on the CPU; return the run's row.
+
+    ``epochs``: None keeps the preset's; ``overrides``: ``TrainConfig`` fields over the preset.
+    """
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig.from_preset(
             task,
@@ -107,13 +112,13 @@ def run_one(task, optimizer, seed, epochs=None, **overrides):
     }
 
 
-def _median_abs_m(checkpoint):
+def _median_abs_m(checkpoint: str) -> float:
     """Median |m| over all binary weights at the end of a Bop run: the scale the threshold meets."""
     state = torch.load(checkpoint, weights_only=True)["optimization"]["optimizer"]["binary"]["state"]
     return torch.cat([s["m"].float().abs().flatten() for s in state.values()]).median().item()
 
 
-def _spread(values):
+def _spread(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -122,8 +127,9 @@ def _spread(values):
     }
 
 
-def summarize(rows):
-    """Per (task, optimizer): final / best test accuracy and training seconds, mean std min max."""
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per arm ("task / optimizer[, setting value]"): run count, and mean std min max of final and
+    best test accuracy, training and CPU seconds and the last epoch's flip ratio."""
     out = {}
     for row in rows:
         settings = "".join(f", {k} {v:g}" for k, v in row["settings"].items())
@@ -141,7 +147,8 @@ def summarize(rows):
     }
 
 
-def markdown(summary, machine):
+def markdown(summary: dict[str, dict[str, Any]], machine: dict[str, Any]) -> str:
+    """The per-arm table of :func:`summarize`, with a line naming the machine."""
     lines = [
         "| task / optimizer | runs | final test acc (mean ± std) | min - max | best epoch acc | "
         "train wall s (mean) | process CPU s (mean) | last-epoch flip ratio |",
@@ -163,7 +170,7 @@ def markdown(summary, machine):
     return "\n".join(lines)
 
 
-def _write(out, result, table):
+def _write(out: str, result: dict[str, Any], table: str) -> None:
     """The JSON at ``out`` and the markdown beside it, each replaced whole (a run killed while
     writing leaves the previous version, not half a file)."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -173,7 +180,8 @@ def _write(out, result, table):
         os.replace(path + ".tmp", path)
 
 
-def evidence(seeds, epochs=None):
+def evidence(seeds: Iterable[int], epochs: int | None = None) -> list[dict[str, Any]]:
+    """Every arm of ``ARMS`` once per seed (:func:`run_one` rows), progress on stderr."""
     rows = []
     for seed in seeds:
         for task, optimizer, settings in ARMS:  # seed by seed, so load on the machine hits every arm alike
@@ -188,7 +196,7 @@ def evidence(seeds, epochs=None):
     return rows
 
 
-def references():
+def references() -> dict[str, float]:
     """What simple guesses get on the teacher-student test set (the binary teacher itself gets 100%):
     always the majority class, and a float logistic regression on the raw inputs."""
     from sklearn.linear_model import LogisticRegression
@@ -201,7 +209,8 @@ def references():
     }
 
 
-def sweep(epochs=None):
+def sweep(epochs: int | None = None) -> list[dict[str, Any]]:
+    """Every ``SWEEP`` setting on every task with seed 0 (:func:`run_one` rows), progress on stderr."""
     rows = []
     for task in TASKS:
         for optimizer, grid in SWEEP.items():
@@ -217,7 +226,8 @@ def sweep(epochs=None):
     return rows
 
 
-def sweep_markdown(rows, machine):
+def sweep_markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+    """The table of :func:`sweep` rows, with a line naming the seed, epochs and machine."""
     lines = [
         "| task | optimizer | settings | final test acc | best | last-epoch flip ratio | median abs m |",
         "|---|---|---|---|---|---|---|",
@@ -234,7 +244,8 @@ def sweep_markdown(rows, machine):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
+    """Run ``python -m bench.train_evidence`` with ``argv``: write the JSON and markdown, print the table."""
     p = argparse.ArgumentParser(prog="python -m bench.train_evidence", description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep", action="store_true", help="try the SWEEP grid with seed 0 instead")
     p.add_argument("--gpu-step", action="store_true", help="BinaryNet training step on the GPU instead")
@@ -248,7 +259,7 @@ def main(argv=None):
     if (args.profile or args.compile or args.channels_last) and not args.gpu_step:
         p.error("--profile, --compile and --channels-last go with --gpu-step")
     if args.gpu_step:
-        from bench.cases.train_step import gpu_step_report
+        from bench.train_step_report import gpu_step_report
 
         out = args.out or "bench/results/train_evidence_gpu_step.json"
         # Written after every row: a run stopped at its time limit keeps what it measured.

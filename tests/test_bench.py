@@ -46,7 +46,7 @@ def test_every_case_module_imports_without_triton():
 def test_case_body_runs_at_tiny_size(bench_case, device):
     prepared = runner.Prepared(bench_case, "tiny", bench_case.tiny, device)
     assert isinstance(prepared.work, Workload)
-    assert list(prepared.fns)[0] == "ours"
+    assert next(iter(prepared.fns)) == "ours"
     for fn in prepared.fns.values():
         fn()
     if device == "cuda":
@@ -58,7 +58,7 @@ def test_case_shapes_fit_the_setup_signature(bench_case):
     # GPU shapes are never built here: a misspelt parameter would otherwise show first on the GPU.
     signature = inspect.signature(bench_case.setup)
     for device in ("cuda", "cpu"):
-        for label, params in bench_case.shapes(device, "full"):
+        for _, params in bench_case.shapes(device, "full"):
             signature.bind(device, **params)
 
 
@@ -155,7 +155,8 @@ def test_benchmark_suite_runs_at_tiny_size():
 
 @pytest.mark.parametrize("variant", ["ours", "plain"])
 def test_train_step_profile_names_where_the_time_goes(variant, device):
-    from bench.cases.train_step import profile_markdown, step_profile, training_step
+    from bench.cases.train_step import training_step
+    from bench.train_step_report import profile_markdown, step_profile
 
     result = step_profile(training_step(variant, device, batch=2, filters=4, dense_units=8), device, steps=2, top=200)
     assert 0 < result["host_ms"] <= result["wall_ms"]
@@ -223,8 +224,7 @@ def test_train_step_channels_last_matches_nchw(variant, device):
 
 def test_gpu_step_report_tables(monkeypatch):
     """The report's rows, ratios and failure lines, with the GPU parts stubbed (this runs anywhere)."""
-    from bench import machine
-    from bench.cases import train_step
+    from bench import machine, train_step_report
 
     calls = []
 
@@ -240,10 +240,10 @@ def test_gpu_step_report_tables(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(machine, "describe", lambda device: {"device_name": "stub GPU"})
-    monkeypatch.setattr(train_step, "training_step", fake_training_step)
-    monkeypatch.setattr(train_step, "_measure", fake_measure)
+    monkeypatch.setattr(train_step_report, "training_step", fake_training_step)
+    monkeypatch.setattr(train_step_report, "_measure", fake_measure)
     monkeypatch.setattr(
-        train_step,
+        train_step_report,
         "step_profile",
         lambda step, device: {
             "steps": 3,
@@ -254,7 +254,7 @@ def test_gpu_step_report_tables(monkeypatch):
         },
     )
     seen = []
-    result, table = train_step.gpu_step_report(
+    result, table = train_step_report.gpu_step_report(
         batch=8,
         compile=True,
         profile=True,

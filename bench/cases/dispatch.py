@@ -2,20 +2,23 @@
 
 - ``op_dispatch``: each ``torch.ops.bnnops`` op against a direct call of the implementation the
   dispatcher picks for that device (the reference on CPU, the Triton launcher on CUDA): the
-  difference is what the op layer (``bnnops/library.py``: dispatcher, input checks) adds.
+  difference is what the op layer (``bnnops.ops``: dispatcher, input checks) adds.
 - ``layer_overhead``: a layer's forward against its op, called directly: the difference is the
   layer's Python (argument checks, quantizer lookup, the autograd function when training).
 """
 
+from collections.abc import Callable
+
 import torch
 
 from bench import Workload, case
-from bnnops import conv, linear
 from bnnops.nn import BinaryConv2d, BinaryLinear
+from bnnops.ops.library import CUDA_IMPLEMENTATIONS
+from bnnops.ops.reference import binary_conv2d_reference, w1a16_reference
 from bnnops.packing import pack_signs, pack_weight
 
 
-def _direct(device, reference, launcher):
+def _direct(device: str, reference: Callable, launcher: Callable) -> Callable:
     return launcher if torch.device(device).type == "cuda" else reference
 
 
@@ -26,16 +29,23 @@ def _direct(device, reference, launcher):
     tiny=dict(op="conv2d"),
     quick=["w1a16 4x64x64", "conv2d 1x32x8x8"],
 )
-def op_dispatch(device, op):
+def op_dispatch(device: str, op: str) -> Workload:
+    """``op`` ("w1a16" or "conv2d") through ``torch.ops.bnnops`` against its implementation called directly."""
     if op == "w1a16":
         x, words = torch.randn(4, 64, device=device), pack_signs(torch.randn(64, 64, device=device))
         args = (x, words, None, None)
-        call, direct = torch.ops.bnnops.binary_linear_w1a16, _direct(device, linear.w1a16_reference, linear._w1a16_cuda)
+        call, direct = (
+            torch.ops.bnnops.binary_linear_w1a16,
+            _direct(device, w1a16_reference, CUDA_IMPLEMENTATIONS["binary_linear_w1a16"]),
+        )
         nbytes = x.numel() * 4 + words.numel() * 4 + 4 * 64 * 4
     else:
         x, words = torch.randn(1, 32, 8, 8, device=device), pack_weight(torch.randn(32, 32, 3, 3, device=device))
         args = (x, words, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.0, True)
-        call, direct = torch.ops.bnnops.binary_conv2d, _direct(device, conv.binary_conv2d_reference, conv._conv2d_cuda)
+        call, direct = (
+            torch.ops.bnnops.binary_conv2d,
+            _direct(device, binary_conv2d_reference, CUDA_IMPLEMENTATIONS["binary_conv2d"]),
+        )
         nbytes = 2 * x.numel() * 4 + words.numel() * 4
     return Workload(
         ours=lambda: call(*args),
@@ -54,9 +64,8 @@ _LAYER_SHAPES = {
 
 
 @case("layer_overhead", cuda=_LAYER_SHAPES, cpu=_LAYER_SHAPES, tiny=dict(layer="conv2d", training=True))
-def layer_overhead(device, layer, training):
-    """A layer's forward on a tiny input against the op it runs, called directly: the difference is
-    the layer's Python (argument checks, quantizer lookup, the autograd function when training)."""
+def layer_overhead(device: str, layer: str, training: bool) -> Workload:
+    """``layer``'s ("linear" or "conv2d") forward on a tiny input against the op it runs, called directly."""
     if layer == "linear":
         module = BinaryLinear(64, 64, device=device)
         x = torch.randn(4, 64, device=device, requires_grad=training)

@@ -1,4 +1,4 @@
-"""End-to-end case: one BinaryNet training step at CIFAR-10 shapes (issue 7).
+"""End-to-end case: one BinaryNet training step at CIFAR-10 shapes.
 
 Ours: ``bnnops.models.binarynet`` (packed binary weights on the bnnops conv / GEMM kernels) trained
 by ``bnnops.optim.Bop`` (fused kernel) for the binary weights + Adam for the batch-norm shifts, on
@@ -8,15 +8,13 @@ straight-through sign (larq's ``ste_sign``), Adam on everything, latent weights 
 after each step (larq's ``weight_clip``), under ``torch.autocast`` bf16 (cuDNN bf16 convolutions).
 Both take one step = forward, cross-entropy, backward, optimizer step on the same random batch.
 
-``gpu_step_report()`` (``python -m bench.train_evidence --gpu-step``) times both in one process with
-CUDA events and records images per second and peak memory, which the table of ``python -m bench``
-has no column for; with ``profile=True`` (``--profile``) also where each variant's step spends its
-time (:func:`step_profile`).
+Images per second and peak memory, which the table of ``python -m bench`` has no column for, come
+from ``bench.train_step_report`` (``python -m bench.train_evidence --gpu-step``), which builds its
+steps with :func:`training_step`.
 """
 
 import copy
-import time
-import traceback
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,11 +25,11 @@ from bnnops import models
 from bnnops.nn import BinaryConv2d, BinaryLinear
 from bnnops.optim import BinaryAndReal, Bop, split_parameters
 
-# The paper's CIFAR-10 settings (DESIGN.md): gamma 1e-4, threshold 1e-8, Adam(1e-2) for the rest.
+# The paper's CIFAR-10 settings (docs/design.md): gamma 1e-4, threshold 1e-8, Adam(1e-2) for the rest.
 GAMMA, THRESHOLD, ADAM_LR = 1e-4, 1e-8, 1e-2
 
 
-def ste_sign(x):
+def ste_sign(x: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch straight-through sign: +-1 forward (sign(0) = +1), gradient 1 where |x| <= 1."""
     clipped = x.clamp(-1, 1)
     return clipped + (torch.where(x < 0, -1.0, 1.0).to(x.dtype) - clipped).detach()
@@ -40,27 +38,32 @@ def ste_sign(x):
 class SteConv2d(nn.Conv2d):
     """``nn.Conv2d`` on ste_sign(weight) and, unless ``binarize_input=False``, ste_sign(input)."""
 
-    def __init__(self, *args, binarize_input=True, **kwargs):
+    def __init__(self, *args, binarize_input: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.binarize_input = binarize_input
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(ste_sign(x) if self.binarize_input else x, ste_sign(self.weight), self.bias)
 
 
 class SteLinear(nn.Linear):
     """``nn.Linear`` on ste_sign(weight) and, unless ``binarize_input=False``, ste_sign(input)."""
 
-    def __init__(self, *args, binarize_input=True, **kwargs):
+    def __init__(self, *args, binarize_input: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.binarize_input = binarize_input
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(ste_sign(x) if self.binarize_input else x, ste_sign(self.weight), self.bias)
 
 
-def plain_pytorch_copy(model):
-    """``model`` with every bnnops binary layer replaced by its plain-PyTorch latent-weight twin."""
+def plain_pytorch_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every bnnops binary layer swapped for its plain-PyTorch twin
+    (:class:`SteConv2d` / :class:`SteLinear`, fresh latent weights).
+
+    Raises:
+        ValueError: a ``BinaryConv2d`` pads with a value other than 0 (``nn.Conv2d`` cannot).
+    """
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, BinaryConv2d):
@@ -91,11 +94,19 @@ def plain_pytorch_copy(model):
     return model
 
 
-def _latent_weights(model):
+def _latent_weights(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, (SteConv2d, SteLinear))]
 
 
-def training_step(variant, device, batch, filters=128, dense_units=1024, compile=False, channels_last=False):
+def training_step(
+    variant: str,
+    device: str,
+    batch: int,
+    filters: int = 128,
+    dense_units: int = 1024,
+    compile: bool = False,
+    channels_last: bool = False,
+) -> Callable[[], torch.Tensor]:
     """A zero-argument training step of ``variant`` ("ours" or "plain") on one random CIFAR-10 batch.
 
     Only that variant's model and optimizer are built (so peak memory is its own). Each call
@@ -104,6 +115,9 @@ def training_step(variant, device, batch, filters=128, dense_units=1024, compile
     ``compile``: the model's forward and backward through ``torch.compile`` (the optimizer step
     stays eager; the first call compiles). ``channels_last``: the batch and the model's conv
     weights in channels-last memory format (so every activation is), else NCHW.
+
+    Raises:
+        ValueError: ``variant`` is neither "ours" nor "plain".
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # The same batch for both variants: a fixed seed of its own.
@@ -114,7 +128,7 @@ def training_step(variant, device, batch, filters=128, dense_units=1024, compile
     model = models.binarynet(filters=filters, dense_units=dense_units)
     if variant == "ours":
         # The whole model in bf16 on CUDA, binary weights keeping their bits; Adam then steps bf16
-        # BN params. (The recorded runs predate bnnops' autocast support; this stays the measured setup.)
+        # BN params. This is the setup of the recorded run T1429 (not autocast), kept comparable.
         model = model.to(device=device, dtype=dtype, memory_format=fmt)
         binary, real = split_parameters(model)
         opt = BinaryAndReal(Bop(binary, lr=GAMMA, threshold=THRESHOLD), torch.optim.Adam(real, lr=ADAM_LR))
@@ -150,7 +164,7 @@ def training_step(variant, device, batch, filters=128, dense_units=1024, compile
     return step
 
 
-def _macs(filters, dense_units):
+def _macs(filters: int, dense_units: int) -> int:
     s = bnnops.summary(models.binarynet(filters=filters, dense_units=dense_units), print_table=False)
     return s.binary_macs + s.real_macs
 
@@ -161,7 +175,7 @@ def _macs(filters, dense_units):
     cpu={"CIFAR-10 b2 width/16": dict(batch=2, filters=8, dense_units=64)},
     tiny=dict(batch=2, filters=4, dense_units=8),
 )
-def binarynet_train_step(device, batch, filters, dense_units):
+def binarynet_train_step(device: str, batch: int, filters: int, dense_units: int) -> Workload:
     baseline = "plain ste_sign + Adam" + (" (bf16 autocast)" if device == "cuda" else "")
     return Workload(
         ours=training_step("ours", device, batch, filters, dense_units),
@@ -171,181 +185,3 @@ def binarynet_train_step(device, batch, filters, dense_units):
         ops=6 * _macs(filters, dense_units) * batch,
         bytes=4 * batch * 3 * 32 * 32,
     )
-
-
-def _measure(step, steps, warmup):
-    """Seconds per step (CUDA events, mean over ``steps`` after ``warmup``) and peak bytes allocated."""
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / steps, torch.cuda.max_memory_allocated()
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def step_profile(step, device, steps=3, top=12):
-    """Where a training step's time goes, over ``steps`` steps after one warm-up step.
-
-    Returns a dict, times in ms per step:
-
-    - ``host_ms``: the host's time to issue the step (until ``step()`` returns, no sync first);
-    - ``wall_ms``: the step with the device finished (synchronized);
-    - ``kernel_ms`` (CUDA): the sum of the device time of every kernel, from ``torch.profiler``.
-      wall well above kernel time with host close to wall means the step is host-bound;
-    - ``top``: the ``top`` largest entries, each {name, ms, calls} per step: CUDA kernels by device
-      time on CUDA, torch ops by their own (self) CPU time on CPU.
-    """
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    _sync(device)
-    host = wall = 0.0
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        t1 = time.perf_counter()
-        _sync(device)
-        host, wall = host + t1 - t0, wall + time.perf_counter() - t0
-    cuda = torch.device(device).type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        _sync(device)
-    if cuda:
-        events = [
-            (e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA
-        ]
-    else:
-        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
-    events.sort(key=lambda e: -e[1])
-    result = {
-        "steps": steps,
-        "host_ms": 1e3 * host / steps,
-        "wall_ms": 1e3 * wall / steps,
-        "top": [{"name": name, "ms": us / 1e3 / steps, "calls": count / steps} for name, us, count in events[:top]],
-    }
-    if cuda:
-        result["kernel_ms"] = sum(us for _, us, _ in events) / 1e3 / steps
-    return result
-
-
-def profile_markdown(profiles):
-    """The tables of :func:`step_profile` results, one per variant ({variant: result})."""
-    sections = []
-    for name, p in profiles.items():
-        kernel = f", kernels {p['kernel_ms']:.2f} ms" if "kernel_ms" in p else ""
-        lines = [
-            f"{name}: host {p['host_ms']:.2f} ms, wall {p['wall_ms']:.2f} ms{kernel} per step (mean of {p['steps']})",
-            "",
-            "| op or kernel | ms / step | calls / step |",
-            "|---|---|---|",
-        ]
-        lines += [f"| `{e['name'][:90]}` | {e['ms']:.3f} | {e['calls']:g} |" for e in p["top"]]
-        sections.append("\n".join(lines))
-    return "\n\n".join(sections)
-
-
-def gpu_step_report(batch=256, steps=20, warmup=5, profile=False, compile=False, channels_last=False, progress=None):
-    """Images/s and peak memory of ours and the plain baseline, one process, one after the other.
-
-    Returns (result dict, markdown table). Peak memory is ``torch.cuda.max_memory_allocated``
-    over the timed steps, after warm-up (weights, gradients, optimizer state and activations).
-    With ``profile``, each variant is then profiled by :func:`step_profile` (its row's "profile").
-    With ``channels_last``, both again in channels-last memory format (rows "ours channels_last"
-    and "plain channels_last"); with ``compile``, both again (NCHW) with their models under
-    ``torch.compile`` (rows "ours compiled" and "plain compiled"; the warm-up steps include the
-    compilation). ``progress(result, table)`` is called after each row, so a run stopped at a
-    time limit keeps what it measured.
-    """
-    from bench.machine import describe
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("--gpu-step needs a CUDA GPU")
-    base = {
-        "ours": "bnnops + Bop (bf16 activations)",
-        "plain": "plain nn.Conv2d/nn.Linear + ste_sign + Adam (bf16 autocast)",
-    }
-    # (row suffix, label suffix, compile, channels_last), in the order they run.
-    kinds = [("", "", False, False)]
-    if channels_last:
-        kinds.append((" channels_last", ", channels_last", False, True))
-    if compile:
-        kinds.append((" compiled", ", torch.compile", True, False))
-    runs = [(name + suffix, name, compiled, cl) for suffix, _, compiled, cl in kinds for name in base]
-    labels = {
-        name + suffix: label + label_suffix for suffix, label_suffix, _, _ in kinds for name, label in base.items()
-    }
-    result = {
-        "machine": describe("cuda"),
-        "batch": batch,
-        "steps": steps,
-        "warmup": warmup,
-        "rows": {},
-        "target": "speedup >= 1.5 at memory_ratio <= 1",
-    }
-    rows = result["rows"]
-    for row_name, variant, compiled, cl in runs:
-        try:  # one variant failing still leaves the other's numbers from a short GPU window
-            step = training_step(variant, "cuda", batch, compile=compiled, channels_last=cl)
-            seconds, peak = _measure(step, steps, warmup)
-            row = rows[row_name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds, "peak_bytes": peak}
-        except Exception:
-            rows[row_name] = {"error": traceback.format_exc()}
-        if profile and "error" not in rows[row_name]:
-            try:
-                row["profile"] = step_profile(step, "cuda")
-            except Exception:
-                row["profile_error"] = traceback.format_exc()
-        step = None  # frees the model, its optimizer and the batch before the next variant
-        torch.cuda.empty_cache()
-        table = _report_table(result, labels)
-        if progress is not None:
-            progress(result, table)
-    return result, table
-
-
-def _report_table(result, labels):
-    """Fills result's ratios and returns the markdown of :func:`gpu_step_report`."""
-    rows = result["rows"]
-    lines = [
-        f"BinaryNet training step, CIFAR-10 shapes, batch {result['batch']} ({result['machine']['device_name']})",
-        "",
-        "| | images/s | peak memory |",
-        "|---|---|---|",
-    ]
-    for name, row in rows.items():
-        cells = (
-            ("FAILED", row["error"].strip().splitlines()[-1])
-            if "error" in row
-            else (f"{row['images_per_s']:.0f}", f"{row['peak_bytes'] / 2**20:.0f} MiB")
-        )
-        lines.append(f"| {labels[name]} | {cells[0]} | {cells[1]} |")
-    for suffix in [name[len("ours") :] for name in rows if name.startswith("ours")]:
-        ours, plain = rows.get("ours" + suffix), rows.get("plain" + suffix)
-        if ours and plain and "error" not in ours and "error" not in plain:
-            speedup = ours["images_per_s"] / plain["images_per_s"]
-            memory_ratio = ours["peak_bytes"] / plain["peak_bytes"]
-            key = suffix.replace(" ", "_")
-            result["speedup" + key], result["memory_ratio" + key] = speedup, memory_ratio
-            lines.append(f"| ours / plain{suffix} | {speedup:.2f}x | {memory_ratio:.2f}x |")
-    profiles = {labels[name]: row["profile"] for name, row in rows.items() if "profile" in row}
-    if profiles:
-        lines += ["", profile_markdown(profiles)]
-    lines += [
-        f"\n{labels[name]}: the profile failed: {row['profile_error'].strip().splitlines()[-1]}"
-        for name, row in rows.items()
-        if "profile_error" in row
-    ]
-    return "\n".join(lines)
