@@ -1,5 +1,12 @@
-"""Optimizers for binary weights (imported as ``bnnops.optim``): Bop, Bop2ndOrder, a threshold
-scheduler, and the pairing of Bop with a torch optimizer for the real-valued parameters."""
+"""Optimizers for binary weights (imported as ``bnnops.optim``).
+
+- ``bop.py``: :class:`Bop`, :class:`Bop2ndOrder`, and :func:`bop_reference_`, the rule on one tensor in
+  plain PyTorch (the CPU path, and the reference the fused kernel equals bit for bit).
+- ``schedules.py``: :class:`ThresholdScheduler` (gamma is the group's ``"lr"``: torch's LR schedulers
+  drive it).
+- ``binary_and_real.py``: :class:`BinaryAndReal` and :func:`split_parameters`: Bop for the binary
+  weights and any torch optimizer for the real-valued parameters, as one optimizer.
+"""
 
 from bnnops.optim.binary_and_real import BinaryAndReal, split_parameters
 from bnnops.optim.bop import Bop, Bop2ndOrder, bop_reference_

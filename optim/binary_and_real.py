@@ -13,7 +13,11 @@ biases, a float first or last layer)::
 two parts' groups), unscales them, and calls ``step`` only when all are finite.
 """
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from bnnops.binary_tensor import BinaryTensor
@@ -21,12 +25,15 @@ from bnnops.binary_tensor import BinaryTensor
 __all__ = ["BinaryAndReal", "split_parameters"]
 
 
-def split_parameters(params):
+def split_parameters(
+    params: nn.Module | Iterable[nn.Parameter],
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split a module's (or an iterable's) trainable parameters into (binary, real) lists.
 
-    binary: the ``BinaryTensor`` parameters; real: every other parameter. Parameters with
-    ``requires_grad=False`` are in neither (frozen); a parameter listed twice counts once, so
-    every trainable parameter is in exactly one list.
+    Returns:
+        (binary, real): binary holds the ``BinaryTensor`` parameters, real every other parameter.
+        Parameters with ``requires_grad=False`` are in neither (frozen); a parameter listed twice
+        counts once, so every trainable parameter is in exactly one list.
     """
     params = params.parameters() if hasattr(params, "parameters") else params
     binary, real, seen = [], [], set()
@@ -44,13 +51,17 @@ class BinaryAndReal:
         binary: the optimizer of the binary weights, e.g. ``bnnops.optim.Bop(binary_params)``.
         real: the optimizer of the real-valued parameters, e.g. ``torch.optim.Adam(real_params)``.
 
-    A parameter held by both is an error, and so is a ``BinaryTensor`` in ``real`` (its bits
-    change only through Bop). A parameter held by neither is not trained, as with any torch
-    optimizer; :func:`split_parameters` hands every trainable parameter to exactly one part.
-    Schedule each part with its own scheduler (``optimizer.binary``, ``optimizer.real``).
+    Raises:
+        TypeError: a part that is not a ``torch.optim.Optimizer``.
+        ValueError: a parameter held by both parts, or a ``BinaryTensor`` in ``real`` (its bits
+            change only through Bop).
+
+    A parameter held by neither is not trained, as with any torch optimizer;
+    :func:`split_parameters` hands every trainable parameter to exactly one part. Schedule each
+    part with its own scheduler (``optimizer.binary``, ``optimizer.real``).
     """
 
-    def __init__(self, binary, real):
+    def __init__(self, binary: Optimizer, real: Optimizer) -> None:
         for name, part in (("binary", binary), ("real", real)):
             if not isinstance(part, Optimizer):
                 raise TypeError(
@@ -72,11 +83,11 @@ class BinaryAndReal:
         self.real = real
 
     @property
-    def param_groups(self):
+    def param_groups(self) -> list[dict[str, Any]]:
         """The binary part's param groups followed by the real part's (read by GradScaler)."""
         return self.binary.param_groups + self.real.param_groups
 
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Step both parts; the closure, if given, is evaluated once and its loss returned."""
         loss = None
         if closure is not None:
@@ -86,13 +97,16 @@ class BinaryAndReal:
         self.real.step()
         return loss
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or drop) the gradients of both parts."""
         self.binary.zero_grad(set_to_none)
         self.real.zero_grad(set_to_none)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """``{"binary": ..., "real": ...}``: the two parts' state_dicts."""
         return {"binary": self.binary.state_dict(), "real": self.real.state_dict()}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, dict[str, Any]]) -> None:
+        """Load what :meth:`state_dict` returned into both parts."""
         self.binary.load_state_dict(state_dict["binary"])
         self.real.load_state_dict(state_dict["real"])

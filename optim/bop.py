@@ -1,52 +1,18 @@
 """Bop and Bop2ndOrder: optimizers that flip binary weights (Helwegen et al., NeurIPS 2019).
 
-"Latent Weights Do Not Exist" (arXiv 1906.02107): a binary weight w in {-1, +1} keeps only an
-exponential moving average m of its gradient g and flips when m is strong enough and points the
-same way as w::
-
-    m <- m + gamma * (g - m)
-    flip w where w * m > threshold          (strict: equality does not flip)
-
-Bop2ndOrder (Suarez-Ramirez et al. 2021) also keeps the second moment v and normalizes m by it::
-
-    v <- v + sigma * (g^2 - v)
-    flip w where w * m / (sqrt(v) + 1e-10) > threshold
-
-gamma is the param-group key ``"lr"``, so every ``torch.optim.lr_scheduler`` schedules it; the
-threshold has :class:`bnnops.optim.ThresholdScheduler`.
-
-Parameters: ``bnnops.BinaryTensor`` parameters (the bits of ``p.words`` flip in place; ``p.grad``
-is a dense float tensor of the logical shape) and dense float parameters holding only +1 and -1
-(their signs flip; checked once, when their state is created).
-
-Paths: CUDA parameters take the fused Triton kernel (``bnnops.kernels.bop``: one pass over g, m
-and the packed words for a whole model, a few launches), CPU parameters the pure-PyTorch
-reference below. Both give the same bits: see the rounding notes in ``bnnops.kernels.bop``.
-
-Non-finite gradients: an element whose gradient is NaN or +-inf is skipped for the step (its m, v
-and sign are unchanged and it does not flip); every other element steps normally. No host sync is
-needed for this. With ``torch.amp.GradScaler`` a step with any inf/NaN gradient is skipped whole
-by the scaler, as for every torch optimizer.
-
-Flip statistics: after ``step``, ``optimizer.state[p]["flips"]`` is a 0-d int64 tensor on p's
-device, the number of p's weights that flipped at p's last step (counted by the kernel, no extra
-pass). On the fused path it is a view of a counter buffer that later steps overwrite in place
-(clone it to keep a value). :meth:`Bop.flip_ratio` is larq's FlipRatio metric. Reading them syncs;
-``step`` does not.
-
-State per parameter: ``m`` (and ``v``) of the logical shape in ``state_dtype``: float32 by default
-(the fused and reference paths agree bit for bit), or bfloat16 (half the memory; m is computed in
-fp32 and rounded to nearest-even when stored, so increments smaller than half a bf16 ulp of m are
-lost: m then stalls near 2^8 * gamma * |g| instead of tracking g, which is still far above the
-usual thresholds but biases the average). For a BinaryTensor, m is stored in the packed layout's
-element order (``m.movedim(1, -1)`` is contiguous) so the kernel streams it like the words.
+Two paths give the same bits: CUDA parameters take the fused Triton kernel
+(``bnnops.kernels.bop``: one pass over g, m and the words for a whole model, a few launches), CPU
+parameters the pure-PyTorch reference :func:`bop_reference_` (the rounding contract is in the
+``bnnops.kernels.bop`` docstring).
 """
 
 import math
 import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
-from torch.optim.optimizer import Optimizer
+from torch.optim.optimizer import Optimizer, ParamsT
 
 from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor
@@ -59,91 +25,91 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 SECOND_ORDER_EPS = 1e-10
 
 
-def _moving_average_(state, target, rate, finite):
-    """state <- state + rate * (target - state) where ``finite``: fp32, one rounding per operation."""
-    old = state.float()
-    new = old + (target - old) * rate
-    state.copy_(torch.where(finite, new, old))  # rounds to nearest-even into bf16 state
-    return state.float()
-
-
-def bop_reference_(w, g, m, gamma, threshold, v=None, sigma=None):
-    """One Bop step on one tensor, in place, in plain PyTorch (the rule of the module docstring).
-
-    Args:
-        w: a ``BinaryTensor`` (its ``packed`` words flip) or a dense float tensor of +-1.
-        g: the gradient, float32/bfloat16/float16, of w's logical shape.
-        m: the gradient average, float32 or bfloat16, of w's shape (any strides).
-        gamma, threshold: floats (rounded to fp32 by torch's scalar arithmetic).
-        v, sigma: the second moment and its rate for Bop2ndOrder, or None.
-
-    Returns:
-        0-d int64 tensor on w's device: how many weights flipped.
-
-    Each operation rounds to fp32 on its own (``(g - m) * gamma`` then ``+ m``), which is what the
-    kernel computes with FMA contraction off. Elements with a non-finite gradient are left alone.
-    """
-    g = g.float()
-    finite = g.abs() < math.inf  # isfinite (NaN compares false), in two passes torch's CPU runs 3x faster
-    m_hat = _moving_average_(m, g, gamma, finite)
-    if v is not None:
-        m_hat = m_hat / (_moving_average_(v, g * g, sigma, finite).sqrt() + SECOND_ORDER_EPS)
-    negative = (w.dequantize() if isinstance(w, BinaryTensor) else w) < 0
-    flip = finite & (torch.where(negative, -m_hat, m_hat) > threshold)  # w * m > threshold
-    if isinstance(w, BinaryTensor):
-        w.words.bitwise_xor_(pack_weight(flip))
-    else:
-        w.copy_(torch.where(flip, -w, w))
-    return flip.sum(dtype=torch.int64)
-
-
-def _new_state(p, dtype):
-    """Zero state for parameter p: a BinaryTensor's in the packed layout's element order."""
-    if isinstance(p, BinaryTensor) and p.dim() > 1:
-        return torch.zeros(p.shape[0], *p.shape[2:], p.shape[1], dtype=dtype, device=p.device).movedim(-1, 1)
-    if isinstance(p, BinaryTensor):
-        return torch.zeros(p.shape, dtype=dtype, device=p.device)
-    return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 class Bop(Optimizer):
     """The Binary Optimizer: flips +-1 weights whose gradient average agrees with them.
 
+    From "Latent Weights Do Not Exist" (Helwegen et al. 2019, arXiv 1906.02107). A binary weight
+    keeps no latent real value, only an exponential moving average m of its gradient, and flips
+    when m is strong enough and has w's sign (the loss grows along w)::
+
+        input: gamma (lr), tau (threshold), weights w in {-1, +1}, objective f
+        m <- 0
+        for t = 1, 2, ...:
+            g <- grad f(w)
+            m <- m + gamma * (g - m)
+            w <- -w  where  w * m > tau  (strict: equality does not flip)
+
+    gamma is the param-group key ``"lr"``, so every ``torch.optim.lr_scheduler`` schedules it; the
+    threshold has :class:`bnnops.optim.ThresholdScheduler`.
+
+    An element whose gradient is NaN or +-inf is skipped for the step: its m (and v) and sign stay
+    and it does not flip; every other element steps. This needs no host sync. With
+    ``torch.amp.GradScaler`` a step with any inf/NaN gradient is skipped whole by the scaler, as for
+    every torch optimizer.
+
     Args:
-        params: iterable of parameters or param-group dicts: ``BinaryTensor`` parameters and/or
-            dense float parameters holding only +-1.
-        lr: gamma, the adaptivity rate of m, in [0, 1] (paper: 1e-4). Named ``lr`` so
-            ``torch.optim.lr_scheduler`` schedules it.
+        params: iterable of parameters or param-group dicts: ``bnnops.BinaryTensor`` parameters
+            (the bits of ``p.words`` flip in place; ``p.grad`` is a dense float tensor of the
+            logical shape) and/or dense float parameters holding only +1 and -1 (their signs flip;
+            checked when their state is created).
+        lr: gamma, the adaptivity rate of m, in [0, 1] (paper: 1e-4).
         threshold: tau >= 0 (paper: 1e-8).
-        state_dtype: torch.float32 (default) or torch.bfloat16, for m (per group).
+        state_dtype: dtype of m (per group): torch.float32 (default; the fused and reference
+            paths agree bit for bit) or torch.bfloat16 (half the memory; m is computed in fp32
+            and rounded to nearest-even when stored, so an increment under half a bf16 ulp of m is
+            lost and m stalls near 2^8 * gamma * |g|, far above usual thresholds but biased).
         fused: True runs the Triton kernel (CUDA parameters; on CPU only under the Triton
             interpreter, ``TRITON_INTERPRET=1``, for tests); False the PyTorch reference; None
             (default) the kernel for CUDA parameters and the reference for CPU ones. Dense
             parameters whose value or gradient is not contiguous always take the reference.
-        differentiable: must be False (a flip is not differentiable).
+        differentiable: must be False (a flip has no gradient).
 
-    Sparse gradients are refused; parameters whose ``.grad`` is None are skipped. See the module
-    docstring for the rule, non-finite gradients, flip statistics and state.
+    Raises:
+        TypeError: a hyperparameter that is not a Python number, a ``state_dtype`` other than
+            float32/bfloat16, ``fused`` not None/True/False, a parameter that is neither a
+            ``BinaryTensor`` nor floating point.
+        ValueError: lr outside [0, 1], a negative threshold, ``differentiable=True``,
+            ``fused=True`` with non-CUDA parameters outside the interpreter; at the first step, a
+            dense parameter holding values other than +-1.
+
+    Hyperparameters are checked at construction, in :meth:`add_param_group`, and at every
+    :meth:`step` (schedulers and users write the groups between steps). Sparse gradients are
+    refused; parameters whose ``.grad`` is None are skipped.
+
+    State per parameter (``optimizer.state[p]``):
+
+    - ``"m"``: of p's logical shape in ``state_dtype``; for a BinaryTensor in the packed layout's
+      element order (``m.movedim(1, -1)`` contiguous), so the kernel streams it like the words.
+    - ``"flips"``: 0-d int64 on p's device, the number of p's weights that flipped at p's last step
+      (counted by the kernel, no extra pass). On the fused path it is a view of a counter buffer
+      that later steps overwrite in place (clone it to keep a value). :meth:`flip_ratio` is larq's
+      FlipRatio metric. Reading either syncs; :meth:`step` does not.
     """
 
     _second_order = False
 
-    def __init__(self, params, lr=1e-4, threshold=1e-8, *, state_dtype=torch.float32, fused=None, differentiable=False):
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-4,
+        threshold: float = 1e-8,
+        *,
+        state_dtype: torch.dtype = torch.float32,
+        fused: bool | None = None,
+        differentiable: bool = False,
+    ) -> None:
         self._init(params, dict(lr=lr, threshold=threshold), state_dtype, fused, differentiable)
 
     def _init(self, params, hyper, state_dtype, fused, differentiable):
+        """The constructor of Bop and Bop2ndOrder: ``hyper`` holds their own hyperparameters."""
         if differentiable:
             raise ValueError(f"{type(self).__name__} does not support differentiable=True: a sign flip has no gradient")
         defaults = dict(hyper, state_dtype=state_dtype, fused=fused, differentiable=False)
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
-        self._steppers = {}  # device -> kernels.bop.FusedBop, which keeps its launch tables
+        self._steppers = {}  # device -> bnnops.kernels.bop_plan.FusedBop, which keeps its launch tables
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._steppers = {}
 
@@ -163,7 +129,8 @@ class Bop(Optimizer):
         if group["fused"] not in (None, True, False):
             raise TypeError(f"{name} fused must be None, True or False, got {group['fused']!r}")
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group like torch, then check its hyperparameters and parameters (see Raises)."""
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
@@ -204,22 +171,34 @@ class Bop(Optimizer):
         return fused and (isinstance(p, BinaryTensor) or (p.is_contiguous() and g.is_contiguous()))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One Bop step over every parameter with a gradient; returns the closure's loss, if any.
 
-        Host cost: the fused path reads a few attributes per parameter and launches the kernel once
-        per set of compile-time constants (usually once); the launch tables are rebuilt only when a
-        weight or state moved or a gradient changed dtype or layout (see ``kernels.bop.FusedBop``).
+        The fused path reads a few attributes per parameter and launches the kernel once per set
+        of compile-time constants (usually once); its launch tables are rebuilt only when a weight
+        or state moved or a gradient changed dtype or layout (``bnnops.kernels.bop_plan``).
         Nothing here waits for the device.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        fused = {}  # device -> (grads, weights, ms, vs, hyper rows, states) for the kernel
+        fused, reference = self._gather()
+        for p, g, state, group in reference:
+            state["flips"] = bop_reference_(
+                p, g, state["m"], group["lr"], group["threshold"], state.get("v"), group.get("sigma")
+            )
+        for device, batch in fused.items():
+            self._fused_step(device, *batch)
+        return loss
+
+    def _gather(self):
+        """The parameters to step, with state created: per device the kernel's lists, and the
+        (p, g, state, group) of the reference path."""
+        fused = {}  # device -> (grads, weights, ms, vs, hyper rows, states)
         reference = []
         # Plain attribute reads: BinaryTensor's __torch_function__ would otherwise run for each
-        # p.grad, p.device...; the reference ops below run outside this (the subclass then routes).
+        # p.grad, p.device...; the reference ops run outside this (the subclass then routes).
         with torch._C.DisableTorchFunctionSubclass():
             for h, group in enumerate(self.param_groups):
                 # Schedulers and users write the groups between steps: check what this step uses.
@@ -247,18 +226,12 @@ class Bop(Optimizer):
                         vs.append(state["v"])
                     rows.append(h)
                     states.append(state)
-        for p, g, state, group in reference:
-            state["flips"] = bop_reference_(
-                p, g, state["m"], group["lr"], group["threshold"], state.get("v"), group.get("sigma")
-            )
-        for device, batch in fused.items():
-            self._fused_step(device, *batch)
-        return loss
+        return fused, reference
 
     def _fused_step(self, device, grads, weights, ms, vs, rows, states):
         stepper = self._steppers.get(device)
         if stepper is None:
-            stepper = self._steppers[device] = kernels.load("bop").FusedBop()
+            stepper = self._steppers[device] = kernels.load("bop_plan").FusedBop()
         groups = self.param_groups
         stepper.step(
             grads,
@@ -273,7 +246,7 @@ class Bop(Optimizer):
         for state, count in zip(states, stepper.counts):
             state["flips"] = count
 
-    def flip_ratio(self, params=None):
+    def flip_ratio(self, params: Iterable[torch.Tensor] | None = None) -> torch.Tensor | None:
         """larq's FlipRatio: flipped weights / weights over ``params`` (default: all with state).
 
         Counts the flips of each parameter's last step. Returns a 0-d float32 tensor on the
@@ -285,12 +258,15 @@ class Bop(Optimizer):
         flips = torch.stack([self.state[p]["flips"] for p in params]).sum()
         return flips.float() / sum(p.numel() for p in params)
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch, but keep m and v in each group's ``state_dtype`` and layout, flips int64.
 
         The hyperparameters (lr, threshold, sigma, state_dtype) come from the checkpoint, as for
         every torch optimizer; ``fused`` stays this optimizer's (a checkpoint from a GPU run loads
-        on the CPU). A Bop state_dict does not load into a Bop2ndOrder, nor the reverse.
+        on the CPU).
+
+        Raises:
+            ValueError: a Bop state_dict loaded into a Bop2ndOrder, or the reverse.
 
         torch casts every state tensor of a float parameter to the parameter's dtype, which would
         round fp32 state of a bf16 parameter and make the flip counts floats; here the saved
@@ -325,21 +301,91 @@ class Bop(Optimizer):
 class Bop2ndOrder(Bop):
     """Bop with a second-moment normalization (Suarez-Ramirez et al. 2021).
 
-    Like :class:`Bop` plus ``sigma`` (the rate of the second moment v, in [0, 1]); flips where
-    ``w * m / (sqrt(v) + 1e-10) > threshold``. Defaults: lr (gamma) 1e-6, threshold 1e-6, sigma 1e-2.
+    Like :class:`Bop`, and also keeps the second moment v of the gradient (state ``"v"``, like
+    ``"m"``)::
+
+        v <- v + sigma * (g * g - v)
+        w <- -w  where  w * m / (sqrt(v) + 1e-10) > tau
+
+    Args:
+        params, threshold, state_dtype, fused, differentiable: as for :class:`Bop`.
+        lr: gamma, in [0, 1].
+        sigma: the rate of v, in [0, 1].
+
+    Defaults: lr (gamma) 1e-6, threshold 1e-6, sigma 1e-2. A Bop state_dict does not load into a
+    Bop2ndOrder, nor the reverse.
     """
 
     _second_order = True
 
     def __init__(
         self,
-        params,
-        lr=1e-6,
-        threshold=1e-6,
-        sigma=1e-2,
+        params: ParamsT,
+        lr: float = 1e-6,
+        threshold: float = 1e-6,
+        sigma: float = 1e-2,
         *,
-        state_dtype=torch.float32,
-        fused=None,
-        differentiable=False,
-    ):
+        state_dtype: torch.dtype = torch.float32,
+        fused: bool | None = None,
+        differentiable: bool = False,
+    ) -> None:
         self._init(params, dict(lr=lr, threshold=threshold, sigma=sigma), state_dtype, fused, differentiable)
+
+
+def bop_reference_(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    gamma: float,
+    threshold: float,
+    v: torch.Tensor | None = None,
+    sigma: float | None = None,
+) -> torch.Tensor:
+    """One Bop (or Bop2ndOrder) step on one tensor, in place, in plain PyTorch.
+
+    Args:
+        w: a ``BinaryTensor`` (its ``words`` flip) or a dense float tensor of +-1.
+        g: the gradient, float32/bfloat16/float16, of w's logical shape.
+        m: the gradient average, float32 or bfloat16, of w's shape (any strides).
+        gamma, threshold: floats (rounded to fp32 by torch's scalar arithmetic).
+        v, sigma: the second moment (like m) and its rate for Bop2ndOrder, or None.
+
+    Returns:
+        0-d int64 tensor on w's device: how many weights flipped.
+
+    Each operation rounds to fp32 on its own (``(g - m) * gamma`` then ``+ m``), which is what the
+    kernel computes with FMA contraction off. Elements with a non-finite gradient are left alone.
+    """
+    g = g.float()
+    finite = g.abs() < math.inf  # isfinite (NaN compares false), and faster than torch.isfinite on CPU
+    m_hat = _moving_average_(m, g, gamma, finite)
+    if v is not None:
+        m_hat = m_hat / (_moving_average_(v, g * g, sigma, finite).sqrt() + SECOND_ORDER_EPS)
+    negative = (w.dequantize() if isinstance(w, BinaryTensor) else w) < 0
+    flip = finite & (torch.where(negative, -m_hat, m_hat) > threshold)  # w * m > threshold
+    if isinstance(w, BinaryTensor):
+        w.words.bitwise_xor_(pack_weight(flip))
+    else:
+        w.copy_(torch.where(flip, -w, w))
+    return flip.sum(dtype=torch.int64)
+
+
+def _moving_average_(state, target, rate, finite):
+    """state <- state + rate * (target - state) where ``finite``: fp32, one rounding per operation."""
+    old = state.float()
+    new = old + (target - old) * rate
+    state.copy_(torch.where(finite, new, old))  # rounds to nearest-even into bf16 state
+    return state.float()
+
+
+def _new_state(p, dtype):
+    """Zero state for parameter p: a BinaryTensor's in the packed layout's element order."""
+    if isinstance(p, BinaryTensor) and p.dim() > 1:
+        return torch.zeros(p.shape[0], *p.shape[2:], p.shape[1], dtype=dtype, device=p.device).movedim(-1, 1)
+    if isinstance(p, BinaryTensor):
+        return torch.zeros(p.shape, dtype=dtype, device=p.device)
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"

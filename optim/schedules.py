@@ -5,9 +5,15 @@ The paper keeps tau = 1e-8 fixed and decays gamma (CIFAR-10: x0.1 every 100 epoc
 optimizer; the threshold, a key torch's schedulers never touch, has this one.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 from bnnops.optim.bop import Bop
 
 __all__ = ["ThresholdScheduler"]
+
+# A threshold multiplier as a function of the step count.
+_Factor = Callable[[int], float]
 
 
 class ThresholdScheduler:
@@ -19,6 +25,11 @@ class ThresholdScheduler:
             multiplier, or a list of such functions, one per param group.
         last_epoch: the step count to resume from (-1 starts fresh), as in torch's schedulers.
 
+    Raises:
+        TypeError: ``optimizer`` is not a Bop.
+        ValueError: not one callable factor or one per group; a factor that makes a threshold
+            negative (also at :meth:`step`).
+
     Each group's starting threshold is recorded in the group as ``"initial_threshold"`` (as torch's
     schedulers record ``"initial_lr"``), so the optimizer's ``state_dict`` saves it; the scheduler
     also keeps its own copy (``base_thresholds``) for groups that lack the key after loading an
@@ -29,7 +40,12 @@ class ThresholdScheduler:
     Example: ``ThresholdScheduler(bop, lambda epoch: 0.5 ** (epoch // 10))`` halves tau every 10 epochs.
     """
 
-    def __init__(self, optimizer, factor, last_epoch=-1):
+    def __init__(
+        self,
+        optimizer: Bop,
+        factor: _Factor | list[_Factor] | tuple[_Factor, ...],
+        last_epoch: int = -1,
+    ) -> None:
         if not isinstance(optimizer, Bop):
             raise TypeError(f"ThresholdScheduler schedules a bnnops.optim.Bop, got {type(optimizer).__name__}")
         groups = optimizer.param_groups
@@ -42,7 +58,7 @@ class ThresholdScheduler:
         self.last_epoch = last_epoch
         self.step()
 
-    def step(self):
+    def step(self) -> None:
         """Advance the step count and set every group's threshold from it."""
         self.last_epoch += 1
         self._apply()
@@ -60,14 +76,15 @@ class ThresholdScheduler:
                 )
             group["threshold"] = threshold
 
-    def get_last_threshold(self):
+    def get_last_threshold(self) -> list[float]:
         """The thresholds of the groups, as last set."""
         return [group["threshold"] for group in self.optimizer.param_groups]
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
+        """``{"last_epoch": ...}``: the step count (the factors are code, not state)."""
         return {"last_epoch": self.last_epoch}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the step count and set the thresholds from it (in either order with the optimizer's load)."""
         self.last_epoch = state_dict["last_epoch"]
         self._apply()

@@ -108,6 +108,34 @@ def test_launcher_matches_reference(dtype, state_dtype, second_order):
     assert total > 100  # the test exercised flips
 
 
+@pytest.mark.parametrize("block_words, num_warps", [(8, 2), (64, 8)])
+def test_block_config_changes_only_the_grid(block_words, num_warps):
+    """Another block config (more programs per tensor, or fewer) gives the same bits."""
+    import triton
+
+    config = triton.Config({"BLOCK_WORDS": block_words}, num_warps=num_warps)
+    gen = torch.Generator().manual_seed(2)
+    weights = _weights(gen, torch.float32)
+    runs = []
+    for stepper in (kernels.load("bop_plan").FusedBop(), kernels.load("bop_plan").FusedBop(config)):
+        ws = [w.clone() for w in weights]
+        ms = [_new_state(w, torch.float32) for w in ws]
+        flips = []
+        for step in range(2):
+            grads = [
+                _gradient(shape, torch.float32, cl, torch.Generator().manual_seed(step), step)
+                for shape, _, cl in TENSORS
+            ]
+            signs = [w.words if isinstance(w, BinaryTensor) else w for w in ws]
+            flips.append(stepper.step(grads, signs, ms, [0.5] * len(ws), [0.01] * len(ws)).clone())
+        runs.append((ws, ms, flips))
+    (ws0, ms0, flips0), (ws1, ms1, flips1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(flips0, flips1)) and sum(f.sum().item() for f in flips0) > 0
+    assert all(torch.equal(a, b) for a, b in zip(ms0, ms1))
+    for a, b in zip(ws0, ws1):
+        assert torch.equal(a.words, b.words) if isinstance(a, BinaryTensor) else torch.equal(a, b)
+
+
 def test_threshold_is_strict(device):
     # gamma = 1 makes m = g exactly: a weight whose w * m equals the threshold must not flip.
     threshold = 0.5
@@ -148,12 +176,14 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from bnnops.kernels import bop
-consts = dict(G_DTYPE=tl.float32, W_DTYPE=tl.int32, PACKED=True, FLAT=True, G_FLAT=True, STATE_BF16=False,
-              SECOND_ORDER=True, SEARCH_STEPS=3, BLOCK_WORDS=bop.BLOCK_WORDS)
+from bnnops.kernels.bop_configs import DEFAULT_CONFIG
+variant = bop.KernelVariant(G_DTYPE=tl.float32, SIGNS_DTYPE=tl.int32, WORDS=True, FLAT=True, G_FLAT=True,
+                            STATE_BF16=False, SECOND_ORDER=True)
+consts = dict(variant._asdict(), SEARCH_STEPS=3, **DEFAULT_CONFIG.kwargs)
 signature = {"table": "*i64", "g_addresses": "*i64", "hyper": "*fp32", "n_rows": "i32", "flips": "*i64",
              "flips_next": "*i64", **{k: "constexpr" for k in consts}}
 src = ASTSource(fn=bop._bop_kernel, signature=signature, constexprs=consts)
-options = {"enable_fp_fusion": False, "num_warps": bop.NUM_WARPS}
+options = {"enable_fp_fusion": False, "num_warps": DEFAULT_CONFIG.num_warps}
 print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"])
 """
 
@@ -169,6 +199,6 @@ def test_kernel_compiles_for_h100_without_fma():
     ptx = run.stdout
     assert "fma" not in ptx  # m + gamma * (g - m) rounds twice, as in the reference
     assert re.search(r"sqrt\.rn\.f32", ptx) and re.search(r"div\.rn\.f32", ptx)
-    bop = kernels.load("bop")
-    per_thread = bop.BLOCK_WORDS * 32 // (bop.NUM_WARPS * 32)
+    config = kernels.load("bop_configs").DEFAULT_CONFIG
+    per_thread = config.kwargs["BLOCK_WORDS"] * 32 // (config.num_warps * 32)
     assert len(re.findall(r"ld\.global\.v4", ptx)) >= 3 * per_thread // 4  # g, m and v in 16-byte vectors

@@ -30,7 +30,7 @@ SHAPES = [
 
 
 def plain_rule(signs, m, g, gamma, threshold, v=None, sigma=None):
-    """The rule of DESIGN.md on dense +-1 ``signs``, elementwise; returns (signs, m, v, flips).
+    """The rule of docs/design.md on dense +-1 ``signs``, elementwise; returns (signs, m, v, flips).
 
     State is computed in fp32 and stored in its own dtype (bf16 rounds to nearest-even); an element
     with a non-finite gradient is left alone.
@@ -252,7 +252,7 @@ def test_resume_equals_uninterrupted_run(device, fused):
     assert all(s["flips"].dtype == torch.int64 for s in resumed[1].state.values())  # not the bf16 of the weights
     _train(*resumed, gen, device, steps=4, start=4)
 
-    (m0, o0, g0, t0), (m1, o1, g1, t1) = straight, resumed
+    (m0, o0, _, _), (m1, o1, _, _) = straight, resumed
     assert o1.state[m1.ws[0]]["m"].dtype == torch.float32 and o1.state[m1.ws[4]]["m"].dtype == torch.bfloat16
     assert o0.param_groups[0]["lr"] == o1.param_groups[0]["lr"] == 0.2 * 0.5**4
     assert o0.param_groups[1]["threshold"] == o1.param_groups[1]["threshold"] == 0.0
@@ -356,7 +356,8 @@ def test_fused_tables_follow_moved_tensors(device):
     ]
     for step, (change, rebuilt) in enumerate(steps):
         keep += [p.grad for p in fused_model.ws] + [p.detach() for p in fused_model.ws]
-        dropped = [change(model, opt) or () for model, opt in zip(models, opts)][0]
+        changes = [change(model, opt) or () for model, opt in zip(models, opts)]  # both models alike
+        dropped = changes[0]
         grads = [torch.randn(p.shape, generator=gen) * 0.1 for p in fused_model.ws]
         for model in models:
             for i, (p, g) in enumerate(zip(model.ws, grads)):

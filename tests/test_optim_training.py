@@ -2,6 +2,7 @@
 and DDP across two processes."""
 
 import copy
+import functools
 import io
 
 import pytest
@@ -66,7 +67,7 @@ def test_bop_and_adam_lower_the_loss(device, fused):
     start = torch.nn.functional.mse_loss(model(x), y).item()
     for step in range(60):
         opt.zero_grad()
-        loss = opt.step(lambda: _backward(model, x[step % 4 :: 4], y[step % 4 :: 4]))
+        loss = opt.step(functools.partial(_backward, model, x[step % 4 :: 4], y[step % 4 :: 4]))
         gamma_decay.step()
         adam_decay.step()
     end = torch.nn.functional.mse_loss(model(x), y).item()

@@ -1,9 +1,9 @@
-"""Cases of the fused Bop step (kernels/bop.py), timed as a user calls it: ``bnnops.optim.Bop.step()``.
+"""Cases of the fused Bop step (``bnnops.kernels.bop``), timed as a user calls it: ``bnnops.optim.Bop.step()``.
 
 Ours: ``Bop.step()`` over ``BinaryTensor`` weights with fp32 gradients and fp32 state, paper
 hyperparameters (gamma 1e-4, threshold 1e-8): on CUDA one fused kernel launch for all layers.
-Baselines (DESIGN.md: an eager PyTorch Bop over dense float weights, and the same compiled), on the
-same gradients and the same weights stored as dense fp32 +-1 tensors:
+Baselines (docs/design.md: an eager PyTorch Bop over dense float weights, and the same compiled), on
+the same gradients and the same weights stored as dense fp32 +-1 tensors:
 
 - "eager Bop": ``Bop(fused=False).step()``, bnnops' PyTorch reference: the same rule and the same
   bits, one torch op at a time, tensor by tensor.
@@ -11,22 +11,15 @@ same gradients and the same weights stored as dense fp32 +-1 tensors:
   ``torch.compile`` (CUDA only: compiling on CPU takes tens of seconds).
 
 Every call steps again: m keeps moving and weights keep flipping, which is a fair repeated measure.
-Fewest bytes per weight: g read (4), m read and written (8), the packed word read and written
-(2 x 4 bytes per 32 weights): 12.25.
+Fewest bytes per weight: g read (4), m read and written (8), the word read and written (2 x 4 bytes
+per 32 weights): 12.25.
 
-do_bench times from a CUDA event after its L2 flush (a 256 MB memset, ~90 us) to one after the
-step, so host work shorter than the flush is hidden, longer host work is counted. Run as a script
-for what the table cannot separate (GPU only, ~30 s)::
-
-    python -m bench.cases.bop            # per model: host cost of Bop.step(), GPU time of one step,
-                                         # and the GPU time for each (BLOCK_WORDS, num_warps)
-    python -m bench.cases.bop --quick    # 10.5M and 105M only
+do_bench times from a CUDA event after its L2 flush (a 256 MB memset) to one after the step, so
+host work shorter than the flush is hidden, longer host work is counted. ``bench/sweeps/bop.py``
+separates the two (host cost of ``Bop.step()``, GPU time per block config).
 """
 
-import argparse
 import math
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -77,7 +70,7 @@ CUDA_SHAPES = {
     },
     tiny=dict(shapes=((3, 33), (2, 40, 3, 3))),
 )
-def bop_step(device, shapes):
+def bop_step(device: str, shapes: tuple[tuple[int, ...], ...]) -> Workload:
     signs = [torch.where(torch.randn(s, device=device) < 0, -1.0, 1.0) for s in shapes]
     grads = [torch.randn(s, device=device) * 1e-3 for s in shapes]
     binary = [nn.Parameter(BinaryTensor.from_float(w)) for w in signs]
@@ -98,78 +91,3 @@ def bop_step(device, shapes):
         bound="memory",
         bytes=12 * numel + 2 * 4 * words,
     )
-
-
-def _binary_model(device, shapes):
-    params = [nn.Parameter(BinaryTensor.from_float(torch.randn(s, device=device))) for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, device=device) * 1e-3
-    return params
-
-
-def _launcher_step(fused, params, ms):
-    rows = [0] * len(params)
-    return lambda: fused.step([p.grad for p in params], [p.words for p in params], ms, [1e-4], [1e-8], hyper_rows=rows)
-
-
-def sweep(quick):
-    """Per model: the host cost of ``Bop.step()``, and the GPU time of one step per launch config.
-
-    Host: wall time of the call (it launches and returns; nothing syncs), median of 50, after a
-    sync each. GPU: CUDA events around the call while the GPU is busy with ``torch.cuda._sleep``,
-    so the host work is hidden and the events see only the device work (the counter memset and
-    the kernel), L2 flushed first. Launch configs go through the launcher (``FusedBop``).
-    """
-    from bnnops import kernels
-
-    bop = kernels.load("bop")
-    flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda")
-
-    def gpu_us(step):
-        times = []
-        for _ in range(20):
-            flush.zero_()
-            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time while the host queues the step
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        return statistics.median(times)
-
-    def host_us(step):
-        times = []
-        for _ in range(50):
-            torch.cuda.synchronize()
-            before = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - before) * 1e6)
-        return statistics.median(times)
-
-    labels = list(CUDA_SHAPES)[:2] if quick else [label for label in CUDA_SHAPES if not label.startswith("1.07B")]
-    configs = [(words, warps) for words in (32, 64, 128) for warps in (4, 8)]
-    print(f"{'model':32} {'what':34} {'us':>8} {'TB/s':>6}")
-    for label in labels:
-        shapes = CUDA_SHAPES[label]["shapes"]
-        params = _binary_model("cuda", shapes)
-        nbytes = 12 * sum(math.prod(s) for s in shapes) + 8 * sum(p.words.numel() for p in params)
-        opt = Bop(params)
-        opt.step()  # builds the tables, compiles
-        print(f"{label:32} {f'host: Bop.step(), {len(shapes)} tensors':34} {host_us(opt.step):8.1f}")
-        ms = [opt.state[p]["m"] for p in params]
-        for config in configs:
-            step = _launcher_step(bop.FusedBop(config), params, ms)
-            step()
-            us = gpu_us(step)
-            default = " (default)" if config == (bop.BLOCK_WORDS, bop.NUM_WARPS) else ""
-            print(
-                f"{label:32} {f'GPU: {config[0]} words, {config[1]} warps{default}':34} {us:8.1f} {nbytes / us / 1e6:6.2f}"
-            )
-        del params, opt, ms
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Host cost and launch-config sweep of the fused Bop step (GPU).")
-    parser.add_argument("--quick", action="store_true", help="10.5M and 105M only")
-    sweep(parser.parse_args().quick)
