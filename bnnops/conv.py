@@ -23,10 +23,7 @@ from bnnops.layer_common import (
     split_epilogue,
 )
 from bnnops.ops.library import FLOAT_DTYPES
-
-# binary_conv2d_reference is re-exported for tests/test_conv2d.py and bench/cases/dispatch.py, which
-# import it from here; its home is bnnops.ops.reference.
-from bnnops.ops.reference import binary_conv2d_reference, output_is_channels_last  # noqa: F401
+from bnnops.ops.reference import output_is_channels_last
 from bnnops.packing import unpack_weight
 from bnnops.quantizers import SignQuantizer, get_input_quantizer, sign
 

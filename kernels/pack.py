@@ -5,10 +5,10 @@ dimension K, bit j of word w holds element 32*w + j; bit 1 means -1, bit 0 means
 sign(0) = +1, and NaN, for which ``x < 0`` is false, packs as +1); the padding bits of the last
 word, for k >= K, are 0.
 
-Tiling: both kernels see the tensor as a flat list of words (rows times words per row) and give
-each program BLOCK_WORDS consecutive words, that is a [BLOCK_WORDS, 32] tile of elements. A row
-with few words (small K) then still fills whole programs, and consecutive programs read and
-write consecutive memory.
+Tiling: both kernels see the tensor as a flat list of words (rows times ``words_per_row``) and give
+each program BLOCK_WORDS consecutive words, that is a [BLOCK_WORDS, 32] tile of elements; grid
+(cdiv(n_words, BLOCK_WORDS),). A row with few words (small K) then still fills whole programs, and
+consecutive programs read and write consecutive memory.
 """
 
 import torch
@@ -17,11 +17,13 @@ import triton.language as tl
 
 # 128 words = 4096 elements per program: 16 KB of fp32 read per program, enough bytes in
 # flight per SM for a memory-bound pass without spilling the [128, 32] tile out of registers.
+# One block size for both kernels and every GPU: no config table.
 BLOCK_WORDS = 128
 
 
 @triton.jit
 def _pack_signs_kernel(x_ptr, words_ptr, n_words, K, words_per_row, BLOCK_WORDS: tl.constexpr):
+    """x (rows, K) contiguous floats -> words (rows, words_per_row) contiguous int32, n_words in all."""
     word = tl.program_id(0).to(tl.int64) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
     row = word // words_per_row
     bit = tl.arange(0, 32)
@@ -38,6 +40,7 @@ def _pack_signs_kernel(x_ptr, words_ptr, n_words, K, words_per_row, BLOCK_WORDS:
 
 @triton.jit
 def _unpack_signs_kernel(words_ptr, out_ptr, n_words, K, words_per_row, BLOCK_WORDS: tl.constexpr):
+    """words (rows, words_per_row) contiguous int32 -> out (rows, K) contiguous, +-1 in out's dtype."""
     word = tl.program_id(0).to(tl.int64) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
     row = word // words_per_row
     bit = tl.arange(0, 32)
@@ -51,7 +54,7 @@ def _unpack_signs_kernel(words_ptr, out_ptr, n_words, K, words_per_row, BLOCK_WO
     tl.store(out_ptr + row[:, None] * K + k, values, mask=mask)
 
 
-def pack_signs(x, out=None):
+def pack_signs(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Pack the signs of ``x`` (..., K), any float dtype, into int32 words (..., ceil(K/32)).
 
     Writes into ``out`` (contiguous int32, (..., ceil(K/32))) when given, else allocates. A
@@ -68,10 +71,11 @@ def pack_signs(x, out=None):
     return words
 
 
-def unpack_signs(words, K, dtype, out=None):
+def unpack_signs(words: torch.Tensor, K: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Unpack int32 words (..., ceil(K/32)) into a +-1 tensor (..., K) of ``dtype``.
 
-    Writes into ``out`` (contiguous, (..., K), ``dtype``) when given, else allocates.
+    Writes into ``out`` (contiguous, (..., K), ``dtype``) when given, else allocates. Padding
+    bits (k >= K) are ignored. A non-contiguous ``words`` is copied to contiguous first.
     """
     out = out if out is not None else words.new_empty(*words.shape[:-1], K, dtype=dtype)
     if out.numel() == 0:

@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from helpers import poisoned, random_signs_input
 
-import bnnops.conv  # noqa: F401  (registers bnnops::binary_conv2d)
+import bnnops.ops.conv  # noqa: F401  (registers bnnops::binary_conv2d)
 from bnnops import kernels
-from bnnops.conv import binary_conv2d_reference
+from bnnops.ops.reference import binary_conv2d_reference
 from bnnops.packing import pack_weight
 
 FP = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,6 +23,11 @@ FP = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @pytest.fixture(scope="module")
 def conv_kernels():
     return kernels.load("conv2d")
+
+
+@pytest.fixture(scope="module")
+def conv_configs():
+    return kernels.load("conv2d_configs")
 
 
 def signs(t):
@@ -71,7 +77,7 @@ CASES = [
 
 
 def _case_id(c):
-    N, C, H, W, O, k, st, pad, dil, g, pv, dt, cl, sb, binarize, ar = c
+    N, C, H, W, O, k, st, _pad, dil, g, pv, dt, cl, sb, binarize, ar = c
     return (
         f"{'w1a1' if binarize else 'w1a16'}-N{N}C{C}x{H}x{W}-O{O}k{k[0]}x{k[1]}-s{st[0]}{st[1]}-d{dil[0]}{dil[1]}"
         f"-g{g}-pad{pv:+.0f}-{dt}{'-cl' if cl else ''}{'-sb' if sb else ''}{'-' + ar if binarize else ''}"
@@ -165,7 +171,11 @@ def test_kernel_exact_at_the_largest_sums(conv_kernels, device, C, kernel, route
     expected = binary_conv2d_reference(x, words, padding=pad)
     assert expected[0, 0, kernel // 2, kernel // 2] == C * kernel * kernel
     # On the GPU the config it would pick (the wgmma path whose accumulator is in question).
-    config = None if device == "cuda" else (32, 32, 128, 4, 1)
+    config = (
+        None
+        if device == "cuda"
+        else triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128), num_warps=4, num_stages=1)
+    )
     y = conv_kernels.conv2d(x.to(device), words.to(device), padding=pad, route=route, config=config)
     assert torch.equal(y.cpu(), expected)
 
@@ -182,6 +192,36 @@ def test_kernel_allocates_in_the_input_memory_format(conv_kernels, device):
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         expected = binary_conv2d_reference(x_in.cpu(), words.cpu(), padding=(1, 1, 1, 1))
         assert torch.equal(y.cpu(), expected)
+
+
+def _tile(config):
+    return (*(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), config.num_warps, config.num_stages)
+
+
+def test_pick_config(conv_configs, monkeypatch):
+    # The H100 table's picks for ResNet-18's 3x3 layers (M = batch*hw*hw, Og = Cg = c): the
+    # largest tile up to 256x128 that leaves two tiles per SM, columns at most 128 wide, BLOCK_K
+    # at most Cg; fp32 outputs at most 128x128; W1A16 its one config; a GPU without a table the
+    # H100's; the interpreter its small config.
+    monkeypatch.setattr(conv_configs, "_INTERPRET", False)
+
+    def pick(batch, hw, c, **kwargs):
+        return _tile(conv_configs.pick_config(batch * hw * hw, c, c, **kwargs))
+
+    assert pick(256, 56, 64) == (256, 64, 64, 8, 4)
+    assert pick(256, 28, 128) == (256, 128, 128, 8, 3)
+    assert pick(256, 14, 256) == (256, 128, 128, 8, 3)
+    assert pick(256, 7, 512) == (128, 128, 128, 8, 3)
+    assert pick(64, 28, 128) == (128, 128, 128, 8, 3)
+    assert pick(64, 14, 256) == (64, 128, 128, 4, 3)
+    assert pick(64, 7, 512) == (64, 64, 128, 4, 3)
+    assert pick(1, 8, 8) == (64, 64, 32, 4, 4)
+    assert pick(256, 28, 128, out_bytes=4) == (128, 128, 128, 8, 3)
+    assert pick(256, 28, 128, n_sms=500) == (128, 128, 128, 8, 3)  # 784 tiles of 256x128 < 2 * 500
+    assert pick(256, 56, 64, binarize=False) == _tile(conv_configs.W1A16_CONFIG) == (64, 64, 32, 4, 3)
+    assert pick(256, 7, 512, arch=80) == pick(256, 7, 512, arch=conv_configs.SM90)
+    monkeypatch.setattr(conv_configs, "_INTERPRET", True)
+    assert conv_configs.pick_config(10**6, 512, 512) is conv_configs.INTERPRETER_CONFIG
 
 
 def test_pixel_run(conv_kernels):
@@ -285,27 +325,29 @@ def test_op_rejects_bad_input(device):
 
 
 # Compiles, for sm_90 in a process without the interpreter (no GPU needed: Triton ships ptxas and
-# cuobjdump), the W1A1 fp8 kernel with scale and bias in every config pick_config chooses for
-# ResNet-18's 3x3 layers at batch 256 and 64 and for the GEMM's fp8 route at 4096^3 and 8192^3, as a launch on those shapes specializes it (16-byte
-# aligned pointers, channel counts and strides divisible by 16, unit strides and dilations), and
-# prints what the test checks: the wgmma waits of the TTGIR and the registers / spills of the cubin.
+# cuobjdump), the W1A1 fp8 kernel with scale and bias in every config conv2d_configs.pick_config
+# chooses for ResNet-18's 3x3 layers at batch 256 and 64 and for the GEMM's fp8 route at 4096^3 and
+# 8192^3, as a launch on those shapes specializes it (16-byte aligned pointers, channel counts and
+# strides divisible by 16, unit strides and dilations), and prints what the test checks: the wgmma
+# waits of the TTGIR, the output's store instructions and the registers / spills of the cubin.
 _COMPILE_FOR_H100 = """
 import os, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from bnnops.kernels import conv2d
+from bnnops.kernels import conv2d, conv2d_configs
 fn = conv2d._conv2d_kernel
-picked = {(conv2d.pick_config(n * hw * hw, c, c, conv2d.A_FP8), "bf16")
+picked = {(conv2d_configs.pick_config(n * hw * hw, c, c), "bf16")
           for n in (256, 64) for hw, c in ((56, 64), (28, 128), (14, 256), (7, 512))}
 # The W1A1 GEMM's fp8 route (a 1x1 conv) at 4096^3 and 8192^3, with bf16 and fp32 outputs.
-picked |= {(conv2d.pick_config(n, n, n, conv2d.A_FP8, 132, size), out) for n in (4096, 8192)
+picked |= {(conv2d_configs.pick_config(n, n, n, True, 132, size), out) for n in (4096, 8192)
            for out, size in (("bf16", 2), ("fp32", 4))}
+tiles = sorted((*(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), c.num_warps, c.num_stages, out)
+               for c, out in picked)
 # Each with a channels-last output (soc = 1) and an NCHW one (sow = 1, pixel runs of 8), which must
 # store along the pixels in whole 16-byte vectors too. M's divisibility is not assumed.
-layouts = [(config, out, "channels_last") for config, out in sorted(picked)]
-layouts += [(config, out, "nchw") for config, out in sorted(picked)]
-for (m, n, k, warps, stages), out, layout in layouts:
+layouts = [(tile, "channels_last") for tile in tiles] + [(tile, "nchw") for tile in tiles]
+for (m, n, k, warps, stages, out), layout in layouts:
     strides = dict(soc=1, OUT_VEC=1) if layout == "channels_last" else dict(sow=1, OUT_VEC=8)
     consts = dict(A_MODE=conv2d.A_FP8, PRECISION="tf32", EVEN_K=True, HAS_SCALE=True, HAS_BIAS=True,
                   BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, stride_h=1, stride_w=1, dil_h=1, dil_w=1, **strides)

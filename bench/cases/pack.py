@@ -1,4 +1,4 @@
-"""Cases of the packing kernels (kernels/pack.py): ``bnnops::pack_signs`` and ``bnnops::unpack_signs``.
+"""Cases of the packing kernels (``bnnops.kernels.pack``): ``bnnops::pack_signs`` and ``bnnops::unpack_signs``.
 
 Both are memory-bound: the fewest bytes are the float tensor once plus its words once (1/32 of the
 elements at 4 bytes per word). The baseline is the pure-PyTorch reference a user would otherwise
@@ -27,12 +27,12 @@ CPU_SHAPES = {
 TINY = dict(M=3, K=33, dtype=torch.float32)
 
 
-def _bytes(M, K, dtype):
+def _bytes(M: int, K: int, dtype: torch.dtype) -> int:
     return M * K * dtype.itemsize + M * packed_length(K) * 4
 
 
 @case("pack_signs", cuda=CUDA_SHAPES, cpu=CPU_SHAPES, tiny=TINY)
-def pack_signs(device, M, K, dtype):
+def pack_signs(device: str, M: int, K: int, dtype: torch.dtype) -> Workload:
     x = torch.randn(M, K, device=device, dtype=dtype)
     return Workload(
         ours=lambda: torch.ops.bnnops.pack_signs(x),
@@ -43,7 +43,7 @@ def pack_signs(device, M, K, dtype):
 
 
 @case("unpack_signs", cuda=CUDA_SHAPES, cpu=CPU_SHAPES, tiny=TINY)
-def unpack_signs(device, M, K, dtype):
+def unpack_signs(device: str, M: int, K: int, dtype: torch.dtype) -> Workload:
     # Random words, garbage in the padding bits included (unpacking must ignore them).
     words = torch.randint(-(2**31), 2**31 - 1, (M, packed_length(K)), device=device, dtype=torch.int32)
     return Workload(
