@@ -11,7 +11,7 @@
 #   train_step.json / .md  python -m bench.train_evidence --gpu-step --profile --channels-last: BinaryNet
 #                 training step, ours against plain PyTorch (images/s, peak memory) and where each step's
 #                 time goes, NCHW then channels_last
-#   gemm_sweep.txt with GEMM_SWEEP=1: gemm.sweep() on W1A16 at M = 1, 2, 4, 8, 16, N = K = 8192 (the GEMV and
+#   gemm_sweep.txt with GEMM_SWEEP=1: python -m bench.sweeps.gemm on W1A16 at M = 1, 2, 4, 8, 16, N = K = 8192 (the GEMV and
 #                 small-batch configs, CUDA graph replays)
 #   bench.log     python -m bench: progress and the final table
 #   results.json  the benchmark's rows, rewritten after every shape (a killed run keeps what it measured);
@@ -108,8 +108,7 @@ if [ "${GEMM_SWEEP:-0}" = 1 ]; then
     sweep_rc="skipped: ${sweep_timeout} s left for it is under 45 s"
     if [ "$sweep_timeout" -ge 45 ]; then
         say "W1A16 config sweep (at most ${sweep_timeout} s) -> $out/gemm_sweep.txt"
-        timeout -k 10 "$sweep_timeout" $py -c \
-            "from bnnops.kernels import gemm; gemm.sweep([('w1a16', m, 8192, 8192) for m in (1, 2, 4, 8, 16)])" \
+        timeout -k 10 "$sweep_timeout" $py -m bench.sweeps.gemm --case w1a16 --batch 1 2 4 8 16 \
             >"$out/gemm_sweep.txt" 2>&1
         sweep_rc=$?
     fi

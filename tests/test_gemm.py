@@ -1,18 +1,24 @@
-"""The Triton launchers of bnnops.kernels.gemm against the pure-PyTorch references.
+"""The Triton launchers of bnnops.kernels.gemm against the pure-PyTorch references, and the config
+rules of bnnops.kernels.gemm_configs.
 
 Every case uses ragged sizes (K not a multiple of 32, M and N not multiples of any block, M = 1)
 that make several tiles in M, N and K: without CUDA the launchers run in Triton's interpreter (see
-conftest.py), so shapes stay small and small block configs are added; natively, larger shapes
-tile the shape table's own blocks.
+conftest.py), so shapes stay small and the interpreter's small block configs are added; natively,
+larger shapes tile the shape table's own blocks.
 """
+
+import itertools
 
 import pytest
 import torch
+import triton
 from helpers import DEVICE, FLOAT_DTYPES, poisoned, random_signs_input
 
 from bnnops import kernels
-from bnnops.linear import grad_input_reference, w1a1_reference, w1a16_reference
+from bnnops.ops.reference import grad_input_reference, w1a1_reference, w1a16_reference
 from bnnops.packing import pack_signs_reference
+
+configs = kernels.load("gemm_configs")
 
 if DEVICE == "cuda":
     # (M, N, K): M = 1 and sizes not multiples of any block or of 32, large enough for several
@@ -23,20 +29,21 @@ if DEVICE == "cuda":
     SHAPES = [(1, 200, 970), (20, 150, 333), (130, 300, 700)]
     # These shapes make few output tiles, so the table splits K at M > 16: the large-batch layout
     # unsplit (what 8192^3 runs) gets a config of its own.
-    UNSPLIT = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, SWAP_AB=False, SPLIT_K=1, num_warps=8, num_stages=2)
-    SPLIT = dict(UNSPLIT, SPLIT_K=3)
+    UNSPLIT = triton.Config(
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=64, GROUP_M=8, SWAP_AB=False, SPLIT_K=1), num_warps=8, num_stages=2
+    )
+    SPLIT = configs.with_kwargs(UNSPLIT, SPLIT_K=3)
     CONFIGS, CONFIG_IDS = [None, UNSPLIT], ["table", "unsplit"]
 else:
     # The interpreter is slow: small sizes, plus small blocks that make several tiles in M, N and
-    # K, with the batch as the dot's M operand and (SWAP_AB, the small-batch layout) as its N.
+    # K, with the batch as the dot's M operand and (SWAP_AB, the small-batch layout) as its N;
+    # split-K sums parts of K in separate programs, then a second kernel adds them up.
     SHAPES = [(1, 33, 70), (37, 45, 100), (20, 70, 33)]
-    # Split-K sums parts of K in separate programs, then a second kernel adds them up.
-    SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=64, GROUP_M=2, SWAP_AB=False, SPLIT_K=1, num_warps=4, num_stages=2)
-    SWAPPED = dict(SMALL, SWAP_AB=True, SPLIT_K=2)
-    # The large-batch layout split over K (what the table picks when there are few output tiles);
-    # 3 shares of these K's 1 or 2 steps leave one or two shares empty.
-    SPLIT = dict(SMALL, SPLIT_K=3)
-    CONFIGS, CONFIG_IDS = [None, SMALL, SWAPPED, SPLIT], ["table", "small", "swapped-split", "split"]
+    # "split": the large-batch layout split over K (what the table picks when there are few
+    # output tiles); 3 shares of these K's 1 or 2 steps leave one or two shares empty.
+    SPLIT = configs.INTERPRETER_CONFIGS["split"]
+    CONFIG_IDS = ["table", "small", "swapped-split", "split"]
+    CONFIGS = [None] + [configs.INTERPRETER_CONFIGS[name] for name in CONFIG_IDS[1:]]
 
 # Rounding of one value to each dtype (half an ulp, relative).
 ROUND = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -167,25 +174,44 @@ def test_w1a16_gemv_batches(gemm, device, dtype, M, block_n):
     ref = w1a16_reference(x.cpu().float(), words.cpu(), scale.cpu(), bias.cpu())
     abs_sum = x.cpu().float().abs().sum(1, keepdim=True) * scale.cpu().abs()
     for split in (1, 3):
-        config = dict(gemm.gemv_config(M, N, K, 132, block_n), SPLIT_K=split)
+        config = configs.with_kwargs(configs.gemv_config(M, N, K, 132, block_n), SPLIT_K=split)
+        assert configs.is_gemv(config)
         out = poisoned((M, N), dtype, device)
         assert_close_dot(gemm.w1a16(x, words, scale=scale, bias=bias, out=out, config=config), ref, abs_sum)
 
 
-def test_default_config_splits_k_when_output_tiles_leave_sms_idle(gemm):
+def split_of(x_mode, trans_w, M, N, K):
+    """The table's SPLIT_K for bf16 x, chosen for a CPU tensor (the SM90 table, 132 SMs)."""
+    config = configs.default_config(x_mode, trans_w, M, N, K, torch.bfloat16, torch.device("cpu"))
+    return config.kwargs["SPLIT_K"]
+
+
+def test_default_config_splits_k_when_output_tiles_leave_sms_idle():
     cpu = torch.device("cpu")
+    X_PACKED, X_REAL = configs.X_PACKED, configs.X_REAL
     # BinaryNet's 8192 -> 1024 linear at batch 256, x packed first: 8 tiles of 128 x 256 for 132 SMs.
-    config = gemm.default_config(gemm.X_PACKED, False, 256, 1024, 8192, torch.bfloat16, cpu)
-    assert (config["BLOCK_M"], config["BLOCK_N"], config["SPLIT_K"]) == (128, 256, 8)
+    config = configs.default_config(X_PACKED, False, 256, 1024, 8192, torch.bfloat16, cpu)
+    assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["SPLIT_K"]) == (128, 256, 8)
     # Enough tiles (8192^3: 2048; grad_input at batch 256 into 8192 inputs: 128): no split.
-    assert gemm.default_config(gemm.X_PACKED, False, 8192, 8192, 8192, torch.bfloat16, cpu)["SPLIT_K"] == 1
-    assert gemm.default_config(gemm.X_REAL, True, 256, 8192, 1024, torch.bfloat16, cpu)["SPLIT_K"] == 1
+    assert split_of(X_PACKED, False, 8192, 8192, 8192) == 1
+    assert split_of(X_REAL, True, 256, 8192, 1024) == 1
     # The boundary: 66 tiles (half of 132 SMs) split in two, 67 do not; never a second wave.
-    assert gemm.default_config(gemm.X_PACKED, False, 128 * 66, 256, 8192, torch.bfloat16, cpu)["SPLIT_K"] == 2
-    assert gemm.default_config(gemm.X_PACKED, False, 128 * 67, 256, 8192, torch.bfloat16, cpu)["SPLIT_K"] == 1
+    assert split_of(X_PACKED, False, 128 * 66, 256, 8192) == 2
+    assert split_of(X_PACKED, False, 128 * 67, 256, 8192) == 1
     for tiles in (1, 8, 32, 40, 66):
-        split = gemm.default_config(gemm.X_PACKED, False, 128 * tiles, 256, 8192, torch.bfloat16, cpu)["SPLIT_K"]
+        split = split_of(X_PACKED, False, 128 * tiles, 256, 8192)
         assert split >= 2 and tiles * split <= 132, (tiles, split)
+    # The same rule from the SM count alone.
+    assert configs.pick_config(X_PACKED, False, 256, 1024, 8192, torch.bfloat16, 132) == config
+
+
+def test_every_table_has_a_config_for_every_call():
+    # Every (layout, role) the rules can reach, in every architecture's table and the fallback.
+    roles = [(configs.X_REAL, False), (configs.X_REAL, True), (configs.X_SIGN, False), (configs.X_PACKED, False)]
+    for table in [*configs.TABLES.values(), configs.DEFAULT_TABLE]:
+        for (x_mode, trans_w), dtype, M in itertools.product(roles, FLOAT_DTYPES, (1, 16, 17)):
+            config = configs.pick_config(x_mode, trans_w, M, 100, 100, dtype, 132, table)
+            assert configs.is_gemv(config) == (x_mode == configs.X_REAL and not trans_w and M <= configs.GEMV_M)
 
 
 @pytest.mark.parametrize("mode", ["w1a1-packed", "w1a1", "w1a16", "grad_input"])
@@ -212,14 +238,15 @@ def test_split_k_shares_of_several_steps(gemm, device, mode):
         )
 
 
-def test_default_config_splits_k_without_empty_shares(gemm):
+def test_default_config_splits_k_without_empty_shares():
     cpu = torch.device("cpu")
     # The GEMV up to GEMV_M: 8192 = 32 steps of 8 words; 64 programs of 128 rows want 9 shares for
     # four programs per SM on 132 SMs, which would leave the ninth empty: 8 shares of 4 steps.
-    for M in range(1, gemm.GEMV_M + 1):
-        assert gemm.default_config(gemm.X_REAL, False, M, 8192, 8192, torch.bfloat16, cpu) == dict(
-            GEMV=True, BLOCK_M=1 << (M - 1).bit_length(), BLOCK_N=128, SPLIT_K=8, num_warps=4, num_stages=1
-        )
+    for M in range(1, configs.GEMV_M + 1):
+        config = configs.default_config(configs.X_REAL, False, M, 8192, 8192, torch.bfloat16, cpu)
+        assert configs.is_gemv(config)
+        assert config.kwargs == dict(BLOCK_M=1 << (M - 1).bit_length(), BLOCK_N=128, SPLIT_K=8)
+        assert (config.num_warps, config.num_stages) == (4, 1)
     for M, N, K in [
         (1, 4096, 11008),
         (1, 100, 70),
@@ -230,10 +257,11 @@ def test_default_config_splits_k_without_empty_shares(gemm):
         (128, 8192, 8192),
         (100, 50, 7000),
     ]:
-        config = gemm.default_config(gemm.X_REAL, False, M, N, K, torch.bfloat16, cpu)
-        steps = -(-K // (32 * gemm.GEMV_LANES.value)) if config.get("GEMV") else -(-K // config["BLOCK_R"])
-        share = -(-steps // config["SPLIT_K"])
-        assert 1 <= config["SPLIT_K"] <= steps and (config["SPLIT_K"] - 1) * share < steps, (M, N, K, config)
+        config = configs.default_config(configs.X_REAL, False, M, N, K, torch.bfloat16, cpu)
+        block = config.kwargs
+        steps = -(-K // (32 * configs.GEMV_LANES.value)) if configs.is_gemv(config) else -(-K // block["BLOCK_R"])
+        share = -(-steps // block["SPLIT_K"])
+        assert 1 <= block["SPLIT_K"] <= steps and (block["SPLIT_K"] - 1) * share < steps, (M, N, K, config)
 
 
 @every_config_shape_dtype

@@ -1,11 +1,10 @@
-"""Cases of the binary GEMM kernels (kernels/gemm.py), timed through the ops a user calls.
+"""Cases of the binary GEMM kernels (kernels/gemm.py and its family), timed through the ops a user calls.
 
 - ``gemm_w1a1``: ``torch.ops.bnnops.binary_linear_w1a1`` on bf16 activations (binarized by the op:
   packed first at these sizes, then the packed x packed-W kernel) against ``torch.matmul`` in bf16 on
   the same +-1 values and ``torch._int_mm`` on them as int8. int8-bound: 2*M*N*K ops.
 - ``gemm_w1a1_fp8``: the same on the launcher's "fp8" route (the GEMM as a 1x1 convolution, fp8
-  e4m3 +-1 operands written by one prepare launch, then a pipelined fp8 wgmma), not yet timed on
-  a GPU.
+  e4m3 +-1 operands written by one prepare launch, then a pipelined fp8 wgmma).
 - ``gemm_w1a1_packed``: the same with activations already packed (a binary network can keep them
   packed between layers): the kernel alone.
 - ``gemm_w1a16``: ``torch.ops.bnnops.binary_linear_w1a16`` (real bf16 activations, packed +-1
@@ -14,13 +13,15 @@
 
 At M <= 16 an eager call spends tens of microseconds on the host (op dispatch, Triton's
 launcher, the split-K epilogue's launch) against a few on the GPU, so on CUDA both ours and the
-baseline are timed as CUDA graph replays there, which is how a latency-bound user runs them.
-Larger shapes are timed eagerly.
+baseline are timed as CUDA graph replays there (:func:`bench.sweeps.gemm.graph_replay`), which is
+how a latency-bound user runs them. Larger shapes are timed eagerly. Block-config sweep:
+``python -m bench.sweeps.gemm``.
 """
 
 import torch
 
 from bench import Workload, case
+from bench.sweeps.gemm import graph_replay
 from bnnops import kernels
 from bnnops.packing import pack_signs, packed_length
 
@@ -34,9 +35,8 @@ def _signs(shape, device, dtype):
 
 
 def _graphed(fn, device):
-    """fn as a CUDA graph replay on CUDA (see the module docstring); fn itself elsewhere (where
-    Triton, which the kernels module needs, may be missing)."""
-    return kernels.load("gemm").graph_replay(fn) if torch.device(device).type == "cuda" else fn
+    """fn as a CUDA graph replay on CUDA (see the module docstring); fn itself elsewhere."""
+    return graph_replay(fn) if torch.device(device).type == "cuda" else fn
 
 
 def _matmul_name(dtype):
@@ -61,8 +61,8 @@ W1A1_CUDA = {
 
 def gemm_w1a1(device, M, N, K, dtype, route="int8"):
     """Float x binarized by the op; ``route="fp8"`` runs the launcher's fp8 route instead (the
-    GEMM as a 1x1 conv with pipelined fp8 wgmma), which the op does not take yet; on the CPU
-    there are no routes: the op's reference."""
+    GEMM as a 1x1 conv with pipelined fp8 wgmma), which the op does not take; on the CPU there
+    are no routes: the op's reference."""
     x = torch.randn(M, K, device=device, dtype=dtype)
     w = _signs((N, K), device, dtype)
     words = pack_signs(w)
