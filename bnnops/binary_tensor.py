@@ -9,7 +9,7 @@ What it supports, and why the rest is refused:
 
 - aliasing and copying: ``detach``, ``clone``, ``copy.deepcopy``, ``.to(device)``,
   ``.to(dtype)`` (keeps the bits, changes the logical float dtype), ``copy_`` from a
-  BinaryTensor or from a dense float tensor (its signs are packed), hence ``state_dict`` /
+  BinaryTensor or from a dense float tensor of +-1 values, hence ``state_dict`` /
   ``load_state_dict`` and ``torch.save`` / ``torch.load(weights_only=True)``.
 - out-of-place ops that only read (``w.sum()``, ``w * 2``, ``torch.equal``...) run on the dense
   +-1 copy and return dense tensors: correct, but they build the dense weight, so the bnnops ops
@@ -20,12 +20,35 @@ What it supports, and why the rest is refused:
   silently change nothing), except the identity view and ``view(-1)``: torch.distributed flattens
   parameters with it (DDP's start-up broadcast), so it returns a dense +-1 copy (``_FlatCopy``)
   that refuses writes: ``w.view(-1).mul_(-1)`` raises.
-- in-place ops that write to it are refused: the bits change only through Bop
-  (``bnnops.optim.Bop``) or ``copy_``; an SGD step on a binary weight must fail loudly rather than
-  corrupt or be ignored. Writing a dense tensor from it (``d.copy_(w)``, ``d += w``, loading a
-  binary checkpoint into a dense model) uses its +-1 values.
+- in-place ops that write to it are refused before any bit changes: the bits change only through
+  Bop (``bnnops.optim.Bop``) or ``copy_``; an SGD step on a binary weight must fail loudly rather
+  than corrupt or be ignored. ``nn.init`` functions are in-place ops, so they raise and leave the
+  bits as they were; initialize with ``w.copy_(BinaryTensor.from_float(init))``, the signs of a
+  float init. Writing a dense tensor from it (``d.copy_(w)``, ``d += w``, loading a binary
+  checkpoint into a dense model) uses its +-1 values.
+- ``copy_`` never rounds: a dense source must hold only +-1 (a value a bit holds exactly), else
+  it raises before any bit changes. Packing the signs of real values is lossy, so it is asked for
+  by name: ``BinaryTensor.from_float(w)``. The bnnops layers' ``load_state_dict`` does that for
+  a dense float entry (a latent-weight checkpoint; see :func:`pack_dense_state_entries`).
+- weight averaging is refused: ``torch.optim.swa_utils.AveragedModel`` (SWA, EMA) keeps a running
+  average, a real tensor that one bit per element cannot hold, and re-binarizing it at every
+  update would keep only the latest signs (the EMA of a model whose bits all flipped would stay
+  the first snapshot). Its in-place path (``torch._foreach_lerp_``: the default on CUDA, and any
+  ``multi_avg_fn``) meets the in-place refusal; its ``copy_`` path (the default on the CPU, and any
+  ``avg_fn``) meets ``copy_``'s, as soon as the average is not +-1 everywhere (an average of
+  snapshots that all agree is +-1, and is stored exactly). To average a binary model, average a
+  copy built with ``weight_quantizer='ste_sign'``: ``load_state_dict`` of the binary model's state
+  gives its dense latent weights the +-1 values, ``AveragedModel`` averages those, and loading the
+  average back into the binary model packs its signs (a majority vote for SWA).
 - ``share_memory_`` shares the words; ``empty_like`` (``Module.to_empty``) gives uninitialized
   words; a model can be built on the meta device.
+
+Words that reach a BinaryTensor from outside are checked in one place, :func:`check_words`: at
+construction (int32, the shape ``packed_weight_shape`` gives, contiguous), and, where they come
+from a checkpoint (``torch.load``, ``copy_`` from a BinaryTensor, ``load_state_dict`` of a
+bnnops layer), also their padding bits, which must be 0 as :mod:`bnnops.packing` writes them:
+words with a padding bit set were packed some other way (another bit order or K) or corrupted, so
+they are refused rather than cleared.
 
 Two tables route calls, each filled by a decorator: ``@implements([aten ops])`` registers an
 ``ATEN_OPS`` handler, run by ``__torch_dispatch__`` below autograd (the aliasing and copying ops
@@ -46,6 +69,7 @@ __all__ = [
     "ATEN_OPS",
     "TORCH_FUNCTIONS",
     "BinaryTensor",
+    "check_words",
     "implements",
     "implements_torch_function",
     "metadata",
@@ -123,17 +147,7 @@ class BinaryTensor(torch.Tensor):
         requires_grad: bool = False,
     ) -> "BinaryTensor":
         shape = torch.Size(shape)
-        if not isinstance(words, torch.Tensor) or words.dtype != torch.int32:
-            raise TypeError("BinaryTensor needs int32 packed words")
-        if len(shape) == 0:
-            raise ValueError("BinaryTensor needs at least one dimension")
-        if tuple(words.shape) != tuple(packed_weight_shape(shape)):
-            raise ValueError(
-                f"packed words of shape {tuple(words.shape)} do not hold a weight of shape "
-                f"{tuple(shape)} (expected words of shape {tuple(packed_weight_shape(shape))})"
-            )
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"BinaryTensor's logical dtype must be float32, bfloat16 or float16, got {dtype}")
+        check_words(words, shape, dtype)
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=dtype, device=words.device, requires_grad=requires_grad
         )
@@ -196,6 +210,57 @@ class BinaryTensor(torch.Tensor):
     def is_shared(self) -> bool:
         return self.words.is_shared()
 
+    def __setstate__(self, state: object) -> None:
+        """Give an unpickled BinaryTensor its words, checked like a checkpoint's.
+
+        ``torch.load`` (``weights_only`` too) rebuilds a BinaryTensor as a wrapper of the shape,
+        dtype and device written in the file and passes it the pickled instance attributes:
+        ``'words'`` (``'packed'`` in files of bnnops 0.1), ``'_is_param'`` for a parameter, and any
+        other attribute the tensor carried.
+        Both the wrapper and the words come from the file, so they go through
+        :func:`check_words` (padding bits included) before the tensor holds them. Other
+        attributes are restored as plain instance attributes only: a name the tensor class
+        defines (``grad``, ``data``, ``requires_grad``, a method) is refused, so a file cannot
+        set a gradient or replace a method.
+
+        Raises:
+            TypeError / ValueError naming what is wrong: no words, a name the class defines,
+            a non-bool ``'_is_param'``, words that are not int32, of the wrong shape or device,
+            or with padding bits set; a logical shape, dtype or layout a BinaryTensor cannot have.
+        """
+        attrs, slots = state if isinstance(state, tuple) and len(state) == 2 else (state, None)
+        if isinstance(attrs, dict) and "packed" in attrs and "words" not in attrs:
+            # Files written by bnnops 0.1 name the words 'packed' (see CHANGELOG.md).
+            attrs = {("words" if name == "packed" else name): value for name, value in attrs.items()}
+        if not isinstance(attrs, dict) or "words" not in attrs or slots:
+            got = sorted(map(repr, attrs)) if isinstance(attrs, dict) else type(attrs).__name__
+            raise ValueError(
+                f"a pickled BinaryTensor holds its int32 'words' as an instance attribute, got {got}"
+                + (f" and slots {sorted(map(repr, slots))}" if slots else "")
+            )
+        defined = [name for name in attrs if not isinstance(name, str) or hasattr(BinaryTensor, name)]
+        if defined:
+            raise ValueError(
+                f"a pickled BinaryTensor may not set {', '.join(map(repr, defined))}: the tensor class "
+                "defines these names (only plain instance attributes are restored)"
+            )
+        if not isinstance(attrs.get("_is_param", True), bool):
+            raise TypeError(
+                f"a pickled BinaryTensor's '_is_param' must be a bool, got {type(attrs['_is_param']).__name__}"
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            shape, dtype, device, layout = self.shape, self.dtype, self.device, self.layout
+            contiguous, strides, offset = self.is_contiguous(), self.stride(), self.storage_offset()
+        what = f"pickled BinaryTensor of shape {tuple(shape)}"
+        if layout != torch.strided or not contiguous or offset != 0:
+            raise ValueError(
+                f"{what}: its logical tensor must be strided and contiguous, got {layout}, strides "
+                f"{tuple(strides)}, storage offset {offset}"
+            )
+        check_words(attrs["words"], shape, dtype, what=what, device=device, padding=True)
+        for name, value in attrs.items():
+            setattr(self, name, value)
+
     def __repr__(self) -> str:
         grad = f", grad_fn={self.grad_fn.name()}" if self.grad_fn is not None else ""
         grad += ", requires_grad=True" if self.requires_grad and not grad else ""
@@ -235,10 +300,12 @@ class BinaryTensor(torch.Tensor):
             return handler(*args, **kwargs)
         if _writes_binary(func, args, kwargs):
             raise RuntimeError(
-                f"BinaryTensor does not support the in-place op {func}: its values are packed "
-                "bits that change only through copy_ or the Bop optimizer (bnnops.optim.Bop). "
-                "A gradient-descent step on a binary weight has no meaning; train it with Bop, or "
-                "use a float latent weight (weight_quantizer='ste_sign') with a torch optimizer."
+                f"BinaryTensor does not support the in-place op {func}: its values are packed sign bits, "
+                "which change only through copy_ (from a BinaryTensor or +-1 values) or the Bop optimizer "
+                "(bnnops.optim.Bop); nothing was written. To train it, use Bop, or a float latent weight "
+                "(weight_quantizer='ste_sign') with a torch optimizer. To initialize it (nn.init), copy_ "
+                "BinaryTensor.from_float(w) of a float init w. To average it (AveragedModel, EMA), average "
+                "a copy built with weight_quantizer='ste_sign' (see BinaryTensor's docstring)."
             )
         if func.is_view:
             raise RuntimeError(
@@ -261,23 +328,93 @@ def metadata(t: torch.Tensor) -> tuple[torch.Size, torch.dtype, torch.device, bo
         return t.shape, t.dtype, t.device, t.requires_grad
 
 
+def check_words(
+    words: object,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    *,
+    what: str = "BinaryTensor",
+    device: torch.device | None = None,
+    padding: bool = False,
+) -> None:
+    """Check that ``words`` can be the words of a BinaryTensor of logical ``shape`` and ``dtype``:
+    the one check of words that reach a BinaryTensor from outside.
+
+    Always (cheap, metadata only; run at every construction): ``words`` is a plain int32 tensor of
+    shape ``packed_weight_shape(shape)``, contiguous (the kernels and Bop read it row-major);
+    ``shape`` has at least one dimension and ``dtype`` is float32, bfloat16 or float16. With
+    ``device``: the words are on it. With ``padding`` (for words read from a checkpoint; reads the
+    last word of each row): the padding bits, bits K % 32 .. 31 of the last word of each row, are 0,
+    as :mod:`bnnops.packing` writes them.
+
+    Raises:
+        TypeError: words that are not an int32 tensor (float words would be truncated, int64
+            words wrapped), or a logical dtype that is not a float dtype.
+        ValueError: a wrong shape, non-contiguous words, another device, or a padding bit set;
+            the message starts with ``what``.
+    """
+    shape = shape if isinstance(shape, torch.Size) else torch.Size(shape)
+    if not isinstance(words, torch.Tensor) or isinstance(words, BinaryTensor) or words.dtype != torch.int32:
+        got = words.dtype if isinstance(words, torch.Tensor) else type(words).__name__
+        raise TypeError(f"{what}: packed words must be an int32 tensor, got {got}")
+    if len(shape) == 0:
+        raise ValueError(f"{what}: a BinaryTensor needs at least one dimension (the packed one)")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what}: BinaryTensor's logical dtype must be float32, bfloat16 or float16, got {dtype}")
+    expected = packed_weight_shape(shape)
+    if words.shape != expected:
+        raise ValueError(
+            f"{what}: packed words of shape {tuple(words.shape)} do not hold a weight of shape "
+            f"{tuple(shape)} (expected words of shape {expected})"
+        )
+    if not words.is_contiguous():
+        raise ValueError(f"{what}: packed words must be contiguous, got strides {words.stride()}")
+    if device is not None and words.device != device:
+        raise ValueError(f"{what}: packed words are on {words.device}, the BinaryTensor on {device}")
+    K = shape[1] if len(shape) >= 2 else shape[0]
+    if padding and K % 32 and words.device.type != "meta":
+        # int32 with bits K % 32 .. 31 set (bit 31 is the sign bit).
+        mask = -(1 << (K % 32))
+        bad = int(torch.count_nonzero(words[..., -1] & mask))
+        if bad:
+            raise ValueError(
+                f"{what}: {bad} packed rows have padding bits set (bits {K % 32}..31 of their last word, "
+                f"beyond K={K}); bnnops packs them as 0, so these words were packed another way "
+                "(bit order, K) or are corrupted"
+            )
+
+
 def pack_dense_state_entries(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook of the bnnops layers: a dense float entry for a BinaryTensor
-    parameter becomes a BinaryTensor of its signs (refusing NaN and inf), so ``assign=True`` keeps
-    the parameter binary too (without it, ``copy_`` packs the entry)."""
+    """``load_state_dict`` pre-hook of the bnnops layers, for each BinaryTensor parameter's entry.
+
+    A BinaryTensor entry of the parameter's shape has its words checked as a checkpoint's
+    (:func:`check_words` with padding bits), so ``assign=True`` cannot install bad words either. A
+    dense float entry of the parameter's shape (a latent-weight checkpoint) becomes a BinaryTensor
+    of its signs (refusing NaN and inf), so ``assign=True`` keeps the parameter binary too (without
+    it, ``copy_`` then copies its bits). Entries of another shape are left to ``load_state_dict``,
+    which reports the size mismatch.
+
+    Raises:
+        TypeError / ValueError whose message starts with ``state_dict entry '<key>'``.
+    """
     for name, param in module.named_parameters(recurse=False):
-        value = state_dict.get(prefix + name)
-        if (
-            isinstance(param, BinaryTensor)
-            and isinstance(value, torch.Tensor)
-            and not isinstance(value, BinaryTensor)
-            and value.is_floating_point()
-            and value.shape == param.shape
-        ):
+        key = prefix + name
+        value = state_dict.get(key)
+        if not isinstance(param, BinaryTensor) or not isinstance(value, torch.Tensor):
+            continue
+        value_shape, value_dtype, value_device, _ = metadata(value)
+        if value_shape != param.shape:
+            continue
+        what = f"state_dict entry {key!r}"
+        if isinstance(value, BinaryTensor):
+            check_words(
+                getattr(value, "words", None), param.shape, value_dtype, what=what, device=value_device, padding=True
+            )
+        elif value.is_floating_point():
             try:
-                state_dict[prefix + name] = BinaryTensor.from_float(value)
+                state_dict[key] = BinaryTensor.from_float(value)
             except (TypeError, ValueError) as e:
-                raise type(e)(f"state_dict entry {prefix + name!r}: {e}") from None
+                raise type(e)(f"{what}: {e}") from None
 
 
 def _writes_binary(func, args, kwargs, cls=None):
@@ -347,11 +484,31 @@ def _copy_(dst, src, non_blocking=False):
             f"cannot copy a tensor of shape {tuple(src.shape)} into a BinaryTensor of shape {tuple(dst.shape)}"
         )
     if isinstance(src, BinaryTensor):
+        check_words(
+            getattr(src, "words", None), src.shape, src.dtype, what="copy_ source", device=src.device, padding=True
+        )
         dst.words.copy_(src.words, non_blocking=non_blocking)
     else:
-        _check_dense_source(src)
+        _check_signs(src)
         dst.words.copy_(pack_weight(src.to(dst.device)))
     return dst
+
+
+def _check_signs(src: torch.Tensor) -> None:
+    """A dense ``copy_`` source holds only +-1: anything else would be rounded to its sign."""
+    _check_floats(src, "a dense copy_ source for a BinaryTensor")
+    if src.device.type == "meta":  # no values (a model built on the meta device)
+        return
+    not_sign = (src != 1) & (src != -1)
+    if not_sign.any():
+        index = tuple(not_sign.nonzero()[0].tolist())
+        raise ValueError(
+            f"copy_ into a BinaryTensor takes a BinaryTensor or +-1 values, got {src[index].item()} at "
+            f"index {index}: a bit cannot hold it. To pack the signs of real values, copy_ "
+            "BinaryTensor.from_float(values). Weight averaging (torch.optim.swa_utils.AveragedModel, EMA) "
+            "needs real storage: average a copy of the model built with weight_quantizer='ste_sign' "
+            "(see BinaryTensor's docstring)."
+        )
 
 
 @implements([aten.empty_like.default])

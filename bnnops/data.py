@@ -16,13 +16,14 @@ needed. Images come out as float32 in [-1, 1], NCHW, the scaling of the paper's 
 """
 
 import os
-import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from bnnops.cifar10_reader import read_cifar_batch
 
 __all__ = [
     "CIFAR10_FILES",
@@ -152,41 +153,6 @@ def digits(seed: int = 0, test_fraction: float = 0.2) -> InMemoryDataset:
     )
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles only what a CIFAR-10 batch holds (dicts, lists, bytes, numpy arrays): a pickle
-    can run any code it names, so a file that names anything else is refused."""
-
-    # _codecs.encode: how a protocol-2 pickle written by Python 3 stores bytes.
-    # numpy's own reconstructors (arrays, scalars, protocol-5 buffers), under both module names.
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
-        (f"numpy.{core}.{module}", name)
-        for core in ("core", "_core")
-        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def _read_cifar_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    not_a_batch = f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels')"
-    try:
-        with open(path, "rb") as f:
-            batch = _CifarUnpickler(f, encoding="bytes").load()
-        data, labels = batch[b"data"], batch[b"labels"]
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(f"{not_a_batch}: {e}") from None
-    data = np.asarray(data, dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != len(labels):
-        raise ValueError(
-            f"{path}: expected b'data' of shape (N, 3072) uint8 with N labels, got {data.shape} "
-            f"and {len(labels)} labels"
-        )
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.tensor(labels, dtype=torch.int64)
-
-
 def cifar10_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The paper's CIFAR-10 training augmentation on a float batch (N, C, H, W).
 
@@ -218,8 +184,14 @@ def cifar10(root: str | os.PathLike | None) -> InMemoryDataset:
     Returns an :class:`InMemoryDataset` with uint8 x of shape (N, 3, 32, 32) (batches scale it
     to [-1, 1]) and the paper's training augmentation.
 
+    The files are untrusted input: they are read by an unpickler that builds only what a batch
+    holds (no numpy dtype state from the file reaches numpy; see ``_CifarUnpickler``), and each
+    batch must be exactly what CIFAR-10 holds: b'data' a uint8 array (N, 3072), b'labels' a list
+    of N ints in 0..9.
+
     Raises:
         FileNotFoundError naming the directory and the missing files.
+        ValueError naming the batch file and what was wrong with it.
     """
     if root is None:
         raise FileNotFoundError(
@@ -237,8 +209,8 @@ def cifar10(root: str | os.PathLike | None) -> InMemoryDataset:
             "version's batches (data_batch_1..5, test_batch), unpacked from cifar-10-python.tar.gz "
             "(https://www.cs.toronto.edu/~kriz/cifar.html); bnnops downloads nothing."
         )
-    train = [_read_cifar_batch(os.path.join(root, f)) for f in CIFAR10_FILES[:5]]
-    x_test, y_test = _read_cifar_batch(os.path.join(root, CIFAR10_FILES[5]))
+    train = [read_cifar_batch(os.path.join(root, f)) for f in CIFAR10_FILES[:5]]
+    x_test, y_test = read_cifar_batch(os.path.join(root, CIFAR10_FILES[5]))
     return InMemoryDataset(
         "cifar10",
         torch.cat([x for x, _ in train]),

@@ -160,15 +160,25 @@ def test_state_dict_round_trip(device):
     assert isinstance(sd["weight"], BinaryTensor)
     dst.load_state_dict(sd)
     assert torch.equal(dst.weight.words, src.weight.words)
-    # From a dense float checkpoint (a latent-weight model): its signs are packed.
+    # From a dense checkpoint of +-1 values (a Bop model trained with dense weights): exact.
     dense = torch.randn(6, 45, device=device)
-    dst.load_state_dict({"weight": dense})
+    dst.load_state_dict({"weight": signs(dense)})
     assert torch.equal(dst.weight.dequantize(), signs(dense))
     assert isinstance(dst.weight, BinaryTensor)
-    bad = dense.clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="NaN or inf"):  # load_state_dict re-raises as RuntimeError
-        dst.load_state_dict({"weight": bad})
+    # copy_ never rounds: real values are refused, before any bit changes (load_state_dict re-raises
+    # as RuntimeError). The bnnops layers pack a latent checkpoint's signs on load, by name.
+    before = dst.weight.words.clone()
+    nan_sign = signs(dense)
+    nan_sign[0, 3] = float("nan")
+    for bad, value in ((dense, dense[0, 0].item()), (nan_sign, "nan")):
+        with pytest.raises(
+            RuntimeError, match=rf"weight.*takes a BinaryTensor or \+-1 values, got {value} .*from_float"
+        ):
+            dst.load_state_dict({"weight": bad})
+        assert torch.equal(dst.weight.words, before)
+    layer = bnnops.nn.BinaryLinear(45, 6).to(device)
+    layer.load_state_dict({"weight": dense, "bias": torch.zeros(6, device=device)})
+    assert torch.equal(layer.weight.dequantize(), signs(dense))
     with pytest.raises(RuntimeError, match="size mismatch"):
         dst.load_state_dict({"weight": torch.randn(6, 46, device=device)})
 
@@ -274,3 +284,208 @@ def test_share_memory_meta_and_to_empty():
     meta.to_empty(device="cpu")
     assert isinstance(meta.weight, BinaryTensor) and meta.weight.words.device.type == "cpu"
     assert meta.weight.words.shape == (5, 2)
+
+
+def _with_words(entry, words):
+    """A copy of the BinaryTensor ``entry`` holding ``words`` as they are (a corrupted checkpoint)."""
+    forged = entry.clone()
+    forged.words = words
+    return forged
+
+
+@pytest.mark.parametrize(
+    "words, error",
+    [
+        (torch.zeros(4, 1, dtype=torch.int32), "words of shape \\(4, 1\\) do not hold a weight of shape \\(4, 40\\)"),
+        (torch.zeros(1, 2, dtype=torch.int32), "words of shape \\(1, 2\\) do not hold"),
+        (torch.tensor(-1, dtype=torch.int32), "words of shape \\(\\) do not hold"),
+        (torch.full((4, 2), 3.7), "must be an int32 tensor, got torch.float32"),
+        (torch.full((4, 2), 2**33 + 5, dtype=torch.int64), "must be an int32 tensor, got torch.int64"),
+        (torch.full((4, 2), 1 << 8, dtype=torch.int32), "4 packed rows have padding bits set \\(bits 8..31"),
+        (torch.zeros(2, 4, dtype=torch.int32).t(), "must be contiguous"),
+    ],
+)
+def test_checkpoint_words_are_checked(device, words, error):
+    """Words of the wrong shape, dtype or layout, or with padding bits set, are refused on every
+    load path, naming the entry and what was wrong, and the layer's bits stay as they were."""
+    saved = bnnops.nn.BinaryLinear(40, 4, bias=False).to(device).state_dict()
+    forged = {"weight": _with_words(saved["weight"], words.to(device))}
+    layer = bnnops.nn.BinaryLinear(40, 4, bias=False).to(device)
+    before = layer.weight.words.clone()
+    for assign in (False, True):
+        with pytest.raises((TypeError, ValueError), match=f"state_dict entry 'weight': .*{error}"):
+            layer.load_state_dict(forged, assign=assign)
+        assert torch.equal(layer.weight.words, before)
+    holder = Holder(torch.randn(4, 40, device=device))  # a module without the bnnops pre-hook: copy_ checks
+    holder_before = holder.weight.words.clone()
+    with pytest.raises(RuntimeError, match=f'parameter named "weight".*copy_ source: .*{error}'):
+        holder.load_state_dict(forged)
+    assert torch.equal(holder.weight.words, holder_before)
+    buf = io.BytesIO()
+    torch.save(forged, buf)
+    buf.seek(0)
+    with pytest.raises((TypeError, ValueError), match=f"pickled BinaryTensor of shape \\(4, 40\\): .*{error}"):
+        torch.load(buf, weights_only=True)
+
+
+class _ForgedBinaryTensor:
+    """Pickles as a BinaryTensor rebuilt from the given wrapper metadata and attribute state, as a
+    crafted checkpoint can."""
+
+    def __init__(self, dtype, shape, stride, state):
+        self.args = (BinaryTensor, dtype, shape, stride, 0, torch.strided, torch.device("cpu"), False)
+        self.state = state
+
+    def __reduce_ex__(self, protocol):
+        return torch._tensor._rebuild_from_type_v2, (
+            torch._utils._rebuild_wrapper_subclass,
+            BinaryTensor,
+            self.args,
+            self.state,
+        )
+
+
+WORDS = torch.zeros(4, 2, dtype=torch.int32)  # the words of a (4, 40) weight of +1
+
+
+@pytest.mark.parametrize(
+    "dtype, shape, stride, state, error",
+    [
+        (torch.float32, (4, 40), (40, 1), {"words": WORDS}, None),
+        (torch.float16, (4, 40), (40, 1), {"words": WORDS, "_is_param": True}, None),
+        (torch.float32, (4, 40), (40, 1), {"words": WORDS, "tag": "ema"}, None),  # a plain instance attribute
+        (torch.float32, (4, 40), (40, 1), None, "holds its int32 'words'"),
+        (torch.float32, (4, 40), (40, 1), {"words": WORDS, "grad": None}, "may not set 'grad'"),
+        (torch.float32, (4, 40), (40, 1), {"words": WORDS, "data": WORDS}, "may not set 'data'"),
+        (torch.float32, (4, 40), (40, 1), {"words": WORDS, "_is_param": 1}, "bool"),
+        (torch.float32, (4, 40), (1, 4), {"words": WORDS}, "strides \\(1, 4\\)"),
+        (torch.int32, (4, 40), (40, 1), {"words": WORDS}, "logical dtype"),
+        (torch.float32, (), (), {"words": torch.zeros((), dtype=torch.int32)}, "at least one dimension"),
+        (torch.float32, (4, 40), (40, 1), {"words": [1, 2]}, "int32 tensor, got list"),
+        (torch.float32, (4, 40), (40, 1), {"words": WORDS.to("meta")}, "words are on meta, the BinaryTensor on cpu"),
+    ],
+)
+def test_pickled_binary_tensor_is_checked(dtype, shape, stride, state, error):
+    """torch.load rebuilds a BinaryTensor from metadata and attributes written in the file: both are checked."""
+    buf = io.BytesIO()
+    torch.save(_ForgedBinaryTensor(dtype, shape, stride, state), buf)
+    buf.seek(0)
+    if error is None:
+        loaded = torch.load(buf, weights_only=True)
+        assert isinstance(loaded, BinaryTensor) and loaded.dtype == dtype
+        assert torch.equal(loaded.words, state["words"]) and torch.equal(
+            loaded.dequantize(), torch.ones(shape, dtype=dtype)
+        )
+    else:
+        with pytest.raises((TypeError, ValueError), match=error):
+            torch.load(buf, weights_only=True)
+    m = Holder(torch.randn(4, 40))
+    buf = io.BytesIO()
+    torch.save(m, buf)  # a whole module: its parameter pickles '_is_param' too
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False).weight.words, m.weight.words)
+
+
+INITS = {
+    "uniform_": nn.init.uniform_,
+    "normal_": nn.init.normal_,
+    "trunc_normal_": nn.init.trunc_normal_,
+    "kaiming_uniform_": nn.init.kaiming_uniform_,
+    "kaiming_normal_": nn.init.kaiming_normal_,
+    "xavier_uniform_": nn.init.xavier_uniform_,
+    "xavier_normal_": nn.init.xavier_normal_,
+    "zeros_": nn.init.zeros_,
+    "ones_": nn.init.ones_,
+    "constant_": lambda w: nn.init.constant_(w, 0.5),
+    "orthogonal_": nn.init.orthogonal_,
+    "eye_": nn.init.eye_,
+    "dirac_": nn.init.dirac_,
+    "sparse_": lambda w: nn.init.sparse_(w, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", INITS)
+@pytest.mark.parametrize("shape", [(6, 40), (4, 3, 3, 3)])
+def test_nn_init_raises_and_leaves_the_bits(device, name, shape):
+    """Each nn.init function writes in place, so on a binary weight it raises, with the bits as they were."""
+    m = Holder(torch.randn(shape, device=device))
+    before = m.weight.words.clone()
+    with pytest.raises((RuntimeError, ValueError)) as raised:
+        INITS[name](m.weight)
+    assert torch.equal(m.weight.words, before)
+    if name == "orthogonal_" and len(shape) == 2:
+        assert "from_float" in str(raised.value)
+    # The way that works: the signs of a float init.
+    init = (
+        INITS["orthogonal_"](torch.empty(shape, device=device))
+        if len(shape) == 2
+        else torch.randn(shape, device=device)
+    )
+    with torch.no_grad():
+        m.weight.copy_(BinaryTensor.from_float(init))
+    assert torch.equal(m.weight.dequantize(), signs(init))
+
+
+AVERAGING = {
+    "swa": {},
+    "swa_use_buffers": {"use_buffers": True},
+    "ema_avg_fn": {"avg_fn": torch.optim.swa_utils.get_ema_avg_fn(0.9)},
+    "ema_multi_avg_fn": {"multi_avg_fn": torch.optim.swa_utils.get_ema_multi_avg_fn(0.9)},
+    "swa_multi_avg_fn": {"multi_avg_fn": torch.optim.swa_utils.get_swa_multi_avg_fn()},
+}
+
+
+@pytest.mark.parametrize("how", AVERAGING)
+def test_averaged_model_of_binary_weights_is_refused(device, how):
+    """AveragedModel (SWA, EMA) of a binary weight raises on every path, its copy_ path (the CPU
+    default, avg_fn) and its in-place path (foreach lerp: the CUDA default, multi_avg_fn), before
+    any averaged bit changes: the average is a real tensor that the bits cannot hold."""
+    model = nn.Sequential(bnnops.nn.BinaryLinear(64, 16)).to(device)
+    averaged = torch.optim.swa_utils.AveragedModel(model, **AVERAGING[how])
+    averaged.update_parameters(model)  # the first update copies the bits
+    assert torch.equal(averaged.module[0].weight.words, model[0].weight.words)
+    with torch.no_grad():
+        model[0].weight.copy_(-model[0].weight.dequantize())  # every bit flips
+    before = averaged.module[0].weight.words.clone()
+    with pytest.raises((RuntimeError, ValueError), match="AveragedModel"):
+        averaged.update_parameters(model)
+    assert torch.equal(averaged.module[0].weight.words, before)
+
+
+def test_averaging_a_latent_copy_of_a_binary_model(device):
+    """The way BinaryTensor's docstring gives: average a copy built with weight_quantizer='ste_sign'
+    into which each binary snapshot is loaded; loading the average back packs its signs."""
+    model = nn.Sequential(bnnops.nn.BinaryLinear(64, 16)).to(device)
+    latent = nn.Sequential(bnnops.nn.BinaryLinear(64, 16, weight_quantizer="ste_sign")).to(device)
+    averaged = None
+    snapshots = []
+    for _ in range(5):
+        with torch.no_grad():
+            model[0].weight.copy_(BinaryTensor.from_float(torch.randn(16, 64, device=device)))
+        snapshots.append(model[0].weight.dequantize())
+        latent.load_state_dict(model.state_dict())
+        averaged = averaged or torch.optim.swa_utils.AveragedModel(latent)
+        averaged.update_parameters(latent)
+    mean = torch.stack(snapshots).mean(0)
+    assert torch.allclose(averaged.module[0].weight, mean, atol=1e-6)
+    model.load_state_dict(averaged.module.state_dict())
+    assert torch.equal(model[0].weight.dequantize(), signs(mean))  # the majority of 5 snapshots
+
+
+def test_checkpoint_of_bnnops_0_1_loads():
+    """bnnops 0.1 pickled a BinaryTensor's words as the attribute 'packed': such a file loads, checked."""
+    w = BinaryTensor.from_float(torch.randn(4, 40))
+    saved = BinaryTensor(w.words.clone(), w.shape)
+    saved.__dict__["packed"] = saved.__dict__.pop("words")
+    buffer = io.BytesIO()
+    torch.save({"weight": saved}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)["weight"]
+    assert isinstance(loaded, BinaryTensor) and "packed" not in loaded.__dict__
+    assert torch.equal(loaded.words, w.words)
+    saved.__dict__["packed"][0, 1] |= 1 << 31  # a padding bit (K = 40): refused like any checkpoint's
+    buffer = io.BytesIO()
+    torch.save({"weight": saved}, buffer)
+    buffer.seek(0)
+    with pytest.raises(ValueError, match="padding"):
+        torch.load(buffer, weights_only=True)

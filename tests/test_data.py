@@ -1,6 +1,3 @@
-import os
-import pickle
-
 import numpy as np
 import pytest
 import torch
@@ -34,69 +31,6 @@ def test_batches_cover_the_split_once():
     assert torch.equal(torch.cat(xs), d.x_test) and torch.equal(torch.cat(ys), d.y_test)
     with pytest.raises(ValueError, match="'train' or 'test'"):
         next(d.batches("val", 10))
-
-
-def _write_cifar(root, sizes, rng):
-    """Tiny CIFAR-10 python batches: pickled dicts of b'data' (N, 3072) uint8 and b'labels'."""
-    written = {}
-    for name, n in zip(data.CIFAR10_FILES, sizes):
-        images = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n).tolist()
-        with open(os.path.join(root, name), "wb") as f:
-            pickle.dump(
-                {b"batch_label": name.encode(), b"data": images, b"labels": labels, b"filenames": [b"x.png"] * n},
-                f,
-                protocol=2,
-            )
-        written[name] = (images, labels)
-    return written
-
-
-def test_cifar10_reader_on_tiny_batches(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
-    written = _write_cifar(root, [3, 2, 4, 1, 2, 5], rng)
-    for where in (root, tmp_path):  # the batches' folder, or its parent
-        d = data.cifar10(where)
-        assert d.x_train.shape == (12, 3, 32, 32) and d.x_train.dtype == torch.uint8
-        assert d.x_test.shape == (5, 3, 32, 32)
-        images = np.concatenate([written[f][0] for f in data.CIFAR10_FILES[:5]])
-        labels = [label for f in data.CIFAR10_FILES[:5] for label in written[f][1]]
-        # row layout: 1024 red, then 1024 green, then 1024 blue values, each row-major 32x32
-        assert np.array_equal(d.x_train.numpy(), images.reshape(12, 3, 32, 32))
-        assert d.y_train.tolist() == labels and d.y_test.tolist() == written["test_batch"][1]
-    x, _ = next(d.batches("test", 5))
-    assert x.dtype == torch.float32
-    assert torch.equal(x, d.x_test.float() / 127.5 - 1)  # 0 -> -1, 255 -> 1
-
-
-def test_cifar10_missing_or_malformed(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data_batch_1.*test_batch.*downloads nothing"):
-        data.cifar10(tmp_path)
-    with pytest.raises(FileNotFoundError, match="--data-dir"):
-        data.load("cifar10")
-    _write_cifar(tmp_path, [1] * 6, np.random.default_rng(0))
-    os.remove(tmp_path / "data_batch_3")
-    with pytest.raises(FileNotFoundError, match="missing data_batch_3$|missing data_batch_3\\."):
-        data.cifar10(tmp_path)
-    with open(tmp_path / "data_batch_3", "wb") as f:
-        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
-    with pytest.raises(ValueError, match=r"\(N, 3072\)"):
-        data.cifar10(tmp_path)
-    with open(tmp_path / "data_batch_3", "wb") as f:
-        f.write(b"garbage, not a pickle")
-    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
-        data.cifar10(tmp_path)
-    with open(tmp_path / "data_batch_3", "wb") as f:  # a pickle that would run code when loaded
-        pickle.dump(_RunsCode(), f)
-    with pytest.raises(ValueError, match="refusing to load builtins.print"):
-        data.cifar10(tmp_path)
-
-
-class _RunsCode:
-    def __reduce__(self):
-        return print, ("a pickle ran this",)
 
 
 def test_cifar10_augment_is_a_padded_crop_or_its_mirror():
