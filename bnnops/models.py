@@ -219,11 +219,9 @@ def birealnet18(
     return model
 
 
+# Each model's one name, in Python and on the command line (``--model``): its function's name.
 MODELS: dict[str, Callable[..., nn.Sequential]] = {
-    "binarynet": binarynet,
-    "birealnet18": birealnet18,
-    "small-bnn": small_bnn,
-    "mlp": binary_mlp,
+    f.__name__: f for f in (binarynet, birealnet18, small_bnn, binary_mlp)
 }
 
 

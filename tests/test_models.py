@@ -9,8 +9,8 @@ from bnnops.nn import BinaryConv2d, BinaryLinear
 TINY = {
     "binarynet": (10, lambda wq: models.binarynet(10, (3, 32, 32), filters=4, dense_units=8, weight_quantizer=wq)),
     "birealnet18": (7, lambda wq: models.birealnet18(7, (3, 32, 32), filters=4, weight_quantizer=wq)),
-    "small-bnn": (10, lambda wq: models.small_bnn(10, (1, 8, 8), filters=4, dense_units=8, weight_quantizer=wq)),
-    "mlp": (5, lambda wq: models.binary_mlp(5, (12,), hidden=(6, 7), weight_quantizer=wq)),
+    "small_bnn": (10, lambda wq: models.small_bnn(10, (1, 8, 8), filters=4, dense_units=8, weight_quantizer=wq)),
+    "binary_mlp": (5, lambda wq: models.binary_mlp(5, (12,), hidden=(6, 7), weight_quantizer=wq)),
 }
 
 
@@ -78,8 +78,12 @@ def test_mlp_represents_the_teacher_exactly():
 
 
 def test_build():
-    model = models.build("small-bnn", (1, 8, 8), 10)
+    model = models.build("small_bnn", (1, 8, 8), 10)
     assert model.input_shape == (1, 8, 8)
+    # One name per model: its function's, in Python and on the command line alike.
+    assert set(models.MODELS) == set(TINY) and all(f.__name__ == name for name, f in models.MODELS.items())
+    with pytest.raises(ValueError, match="unknown model 'small-bnn'"):
+        models.build("small-bnn", (1, 8, 8), 10)
     with pytest.raises(ValueError, match="unknown model 'vgg'.*binarynet"):
         models.build("vgg", (1, 8, 8), 10)
 

@@ -1,33 +1,20 @@
-"""What a training run depends on: :class:`TrainConfig`, the optimizers and the presets."""
+"""What a training run depends on: :class:`TrainConfig`, and the optimizers it can name."""
 
+import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_PRESET", "OPTIMIZERS", "PRESETS", "RESUME_OVERRIDES", "TrainConfig"]
+from bnnops import data, models
+from bnnops.train.presets import PRESETS
+
+__all__ = ["OPTIMIZERS", "RESUME_OVERRIDES", "TrainConfig"]
 
 OPTIMIZERS: tuple[str, ...] = ("bop", "bop2", "latent-adam")
-
-# Hyperparameters by preset; explicit command-line values override them. "by_optimizer" holds
-# the settings that differ between optimizers.
-_PAPER = dict(model="binarynet", dataset="cifar10", adam_lr=1e-2, by_optimizer={"latent-adam": dict(adam_lr=5e-3)})
-# CPU-sized runs: the paper's section 5.1 values (gamma 1e-3, tau 1e-6) for Bop, Adam(1e-2) for the
-# latent weights, both decayed x0.1 after 20 of 30 epochs; bench/train_evidence.py --sweep shows
-# the values tried around them.
-_CPU = dict(epochs=30, batch_size=50, gamma=1e-3, threshold=1e-6, adam_lr=1e-2, decay=0.1, decay_every=20)
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's CIFAR-10 run (section 5.2, 91.3% top-1): bnn_optimization/models/binarynet.py,
-    # hparams "bop_sec52". The latent baseline takes that file's default optimizer, Adam(5e-3), but
-    # keeps bop_sec52's network and batch (the file's "default" hparams use 64 filters, 4096 dense
-    # units and batch 256): one network for both, so the optimizers are what differs.
-    "paper-cifar10": dict(_PAPER, epochs=500, batch_size=50, gamma=1e-4, threshold=1e-8, decay=0.1, decay_every=100),
-    # The paper's hyperparameter study (section 5.1, hparams "bop"): gamma 1e-3, tau 1e-6, batch 100.
-    "paper-hparams": dict(_PAPER, epochs=100, batch_size=100, gamma=1e-3, threshold=1e-6, decay=1.0, decay_every=0),
-    "digits": dict(_CPU, model="small-bnn", dataset="digits"),
-    "teacher-student": dict(_CPU, model="mlp", dataset="teacher-student"),
-}
-DEFAULT_PRESET = "digits"
 # What a resumed run may change; everything else comes from its checkpoint.
 RESUME_OVERRIDES: tuple[str, ...] = ("epochs", "device", "data_dir", "progress", "plots", "out")
 
@@ -36,18 +23,24 @@ RESUME_OVERRIDES: tuple[str, ...] = ("epochs", "device", "data_dir", "progress",
 class TrainConfig:
     """Everything a run depends on (saved in the checkpoint and the log).
 
-    gamma / threshold / sigma are Bop's (gamma is the param-group "lr" of the Bop optimizer);
-    adam_lr is Adam's rate for the real parameters (bop, bop2) or for all of them (latent-adam).
-    ``decay`` multiplies the binary weights' rate (gamma, or latent-adam's lr) every
-    ``decay_every`` epochs (0: never). ``limit`` keeps only the first ``limit`` training and test
-    samples (quick runs, tests).
+    ``model`` is a key of :data:`bnnops.models.MODELS`, ``dataset`` one of
+    :data:`bnnops.data.DATASETS`, ``optimizer`` one of :data:`OPTIMIZERS`. gamma / threshold /
+    sigma are Bop's (gamma is the param-group "lr" of the Bop optimizer); adam_lr and adam_eps are
+    Adam's rate and epsilon, for the real parameters (bop, bop2) or for all of them
+    (latent-adam). ``decay`` multiplies the binary weights' rate (gamma, or latent-adam's lr)
+    every ``decay_every`` epochs (0: never). ``batch_size`` is the global batch: the samples of
+    one optimizer step, split across the processes of a multi-process run. ``limit`` keeps only
+    the first ``limit`` training and test samples (quick runs, tests). ``preset`` names the
+    preset the values came from (None: none); it is a record, the values are the fields.
 
     Raises:
-        ValueError for a count below its minimum (epochs, batch_size, limit: 1; decay_every: 0),
-        decay <= 0, gamma or sigma outside [0, 1], or a negative threshold or adam_lr.
+        ValueError naming the field, for a value of the wrong type, an unknown model, dataset,
+        optimizer or preset, a count below its minimum (epochs, batch_size, limit: 1;
+        decay_every, seed, data_seed: 0), decay <= 0, gamma or sigma outside [0, 1], or a
+        negative or non-finite threshold, adam_lr or adam_eps.
     """
 
-    model: str = "small-bnn"
+    model: str = "small_bnn"
     dataset: str = "digits"
     optimizer: str = "bop"
     epochs: int = 30
@@ -56,6 +49,7 @@ class TrainConfig:
     threshold: float = 1e-6
     sigma: float = 1e-2
     adam_lr: float = 1e-2
+    adam_eps: float = 1e-8
     decay: float = 1.0
     decay_every: int = 0
     seed: int = 0
@@ -66,19 +60,42 @@ class TrainConfig:
     out: str = "runs/train"
     progress: bool = True
     plots: bool = True
+    preset: str | None = None
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("batch_size", 1), ("decay_every", 0), ("limit", 1)):
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        for name, choices in (
+            ("model", models.MODELS),
+            ("dataset", data.DATASETS),
+            ("optimizer", OPTIMIZERS),
+            ("preset", PRESETS),
+        ):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < low):
+            if value is not None and value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("decay_every", 0),
+            ("limit", 1),
+            ("seed", 0),
+            ("data_seed", 0),
+        ):
+            value = getattr(self, name)
+            if value is not None and value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("gamma", "threshold", "sigma", "adam_lr", "adam_eps", "decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         if not self.decay > 0:
             raise ValueError(f"decay must be > 0 (a factor on the rate), got {self.decay}")
         for name in ("gamma", "sigma"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not (self.threshold >= 0 and self.adam_lr >= 0):
-            raise ValueError(f"threshold and adam_lr must be >= 0, got {self.threshold} and {self.adam_lr}")
+        for name in ("threshold", "adam_lr", "adam_eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> "TrainConfig":
@@ -86,12 +103,54 @@ class TrainConfig:
         (``None`` values are skipped: an option not given on the command line).
 
         Raises:
-            ValueError for an unknown preset.
+            ValueError for an unknown preset, or as :class:`TrainConfig` does.
         """
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
-        settings = dict(PRESETS[preset])
-        by_optimizer = settings.pop("by_optimizer", {})
-        settings.update(by_optimizer.get(overrides.get("optimizer", "bop"), {}))
-        settings.update({k: v for k, v in overrides.items() if v is not None})
+        settings = PRESETS[preset].values(overrides.get("optimizer") or "bop")
+        settings.update({k: v for k, v in overrides.items() if v is not None}, preset=preset)
         return cls(**settings)
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str) -> "TrainConfig":
+        """The configuration ``values`` as read from ``source`` (a checkpoint or a log), with
+        every field present and no other key.
+
+        Raises:
+            ValueError naming ``source`` and the keys or values that are wrong.
+        """
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: the configuration is a {type(values).__name__}, not a dict")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(map(str, values)) - names)
+        missing = sorted(names - set(values))
+        if unknown or missing:
+            problems = [f"unknown key(s) {', '.join(unknown)}"] if unknown else []
+            problems += [f"no {', '.join(missing)}"] if missing else []
+            raise ValueError(
+                f"{source}: the configuration has {' and '.join(problems)}; it was not written by this "
+                "version of bnnops"
+            )
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{source}: the configuration is invalid: {e}") from None
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    """Raise ValueError unless ``value`` is of ``annotation`` (int, float, str, bool, or X | None;
+    an int is a float, a bool is neither an int nor a float)."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return
+        if kind is bool and isinstance(value, bool):
+            return
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if kind is str and isinstance(value, str):
+            return
+    expected = " or ".join("None" if k is type(None) else k.__name__ for k in allowed)
+    raise ValueError(f"{name} must be {expected}, got {value!r}")

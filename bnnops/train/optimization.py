@@ -26,10 +26,12 @@ def binary_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 class Optimization:
     """The optimizer of a run (``cfg.optimizer``), its rate schedule, and per-layer flip counting.
 
-    - ``bop`` / ``bop2``: Bop (or Bop2ndOrder) on the BinaryTensor weights, Adam on the rest, as
-      one :class:`bnnops.optim.BinaryAndReal`; the schedule decays Bop's gamma.
-    - ``latent-adam``: Adam on every trainable parameter; after each step the latent binary
-      weights are clipped to [-1, 1] (larq's ``weight_clip``); the schedule decays Adam's lr.
+    - ``bop`` / ``bop2``: Bop (or Bop2ndOrder) on the BinaryTensor weights, Adam(``cfg.adam_lr``,
+      eps ``cfg.adam_eps``) on the rest, as one :class:`bnnops.optim.BinaryAndReal`; the schedule
+      decays Bop's gamma.
+    - ``latent-adam``: Adam(``cfg.adam_lr``, eps ``cfg.adam_eps``) on every trainable parameter;
+      after each step the latent binary weights are clipped to [-1, 1] (larq's ``weight_clip``);
+      the schedule decays Adam's lr.
 
     The schedule multiplies the rate by ``cfg.decay`` every ``cfg.decay_every`` epochs.
 
@@ -49,11 +51,11 @@ class Optimization:
                 if cfg.optimizer == "bop"
                 else Bop2ndOrder(binary, lr=cfg.gamma, threshold=cfg.threshold, sigma=cfg.sigma)
             )
-            self.optimizer = BinaryAndReal(bop, torch.optim.Adam(real, lr=cfg.adam_lr))
+            self.optimizer = BinaryAndReal(bop, torch.optim.Adam(real, lr=cfg.adam_lr, eps=cfg.adam_eps))
             decayed = bop
         elif cfg.optimizer == "latent-adam":
             self.optimizer = decayed = torch.optim.Adam(
-                [p for p in model.parameters() if p.requires_grad], lr=cfg.adam_lr
+                [p for p in model.parameters() if p.requires_grad], lr=cfg.adam_lr, eps=cfg.adam_eps
             )
         else:
             raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
