@@ -13,11 +13,13 @@ Counting rules (larq's, stated here so the numbers can be checked by hand):
   deployed model also stores), is *real*. Integer buffers (``num_batches_tracked``) are not
   weights and are not counted. A batch norm without a scale (the paper's Keras ``scale=False``,
   here a frozen weight of ones) still stores that weight and it is counted: 4 values per channel
-  where larq, whose layer has no such variable, counts 3 (BinaryNet: 15,400 real values here,
-  11,550 in larq's summary).
+  (weight, bias, running mean, running variance) where larq counts 2, the batch norm's shift
+  folded into its moving mean (BinaryNet: 15,400 real values here, 7,700 in larq's summary).
 - Memory as stored: a binary weight takes its packed int32 words, ``4 * prod(words shape)``
   bytes (one bit per weight, the reduction dimension padded to a multiple of 32, see
-  :mod:`bnnops.packing`), also for a latent weight, which deploys packed. A real tensor takes
+  :mod:`bnnops.packing`), also for a latent weight, which deploys packed. larq counts one bit per
+  weight without padding, so a layer with few input channels differs most (BinaryNet's first
+  conv, 3 input channels: 4,608 B here, 432 B in larq's count). A real tensor takes
   ``numel * element_size`` bytes of its own dtype. The float32 equivalent is 4 bytes for
   every counted value; ``compression`` is float32 bytes / memory.
 - MACs: a convolution or linear layer does ``weight.numel() * output_positions`` MACs per
