@@ -1,15 +1,27 @@
-"""Running cases: build their inputs, time ours and the baselines, compute rates in one place.
+"""Running cases: build their inputs, time ours and the baselines in interleaved rounds, compute rates.
 
 A result row (one case at one shape, a dict that goes into the JSON as is)::
 
     case, shape, params, bound, bytes, ops,
-    ours_s                  median seconds of ours
-    baselines_s             {baseline name: median seconds}
-    speedup                 {baseline name: baseline seconds / ours seconds}  (> 1: ours is faster)
+    ours_s                  median over rounds of ours' seconds per call
+    ours_range_s            [low, high]: the confidence interval of that median (bench.timing.Spread)
+    baselines_s             {baseline: median seconds}; baselines_range_s: {baseline: [low, high]}
+    speedup                 {baseline: median over rounds of baseline round / ours round}  (> 1: ours is faster)
+    speedup_range           {baseline: [low, high]}, the same interval for the speedup
+    rounds                  how many rounds every callable was timed in (the count behind each median)
+    range_confidence        the intervals' confidence (>= 0.95 from 6 rounds on)
+    calls_per_round         {"ours" or baseline: calls timed per round} (0 on CUDA: do_bench chooses)
+    rounds_s                {"ours" or baseline: [seconds per call in each round, in round order]}
+    noisy                   True when a speedup's interval (without baselines: ours') reaches
+                            further than NOISY_BEYOND from its median, or with fewer than
+                            MIN_ROUNDS rounds: that row's numbers are not reproducible on this
+                            machine at this load
     bandwidth               bytes / ours_s (bytes/s); op_rate: ops / ours_s (ops/s) when ops given
     rate, rate_unit         the rate compared with the ceiling: bandwidth for "memory", op_rate else
-    ceiling_fraction        rate / the measured ceiling of ``bound``
+    ceiling, ceiling_fraction   which measured ceiling (``bench.machine.ceiling_for``) and rate / its
+                            rate; absent where the device has no meaningful ceiling for the bound
     error                   only when the case failed (traceback text); no numbers then
+    skipped                 only when the time budget was spent before the case started
 """
 
 import gc
@@ -22,12 +34,32 @@ from typing import Any
 
 import torch
 
+from bench.machine import ceiling_for
 from bench.registry import BOUNDS, Case, Item, Params
-from bench.report import format_seconds, slug
-from bench.timing import MAX_ROTATION, ROTATE_BYTES, median_seconds, rotating, synchronize
+from bench.report import format_seconds, format_spread, slug
+from bench.timing import (
+    MAX_ROTATION,
+    ROTATE_BYTES,
+    InterleavedTimer,
+    Timings,
+    interleaved_rounds,
+    plan_for,
+    rotating,
+    synchronize,
+)
 
 Row = dict[str, Any]
 """One result row (see the module docstring)."""
+
+MIN_ROUNDS = 3
+"""A row with fewer rounds (a run cut short by its budget) is noisy: too few to show a spread."""
+
+NOISY_BEYOND = 0.10
+"""A row is noisy when its speedup's confidence interval reaches more than 10% from the median.
+
+Ours and each baseline take turns call by call, so a steady machine gives per-round speedups
+within a few percent; beyond 10% two runs of the same code disagree on whether a change helped.
+"""
 
 
 class Prepared:
@@ -58,30 +90,50 @@ def jsonable(params: Params) -> dict[str, Any]:
 
 
 def measure(prepared: Prepared, quick: bool, ceilings: dict[str, dict[str, Any]]) -> Row:
-    """Time ``prepared`` (ours, then each baseline) and return its result row.
+    """Time ``prepared`` (ours and each baseline, all rounds of the plan now) and return its result row.
 
-    ``ceilings`` are :func:`bench.machine.measure_ceilings`'s; without the case's bound among them
-    the row has no "ceiling_fraction".
+    ``ceilings`` are :func:`bench.machine.measure_ceilings`'s; see :func:`measured_row`.
+    """
+    timings = interleaved_rounds(prepared.fns, prepared.device, plan_for(prepared.device, quick))
+    return measured_row(prepared, timings, ceilings)
+
+
+def measured_row(prepared: Prepared, timings: Timings, ceilings: dict[str, dict[str, Any]]) -> Row:
+    """The result row of ``prepared`` from its ``timings`` (see the module docstring).
+
+    Without the ceiling that :func:`bench.machine.ceiling_for` names for the case's bound among
+    ``ceilings``, the row has no "ceiling" and "ceiling_fraction".
     """
     work = prepared.work
-    times = {name: median_seconds(fn, prepared.device, quick) for name, fn in prepared.fns.items()}
-    ours = times.pop("ours")
+    spreads = {name: timings.spread(name) for name in prepared.fns}
+    speedups = {name: timings.ratio(name, "ours") for name in prepared.fns if name != "ours"}
+    ours = spreads.pop("ours")
     row = _row_head(prepared.case, prepared.label, prepared.params)
     row.update(
         bound=work.bound,
         bytes=work.bytes,
         ops=work.ops,
-        ours_s=ours,
-        baselines_s=times,
-        speedup={name: t / ours for name, t in times.items()},
-        bandwidth=work.bytes / ours,
+        ours_s=ours.median,
+        ours_range_s=[ours.low, ours.high],
+        baselines_s={name: s.median for name, s in spreads.items()},
+        baselines_range_s={name: [s.low, s.high] for name, s in spreads.items()},
+        speedup={name: s.median for name, s in speedups.items()},
+        speedup_range={name: [s.low, s.high] for name, s in speedups.items()},
+        rounds=ours.rounds,
+        range_confidence=ours.confidence,
+        calls_per_round=timings.calls_per_round,
+        rounds_s=timings.rounds,
+        noisy=ours.rounds < MIN_ROUNDS or any(s.wider_than(NOISY_BEYOND) for s in list(speedups.values()) or [ours]),
+        bandwidth=work.bytes / ours.median,
     )
     if work.ops:
-        row["op_rate"] = work.ops / ours
+        row["op_rate"] = work.ops / ours.median
     row["rate"] = row["bandwidth"] if work.bound == "memory" else row["op_rate"]
     row["rate_unit"] = BOUNDS[work.bound]
-    if work.bound in ceilings:
-        row["ceiling_fraction"] = row["rate"] / ceilings[work.bound]["rate"]
+    ceiling = ceiling_for(work.bound, prepared.device)
+    if ceiling in ceilings:
+        row["ceiling"] = ceiling
+        row["ceiling_fraction"] = row["rate"] / ceilings[ceiling]["rate"]
     return row
 
 
@@ -90,13 +142,25 @@ def _row_head(case: Case, label: str, params: Params) -> Row:
 
 
 def _free(device):
-    gc.collect()
+    # A case's GPU memory goes back before the next case builds its inputs. On CPU reference
+    # counting frees the small CPU shapes; a full collection there costs ~0.4 s a case.
     if device == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
 def _progress(message):
     print(message, file=sys.stderr, flush=True)
+
+
+def _summary(row: Row) -> str:
+    if "ours_s" not in row:
+        return "FAILED" if "error" in row else "skipped"
+    parts = [f"ours {format_seconds(row['ours_s'])}"] + [
+        f"{name} {format_seconds(t)} ({format_spread(row['speedup'][name], row['speedup_range'][name])})"
+        for name, t in row["baselines_s"].items()
+    ]
+    return " | ".join(parts) + ("  NOISY" if row["noisy"] else "")
 
 
 def run(
@@ -107,36 +171,82 @@ def run(
     on_row: Callable[[list[Row]], None] | None = None,
     budget_s: float | None = None,
 ) -> list[Row]:
-    """Measure every (case, label, params) of ``items`` in order and return the rows.
+    """Measure every (case, label, params) of ``items`` and return their rows, in ``items`` order.
 
-    Progress goes to stderr. A failing case becomes a row with "error" and the run goes on.
-    Once ``budget_s`` seconds have passed, the remaining items become rows with "skipped".
-    ``on_row(rows)`` is called after each row (the caller rewrites its JSON, so a run that is
-    killed keeps what it measured).
+    On CUDA one case after the other, each with all its rounds (and its GPU memory freed before
+    the next). On CPU every case's inputs are built first, then each pass times one round of every
+    case: a case's rounds spread over the whole run, so a change of the machine's load during the
+    run shows in every row's range instead of moving a few rows' medians.
+
+    Progress goes to stderr. A failing case becomes a row with "error" and the run goes on. Once
+    ``budget_s`` seconds have passed, no new case starts (the remaining ones become rows with
+    "skipped") and on CPU no new pass (the rows keep the rounds they have). ``on_row(rows)`` is
+    called whenever rows change (the caller rewrites its JSON, so a killed run keeps what it
+    measured).
     """
-    rows, start = [], time.perf_counter()
-    for i, (case, label, params) in enumerate(items, 1):
-        elapsed = time.perf_counter() - start
-        head = f"[{i}/{len(items)}] {case.name} {label}"
-        if budget_s is not None and elapsed > budget_s:
-            row = dict(_row_head(case, label, params), skipped=f"time budget of {budget_s:.0f} s spent")
+    start = time.perf_counter()
+
+    def spent() -> bool:
+        return budget_s is not None and time.perf_counter() - start > budget_s
+
+    def skipped(case: Case, label: str, params: Params) -> Row:
+        return dict(_row_head(case, label, params), skipped=f"time budget of {budget_s:.0f} s spent")
+
+    def failed(case: Case, label: str, params: Params) -> Row:
+        row = dict(_row_head(case, label, params), error=traceback.format_exc())
+        _progress(f"{case.name} {label}: FAILED\n{row['error']}")
+        return row
+
+    rows: list[Row] = []
+    if device == "cuda":
+        for i, (case, label, params) in enumerate(items, 1):
+            head = f"[{i}/{len(items)}] {case.name} {label}"
+            if spent():
+                rows.append(skipped(case, label, params))
+                _progress(f"{head}: skipped (time budget)")
+            else:
+                _progress(f"{head} ...")
+                try:
+                    rows.append(measure(Prepared(case, label, params, device), quick, ceilings))
+                    _progress(f"{head}: {_summary(rows[-1])}  [{time.perf_counter() - start:.0f} s]")
+                except Exception:
+                    rows.append(failed(case, label, params))
+                _free(device)
+            if on_row is not None:
+                on_row(rows)
+        return rows
+
+    plan = plan_for(device, quick)
+    timers: dict[int, tuple[Prepared, InterleavedTimer]] = {}
+    for i, (case, label, params) in enumerate(items):
+        head = f"[{i + 1}/{len(items)}] {case.name} {label}"
+        if spent():
+            rows.append(skipped(case, label, params))
             _progress(f"{head}: skipped (time budget)")
-        else:
-            _progress(f"{head} ...")
+            continue
+        rows.append(_row_head(case, label, params))  # replaced after the first pass
+        try:
+            prepared = Prepared(case, label, params, device)
+            timers[i] = (prepared, InterleavedTimer(prepared.fns, device, plan))
+            _progress(f"{head}: inputs built, {timers[i][1].calls} calls per callable per round")
+        except Exception:
+            rows[i] = failed(case, label, params)
+    for done in range(plan.rounds):
+        if done and spent():
+            _progress(f"time budget spent: {done} of {plan.rounds} rounds")
+            break
+        for i, (prepared, timer) in list(timers.items()):
             try:
-                row = measure(Prepared(case, label, params, device), quick, ceilings)
-                parts = [f"ours {format_seconds(row['ours_s'])}"] + [
-                    f"{name} {format_seconds(t)} ({row['speedup'][name]:.2f}x)"
-                    for name, t in row["baselines_s"].items()
-                ]
-                _progress(f"{head}: " + " | ".join(parts) + f"  [{time.perf_counter() - start:.0f} s]")
+                timer.run(1)
+                rows[i] = measured_row(prepared, timer.timings(), ceilings)
             except Exception:
-                row = dict(_row_head(case, label, params), error=traceback.format_exc())
-                _progress(f"{head}: FAILED\n{row['error']}")
-            _free(device)
-        rows.append(row)
+                rows[i] = failed(prepared.case, prepared.label, prepared.params)
+                del timers[i]
+        _progress(f"round {done + 1}/{plan.rounds} of {len(timers)} cases  [{time.perf_counter() - start:.0f} s]")
         if on_row is not None:
             on_row(rows)
+    for i, (prepared, _) in timers.items():
+        _progress(f"{prepared.case.name} {prepared.label}: {_summary(rows[i])}")
     return rows
 
 
