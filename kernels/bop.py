@@ -291,19 +291,20 @@ def bop_step(
     grads: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor],
     ms: Sequence[torch.Tensor],
-    gammas: Sequence[float],
-    thresholds: Sequence[float],
+    gammas: Sequence[float | torch.Tensor],
+    thresholds: Sequence[float | torch.Tensor],
     *,
     vs: Sequence[torch.Tensor] | None = None,
-    sigmas: Sequence[float] | None = None,
+    sigmas: Sequence[float | torch.Tensor] | None = None,
     hyper_rows: Sequence[int] | None = None,
     flips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One fused Bop step, in place, over many tensors on one device.
 
     Args:
-        grads: float32/bfloat16/float16 gradients of rank >= 1, each of its weight's logical
-            shape. A binary weight's gradient may have any strides: it is read through
+        grads: float32/bfloat16/float16 gradients, each of its weight's logical shape (of rank
+            >= 1 for a binary weight; any rank, 0 included, for a dense one; zero-size ones are
+            left alone). A binary weight's gradient may have any strides: it is read through
             ``g.movedim(1, -1)`` viewed as (O, R, C) (copied first if not viewable so); a dense
             weight's gradient must be contiguous.
         weights: per gradient, either the int32 words of a binary weight (the layout of
@@ -313,7 +314,9 @@ def bop_step(
         ms: gradient averages, float32 or bfloat16, of the logical shape: for words in the
             packed layout's element order (``m.movedim(1, -1)`` contiguous), for dense weights
             contiguous.
-        gammas, thresholds: floats (rounded to fp32), one per hyperparameter row.
+        gammas, thresholds: Python numbers or 1-element floating-point tensors (rounded to
+            fp32), one per hyperparameter row. A tensor is read on the device at each call (no
+            host sync when it is on the device or the CPU).
         vs, sigmas: second moments (like ``ms``, the same dtype) and their rates (one per row)
             for Bop2ndOrder, or None for first-order Bop. One call is either first or second order.
         hyper_rows: per gradient, which row of gammas/thresholds/sigmas it uses (an optimizer

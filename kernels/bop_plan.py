@@ -73,7 +73,7 @@ def _rows_view_strides(g):
 def _check_state(name, s, g, packed_order):
     if s.shape != g.shape or s.device != g.device or s.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"Bop state {name} must be float32 or bfloat16 of shape {tuple(g.shape)} on {g.device}")
-    if not (_packed_order(s) if packed_order else s.is_contiguous()):
+    if s.numel() and not (_packed_order(s) if packed_order else s.is_contiguous()):  # no elements: any layout
         want = "in the packed layout's element order (s.movedim(1, -1) contiguous)" if packed_order else "contiguous"
         raise ValueError(f"Bop state {name} must be {want}")
 
@@ -87,6 +87,23 @@ def _upload(values, dtype, device):
     cuda = device.type == "cuda"
     host = torch.tensor(values, dtype=dtype, pin_memory=cuda)
     return host.to(device, non_blocking=True) if cuda else host
+
+
+def _hyper_table(values, device):
+    """(gamma, threshold, sigma) per hyperparameter row as an fp32 (rows, 3) tensor on ``device``.
+
+    Python numbers go up through a pinned upload; a 1-element tensor is written into its cell on
+    the device (``fill_``: no host sync for a tensor on the device or the CPU). Either rounds to
+    nearest fp32, as torch rounds a Python scalar.
+    """
+    gammas, thresholds, sigmas = values
+    rows = list(zip(gammas, thresholds, sigmas or [0.0] * len(gammas)))
+    table = _upload([[0.0 if isinstance(x, torch.Tensor) else x for x in row] for row in rows], torch.float32, device)
+    for r, row in enumerate(rows):
+        for c, x in enumerate(row):
+            if isinstance(x, torch.Tensor):
+                table[r, c].fill_(x.reshape(()))
+    return table
 
 
 def _layout_key(grads, weights, ms, vs, hyper_rows):
@@ -156,9 +173,10 @@ class _Plan:
             is_words = w.dtype == torch.int32
             if g.device != device or w.device != device:
                 raise ValueError(f"bop_step tensors must all be on {device}, got {g.device} and {w.device}")
-            if g.dtype not in _TL_FLOAT or g.dim() == 0:
+            if g.dtype not in _TL_FLOAT or (is_words and g.dim() == 0):
                 raise ValueError(
-                    f"bop_step gradient {i} must be float32/bfloat16/float16 of rank >= 1, got {g.dtype}, rank {g.dim()}"
+                    f"bop_step gradient {i} must be float32/bfloat16/float16 (of rank >= 1 for packed words), "
+                    f"got {g.dtype}, rank {g.dim()}"
                 )
             for name, s in (("m", m), ("v", v)):
                 if s is not None:
@@ -244,17 +262,17 @@ class _Plan:
             self.counts = flips.unbind()
         flips_next = self.buffers[self.turn]  # zeroed by this step's kernels
         values = (list(gammas), list(thresholds), None if sigmas is None else list(sigmas))
-        if values != self.hyper_values:
+        # A tensor's value may change in place between steps: its table is rewritten every step.
+        tensors = any(isinstance(x, torch.Tensor) for xs in values if xs is not None for x in xs)
+        if tensors or values != self.hyper_values:
             n_rows = len(values[0])
             if n_rows < self.n_hyper or any(x is not None and len(x) != n_rows for x in values):
                 raise ValueError(
                     f"bop_step needs gammas, thresholds (and sigmas) of one length, at least {self.n_hyper}: "
                     "a row for every hyper_rows entry"
                 )
-            self.hyper_values = values
-            rows = zip(values[0], values[1], values[2] or [0.0] * n_rows)
-            # torch.tensor rounds each double to the nearest fp32, as torch does with a Python scalar.
-            self.hyper = _upload(list(rows), torch.float32, self.device)
+            self.hyper_values = None if tensors else values
+            self.hyper = _hyper_table(values, self.device)
         if self.copies:
             grads = list(grads)  # the copies stay allocated until their kernel is launched
             for i in self.copies:
@@ -296,11 +314,11 @@ class FusedBop:
         grads: Sequence[torch.Tensor],
         weights: Sequence[torch.Tensor],
         ms: Sequence[torch.Tensor],
-        gammas: Sequence[float],
-        thresholds: Sequence[float],
+        gammas: Sequence[float | torch.Tensor],
+        thresholds: Sequence[float | torch.Tensor],
         *,
         vs: Sequence[torch.Tensor] | None = None,
-        sigmas: Sequence[float] | None = None,
+        sigmas: Sequence[float | torch.Tensor] | None = None,
         hyper_rows: Sequence[int] | None = None,
         flips: torch.Tensor | None = None,
     ) -> torch.Tensor:

@@ -2,12 +2,13 @@
 
 Two paths give the same bits: CUDA parameters take the fused Triton kernel
 (``bnnops.kernels.bop``: one pass over g, m and the words for a whole model, a few launches), CPU
-parameters the pure-PyTorch reference :func:`bop_reference_` (the rounding contract is in the
-``bnnops.kernels.bop`` docstring).
+parameters the pure-PyTorch reference :func:`bnnops.optim.bop_reference_` (the rounding contract
+is in the ``bnnops.kernels.bop`` docstring). The state's rules, its creation and its loading from a
+checkpoint are in ``bnnops.optim.bop_state``.
 """
 
-import math
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,13 +17,14 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor
-from bnnops.packing import pack_weight
+from bnnops.optim.bop_reference import bop_reference_
+from bnnops.optim.bop_state import STATE_DTYPES, fresh_state, state_from_checkpoint
 
-__all__ = ["Bop", "Bop2ndOrder", "bop_reference_"]
+__all__ = ["Bop", "Bop2ndOrder"]
 
-STATE_DTYPES = (torch.float32, torch.bfloat16)
-# sqrt(v) + eps in Bop2ndOrder's denominator (as in larq); rounded to fp32 in both paths.
-SECOND_ORDER_EPS = 1e-10
+# Gradient (and dense weight) dtypes the fused kernel reads.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HYPERPARAMETERS = ("lr", "threshold", "sigma")
 
 
 class Bop(Optimizer):
@@ -48,10 +50,12 @@ class Bop(Optimizer):
     every torch optimizer.
 
     Args:
-        params: iterable of parameters or param-group dicts: ``bnnops.BinaryTensor`` parameters
-            (the bits of ``p.words`` flip in place; ``p.grad`` is a dense float tensor of the
-            logical shape) and/or dense float parameters holding only +1 and -1 (their signs flip;
-            checked when their state is created).
+        params: iterable of parameters (or of (name, parameter) pairs) or param-group dicts:
+            ``bnnops.BinaryTensor`` parameters (the bits of ``p.words`` flip in place; ``p.grad``
+            is a dense float tensor of the logical shape) and/or dense float parameters holding
+            only +1 and -1 (their signs flip; checked when their state is created). A model's
+            real-valued parameters (batch norm, biases) belong to another optimizer:
+            :func:`bnnops.optim.split_parameters` splits them off.
         lr: gamma, the adaptivity rate of m, in [0, 1] (paper: 1e-4).
         threshold: tau >= 0 (paper: 1e-8).
         state_dtype: dtype of m (per group): torch.float32 (default; the fused and reference
@@ -60,23 +64,36 @@ class Bop(Optimizer):
             lost and m stalls near 2^8 * gamma * |g|, far above usual thresholds but biased).
         fused: True runs the Triton kernel (CUDA parameters; on CPU only under the Triton
             interpreter, ``TRITON_INTERPRET=1``, for tests); False the PyTorch reference; None
-            (default) the kernel for CUDA parameters and the reference for CPU ones. Dense
-            parameters whose value or gradient is not contiguous always take the reference.
+            (default) the kernel for CUDA parameters and the reference for CPU ones. Parameters
+            the kernel cannot read always take the reference: a dense one whose value or gradient
+            is not contiguous, a float64 one (the kernel reads fp32, bf16 and fp16). Under ``torch.compile`` every parameter takes the
+            reference (the kernel's launch reads raw addresses, which a graph cannot hold): the
+            compiler fuses its ops, under the compiler's rounding (Inductor may contract a
+            multiply and an add into one FMA, which the bit-for-bit contract excludes).
         differentiable: must be False (a flip has no gradient).
 
+    lr, threshold (and Bop2ndOrder's sigma) are Python numbers or 1-element floating-point
+    tensors, as torch's optimizers take a tensor lr; a tensor is kept in the group as given (so
+    ``torch.optim.lr_scheduler`` fills it in place, and a compiled step does not recompile when
+    it changes) and rounds to fp32 like a number.
+
     Raises:
-        TypeError: a hyperparameter that is not a Python number, a ``state_dtype`` other than
-            float32/bfloat16, ``fused`` not None/True/False, a parameter that is neither a
-            ``BinaryTensor`` nor floating point.
-        ValueError: lr outside [0, 1], a negative threshold, ``differentiable=True``,
-            ``fused=True`` with non-CUDA parameters outside the interpreter; at the first step, a
-            dense parameter holding values other than +-1.
+        TypeError: a hyperparameter that is neither a Python number nor a 1-element
+            floating-point tensor, a ``state_dtype`` other than float32/bfloat16, ``fused`` not
+            None/True/False, a parameter that is neither a ``BinaryTensor`` nor floating point.
+        ValueError: lr outside [0, 1], a negative threshold, a tensor hyperparameter of more than
+            one element, ``differentiable=True``, ``fused=True`` with non-CUDA parameters outside
+            the interpreter; at the step that creates its state, a dense parameter holding values
+            other than +-1 (under ``torch.compile`` an assertion inside the graph instead: a
+            RuntimeError on the CPU, a device-side assert on CUDA).
 
-    Hyperparameters are checked at construction, in :meth:`add_param_group`, and at every
-    :meth:`step` (schedulers and users write the groups between steps). Sparse gradients are
-    refused; parameters whose ``.grad`` is None are skipped.
+    Hyperparameters are checked at construction, in :meth:`add_param_group`, in
+    :meth:`load_state_dict`, and at every :meth:`step` (schedulers and users write the groups
+    between steps); a tensor's value is checked where it enters a group, its form at every step
+    (reading its value there would sync). Sparse gradients are refused; parameters whose
+    ``.grad`` is None are skipped.
 
-    State per parameter (``optimizer.state[p]``):
+    State per parameter (``optimizer.state[p]``; rules in ``bnnops.optim.bop_state``):
 
     - ``"m"``: of p's logical shape in ``state_dtype``; for a BinaryTensor in the packed layout's
       element order (``m.movedim(1, -1)`` contiguous), so the kernel streams it like the words.
@@ -84,6 +101,8 @@ class Bop(Optimizer):
       (counted by the kernel, no extra pass). On the fused path it is a view of a counter buffer
       that later steps overwrite in place (clone it to keep a value). :meth:`flip_ratio` is larq's
       FlipRatio metric. Reading either syncs; :meth:`step` does not.
+
+    A parameter has all of its state or none: it is created whole at the parameter's first step.
     """
 
     _second_order = False
@@ -91,8 +110,8 @@ class Bop(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1e-4,
-        threshold: float = 1e-8,
+        lr: float | torch.Tensor = 1e-4,
+        threshold: float | torch.Tensor = 1e-8,
         *,
         state_dtype: torch.dtype = torch.float32,
         fused: bool | None = None,
@@ -113,17 +132,35 @@ class Bop(Optimizer):
         super().__setstate__(state)
         self._steppers = {}
 
-    def _check_hyperparameters(self, group):
+    def _check_hyperparameters(self, group, tensor_values=True):
+        """Check a group's hyperparameters (see Raises); a tensor's value only with ``tensor_values``."""
         name = type(self).__name__
-        for key in ("lr", "threshold", "sigma"):
-            if key in group and not isinstance(group[key], (float, int)):
-                raise TypeError(f"{name} {key} must be a Python number, got {type(group[key]).__name__}")
-        if not 0.0 <= group["lr"] <= 1.0:
-            raise ValueError(f"{name} lr (gamma) must be in [0, 1], got {group['lr']}")
-        if not 0.0 <= group.get("sigma", 0.0) <= 1.0:
-            raise ValueError(f"{name} sigma must be in [0, 1], got {group['sigma']}")
-        if not group["threshold"] >= 0.0:
-            raise ValueError(f"{name} threshold must be >= 0, got {group['threshold']}")
+        values = {}
+        for key in HYPERPARAMETERS:
+            if key not in group:
+                continue
+            x = group[key]
+            if isinstance(x, torch.Tensor):
+                if x.numel() != 1:
+                    raise ValueError(f"{name}: Tensor {key} must be 1-element, got {x.numel()} elements")
+                if not x.is_floating_point():
+                    raise TypeError(
+                        f"{name} {key} must be a Python number or a 1-element float tensor, got a {x.dtype} tensor"
+                    )
+                if tensor_values:
+                    values[key] = x.item()
+            elif isinstance(x, (float, int)):
+                values[key] = x
+            else:
+                raise TypeError(
+                    f"{name} {key} must be a Python number or a 1-element float tensor, got {type(x).__name__}"
+                )
+        if "lr" in values and not 0.0 <= values["lr"] <= 1.0:
+            raise ValueError(f"{name} lr (gamma) must be in [0, 1], got {values['lr']}")
+        if "sigma" in values and not 0.0 <= values["sigma"] <= 1.0:
+            raise ValueError(f"{name} sigma must be in [0, 1], got {values['sigma']}")
+        if "threshold" in values and not values["threshold"] >= 0.0:
+            raise ValueError(f"{name} threshold must be >= 0, got {values['threshold']}")
         if group["state_dtype"] not in STATE_DTYPES:
             raise TypeError(f"{name} state_dtype must be torch.float32 or torch.bfloat16, got {group['state_dtype']}")
         if group["fused"] not in (None, True, False):
@@ -152,23 +189,28 @@ class Bop(Optimizer):
                     f"{p.device}; use fused=None or False for the PyTorch reference"
                 )
 
-    def _init_state(self, p, group, state):
-        if not isinstance(p, BinaryTensor) and not torch.all((p == 1) | (p == -1)):
-            raise ValueError(
-                f"{type(self).__name__} trains dense parameters that hold only +1 and -1; the parameter of shape "
-                f"{tuple(p.shape)} holds other values. Binarize it first (e.g. torch.where(w < 0, -1.0, 1.0)) or make "
-                "it a bnnops.BinaryTensor."
-            )
-        state["m"] = _new_state(p, group["state_dtype"])
-        if self._second_order:
-            state["v"] = _new_state(p, group["state_dtype"])
-        state["flips"] = torch.zeros((), dtype=torch.int64, device=p.device)
+    def _check_signs(self, p, where):
+        """A dense parameter must hold only +-1 (checked once, when its state is created)."""
+        message = (
+            f"{type(self).__name__} trains dense parameters that hold only +1 and -1, but {where} (shape "
+            f"{tuple(p.shape)}) holds values other than +-1. Binarize it first (torch.where(w < 0, -1.0, 1.0)) or "
+            "make it a bnnops.BinaryTensor; a model's real-valued parameters (batch norm, biases) belong to "
+            "another optimizer: binary, real = bnnops.optim.split_parameters(model), then "
+            "bnnops.optim.BinaryAndReal(Bop(binary), torch.optim.Adam(real))."
+        )
+        signs = torch.all((p == 1) | (p == -1))
+        if torch.compiler.is_compiling():
+            torch._assert_async(signs, message)  # a graph cannot branch on a value
+        elif not signs:
+            raise ValueError(message)
 
     def _fused(self, p, g, group):
         fused = group["fused"]
         if fused is None:
             fused = p.is_cuda and kernels.triton_available()
-        return fused and (isinstance(p, BinaryTensor) or (p.is_contiguous() and g.is_contiguous()))
+        if not fused or g.dtype not in KERNEL_DTYPES:
+            return False
+        return isinstance(p, BinaryTensor) or (p.dtype in KERNEL_DTYPES and p.is_contiguous() and g.is_contiguous())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -183,7 +225,7 @@ class Bop(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        fused, reference = self._gather()
+        fused, reference = self._gather(torch.compiler.is_compiling())
         for p, g, state, group in reference:
             state["flips"] = bop_reference_(
                 p, g, state["m"], group["lr"], group["threshold"], state.get("v"), group.get("sigma")
@@ -192,27 +234,36 @@ class Bop(Optimizer):
             self._fused_step(device, *batch)
         return loss
 
-    def _gather(self):
+    def _gather(self, compiling):
         """The parameters to step, with state created: per device the kernel's lists, and the
-        (p, g, state, group) of the reference path."""
+        (p, g, state, group) of the reference path (every parameter's when ``compiling``)."""
         fused = {}  # device -> (grads, weights, ms, vs, hyper rows, states)
         reference = []
+        name = type(self).__name__
         # Plain attribute reads: BinaryTensor's __torch_function__ would otherwise run for each
         # p.grad, p.device...; the reference ops run outside this (the subclass then routes).
         with torch._C.DisableTorchFunctionSubclass():
             for h, group in enumerate(self.param_groups):
                 # Schedulers and users write the groups between steps: check what this step uses.
-                self._check_hyperparameters(group)
-                for p in group["params"]:
+                self._check_hyperparameters(group, tensor_values=False)
+                for i, p in enumerate(group["params"]):
                     g = p.grad
                     if g is None:
                         continue
                     if g.is_sparse:
-                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                        raise RuntimeError(f"{name} does not support sparse gradients")
                     state = self.state[p]
                     if not state:
-                        self._init_state(p, group, state)
-                    if not self._fused(p, g, group):
+                        if not isinstance(p, BinaryTensor):
+                            self._check_signs(p, f"param_groups[{h}]['params'][{i}]")
+                        # One update from a whole dict: an exception while allocating leaves no partial state.
+                        state.update(fresh_state(p, group["state_dtype"], self._second_order))
+                    elif "m" not in state or (self._second_order and "v" not in state):
+                        raise RuntimeError(
+                            f"{name} state of param_groups[{h}]['params'][{i}] lacks "
+                            f"{'m' if 'm' not in state else 'v'}: it was changed outside the optimizer"
+                        )
+                    if compiling or not self._fused(p, g, group):
                         reference.append((p, g, state, group))
                         continue
                     batch = fused.get(p.device)
@@ -250,52 +301,94 @@ class Bop(Optimizer):
         """larq's FlipRatio: flipped weights / weights over ``params`` (default: all with state).
 
         Counts the flips of each parameter's last step. Returns a 0-d float32 tensor on the
-        parameters' device (reading it syncs), or None when no parameter has stepped.
+        parameters' device (reading it syncs): 0.0 when those parameters have no weights at all
+        (zero-size), None when no parameter has stepped.
         """
         params = [p for p in (params if params is not None else self.state) if "flips" in self.state.get(p, {})]
         if not params:
             return None
         flips = torch.stack([self.state[p]["flips"] for p in params]).sum()
-        return flips.float() / sum(p.numel() for p in params)
+        return flips.float() / max(sum(p.numel() for p in params), 1)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch, but keep m and v in each group's ``state_dtype`` and layout, flips int64.
 
         The hyperparameters (lr, threshold, sigma, state_dtype) come from the checkpoint, as for
         every torch optimizer; ``fused`` stays this optimizer's (a checkpoint from a GPU run loads
-        on the CPU).
+        on the CPU). In order: the load_state_dict pre-hooks run, and what they return is what
+        loads; the groups and every state entry are checked (``bnnops.optim.bop_state``) before
+        anything changes; the groups and state load; the post-hooks run on the loaded optimizer.
 
         Raises:
-            ValueError: a Bop state_dict loaded into a Bop2ndOrder, or the reverse.
+            ValueError: a Bop state_dict loaded into a Bop2ndOrder, or the reverse; groups that do
+                not match this optimizer's (as torch); a hyperparameter outside its range; a
+                state entry that breaks the state's rules, naming the parameter and the entry.
+            TypeError: a hyperparameter of the wrong type.
 
         torch casts every state tensor of a float parameter to the parameter's dtype, which would
         round fp32 state of a bf16 parameter and make the flip counts floats; here the saved
         tensors are copied into fresh state of the right dtype.
         """
+        state_dict = state_dict.copy()  # shallow, as torch: a hook may change it
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        loaded = self._checked_state(state_dict)
+        fused = [group["fused"] for group in self.param_groups]
+        # The base class loads the groups, without the hooks (they run here) and without the state
+        # (it would cast m and v to the parameter's dtype; the checked copies above replace it).
+        hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict({**state_dict, "state": {}})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
+        for group, how in zip(self.param_groups, fused):
+            group["fused"] = how  # how to run is this optimizer's choice, not the checkpoint's
+        for p, state in loaded:
+            self.state[p] = state
+        self._steppers.clear()  # new state tensors may reuse the old ones' addresses: rebuild the tables
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _checked_state(self, state_dict):
+        """The (parameter, state) pairs a state_dict loads, every group and entry checked."""
         name = type(self).__name__
-        if any(("sigma" in g) != self._second_order for g in state_dict["param_groups"]):
+        saved_groups = state_dict["param_groups"]
+        for h, saved_group in enumerate(saved_groups):
+            missing = sorted({"lr", "threshold", "state_dtype"} - set(saved_group))
+            if missing:
+                raise ValueError(f"{name} cannot load this state_dict: its param_groups[{h}] lacks {missing}")
+        if any(("sigma" in g) != self._second_order for g in saved_groups):
             other = "Bop" if self._second_order else "Bop2ndOrder"
             raise ValueError(
                 f"{name} cannot load a {other} state_dict: the second moment v and sigma "
                 f"{'are missing' if self._second_order else 'have no use here'}"
             )
-        saved = state_dict["state"]
-        # New state tensors may reuse the addresses of the old ones: rebuild the launch tables.
-        self._steppers.clear()
-        fused = [group["fused"] for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, how in zip(self.param_groups, fused):
-            group["fused"] = how  # how to run is this optimizer's choice, not the checkpoint's
-            self._check_group(group)
-        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
-        for group in self.param_groups:
-            for p in group["params"]:
-                entry = saved.get(next(saved_ids))
-                for key in ("m", "v"):
-                    if entry is not None and key in entry:
-                        self.state[p][key] = _new_state(p, group["state_dtype"]).copy_(entry[key])
-                if entry is not None and "flips" in entry:
-                    self.state[p]["flips"] = entry["flips"].to(p.device, torch.int64, copy=True)
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+            )
+        saved = dict(state_dict["state"])
+        loaded = []
+        for h, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups)):
+            self._check_hyperparameters({**saved_group, "fused": group["fused"]})
+            for i, (p, k) in enumerate(zip(group["params"], saved_group["params"])):
+                where = f"param_groups[{h}]['params'][{i}] (state_dict id {k})"
+                state = state_from_checkpoint(
+                    saved.pop(k, {}), p, where, saved_group["state_dtype"], self._second_order
+                )
+                if state:
+                    loaded.append((p, state))
+        if saved:
+            raise ValueError(
+                f"loaded state dict has state for ids {sorted(saved)}, which name no parameter of its groups"
+            )
+        return loaded
 
 
 class Bop2ndOrder(Bop):
@@ -321,70 +414,15 @@ class Bop2ndOrder(Bop):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1e-6,
-        threshold: float = 1e-6,
-        sigma: float = 1e-2,
+        lr: float | torch.Tensor = 1e-6,
+        threshold: float | torch.Tensor = 1e-6,
+        sigma: float | torch.Tensor = 1e-2,
         *,
         state_dtype: torch.dtype = torch.float32,
         fused: bool | None = None,
         differentiable: bool = False,
     ) -> None:
         self._init(params, dict(lr=lr, threshold=threshold, sigma=sigma), state_dtype, fused, differentiable)
-
-
-def bop_reference_(
-    w: torch.Tensor,
-    g: torch.Tensor,
-    m: torch.Tensor,
-    gamma: float,
-    threshold: float,
-    v: torch.Tensor | None = None,
-    sigma: float | None = None,
-) -> torch.Tensor:
-    """One Bop (or Bop2ndOrder) step on one tensor, in place, in plain PyTorch.
-
-    Args:
-        w: a ``BinaryTensor`` (its ``words`` flip) or a dense float tensor of +-1.
-        g: the gradient, float32/bfloat16/float16, of w's logical shape.
-        m: the gradient average, float32 or bfloat16, of w's shape (any strides).
-        gamma, threshold: floats (rounded to fp32 by torch's scalar arithmetic).
-        v, sigma: the second moment (like m) and its rate for Bop2ndOrder, or None.
-
-    Returns:
-        0-d int64 tensor on w's device: how many weights flipped.
-
-    Each operation rounds to fp32 on its own (``(g - m) * gamma`` then ``+ m``), which is what the
-    kernel computes with FMA contraction off. Elements with a non-finite gradient are left alone.
-    """
-    g = g.float()
-    finite = g.abs() < math.inf  # isfinite (NaN compares false), and faster than torch.isfinite on CPU
-    m_hat = _moving_average_(m, g, gamma, finite)
-    if v is not None:
-        m_hat = m_hat / (_moving_average_(v, g * g, sigma, finite).sqrt() + SECOND_ORDER_EPS)
-    negative = (w.dequantize() if isinstance(w, BinaryTensor) else w) < 0
-    flip = finite & (torch.where(negative, -m_hat, m_hat) > threshold)  # w * m > threshold
-    if isinstance(w, BinaryTensor):
-        w.words.bitwise_xor_(pack_weight(flip))
-    else:
-        w.copy_(torch.where(flip, -w, w))
-    return flip.sum(dtype=torch.int64)
-
-
-def _moving_average_(state, target, rate, finite):
-    """state <- state + rate * (target - state) where ``finite``: fp32, one rounding per operation."""
-    old = state.float()
-    new = old + (target - old) * rate
-    state.copy_(torch.where(finite, new, old))  # rounds to nearest-even into bf16 state
-    return state.float()
-
-
-def _new_state(p, dtype):
-    """Zero state for parameter p: a BinaryTensor's in the packed layout's element order."""
-    if isinstance(p, BinaryTensor) and p.dim() > 1:
-        return torch.zeros(p.shape[0], *p.shape[2:], p.shape[1], dtype=dtype, device=p.device).movedim(-1, 1)
-    if isinstance(p, BinaryTensor):
-        return torch.zeros(p.shape, dtype=dtype, device=p.device)
-    return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def _interpreting():

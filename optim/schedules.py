@@ -8,6 +8,8 @@ optimizer; the threshold, a key torch's schedulers never touch, has this one.
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from bnnops.optim.bop import Bop
 
 __all__ = ["ThresholdScheduler"]
@@ -30,11 +32,14 @@ class ThresholdScheduler:
         ValueError: not one callable factor or one per group; a factor that makes a threshold
             negative (also at :meth:`step`).
 
+    A group whose threshold is a tensor keeps that tensor: it is filled in place, as torch's LR
+    schedulers fill a tensor lr (a compiled step then does not recompile).
+
     Each group's starting threshold is recorded in the group as ``"initial_threshold"`` (as torch's
-    schedulers record ``"initial_lr"``), so the optimizer's ``state_dict`` saves it; the scheduler
-    also keeps its own copy (``base_thresholds``) for groups that lack the key after loading an
-    optimizer checkpoint saved without a scheduler. Its ``state_dict`` holds the step count (the
-    functions are code, not state, as in ``LambdaLR``).
+    schedulers record ``"initial_lr"``; a tensor's as a copy), so the optimizer's ``state_dict``
+    saves it; the scheduler also keeps its own copy (``base_thresholds``) for groups that lack the
+    key after loading an optimizer checkpoint saved without a scheduler. Its ``state_dict`` holds
+    the step count (the functions are code, not state, as in ``LambdaLR``).
     Call :meth:`step` after the optimizer's step, once per epoch or per batch as the schedule reads.
 
     Example: ``ThresholdScheduler(bop, lambda epoch: 0.5 ** (epoch // 10))`` halves tau every 10 epochs.
@@ -52,7 +57,7 @@ class ThresholdScheduler:
         factors = list(factor) if isinstance(factor, (list, tuple)) else [factor] * len(groups)
         if len(factors) != len(groups) or not all(callable(f) for f in factors):
             raise ValueError(f"ThresholdScheduler needs one callable factor or one per param group ({len(groups)})")
-        self.base_thresholds = [group.setdefault("initial_threshold", group["threshold"]) for group in groups]
+        self.base_thresholds = [group.setdefault("initial_threshold", _copy(group["threshold"])) for group in groups]
         self.optimizer = optimizer
         self.factors = factors
         self.last_epoch = last_epoch
@@ -67,18 +72,21 @@ class ThresholdScheduler:
         for group, base, factor in zip(self.optimizer.param_groups, self.base_thresholds, self.factors):
             # The group's own record wins (an optimizer checkpoint carries it); one loaded from a
             # checkpoint saved without a scheduler lacks it and gets this scheduler's again.
-            base = group.setdefault("initial_threshold", base)
+            base = group.setdefault("initial_threshold", _copy(base))
             threshold = base * factor(self.last_epoch)
             if not threshold >= 0:
                 raise ValueError(
                     f"ThresholdScheduler: the threshold must stay >= 0, but step {self.last_epoch} "
                     f"gives {base} * {factor(self.last_epoch)} = {threshold}"
                 )
-            group["threshold"] = threshold
+            if isinstance(group["threshold"], torch.Tensor):
+                group["threshold"].fill_(threshold.reshape(()) if isinstance(threshold, torch.Tensor) else threshold)
+            else:
+                group["threshold"] = threshold
 
-    def get_last_threshold(self) -> list[float]:
-        """The thresholds of the groups, as last set."""
-        return [group["threshold"] for group in self.optimizer.param_groups]
+    def get_last_threshold(self) -> list[float | torch.Tensor]:
+        """The thresholds of the groups, as last set (a tensor's as a copy)."""
+        return [_copy(group["threshold"]) for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
         """``{"last_epoch": ...}``: the step count (the factors are code, not state)."""
@@ -88,3 +96,8 @@ class ThresholdScheduler:
         """Restore the step count and set the thresholds from it (in either order with the optimizer's load)."""
         self.last_epoch = state_dict["last_epoch"]
         self._apply()
+
+
+def _copy(x):
+    """A threshold that does not alias the group's (a tensor is filled in place)."""
+    return x.clone() if isinstance(x, torch.Tensor) else x

@@ -15,7 +15,7 @@ from helpers import DEVICE, poisoned
 
 from bnnops import BinaryTensor, kernels
 from bnnops.optim import bop_reference_
-from bnnops.optim.bop import _new_state
+from bnnops.optim.bop_state import new_state
 
 # (shape, packed, channels-last gradient): ragged packed lengths, every layout the kernel
 # addresses (flat linear, ragged linear, conv with strided or channels-last gradients, rank 1,
@@ -71,10 +71,10 @@ def test_launcher_matches_reference(dtype, state_dtype, second_order):
     ref, fused = _weights(gen, dtype), None
     fused = [w.clone() for w in ref]
     n = len(TENSORS)
-    m_ref = [_new_state(w, state_dtype) for w in ref]
-    m_fused = [_new_state(w, state_dtype) for w in ref]
-    v_ref = [_new_state(w, state_dtype) for w in ref] if second_order else [None] * n
-    v_fused = [_new_state(w, state_dtype) for w in ref] if second_order else None
+    m_ref = [new_state(w, state_dtype) for w in ref]
+    m_fused = [new_state(w, state_dtype) for w in ref]
+    v_ref = [new_state(w, state_dtype) for w in ref] if second_order else [None] * n
+    v_fused = [new_state(w, state_dtype) for w in ref] if second_order else None
     # Per-tensor hyperparameters: large gamma so that m builds up and weights flip both ways.
     gammas = [0.3 + 0.05 * i for i in range(n)]
     thresholds = [0.02 * (i % 3) for i in range(n)]
@@ -119,7 +119,7 @@ def test_block_config_changes_only_the_grid(block_words, num_warps):
     runs = []
     for stepper in (kernels.load("bop_plan").FusedBop(), kernels.load("bop_plan").FusedBop(config)):
         ws = [w.clone() for w in weights]
-        ms = [_new_state(w, torch.float32) for w in ws]
+        ms = [new_state(w, torch.float32) for w in ws]
         flips = []
         for step in range(2):
             grads = [
@@ -142,7 +142,7 @@ def test_threshold_is_strict(device):
     g = torch.tensor([[threshold, -threshold, 0.75, -0.75] * 8], device=device)
     for fused in (False, True):
         w = BinaryTensor.from_float(torch.ones(1, 32, device=device))
-        m = _new_state(w, torch.float32)
+        m = new_state(w, torch.float32)
         if fused:
             flips = kernels.load("bop").bop_step([g], [w.words], [m], [1.0], [threshold])[0]
         else:
@@ -160,10 +160,10 @@ def test_launcher_rejects_bad_layouts(device):
     with pytest.raises(ValueError, match="packed layout's element order"):
         bop.bop_step([g], [w.words], [torch.zeros_like(g)], [0.1], [0.0])
     with pytest.raises(ValueError, match="do not hold a weight"):
-        m = _new_state(BinaryTensor.from_float(g[:, :32]), torch.float32)
+        m = new_state(BinaryTensor.from_float(g[:, :32]), torch.float32)
         bop.bop_step([g[:, :32]], [w.words], [m], [0.1], [0.0])
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        bop.bop_step([g], [w.words], [_new_state(w, torch.float32).half()], [0.1], [0.0])
+        bop.bop_step([g], [w.words], [new_state(w, torch.float32).half()], [0.1], [0.0])
     dense = torch.ones(8, 8, device=device)
     with pytest.raises(ValueError, match="contiguous"):
         bop.bop_step([torch.randn(8, 8, device=device).t()], [dense], [torch.zeros_like(dense)], [0.1], [0.0])
@@ -202,3 +202,51 @@ def test_kernel_compiles_for_h100_without_fma():
     config = kernels.load("bop_configs").DEFAULT_CONFIG
     per_thread = config.kwargs["BLOCK_WORDS"] * 32 // (config.num_warps * 32)
     assert len(re.findall(r"ld\.global\.v4", ptx)) >= 3 * per_thread // 4  # g, m and v in 16-byte vectors
+
+
+def test_launcher_steps_zero_size_and_0_dim_tensors():
+    """Zero-size binary weights (dim 1 or a kernel dim 0: no words at all), zero-size dense ones
+    and a 0-dim dense weight step beside ordinary ones, as the reference steps them."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [((4, 0), True), ((0, 0), True), ((2, 0, 3, 3), True), ((2, 3, 0, 3), True), ((0, 5), True)]
+    shapes += [((), False), ((0, 3), False), ((5, 64), True), ((), False)]
+    ref = []
+    for shape, packed in shapes:
+        w = torch.where(torch.randn(shape, generator=gen) < 0, -1.0, 1.0).to(DEVICE)
+        ref.append(BinaryTensor.from_float(w) if packed else w)
+    fused = [w.clone() for w in ref]
+    m_ref, m_fused = ([new_state(w, torch.float32) for w in ref] for _ in range(2))
+    gammas, thresholds = [0.5] * len(shapes), [0.1] * len(shapes)
+    for step in range(2):
+        grads = [torch.randn(shape, generator=gen).to(DEVICE) for shape, _ in shapes]
+        flips = kernels.load("bop").bop_step(
+            grads, [w.words if isinstance(w, BinaryTensor) else w for w in fused], m_fused, gammas, thresholds
+        )
+        for i, w in enumerate(ref):
+            assert flips[i].item() == bop_reference_(w, grads[i], m_ref[i], 0.5, 0.1).item(), (i, step)
+            assert torch.equal(m_fused[i], m_ref[i]), (i, step)
+            same = torch.equal(fused[i].words, w.words) if isinstance(w, BinaryTensor) else torch.equal(fused[i], w)
+            assert same, (i, step)
+    assert all(f.item() == 0 for f, (shape, _) in zip(flips, shapes) if 0 in shape)
+
+
+def test_launcher_reads_tensor_hyperparameters():
+    """A 1-element tensor gamma or threshold (0-dim or not, any float dtype) steps as its number,
+    also after it changed in place between two steps of one planner (as a scheduler fills it)."""
+    gen = torch.Generator().manual_seed(4)
+    w = BinaryTensor.from_float(torch.randn(5, 40, generator=gen).to(DEVICE))
+    grads = [torch.randn(5, 40, generator=gen).to(DEVICE) for _ in range(2)]
+    gamma, threshold = torch.tensor(0.3, dtype=torch.float64), torch.tensor([0.05])
+    runs = []
+    for tensors in (False, True):
+        stepper = kernels.load("bop_plan").FusedBop()
+        words, m, flips = w.words.clone(), new_state(w, torch.float32), []
+        for g, (gamma_value, threshold_value) in zip(grads, ((0.3, 0.05), (0.1, 0.2))):
+            if tensors:
+                gamma.fill_(gamma_value)
+                threshold.fill_(threshold_value)
+            hyper = (gamma, threshold) if tensors else (gamma_value, threshold_value)
+            flips.append(stepper.step([g], [words], [m], [hyper[0]], [hyper[1]]).clone())
+        runs.append((words, m, *flips))
+    assert runs[0][2].item() > 0 and runs[0][3].item() > 0
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

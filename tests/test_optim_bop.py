@@ -472,3 +472,121 @@ def test_threshold_scheduler_resumes_from_an_older_checkpoint(device):
         assert sched.get_last_threshold()[0] == pytest.approx(1e-7)
         sched.step()
         assert sched.get_last_threshold()[0] == pytest.approx(1e-8)
+
+
+def _stepped(cls, device, **second):
+    model = Model(torch.float32, device)
+    opt = cls(model.groups(**second))
+    random_grads(model, torch.Generator().manual_seed(9), 1, device)  # step 1: every weight has a gradient
+    opt.step()
+    return model, opt
+
+
+def _set(key, value):
+    return lambda entry: entry.__setitem__(key, value(entry))
+
+
+_BAD_ENTRIES = [
+    # (change to the entry of param_groups[0]['params'][0], a (6, 40) BinaryTensor; error)
+    (_set("m", lambda e: e["m"][:1]), r"state 'm' of .* must have the parameter's shape \(6, 40\), got \(1, 40\)"),
+    (_set("m", lambda e: torch.tensor(0.5)), r"state 'm' of .* must have the parameter's shape \(6, 40\), got \(\)"),
+    (
+        _set("m", lambda e: e["m"].to(torch.int32)),
+        r"state 'm' of .* must be a floating-point tensor, got a torch.int32",
+    ),
+    (_set("m", lambda e: e["m"].index_fill(1, torch.tensor([3]), float("nan"))), "state 'm' of .* non-finite"),
+    (lambda e: e.pop("m"), r"has no 'm'"),
+    (_set("step", lambda e: torch.tensor(3.0)), r"holds \['step'\], which Bop.* does not keep"),
+    (_set("flips", lambda e: torch.tensor(2.0)), r"state 'flips' of .* must be one integer"),
+]
+_BAD_SECOND_ORDER_ENTRIES = [
+    (lambda e: e.pop("v"), r"has no 'v'"),
+    (_set("v", lambda e: -e["v"] - 1), r"state 'v' of .* holds negative values"),
+]
+
+
+@pytest.mark.parametrize("cls", [Bop, Bop2ndOrder])
+def test_load_state_dict_checks_every_state_entry(device, cls):
+    """A state entry that breaks a rule of bnnops.optim.bop_state is refused, naming the parameter
+    and the entry, before anything loads (no broadcasting of a (1, 40) or 0-dim m into (6, 40))."""
+    second = {"sigma": 0.3} if cls is Bop2ndOrder else {}
+    model, opt = _stepped(cls, device, **second)
+    saved = opt.state_dict()
+    bad_entries = _BAD_ENTRIES + (_BAD_SECOND_ORDER_ENTRIES if second else [])
+    for change, error in bad_entries:
+        state_dict = copy.deepcopy(saved)
+        change(state_dict["state"][0])
+        fresh = cls(model.groups(**second))
+        fresh.param_groups[0]["lr"] = 0.01
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] \(state_dict id 0\)"):
+            fresh.load_state_dict(state_dict)
+        with pytest.raises(ValueError, match=error):
+            fresh.load_state_dict(state_dict)
+        assert not fresh.state and fresh.param_groups[0]["lr"] == 0.01  # nothing loaded
+    adam = torch.optim.Adam([nn.Parameter(torch.ones(2, device=device))])
+    with pytest.raises(
+        ValueError, match=r"cannot load this state_dict: its param_groups\[0\] lacks \['state_dtype', 'threshold'\]"
+    ):
+        cls([model.ws[0]]).load_state_dict(adam.state_dict())
+    fresh = cls(model.groups(**second))
+    fresh.load_state_dict(saved)
+    assert all(torch.equal(fresh.state[p]["m"], opt.state[p]["m"]) for p in model.ws)
+
+
+@pytest.mark.parametrize("interruption", [torch.OutOfMemoryError("simulated"), KeyboardInterrupt()])
+@pytest.mark.parametrize("fused", [False, True])
+def test_interrupted_first_step_leaves_no_partial_state(device, fused, interruption, monkeypatch):
+    """An exception while Bop2ndOrder's first step allocates the state (here at v of the first
+    parameter) leaves no parameter with m but without v: the next step trains every parameter
+    by the second-order rule, as an uninterrupted first step does."""
+    model = Model(torch.float32, device)
+    twin = copy.deepcopy(model)
+    opt, twin_opt = (Bop2ndOrder(m.groups(sigma=0.3), fused=fused) for m in (model, twin))
+    for m in (model, twin):
+        random_grads(m, torch.Generator().manual_seed(10), 1, device)
+    zeros, calls = torch.zeros, []
+
+    def zeros_then_fail(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # the first parameter's m was allocated; its v is next
+            raise interruption
+        return zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", zeros_then_fail)
+    with pytest.raises(type(interruption)):
+        opt.step()
+    monkeypatch.undo()
+    assert len(calls) == 2 and not any(opt.state[p] for p in model.ws)
+    opt.step()
+    twin_opt.step()
+    for p, q in zip(model.ws, twin.ws):
+        assert torch.equal(signs(p), signs(q))
+        for key in ("m", "v", "flips"):
+            assert torch.equal(opt.state[p][key], twin_opt.state[q][key]), key
+
+
+def test_flip_ratio_of_zero_size_parameters(device):
+    """No weights, no flips: the ratio is 0.0, not 0/0."""
+    params = [
+        nn.Parameter(BinaryTensor.from_float(torch.ones(4, 0, device=device))),
+        nn.Parameter(torch.ones(0, 3, device=device)),
+    ]
+    for p in params:
+        p.grad = torch.zeros(p.shape, device=device)
+    opt = Bop(params)
+    opt.step()
+    assert opt.flip_ratio().item() == 0.0
+
+
+def test_float64_parameters_take_the_reference(device):
+    """The kernel reads fp32/bf16/fp16: a dense float64 weight steps by the reference even with
+    fused=True, with the same result as fused=False."""
+    runs = []
+    for fused in (True, False):
+        gen = torch.Generator().manual_seed(11)
+        dense = nn.Parameter(torch.where(torch.randn(7, 45, generator=gen) < 0, -1.0, 1.0).double().to(device))
+        dense.grad = torch.randn(7, 45, generator=gen, dtype=torch.float64).to(device)
+        opt = Bop([dense], lr=0.5, threshold=0.05, fused=fused)
+        opt.step()
+        runs.append((signs(dense), opt.state[dense]["m"], opt.state[dense]["flips"]))
+    assert all(torch.equal(a, b) for a, b in zip(*runs)) and runs[0][2].item() > 0
