@@ -22,6 +22,7 @@ from bnnops.layer_common import (
     needs_autograd,
     split_epilogue,
 )
+from bnnops.ops.checks import DtypeError, ShapeError
 from bnnops.ops.library import FLOAT_DTYPES
 from bnnops.ops.reference import output_is_channels_last
 from bnnops.packing import unpack_weight
@@ -34,13 +35,13 @@ def as_pair(v: int | Sequence[int], what: str) -> tuple[int, int]:
     """``(v, v)`` for an int, else ``tuple(v)``, as nn.Conv2d's size arguments.
 
     Raises:
-        ValueError: v is neither an int nor a pair of ints (``what`` names it).
+        ShapeError: v is neither an int nor a pair of ints (``what`` names it).
     """
     if isinstance(v, int):
         return (v, v)
     v = tuple(v)
     if len(v) != 2 or not all(isinstance(i, int) for i in v):
-        raise ValueError(f"{what} must be an int or a pair of ints, got {v}")
+        raise ShapeError(f"{what} must be an int or a pair of ints, got {v}")
     return v
 
 
@@ -56,7 +57,7 @@ def conv_padding(
     kernel_size, stride and dilation are ints or pairs.
 
     Raises:
-        ValueError: an unknown padding string, "same" with a stride other than 1, or an argument
+        ShapeError: an unknown padding string, "same" with a stride other than 1, or an argument
             that is neither an int nor a pair of ints.
     """
     kernel_size, stride, dilation = (
@@ -68,9 +69,9 @@ def conv_padding(
         if padding == "valid":
             return (0, 0, 0, 0)
         if padding != "same":
-            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+            raise ShapeError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
         if stride != (1, 1):
-            raise ValueError(f"padding='same' needs stride 1 (as in torch.nn.Conv2d), got stride={stride}")
+            raise ShapeError(f"padding='same' needs stride 1 (as in torch.nn.Conv2d), got stride={stride}")
         total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
         return (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
     ph, pw = as_pair(padding, "padding")
@@ -92,9 +93,20 @@ class _BinaryConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, words, weight_shape, weight_dtype, scale, bias, geometry, input_quantizer, weight_quantizer
+        ctx,
+        x,
+        weight,
+        words,
+        weight_shape,
+        weight_dtype,
+        scale,
+        bias,
+        geometry,
+        input_quantizer,
+        weight_quantizer,
+        out_dtype,
     ):
-        y = _conv(x, words, scale, bias, geometry, input_quantizer)
+        y = _conv(x, words, scale, bias, geometry, input_quantizer, out_dtype)
         latent = weight if weight_quantizer is not None else None
         ctx.save_for_backward(x, words, scale, latent)
         ctx.geometry = geometry
@@ -114,6 +126,7 @@ class _BinaryConv2dFunction(torch.autograd.Function):
             g = grad_y * scale.view(1, -1, 1, 1).to(grad_y.dtype) if scale is not None else grad_y
             a = sign(x).to(g.dtype) if ctx.input_quantizer is not None else x.to(g.dtype)
             # The weight in the input's memory format: cuDNN would copy a mismatched one over to it.
+            # grad_weight comes back in it too, as nn.Conv2d's does.
             fmt = torch.channels_last if output_is_channels_last(x) else torch.contiguous_format
             w = unpack_weight(words, ctx.weight_shape, g.dtype, fmt)
             if pad_value == 0.0 and pt == pb and pl == pr:
@@ -139,19 +152,21 @@ class _BinaryConv2dFunction(torch.autograd.Function):
                 grad_x = grad_a[:, :, pt : pt + x.shape[2], pl : pl + x.shape[3]] if crop else grad_a
                 if ctx.input_quantizer is not None:
                     grad_x = ctx.input_quantizer.grad(x, grad_x)
-                grad_x = grad_x.to(x.dtype)
+                # In x's memory format, as nn.Conv2d's (the crop above is a strided view).
+                grad_x = grad_x.to(x.dtype).contiguous(memory_format=fmt)
             if need_w:
                 if latent is not None:
+                    # The surrogate's elementwise ops follow the latent weight's format.
                     grad_weight = ctx.weight_quantizer.grad(latent, grad_weight)
-                grad_weight = grad_weight.to(ctx.weight_dtype)
+                grad_weight = grad_weight.to(ctx.weight_dtype).contiguous(memory_format=fmt)
         if need_b:
             grad_bias = grad_y.sum((0, 2, 3))
         grad_x, grad_weight = first_derivatives("binary_conv2d", grad_y, grad_x, grad_weight)
-        return grad_x, grad_weight, None, None, None, None, grad_bias, None, None, None
+        return grad_x, grad_weight, None, None, None, None, grad_bias, None, None, None, None
 
 
-def _conv(x, words, scale, bias, geometry, input_quantizer):
-    """The forward op: W1A1 with an input quantizer, else W1A16."""
+def _conv(x, words, scale, bias, geometry, input_quantizer, out_dtype):
+    """The forward op: W1A1 with an input quantizer, else W1A16; y in ``out_dtype``."""
     stride, padding, dilation, groups, pad_value = geometry
     return torch.ops.bnnops.binary_conv2d(
         x,
@@ -164,6 +179,7 @@ def _conv(x, words, scale, bias, geometry, input_quantizer):
         groups,
         pad_value,
         input_quantizer is not None,
+        out_dtype,
     )
 
 
@@ -199,8 +215,8 @@ def binary_conv2d(
         input_quantizer: a quantizer name or :class:`bnnops.quantizers.SignQuantizer`, or None
             for real inputs. Its surrogate gradient shapes grad_input.
         scale: optional (O,) float tensor multiplying each output channel (XNOR-Net's alpha),
-            fused in the epilogue; learnable when it requires grad (then applied after the op, in
-            fp32, on its output rounded to x's dtype).
+            fused in the epilogue; learnable when it requires grad (then applied after the op, to
+            its fp32 product: the same output bits either way).
         weight_quantizer: for a dense latent weight: a quantizer (default ``"ste_sign"``);
             ``"magnitude_aware_sign"`` multiplies ``scale`` by its per-channel mean |w|. Must be
             None for a BinaryTensor weight.
@@ -209,11 +225,12 @@ def binary_conv2d(
         (N, O, OH, OW) (or (O, OH, OW) for unbatched x) in x's dtype.
 
     Raises:
-        TypeError: a wrong type or dtype (x, weight, bias, scale), or x and weight (or bias) in
-            different dtypes outside autocast.
-        ValueError: x not 3-D or 4-D, channels that do not match the weight and groups, a bad
-            geometry or pad value, bias or scale not (O,), tensors on different devices, an
-            unknown quantizer, or a weight quantizer for a BinaryTensor.
+        DtypeError (a TypeError and a RuntimeError): a wrong type or dtype (x, weight, bias,
+            scale), or x and weight (or bias) in different dtypes outside autocast.
+        ShapeError (a ValueError and a RuntimeError): x not 3-D or 4-D, a weight not 4-D,
+            channels that do not match the weight and groups, a bad geometry, bias or scale not (O,).
+        DeviceError (a ValueError and a RuntimeError): tensors on different devices.
+        ValueError: a bad pad value, an unknown quantizer, or a weight quantizer for a BinaryTensor.
 
     Gradients: x gets the transposed convolution of grad_out with the +-1 weight (padded positions
     get none) times the input quantizer's surrogate; the weight gets a dense float gradient of its
@@ -222,17 +239,19 @@ def binary_conv2d(
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"binary_conv2d input must be a float32, bfloat16 or float16 tensor, got {got}")
+        raise DtypeError(f"binary_conv2d input must be a float32, bfloat16 or float16 tensor, got {got}")
     weight_shape, weight_dtype, _, weight_requires_grad = (
         metadata(weight) if isinstance(weight, torch.Tensor) else [None] * 4
     )
-    if weight_dtype not in FLOAT_DTYPES or len(weight_shape) != 4:
-        got = (weight_dtype, tuple(weight_shape)) if weight_shape is not None else type(weight).__name__
-        raise TypeError(
+    if weight_dtype not in FLOAT_DTYPES:
+        got = weight_dtype if weight_shape is not None else type(weight).__name__
+        raise DtypeError(
             f"binary_conv2d weight must be a BinaryTensor or a float latent weight (O, C/groups, kh, kw), got {got}"
         )
+    if len(weight_shape) != 4:
+        raise ShapeError(f"binary_conv2d weight must be 4-D (O, C/groups, kh, kw), got shape {tuple(weight_shape)}")
     if x.dim() not in (3, 4):
-        raise ValueError(f"binary_conv2d input must be (N, C, H, W) or unbatched (C, H, W), got shape {tuple(x.shape)}")
+        raise ShapeError(f"binary_conv2d input must be (N, C, H, W) or unbatched (C, H, W), got shape {tuple(x.shape)}")
     x, bias = autocast_inputs(x, weight_dtype, bias)
     if x.dim() == 3:
         # Unbatched (C, H, W), as nn.Conv2d takes it.
@@ -250,7 +269,7 @@ def binary_conv2d(
             weight_quantizer=weight_quantizer,
         )[0]
     if weight_shape[1] * groups != x.shape[1]:
-        raise ValueError(
+        raise ShapeError(
             f"the input has {x.shape[1]} channels but the weight {tuple(weight_shape)} with "
             f"groups={groups} expects {weight_shape[1] * groups}"
         )
@@ -265,13 +284,14 @@ def binary_conv2d(
         float(pad_value),
     )
     outside, op_scale, op_bias = split_epilogue(scale, bias, weight_shape[0], x.device)
+    op_dtype = torch.float32 if outside else x.dtype
     if needs_autograd(x, weight_requires_grad, op_bias):
         y = _BinaryConv2dFunction.apply(
-            x, weight, words, weight_shape, weight_dtype, op_scale, op_bias, geometry, iq, wq
+            x, weight, words, weight_shape, weight_dtype, op_scale, op_bias, geometry, iq, wq, op_dtype
         )
     else:
         # Nothing to differentiate through the convolution (inference): the op alone, no autograd node.
-        y = _conv(x, words, op_scale, op_bias, geometry, iq)
+        y = _conv(x, words, op_scale, op_bias, geometry, iq, op_dtype)
     return apply_scale_bias(y, scale, bias, x.dtype) if outside else y
 
 

@@ -1,14 +1,18 @@
 """The rules :func:`bnnops.binary_linear` and :func:`bnnops.binary_conv2d` share: the dtype they
 compute in, how a weight becomes words, when a call needs an autograd node, where scale and bias
-are applied, and first-derivative-only backward results.
+are applied, first-derivative-only backward results, and how the layers of :mod:`bnnops.nn`
+initialize their parameters.
 
 Output channels are dim 1 of a layer's output here: (M, N) rows for linear, (N, O, OH, OW) for conv.
 """
 
-import torch
+import math
 
-from bnnops.binary_tensor import BinaryTensor
-from bnnops.ops.checks import check_channel_vectors
+import torch
+from torch import nn
+
+from bnnops.binary_tensor import BinaryTensor, metadata
+from bnnops.ops.checks import DtypeError, check_channel_vectors
 from bnnops.ops.library import FLOAT_DTYPES, refuse_backward
 from bnnops.packing import pack_weight
 from bnnops.quantizers import MagnitudeAwareSign, SignQuantizer, get_quantizer
@@ -19,6 +23,7 @@ __all__ = [
     "binarize_weight",
     "first_derivatives",
     "needs_autograd",
+    "reset_weight_and_bias",
     "split_epilogue",
 ]
 
@@ -34,11 +39,11 @@ def autocast_inputs(
     have the weight's dtype ``weight_dtype``, as ``F.linear`` asks. Int32 x (sign words) passes.
 
     Raises:
-        TypeError: bias is not a tensor; float x's dtype is not the weight's (outside autocast);
+        DtypeError: bias is not a tensor; float x's dtype is not the weight's (outside autocast);
             bias's dtype is not float x's.
     """
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a float tensor (one value per output channel), got {type(bias).__name__}")
+        raise DtypeError(f"bias must be a float tensor (one value per output channel), got {type(bias).__name__}")
     device = x.device.type
     if x.dtype in FLOAT_DTYPES and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
@@ -46,11 +51,11 @@ def autocast_inputs(
         if bias is not None and bias.is_floating_point():
             bias = bias.to(dtype)
     elif x.dtype in FLOAT_DTYPES and x.dtype != weight_dtype:
-        raise TypeError(
+        raise DtypeError(
             f"x ({x.dtype}) and weight ({weight_dtype}) must have the same dtype (or run under torch.autocast)"
         )
     if bias is not None and x.dtype in FLOAT_DTYPES and bias.dtype != x.dtype:
-        raise TypeError(f"bias ({bias.dtype}) and x ({x.dtype}) must have the same dtype")
+        raise DtypeError(f"bias ({bias.dtype}) and x ({x.dtype}) must have the same dtype")
     return x, bias
 
 
@@ -65,12 +70,12 @@ def binarize_weight(
     multiplies ``scale`` by its per-output-channel mean |w|.
 
     Raises:
-        TypeError: scale is not a float tensor.
+        DtypeError: scale is not a float tensor.
         ValueError: a weight quantizer for a BinaryTensor, or an unknown quantizer name.
     """
     if scale is not None and (not isinstance(scale, torch.Tensor) or scale.dtype not in FLOAT_DTYPES):
         got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
-        raise TypeError(
+        raise DtypeError(
             f"scale must be a float32, bfloat16 or float16 tensor (one value per output channel), got {got}"
         )
     if isinstance(weight, BinaryTensor):
@@ -101,8 +106,11 @@ def split_epilogue(
     Normally the op fuses both into its epilogue. A learnable scale (requires_grad) needs the
     product before scale and bias, so both are applied outside the op, after it, by
     :func:`apply_scale_bias` (the op then gets None for them and does not check them: they are
-    checked here, against ``n`` channels on ``device``). The split depends on the scale alone, not
-    on grad mode, so a call under no_grad gives the same values as with grad.
+    checked here, against ``n`` channels on ``device``). Outside, the op returns its fp32 product
+    (``out_dtype=torch.float32``) and :func:`apply_scale_bias` repeats the op's epilogue, so the
+    result has the bits of the fused call: a scale's requires_grad never changes the output. The
+    split depends on the scale alone, not on grad mode, so a call under no_grad gives the same
+    values as with grad.
     """
     if scale is not None and scale.requires_grad:
         check_channel_vectors(n, device, scale=scale, bias=bias)
@@ -114,7 +122,8 @@ def apply_scale_bias(
     y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """``y * scale + bias`` per output channel (dim 1 of y) in fp32, cast to ``dtype``: the
-    epilogue that :func:`split_epilogue` moves outside the op."""
+    epilogue that :func:`split_epilogue` moves outside the op, on the op's fp32 product ``y``
+    (a multiply, then an add, then one rounding, as the op's epilogue)."""
     shape = (-1,) + (1,) * (y.dim() - 2)
     y = y.float() * scale.float().view(shape)
     if bias is not None:
@@ -127,3 +136,27 @@ def first_derivatives(name: str, grad_y: torch.Tensor, *grads: torch.Tensor | No
     ``create_graph`` they would be differentiable only in part (the +-1 weight and sign(x) are
     constants there), so a backward through them raises instead (:func:`bnnops.ops.library.refuse_backward`)."""
     return tuple(None if g is None else refuse_backward(name, g, (grad_y,)) for g in grads)
+
+
+def reset_weight_and_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Initialize a binary layer's parameters in place as ``nn.Linear`` / ``nn.Conv2d``'s
+    ``reset_parameters`` does: a Kaiming-uniform weight (a = sqrt(5)), then a bias uniform in
+    +-1/sqrt(fan_in), drawn from the default generator of the weight's device in that order.
+
+    A :class:`bnnops.BinaryTensor` weight takes the signs of a Kaiming-uniform draw in its logical
+    dtype on its device (``copy_``: its words are rewritten in place, so this works after
+    ``Module.to_empty``); a float latent weight takes the draw itself. fan_in is the product of the
+    weight's dimensions after the first (0 gives a zero bias, as in torch).
+    """
+    shape, dtype, device, _ = metadata(weight)
+    with torch.no_grad():
+        if isinstance(weight, BinaryTensor):
+            w = torch.empty(shape, dtype=dtype, device=device)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            weight.copy_(BinaryTensor.from_float(w))
+        else:
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        if bias is not None:
+            fan_in = math.prod(shape[1:])
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(bias, -bound, bound)

@@ -21,6 +21,7 @@ from bnnops.layer_common import (
     needs_autograd,
     split_epilogue,
 )
+from bnnops.ops.checks import DeviceError, DtypeError, ShapeError
 from bnnops.ops.library import FLOAT_DTYPES
 from bnnops.ops.linear import check_features, rows
 
@@ -33,9 +34,9 @@ __all__ = ["binary_linear"]
 
 
 def _product(x, words, K, scale, bias, input_quantizer, out_dtype):
-    """The forward op on 2-D x: W1A16 for real x (no input quantizer), else W1A1."""
+    """The forward op on 2-D x: W1A16 for real x (no input quantizer), else W1A1; y in ``out_dtype``."""
     if input_quantizer is None and x.dtype != torch.int32:
-        return torch.ops.bnnops.binary_linear_w1a16(x, words, scale, bias)
+        return torch.ops.bnnops.binary_linear_w1a16(x, words, scale, bias, out_dtype)
     return torch.ops.bnnops.binary_linear_w1a1(x, words, K, scale, bias, out_dtype)
 
 
@@ -88,13 +89,13 @@ class _BinaryLinearFunction(torch.autograd.Function):
 def _check_weight(weight):
     """The weight's (shape, dtype, device, requires_grad), after checking it is a 2-D float tensor."""
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a BinaryTensor or a float latent weight, got {type(weight).__name__}")
+        raise DtypeError(f"weight must be a BinaryTensor or a float latent weight, got {type(weight).__name__}")
     meta = metadata(weight)
     shape, dtype = meta[0], meta[1]
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"weight must be a BinaryTensor or a float32, bfloat16 or float16 latent weight, got {dtype}")
+        raise DtypeError(f"weight must be a BinaryTensor or a float32, bfloat16 or float16 latent weight, got {dtype}")
     if len(shape) != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(shape)}")
+        raise ShapeError(f"weight must be 2-D (out_features, in_features), got shape {tuple(shape)}")
     return meta
 
 
@@ -125,7 +126,7 @@ def binary_linear(
             None for real activations. Its surrogate gradient shapes grad_input.
         scale: optional (out_features,) float tensor multiplying each output channel (XNOR-Net's
             alpha), fused in the epilogue; learnable when it requires grad (then applied after
-            the op, in fp32).
+            the op, to its fp32 product: the same output bits either way).
         weight_quantizer: for a dense latent weight: a quantizer (default ``"ste_sign"``);
             ``"magnitude_aware_sign"`` multiplies ``scale`` by its per-channel mean |w|. Must be
             None for a BinaryTensor weight.
@@ -134,25 +135,26 @@ def binary_linear(
         (..., out_features) in x's dtype (float32 for packed x).
 
     Raises:
-        TypeError: a wrong type or dtype (x, weight, bias, scale), or x and weight (or bias) in
-            different dtypes outside autocast.
-        ValueError: a shape that does not match (in_features, bias or scale not (out_features,)),
-            a weight that is not 2-D, x and weight on different devices, an unknown quantizer, or
-            a weight quantizer for a BinaryTensor.
+        DtypeError (a TypeError and a RuntimeError): a wrong type or dtype (x, weight, bias,
+            scale), or x and weight (or bias) in different dtypes outside autocast.
+        ShapeError (a ValueError and a RuntimeError): a shape that does not match (in_features,
+            bias or scale not (out_features,)), or a weight that is not 2-D.
+        DeviceError (a ValueError and a RuntimeError): x, weight, bias or scale on different devices.
+        ValueError: an unknown quantizer, or a weight quantizer for a BinaryTensor.
 
     Gradients: x gets grad_out W (W read packed) times the input quantizer's surrogate; the
     weight gets a dense grad_out^T sign(x) (grad_out^T x for W1A16) of its logical shape and dtype.
     """
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        raise DtypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES and x.dtype != torch.int32:
-        raise TypeError(f"x must be float32, bfloat16 or float16 (or int32 packed sign words), got {x.dtype}")
+        raise DtypeError(f"x must be float32, bfloat16 or float16 (or int32 packed sign words), got {x.dtype}")
     (N, K), weight_dtype, weight_device, weight_requires_grad = _check_weight(weight)
     # The ops check these too, but the W1A16 op takes K from x: a wrong in_features must fail here.
     check_features(x, K)
     x, bias = autocast_inputs(x, weight_dtype, bias)
     if weight_device != x.device:
-        raise ValueError(f"x is on {x.device} but weight is on {weight_device}")
+        raise DeviceError(f"x is on {x.device} but weight is on {weight_device}")
     iq = get_input_quantizer(input_quantizer)
     wq, words, scale = binarize_weight(weight, weight_quantizer, scale)
     out_dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32

@@ -7,9 +7,15 @@ Without a weight quantizer the weight is a packed :class:`bnnops.BinaryTensor` p
 by Bop (:mod:`bnnops.optim`); with one (e.g. ``"ste_sign"``) it is a float latent parameter
 binarized every forward (latent-weight training with a torch optimizer), still on the binary ops.
 Either layer loads a state dict holding a dense float weight by packing its signs.
+
+Both follow torch's module conventions: factory kwargs (``device``, ``dtype``), ``reset_parameters``
+(so a layer built on the meta device, then ``to_empty``, initializes as FSDP does),
+``state_dict`` / pickling, ``to()``, memory formats (the output and the gradients follow the
+input's), and errors that are RuntimeErrors where ``nn.Linear`` / ``nn.Conv2d`` raise one
+(:mod:`bnnops.ops.checks`); tests/test_module_conventions.py checks each on every constructor
+argument.
 """
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,8 +23,11 @@ from torch import nn
 
 from bnnops.binary_tensor import BinaryTensor, pack_dense_state_entries
 from bnnops.conv import as_pair, binary_conv2d, conv_padding
+from bnnops.layer_common import reset_weight_and_bias
 from bnnops.linear import binary_linear
+from bnnops.ops.checks import ShapeError
 from bnnops.ops.conv import PAD_VALUES
+from bnnops.packing import packed_weight_shape
 from bnnops.quantizers import SignQuantizer, get_input_quantizer, get_quantizer
 
 __all__ = ["BinaryConv2d", "BinaryLinear"]
@@ -36,8 +45,8 @@ class BinaryLinear(nn.Module):
             docstring).
         device, dtype: as :class:`torch.nn.Linear`.
 
-    Init: like :class:`torch.nn.Linear` (Kaiming-uniform weight, uniform bias); the binary weight
-    holds the signs of that init.
+    Init: :meth:`reset_parameters`, as :class:`torch.nn.Linear`'s (Kaiming-uniform weight, uniform
+    bias; the same draws for the same seed); the binary weight holds the signs of that init.
 
     Raises:
         ValueError: an unknown quantizer, or a weight quantizer as the input quantizer.
@@ -58,16 +67,18 @@ class BinaryLinear(nn.Module):
         self.out_features = out_features
         self.input_quantizer = get_input_quantizer(input_quantizer)
         self.weight_quantizer = get_quantizer(weight_quantizer)
-        factory = dict(device=device, dtype=dtype)
-        w = torch.empty(out_features, in_features, **factory)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        self.weight = nn.Parameter(w if self.weight_quantizer is not None else BinaryTensor.from_float(w))
+        self.weight = _empty_weight((out_features, in_features), self.weight_quantizer is None, device, dtype)
         self.register_load_state_dict_pre_hook(pack_dense_state_entries)
         if bias:
-            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
-            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialize weight and bias in place as :meth:`torch.nn.Linear.reset_parameters` does
+        (:func:`bnnops.layer_common.reset_weight_and_bias`); a binary weight takes the signs."""
+        reset_weight_and_bias(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`bnnops.binary_linear` of x (..., in_features) -> (..., out_features)."""
@@ -97,13 +108,14 @@ class BinaryConv2d(nn.Module):
             parameter. A quantizer: the weight is a float latent parameter (see the module
             docstring).
 
-    Init: like :class:`torch.nn.Conv2d` (Kaiming-uniform weight, uniform bias); the binary weight
-    holds the signs of that init.
+    Init: :meth:`reset_parameters`, as :class:`torch.nn.Conv2d`'s (Kaiming-uniform weight, uniform
+    bias; the same draws for the same seed); the binary weight holds the signs of that init.
 
     Raises:
-        ValueError: a padding_mode other than "zeros", groups that do not divide both channel
-            counts, a pad_value other than 0, +1, -1, a bad padding (as :func:`bnnops.conv.conv_padding`),
-            an unknown quantizer, or a weight quantizer as the input quantizer.
+        ShapeError (a ValueError): groups that do not divide both channel counts, a bad kernel
+            size, stride, dilation or padding (as :func:`bnnops.conv.conv_padding`).
+        ValueError: a padding_mode other than "zeros", a pad_value other than 0, +1, -1, an
+            unknown quantizer, or a weight quantizer as the input quantizer.
     """
 
     def __init__(
@@ -131,7 +143,7 @@ class BinaryConv2d(nn.Module):
                 f"pad_value (0, +1 or -1); got padding_mode={padding_mode!r}"
             )
         if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(
+            raise ShapeError(
                 f"groups={groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})"
             )
         if float(pad_value) not in PAD_VALUES:
@@ -143,17 +155,19 @@ class BinaryConv2d(nn.Module):
         self.padding, self.groups, self.pad_value = padding, groups, float(pad_value)
         self.input_quantizer = get_input_quantizer(input_quantizer)
         self.weight_quantizer = get_quantizer(weight_quantizer)
-        factory = dict(device=device, dtype=dtype)
-        w = torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        self.weight = nn.Parameter(w if self.weight_quantizer is not None else BinaryTensor.from_float(w))
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self.weight = _empty_weight(shape, self.weight_quantizer is None, device, dtype)
         self.register_load_state_dict_pre_hook(pack_dense_state_entries)
         if bias:
-            fan_in = w[0].numel()
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialize weight and bias in place as :meth:`torch.nn.Conv2d.reset_parameters` does
+        (:func:`bnnops.layer_common.reset_weight_and_bias`); a binary weight takes the signs."""
+        reset_weight_and_bias(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`bnnops.binary_conv2d` of x (N, C, H, W) or (C, H, W) with the layer's settings."""
@@ -177,3 +191,16 @@ class BinaryConv2d(nn.Module):
             f"bias={self.bias is not None}, pad_value={self.pad_value}, "
             f"input_quantizer={self.input_quantizer}, weight_quantizer={self.weight_quantizer}"
         )
+
+
+def _empty_weight(
+    shape: tuple[int, ...], binary: bool, device: torch.device | str | None, dtype: torch.dtype | None
+) -> nn.Parameter:
+    """An uninitialized weight parameter of logical ``shape``: a :class:`BinaryTensor` (``binary``)
+    or a float latent weight, on ``device`` in ``dtype`` (torch's defaults for None, as the
+    factory kwargs of nn layers); ``reset_parameters`` fills it."""
+    dtype = dtype or torch.get_default_dtype()
+    if not binary:
+        return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+    words = torch.empty(packed_weight_shape(shape), dtype=torch.int32, device=device)
+    return nn.Parameter(BinaryTensor(words, shape, dtype))

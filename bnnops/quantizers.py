@@ -146,8 +146,10 @@ class SwishSign(SignQuantizer):
         self.beta = float(beta)
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
-        # At least fp32: cosh overflows fp16 early (the result is then 0, as it should be).
-        bx = self.beta * x.to(torch.promote_types(x.dtype, torch.float32))
+        # At least fp32: cosh overflows fp16 early (the result is then 0, as it should be). |beta x|
+        # is capped at 200, where cosh overflows fp32 and fp64 gives below 1e-80: the derivative
+        # there is 0, also at x = +-inf (uncapped, inf / inf = NaN).
+        bx = (self.beta * x.to(torch.promote_types(x.dtype, torch.float32))).clamp(-200, 200)
         d = self.beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx))
         return d.to(x.dtype)
 
@@ -169,8 +171,14 @@ class MagnitudeAwareSign(SteSign):
     name = "magnitude_aware_sign"
 
     def scale(self, w: torch.Tensor) -> torch.Tensor:
-        """alpha, the detached per-output-channel mean |w|: float32 of shape (out,) ((1,) for 1-D w)."""
+        """alpha, the detached per-output-channel mean |w|: float32 of shape (out,) ((1,) for 1-D w).
+
+        A channel with no weights (in_features or in_channels 0) gets 0, not the NaN of an empty
+        mean: its output is an empty sum, 0 whatever alpha multiplies it (NaN would poison it).
+        """
         magnitude = w.detach().abs().float()
+        if w.numel() == 0:
+            return magnitude.new_zeros(w.shape[0] if w.dim() > 1 else 1)
         return magnitude.flatten(1).mean(1) if w.dim() > 1 else magnitude.mean().reshape(1)
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,11 @@ Two launches per call:
 
 W1A1 sums are exact (fp8 e4m3 into fp32 while K <= FP8_EXACT_K, int8 into int32 above or by
 choice), and the epilogue rounds scale, then bias, in fp32 without FMA contraction, as the
-reference's separate mul and add: a W1A1 result equals the reference bit for bit. W1A16 runs
-TF32 (exact products of a 16-bit input and +-1) or 3xTF32 for fp32 inputs, summed in fp32. The
-output is in x's dtype, channels_last when the input is (:func:`output_is_channels_last`).
+reference's separate mul and add, and then once to the output dtype, to nearest even (on every
+backend, Triton's interpreter included: :func:`~bnnops.kernels.gemm_tiles.to_output`): a W1A1
+result equals the reference bit for bit. W1A16 runs TF32 (exact products of a 16-bit input and
++-1) or 3xTF32 for fp32 inputs, summed in fp32. The output is in x's dtype (or ``out_dtype``),
+channels_last when the input is (:func:`output_is_channels_last`).
 
 Block configs: ``conv2d_configs``. The performance model (what bounds the K loop, the bytes per
 layer) and the measured runs: docs/design.md.
@@ -37,6 +39,7 @@ import triton.language as tl
 
 from bnnops.kernels.conv2d_configs import SM90, pick_config
 from bnnops.kernels.conv2d_prepare import prepare
+from bnnops.kernels.gemm_tiles import to_output
 
 # A-operand modes of the kernel (A_MODE): what the padded copy holds and how the dot runs.
 A_REAL = tl.constexpr(0)  # fp32 copy of x (W1A16): TF32 / 3xTF32 dot into fp32
@@ -200,7 +203,7 @@ def _conv2d_kernel(
     else:
         out_row = img.to(tl.int64) * son + (pix // OW) * soh + (pix % OW) * sow
     out_ptrs = out_ptr + out_row[:, None] + o_glob.to(tl.int64)[None, :] * soc
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptrs, to_output(y, out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -252,6 +255,7 @@ def conv2d(
     binarize: bool = True,
     route: str = "fp8",
     out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """W1A1 (binarized input) or W1A16 (real input) conv2d of ``x`` with a packed +-1 weight.
@@ -267,12 +271,13 @@ def conv2d(
         binarize: True for W1A1 (sign of x, exact sums), False for W1A16 (x as is).
         route: the W1A1 operand dtype, a key of ``ROUTES``: "fp8" (runs "int8" when kh*kw*Cg >
             FP8_EXACT_K) or "int8"; ignored for W1A16.
-        out: optional output (N, O, OH, OW) of x's dtype to write into (any strides).
+        out: optional float32, bfloat16 or float16 output (N, O, OH, OW) to write into (any
+            strides). out_dtype: the dtype of a new output (None: x's dtype); ignored with ``out``.
         config: a ``triton.Config`` with BLOCK_M, BLOCK_N, BLOCK_K, num_warps and num_stages
             instead of ``conv2d_configs.pick_config``'s (sweeps, tests).
 
     Returns:
-        ``out`` or a new (N, O, OH, OW) tensor in x's dtype, channels_last when x is
+        ``out`` or a new (N, O, OH, OW) tensor of ``out_dtype``, channels_last when x is
         (:func:`output_is_channels_last`). No input checks: ``bnnops.ops.conv`` validates.
     """
     N, C, H, W = x.shape
@@ -283,7 +288,7 @@ def conv2d(
     OW = output_size(W, KW, stride[1], pl, pr, dilation[1])
     if out is None:
         fmt = torch.channels_last if output_is_channels_last(x) else torch.contiguous_format
-        out = torch.empty((N, O, OH, OW), dtype=x.dtype, device=x.device, memory_format=fmt)
+        out = torch.empty((N, O, OH, OW), dtype=out_dtype or x.dtype, device=x.device, memory_format=fmt)
     if out.numel() == 0:
         return out
 

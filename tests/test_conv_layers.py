@@ -125,6 +125,31 @@ def test_learnable_scale_gets_its_gradient(device):
     check_learnable_scale_output_without_grad(lambda: binary_conv2d(x, weight, None, padding=1, scale=scale), scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("iq,wq", [(None, None), ("ste_sign", None), ("ste_sign", "magnitude_aware_sign")])
+def test_learnable_scale_gives_the_fixed_scale_output(device, dtype, iq, wq):
+    """A scale's requires_grad never changes the output: a learnable scale multiplies the op's fp32
+    product, then the bias is added, in fp32, and the sum is rounded once, which are the bits of
+    the fixed scale fused in the op's epilogue. Random 16-bit inputs, biases and scales (W1A16,
+    W1A1 with a +-1 pad value, a magnitude-aware latent weight), NCHW and channels_last. Inputs
+    and weights mostly positive, 300 channels: W1A1 sums near 2500, past the integers bf16 and
+    fp16 hold exactly."""
+    g = torch.Generator().manual_seed(11)
+    for scale_dtype, memory_format in ((torch.float32, torch.contiguous_format), (dtype, torch.channels_last)):
+        x = (torch.randn(2, 300, 5, 4, generator=g) + 2).to(dtype).to(device).contiguous(memory_format=memory_format)
+        dense = (torch.randn(9, 300, 3, 3, generator=g) + 2).to(dtype).to(device)
+        w = BinaryTensor.from_float(dense) if wq is None else dense
+        bias = torch.randn(9, generator=g).to(dtype).to(device)
+        scale = (torch.rand(9, generator=g) * 2 + 0.1).to(scale_dtype).to(device)
+
+        kwargs = dict(padding=1, pad_value=1.0, input_quantizer=iq, weight_quantizer=wq)
+        fixed = binary_conv2d(x, w, bias, scale=scale, **kwargs)
+        learnable = binary_conv2d(x, w, bias, scale=scale.clone().requires_grad_(), **kwargs)
+        assert learnable.requires_grad and learnable.dtype == fixed.dtype == dtype
+        assert learnable.is_contiguous(memory_format=memory_format)
+        assert torch.equal(learnable, fixed), (learnable != fixed).float().mean()
+
+
 def test_binary_conv2d_bf16_channels_last(device):
     # Exact integers (|y| <= 9 * 40 < 256 is exact in bf16) in the input's memory format.
     x = torch.randn(2, 40, 6, 6, device=device).bfloat16().contiguous(memory_format=torch.channels_last)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bnnops
+from bnnops.ops.checks import DeviceError, DtypeError, ShapeError
 from bnnops.ops.library import CUDA_IMPLEMENTATIONS
 from bnnops.packing import pack_weight
 
@@ -86,8 +87,58 @@ def test_bad_input_checked_on_every_path(device):
     """The check runs before the CPU, CUDA and fake implementations alike."""
     words = torch.zeros(5, 2, dtype=torch.int32, device=device)
     for x in (torch.randn(3, 70, device=device), torch.randn(3, 70, device="meta")):
-        with pytest.raises(ValueError, match=r"\(N, 3\) for K=70, got \(5, 2\)"):
+        with pytest.raises(ShapeError, match=r"\(N, 3\) for K=70, got \(5, 2\)"):
             torch.ops.bnnops.binary_linear_w1a16(x, words.to(x.device), None, None)
+
+
+@pytest.mark.parametrize("path", ["device", "fake"])
+def test_bad_input_errors_are_runtime_errors(device, path):
+    """Each op's shape, dtype and device errors are ShapeError, DtypeError and DeviceError: a
+    ValueError or TypeError as documented and a RuntimeError as torch's own ops raise, on the
+    CPU, CUDA and fake paths alike."""
+    ops = torch.ops.bnnops
+    where = device if path == "device" else "meta"
+    x = torch.randn(3, 40, device=where)
+    words = bnnops.pack_signs(torch.randn(5, 40)).to(where)
+    image = torch.randn(2, 4, 5, 5, device=where)
+    conv_words = pack_weight(torch.randn(6, 4, 3, 3)).to(where)
+    geometry = ([1, 1], [0, 0, 0, 0], [1, 1], 1, 0.0, True)
+    w1a1, w1a16, grad_input, conv = (
+        ops.binary_linear_w1a1,
+        ops.binary_linear_w1a16,
+        ops.binary_linear_grad_input,
+        ops.binary_conv2d,
+    )
+    fp32 = torch.float32
+    mistakes = [
+        (ShapeError, "last dimension is 41", w1a1, (x[:, :1].expand(3, 41), words, 40, None, None, fp32)),
+        (DtypeError, "int32 words", w1a16, (x, words.float(), None, None)),
+        (DtypeError, "input must be float32", w1a16, (x.double(), words, None, None)),
+        (DtypeError, "out_dtype must be float32", w1a16, (x, words, None, None, torch.int64)),
+        (ShapeError, r"bias must have shape \(5,\)", w1a16, (x, words, None, x[0, :4])),
+        (DtypeError, "scale must be a float32", w1a1, (x, words, 40, words[:, 0], None, fp32)),
+        (ShapeError, "grad must have shape", grad_input, (x, words, 40)),
+        (DtypeError, "grad must be float32", grad_input, (x[:, :5].long(), words, 40)),
+        (
+            ShapeError,
+            "has 4 channels",
+            conv,
+            (image, pack_weight(torch.randn(6, 40, 3, 3)).to(where), None, None, *geometry),
+        ),
+        (ShapeError, "rank 4", conv, (image[0], conv_words, None, None, *geometry)),
+        (DtypeError, "float32, bfloat16 or float16", conv, (image.double(), conv_words, None, None, *geometry)),
+        (ShapeError, r"bias must have shape \(6,\)", conv, (image, conv_words, image[0, 0, 0], None, *geometry)),
+    ]
+    if path == "device":
+        elsewhere = torch.randn(6, device="meta")
+        mistakes += [
+            (DeviceError, "weight is on meta", w1a16, (x, words.to("meta"), None, None)),
+            (DeviceError, "bias is on meta", conv, (image, conv_words, elsewhere, None, *geometry)),
+        ]
+    for error, match, op, args in mistakes:
+        with pytest.raises(error, match=match) as raised:
+            op(*args)
+        assert isinstance(raised.value, RuntimeError), match
 
 
 def _integers(shape, device, dtype=torch.float32):
@@ -114,7 +165,15 @@ def test_cuda_implementations_match_the_references(device):
         "binary_conv2d": (image, conv_words, vec[:4], None, [1, 2], [1, 0, 2, 1], [2, 1], 1, -1.0, True),
     }
     assert set(calls) == set(CUDA_IMPLEMENTATIONS)
-    for name, args in calls.items():
+    # out_dtype: fp32 results of 16-bit inputs (a layer with a learnable scale asks for them).
+    out_dtype_calls = [
+        ("binary_linear_w1a16", (x3.bfloat16(), words, vec, vec, torch.float32)),
+        (
+            "binary_conv2d",
+            (image.half(), conv_words, vec[:4], vec[:4], [1, 1], [1, 1, 1, 1], [1, 1], 1, 1.0, False, torch.float32),
+        ),
+    ]
+    for name, args in [*calls.items(), *out_dtype_calls]:
         got = CUDA_IMPLEMENTATIONS[name](*args)
         expected = getattr(torch.ops.bnnops, name)(*cpu(*args))
         assert got.dtype == expected.dtype and got.shape == expected.shape, name

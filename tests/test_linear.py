@@ -372,6 +372,28 @@ def test_learnable_scale_output_without_grad(device, iq):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("iq,wq", [(None, None), ("ste_sign", None), (None, "magnitude_aware_sign")])
+def test_learnable_scale_gives_the_fixed_scale_output(device, dtype, iq, wq):
+    """A scale's requires_grad never changes the output: a learnable scale multiplies the op's fp32
+    product, then the bias is added, in fp32, and the sum is rounded once, which are the bits of
+    the fixed scale fused in the op's epilogue. Random 16-bit inputs, biases and scales (W1A16,
+    W1A1, a magnitude-aware latent weight)."""
+    g = torch.Generator().manual_seed(7)
+    N, K = 37, 70
+    for scale_dtype in (torch.float32, dtype):
+        x = torch.randn(4, 3, K, generator=g).to(dtype).to(device)
+        dense = torch.randn(N, K, generator=g).to(dtype).to(device)
+        w = BinaryTensor.from_float(dense) if wq is None else dense
+        bias = torch.randn(N, generator=g).to(dtype).to(device)
+        scale = (torch.rand(N, generator=g) * 2 + 0.1).to(scale_dtype).to(device)
+        kwargs = dict(input_quantizer=iq, weight_quantizer=wq)
+        fixed = bnnops.binary_linear(x, w, bias, scale=scale, **kwargs)
+        learnable = bnnops.binary_linear(x, w, bias, scale=scale.clone().requires_grad_(), **kwargs)
+        assert learnable.requires_grad and learnable.dtype == fixed.dtype == dtype
+        assert torch.equal(learnable, fixed), (learnable != fixed).float().mean()
+
+
 @pytest.mark.parametrize(
     "iq,wq,packed_x",
     [

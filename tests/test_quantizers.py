@@ -2,6 +2,7 @@ import pytest
 import torch
 from helpers import FLOAT_DTYPES
 
+import bnnops
 from bnnops import quantizers
 from bnnops.quantizers import ApproxSign, MagnitudeAwareSign, SteSign, SwishSign, get_quantizer
 
@@ -80,6 +81,19 @@ def test_swish_sign_gradient_is_derivative_of_signswish(beta):
     assert xq.grad[50] == 2 * beta / 2  # peak at 0: beta * 2 / 2
 
 
+@pytest.mark.parametrize("name", ["ste_sign", "approx_sign", "swish_sign"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_surrogate_is_zero_far_from_zero_and_at_infinity(name, dtype):
+    """Far outside the clip range every surrogate derivative is 0, at +-inf too (a binarized
+    input may be infinite: its sign is defined), never NaN."""
+    huge = torch.finfo(dtype).max
+    x = torch.tensor([float("inf"), float("-inf"), huge, -huge, 1e4, -1e4], dtype=dtype)
+    d = get_quantizer(name).derivative(x)
+    assert d.dtype == dtype and torch.equal(d.abs(), torch.zeros(6, dtype=dtype))
+    grad = get_quantizer(name).grad(x, torch.ones(6, dtype=dtype))
+    assert torch.equal(grad.abs(), torch.zeros(6, dtype=dtype))
+
+
 def test_magnitude_aware_sign():
     w = torch.randn(4, 6, 3, 3) * 2
     w[0, 0, 0, 0] = 0.0
@@ -93,6 +107,10 @@ def test_magnitude_aware_sign():
     # alpha is under stop-gradient; the sign is straight-through with clip 1.
     assert torch.allclose(wq.grad, alpha.view(4, 1, 1, 1) * up * (w.abs() <= 1))
     assert torch.allclose(MagnitudeAwareSign().scale(w[:, :, 0, 0]), w[:, :, 0, 0].abs().mean(1))
+    # A channel with no weights: alpha 0 (its output is an empty sum), not the NaN of an empty mean.
+    assert torch.equal(MagnitudeAwareSign().scale(torch.randn(4, 0, 3, 3)), torch.zeros(4))
+    empty = bnnops.binary_linear(torch.randn(2, 0), torch.randn(3, 0), weight_quantizer="magnitude_aware_sign")
+    assert torch.equal(empty, torch.zeros(2, 3))
 
 
 def test_lookup_equality_and_docs():

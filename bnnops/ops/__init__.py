@@ -2,7 +2,8 @@
 
 - :mod:`bnnops.ops.library`: how an op is defined (:func:`~bnnops.ops.library.define`) and why an
   op result refuses backward.
-- :mod:`bnnops.ops.checks`: argument checks the op families share.
+- :mod:`bnnops.ops.checks`: argument checks the op families share, and the error types of bad
+  input (``ShapeError``, ``DtypeError``, ``DeviceError``: each also a ``RuntimeError``, as torch's).
 - :mod:`bnnops.ops.reference`: the pure-PyTorch references, the CPU body of each op.
 - :mod:`bnnops.ops.linear`: ``binary_linear_w1a1``, ``binary_linear_w1a16``, ``binary_linear_grad_input``.
 - :mod:`bnnops.ops.conv`: ``binary_conv2d``.

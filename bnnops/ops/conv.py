@@ -1,8 +1,8 @@
 """The conv op: ``bnnops::binary_conv2d``.
 
 ``torch.ops.bnnops.binary_conv2d(x, weight, bias, scale, stride, padding, dilation, groups,
-pad_value, binarize)`` computes, for ``x`` (N, C, H, W) and the int32 words ``weight``
-(O, kh, kw, ceil(Cg/32)) of a logical +-1 weight (O, Cg, kh, kw), Cg = C / groups
+pad_value, binarize, out_dtype=None)`` computes, for ``x`` (N, C, H, W) and the int32 words
+``weight`` (O, kh, kw, ceil(Cg/32)) of a logical +-1 weight (O, Cg, kh, kw), Cg = C / groups
 (layout: :mod:`bnnops.packing`),
 
     y = scale * conv2d(pad(a(x), padding, pad_value), w, stride, dilation, groups) + bias
@@ -12,12 +12,15 @@ exact integer) or the identity (W1A16, ``binarize=False``), and ``pad`` pads wit
 zero padding; +1 / -1 (larq's ``pad_values``) keep every input of a binary layer exactly +-1.
 ``stride`` and ``dilation`` are 2 ints >= 1, ``padding`` is 4 ints >= 0 (top, bottom, left, right).
 ``bias`` and ``scale`` are optional (O,) float tensors. The output (N, O, OH, OW)
-(:func:`output_shape`) has x's dtype, is computed in fp32 (one rounding at the end), and is
-channels_last when x is (:func:`bnnops.ops.reference.output_is_channels_last`).
+(:func:`output_shape`) is computed in fp32 and rounded once, to ``out_dtype`` (None: x's dtype),
+and is channels_last when x is (:func:`bnnops.ops.reference.output_is_channels_last`). With zero
+input channels every sum is empty: the output is ``bias`` (or 0) at every pixel.
 
-Bad input raises TypeError (a dtype or type) or ValueError (a shape, a geometry, a pad value, a
-device) on every path. CPU tensors run :func:`bnnops.ops.reference.binary_conv2d_reference`, CUDA
-tensors the implicit-GEMM kernel of ``bnnops.kernels.conv2d``, which reads the words.
+Bad input raises :class:`~bnnops.ops.checks.DtypeError` (a dtype or type),
+:class:`~bnnops.ops.checks.ShapeError` (a shape or geometry), :class:`~bnnops.ops.checks.DeviceError`
+or ``ValueError`` (a pad value) on every path. CPU tensors run
+:func:`bnnops.ops.reference.binary_conv2d_reference`, CUDA tensors the implicit-GEMM kernel of
+``bnnops.kernels.conv2d``, which reads the words.
 """
 
 from collections.abc import Sequence
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from bnnops import kernels
-from bnnops.ops.checks import check_channel_vectors
+from bnnops.ops.checks import DeviceError, DtypeError, ShapeError, check_channel_vectors
 from bnnops.ops.library import FLOAT_DTYPES, contiguous, define
 from bnnops.ops.reference import binary_conv2d_reference, output_is_channels_last
 from bnnops.packing import packed_length
@@ -52,34 +55,40 @@ def output_shape(
     return N, O, OH, OW
 
 
-def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
+def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize, out_dtype=None):
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"binary_conv2d input must be a float32, bfloat16 or float16 tensor, got {got}")
+        raise DtypeError(f"binary_conv2d input must be a float32, bfloat16 or float16 tensor, got {got}")
     if x.dim() != 4:
-        raise ValueError(f"binary_conv2d input must have rank 4 (N, C, H, W), got shape {tuple(x.shape)}")
-    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int32 or weight.dim() != 4:
-        got = (weight.dtype, tuple(weight.shape)) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise TypeError(f"binary_conv2d weight must be int32 packed words (O, kh, kw, ceil(Cg/32)), got {got}")
+        raise ShapeError(f"binary_conv2d input must have rank 4 (N, C, H, W), got shape {tuple(x.shape)}")
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int32:
+        got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise DtypeError(f"binary_conv2d weight must be int32 packed words (O, kh, kw, ceil(Cg/32)), got {got}")
+    if weight.dim() != 4:
+        raise ShapeError(
+            f"binary_conv2d weight must be int32 packed words (O, kh, kw, ceil(Cg/32)), got shape {tuple(weight.shape)}"
+        )
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise DtypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
-        raise ValueError(
+        raise ShapeError(
             f"stride and dilation need 2 values and padding 4 (top, bottom, left, right), got "
             f"stride={list(stride)}, padding={list(padding)}, dilation={list(dilation)}"
         )
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(
+        raise ShapeError(
             f"stride and dilation must be >= 1 and padding >= 0, got stride={list(stride)}, "
             f"padding={list(padding)}, dilation={list(dilation)}"
         )
     _, C, H, W = x.shape
     O, KH, KW, words_per_row = weight.shape
     if groups < 1 or C % groups or O % groups:
-        raise ValueError(
+        raise ShapeError(
             f"groups={groups} must be >= 1 and divide both the input channels ({C}) and the output channels ({O})"
         )
     Cg = C // groups
     if words_per_row != packed_length(Cg):
-        raise ValueError(
+        raise ShapeError(
             f"packed weight of shape {tuple(weight.shape)} holds {words_per_row} words per tap, but the input "
             f"has {C} channels in {groups} group(s): {Cg} per group needs {packed_length(Cg)} words"
         )
@@ -87,7 +96,7 @@ def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value,
         H + padding[0] + padding[1] < dilation[0] * (KH - 1) + 1
         or W + padding[2] + padding[3] < dilation[1] * (KW - 1) + 1
     ):
-        raise ValueError(
+        raise ShapeError(
             f"kernel {KH}x{KW} (dilation {list(dilation)}) is larger than the padded input "
             f"{H + padding[0] + padding[1]}x{W + padding[2] + padding[3]}"
         )
@@ -95,10 +104,10 @@ def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value,
         raise ValueError(f"pad_value must be 0.0, 1.0 or -1.0, got {pad_value}")
     check_channel_vectors(O, x.device, bias=bias, scale=scale)
     if weight.device != x.device:
-        raise ValueError(f"binary_conv2d weight is on {weight.device} but the input is on {x.device}")
+        raise DeviceError(f"binary_conv2d weight is on {weight.device} but the input is on {x.device}")
 
 
-def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
+def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize, out_dtype=None):
     # The kernel reads words, bias and scale with unit stride along their last dimension.
     return kernels.load("conv2d").conv2d(
         x,
@@ -111,18 +120,19 @@ def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_
         groups=groups,
         pad_value=pad_value,
         binarize=binarize,
+        out_dtype=out_dtype,
     )
 
 
-def _conv2d_fake(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize):
+def _conv2d_fake(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize, out_dtype=None):
     fmt = torch.channels_last if output_is_channels_last(x) else torch.contiguous_format
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return torch.empty(shape, dtype=out_dtype or x.dtype, device=x.device, memory_format=fmt)
 
 
 define(
     "binary_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, int[] stride, int[] padding, "
-    "int[] dilation, int groups, float pad_value, bool binarize) -> Tensor",
+    "int[] dilation, int groups, float pad_value, bool binarize, ScalarType? out_dtype=None) -> Tensor",
     check=_check,
     reference=binary_conv2d_reference,
     cuda=_conv2d_cuda,

@@ -49,12 +49,16 @@ def w1a1_reference(
 
 
 def w1a16_reference(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``bnnops::binary_linear_w1a16``: x @ W^T * scale + bias for real x (..., K), fp32
-    accumulation, in x's dtype."""
+    accumulation, in ``out_dtype`` (None: x's dtype)."""
     y = x.float() @ unpack_signs_reference(weight, x.shape[-1], torch.float32).T
-    return _epilogue(y, scale, bias).to(x.dtype)
+    return _epilogue(y, scale, bias).to(out_dtype or x.dtype)
 
 
 def grad_input_reference(grad: torch.Tensor, weight: torch.Tensor, K: int) -> torch.Tensor:
@@ -84,20 +88,28 @@ def binary_conv2d_reference(
     groups: int = 1,
     pad_value: float = 0.0,
     binarize: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``bnnops::binary_conv2d`` (contract: :mod:`bnnops.ops.conv`): F.conv2d in fp32 on the +-1
     weight that ``weight``'s words hold, after padding (top, bottom, left, right) with
     ``pad_value`` explicitly; x binarized (x < 0 -> -1, else +1) when ``binarize``. The output has
-    x's dtype and is channels_last when :func:`output_is_channels_last`."""
-    O = weight.shape[0]
+    ``out_dtype`` (None: x's dtype) and is channels_last when :func:`output_is_channels_last`."""
+    O, KH, KW, _ = weight.shape
     Cg = x.shape[1] // groups
     w = unpack_signs_reference(weight, Cg, torch.float32).permute(0, 3, 1, 2)
     a = torch.where(x < 0, -1.0, 1.0) if binarize else x.float()
     a = F.pad(a, (padding[2], padding[3], padding[0], padding[1]), value=pad_value)
-    y = F.conv2d(a, w, None, stride, 0, dilation, groups)
+    if Cg == 0:
+        # Every sum is empty: 0 at each of the O output channels. (F.conv2d on the CPU returns
+        # (N, 0, OH, OW) for zero input channels.)
+        OH = (a.shape[2] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+        OW = (a.shape[3] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+        y = a.new_zeros(a.shape[0], O, OH, OW)
+    else:
+        y = F.conv2d(a, w, None, stride, 0, dilation, groups)
     if scale is not None:
         y = y * scale.float().view(1, O, 1, 1)
     if bias is not None:
         y = y + bias.float().view(1, O, 1, 1)
     fmt = torch.channels_last if output_is_channels_last(x) else torch.contiguous_format
-    return y.to(x.dtype).contiguous(memory_format=fmt)
+    return y.to(out_dtype or x.dtype).contiguous(memory_format=fmt)
