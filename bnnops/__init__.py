@@ -7,13 +7,16 @@ reference of every op; CUDA tensors run the Triton kernels in ``bnnops.kernels``
 From the bottom up: the ops ``torch.ops.bnnops.*`` (:mod:`bnnops.ops`; the pack ops with their
 format in :mod:`bnnops.packing`), no autograd; the functions :func:`binary_linear`
 (:mod:`bnnops.linear`) and :func:`binary_conv2d` (:mod:`bnnops.conv`), which add autograd and
-quantizers (:mod:`bnnops.quantizers`); the modules of :mod:`bnnops.nn` on top of them.
+quantizers (:mod:`bnnops.quantizers`); the modules of :mod:`bnnops.nn` on top of them, and the
+reference networks of :mod:`bnnops.models`. Bad input raises :class:`ShapeError`,
+:class:`DtypeError` or :class:`DeviceError`, each also a ``RuntimeError`` as torch raises.
 """
 
-from bnnops import kernels, nn, optim, quantizers
+from bnnops import kernels, models, nn, optim, quantizers
 from bnnops.binary_tensor import BinaryTensor
 from bnnops.conv import binary_conv2d
 from bnnops.linear import binary_linear
+from bnnops.ops.checks import DeviceError, DtypeError, ShapeError
 from bnnops.packing import pack_signs, packed_length, unpack_signs
 from bnnops.summary import summary
 
@@ -21,9 +24,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BinaryTensor",
+    "DeviceError",
+    "DtypeError",
+    "ShapeError",
     "binary_conv2d",
     "binary_linear",
     "kernels",
+    "models",
     "nn",
     "optim",
     "pack_signs",

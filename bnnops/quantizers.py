@@ -16,6 +16,7 @@ Quantizers are looked up by name with :func:`get_quantizer` (``"ste_sign"``, ``"
 ``"swish_sign"``, ``"magnitude_aware_sign"``) or passed as objects, e.g. ``SwishSign(beta=10)``.
 """
 
+import math
 from typing import ClassVar
 
 import torch
@@ -104,8 +105,9 @@ class SteSign(SignQuantizer):
 
     name = "ste_sign"
 
-    def __init__(self, clip_value: float = 1.0):
-        self.clip_value = float(clip_value)
+    def __init__(self, clip_value: float | None = 1.0):
+        # None: no clipping (larq's ste_sign(clip_value=None)), the gradient passes everywhere.
+        self.clip_value = math.inf if clip_value is None else float(clip_value)
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         return (x.abs() <= self.clip_value).to(x.dtype)

@@ -206,7 +206,8 @@ def w1a16(
         x: (M, K) fp32/bf16/fp16, any strides. fp32 x must be finite: it enters the tensor cores as
             two TF32 terms (error about 2^-20 |x|), and the split turns +-inf into NaN.
         words: int32 (N, ceil(K/32)), contiguous.
-        scale, bias: optional (N,) float tensors. out: a contiguous (M, N) buffer of x's dtype.
+        scale, bias: optional (N,) float tensors. out: a contiguous (M, N) buffer of x's dtype or
+            float32 (the epilogue rounds once, to out's dtype).
         config: a block config (:mod:`~bnnops.kernels.gemm_configs`; a GEMV config only for
             M <= its BLOCK_M); None: the table's.
 

@@ -46,7 +46,7 @@ def check_inference_runs_the_op_alone(monkeypatch, layer, x, autograd_function):
 
 
 def check_learnable_scale_output_without_grad(call, scale):
-    """A learnable ``scale`` is applied outside the op (after its rounding to x's dtype); under
+    """A learnable ``scale`` is applied outside the op (to the op's fp32 product); under
     no_grad the output must be the same, bit for bit (checkpointing recomputes one with the other)."""
     assert scale.requires_grad
     tracked = call()

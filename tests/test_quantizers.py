@@ -138,3 +138,16 @@ def test_compile_fullgraph(device):
     x.grad = None
     torch.compile(f, fullgraph=True, backend="aot_eager")(x).backward()
     assert torch.equal(x.grad, eager)
+
+
+def test_ste_sign_without_clipping():
+    """larq's ``ste_sign(clip_value=None)``: no clipping, the gradient passes at every magnitude."""
+    x = torch.tensor([-1e6, -2.0, -0.5, 0.0, 0.5, 2.0, 1e6], requires_grad=True)
+    SteSign(clip_value=None)(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_int32_input_of_the_wrong_width_says_it_is_taken_as_words():
+    layer = bnnops.nn.BinaryLinear(40, 4)
+    with pytest.raises(bnnops.ShapeError, match="taken as packed sign words"):
+        layer(torch.randint(0, 2, (3, 40), dtype=torch.int32))

@@ -47,8 +47,12 @@ def check_features(x: torch.Tensor, K: int) -> None:
         raise ShapeError("input must have at least one dimension (..., in_features), got a scalar")
     features = packed_length(K) if x.dtype == torch.int32 else K
     if x.shape[-1] != features:
-        what = f"ceil(K/32) = {features} words" if x.dtype == torch.int32 else f"in_features = {K}"
-        raise ShapeError(f"input's last dimension is {x.shape[-1]}, expected {what}")
+        if x.dtype == torch.int32:
+            raise ShapeError(
+                f"input's last dimension is {x.shape[-1]}, expected ceil(K/32) = {features} words: an int32 "
+                f"input is taken as packed sign words (bnnops.pack_signs); pass 0/1 or +-1 values as floats"
+            )
+        raise ShapeError(f"input's last dimension is {x.shape[-1]}, expected in_features = {K}")
 
 
 def _check_words(weight, K):
