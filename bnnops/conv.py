@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import bnnops.ops.conv  # noqa: F401  (defines torch.ops.bnnops.binary_conv2d, which this module calls)
+from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor, implements_torch_function, metadata
 from bnnops.layer_common import (
     apply_scale_bias,
@@ -20,8 +21,11 @@ from bnnops.layer_common import (
     binarize_weight,
     first_derivatives,
     needs_autograd,
+    pack_saved_input,
+    runs_kernels,
     split_epilogue,
 )
+from bnnops.ops.backward_reference import unpack_conv_words
 from bnnops.ops.checks import DtypeError, ShapeError
 from bnnops.ops.library import FLOAT_DTYPES
 from bnnops.ops.reference import output_is_channels_last
@@ -83,12 +87,19 @@ class _BinaryConv2dFunction(torch.autograd.Function):
 
     The forward runs ``bnnops::binary_conv2d`` on the packed ``words``. ``weight`` is what receives
     the gradient: a BinaryTensor, or a dense latent weight whose signs are ``words``, of logical
-    shape ``weight_shape`` and dtype ``weight_dtype`` (read once by :func:`binary_conv2d`). The backward
-    runs cuDNN (``aten.convolution_backward``) on the +-1 values: grad_input (then the input
-    quantizer's surrogate, as in :func:`bnnops.binary_linear`) and a dense float grad_weight, which
-    is what Bop consumes. Padded positions are constants: they get no gradient, and with a pad value
-    of +-1 they still contribute to grad_weight. scale takes no gradient here (see
-    :func:`bnnops.layer_common.split_epilogue`).
+    shape ``weight_shape`` and dtype ``weight_dtype`` (read once by :func:`binary_conv2d`). Padded
+    positions are constants: they get no gradient, and with a pad value of +-1 they still
+    contribute to grad_weight. scale takes no gradient here (see
+    :func:`bnnops.layer_common.split_epilogue`). grad_input and grad_weight are in x's memory
+    format (channels_last when :func:`bnnops.ops.reference.output_is_channels_last`), as
+    nn.Conv2d's.
+
+    Saved for backward (:mod:`bnnops.layer_common`): with a mask-only input quantizer
+    (``ste_sign``) x's sign words (for grad_weight) and pass-mask words (for grad_input), per-group
+    channels-last words, no float x; otherwise x if a gradient needs it. The backward reads the
+    words: on CUDA the launchers of ``bnnops.kernels.conv2d_backward``; elsewhere cuDNN / ATen
+    (``aten.convolution_backward``) on the +-1 values unpacked from the words, in x's memory
+    format, and a select on the mask: bit for bit what a backward from x gives.
     """
 
     @staticmethod
@@ -107,8 +118,17 @@ class _BinaryConv2dFunction(torch.autograd.Function):
         out_dtype,
     ):
         y = _conv(x, words, scale, bias, geometry, input_quantizer, out_dtype)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dense_x = sign_words = mask_words = None
+        if input_quantizer is not None and input_quantizer.saves_mask_only:
+            sign_words, mask_words = pack_saved_input(x, input_quantizer.clip_value, geometry[3], need_w, need_x)
+        elif need_w or (need_x and input_quantizer is not None):
+            dense_x = x
         latent = weight if weight_quantizer is not None else None
-        ctx.save_for_backward(x, words, scale, latent)
+        ctx.save_for_backward(dense_x, sign_words, mask_words, words, scale, latent)
+        ctx.x_shape = tuple(x.shape)
+        ctx.x_dtype = x.dtype
+        ctx.channels_last = output_is_channels_last(x)
         ctx.geometry = geometry
         ctx.input_quantizer = input_quantizer
         ctx.weight_quantizer = weight_quantizer
@@ -118,42 +138,19 @@ class _BinaryConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, words, scale, latent = ctx.saved_tensors
-        stride, (pt, pb, pl, pr), dilation, groups, pad_value = ctx.geometry
+        x, sign_words, mask_words, words, scale, latent = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[6]
         grad_x = grad_weight = grad_bias = None
         if need_x or need_w:
             g = grad_y * scale.view(1, -1, 1, 1).to(grad_y.dtype) if scale is not None else grad_y
-            a = sign(x).to(g.dtype) if ctx.input_quantizer is not None else x.to(g.dtype)
-            # The weight in the input's memory format: cuDNN would copy a mismatched one over to it.
-            # grad_weight comes back in it too, as nn.Conv2d's does.
-            fmt = torch.channels_last if output_is_channels_last(x) else torch.contiguous_format
-            w = unpack_weight(words, ctx.weight_shape, g.dtype, fmt)
-            if pad_value == 0.0 and pt == pb and pl == pr:
-                cudnn_padding, crop = [pt, pl], False
+            if x is None and runs_kernels(g):
+                grad_x, grad_weight = _packed_grads_kernels(ctx, g, words, sign_words, mask_words, need_x, need_w)
             else:
-                # The padding holds the constant pad_value: pad explicitly, then drop its gradient.
-                a = F.pad(a, (pl, pr, pt, pb), value=pad_value)
-                cudnn_padding, crop = [0, 0], True
-            grad_a, grad_weight, _ = torch.ops.aten.convolution_backward(
-                g,
-                a,
-                w,
-                None,
-                list(stride),
-                cudnn_padding,
-                list(dilation),
-                False,
-                [0, 0],
-                groups,
-                [need_x, need_w, False],
-            )
+                grad_x, grad_weight = _grads_aten(ctx, g, x, words, sign_words, mask_words, need_x, need_w)
+            fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
             if need_x:
-                grad_x = grad_a[:, :, pt : pt + x.shape[2], pl : pl + x.shape[3]] if crop else grad_a
-                if ctx.input_quantizer is not None:
-                    grad_x = ctx.input_quantizer.grad(x, grad_x)
-                # In x's memory format, as nn.Conv2d's (the crop above is a strided view).
-                grad_x = grad_x.to(x.dtype).contiguous(memory_format=fmt)
+                # In x's memory format, as nn.Conv2d's (the crop of the padded gradient is a strided view).
+                grad_x = grad_x.to(ctx.x_dtype).contiguous(memory_format=fmt)
             if need_w:
                 if latent is not None:
                     # The surrogate's elementwise ops follow the latent weight's format.
@@ -163,6 +160,59 @@ class _BinaryConv2dFunction(torch.autograd.Function):
             grad_bias = grad_y.sum((0, 2, 3))
         grad_x, grad_weight = first_derivatives("binary_conv2d", grad_y, grad_x, grad_weight)
         return grad_x, grad_weight, None, None, None, None, grad_bias, None, None, None, None
+
+
+def _packed_grads_kernels(ctx, g, words, sign_words, mask_words, need_x, need_w):
+    """(grad_x, grad_weight) from the saved words by the Triton launchers, in g's dtype."""
+    stride, padding, dilation, groups, pad_value = ctx.geometry
+    launchers = kernels.load("conv2d_backward")
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, channels_last=ctx.channels_last)
+    grad_x = grad_weight = None
+    if need_x:
+        grad_x = launchers.grad_input(g, words.contiguous(), mask_words, ctx.x_shape, out_dtype=ctx.x_dtype, **geometry)
+    if need_w:
+        grad_weight = launchers.grad_weight(g, sign_words, ctx.weight_shape, pad_value=pad_value, **geometry)
+    return grad_x, grad_weight
+
+
+def _grads_aten(ctx, g, x, words, sign_words, mask_words, need_x, need_w):
+    """(grad_x, grad_weight) by ``aten.convolution_backward`` on the +-1 weight and a(x), in g's dtype.
+
+    a(x) comes from the sign words, or from x (sign(x) with an input quantizer, x for W1A16); a
+    gradient for x alone needs no input values (zeros of x's shape and format stand in). The
+    input quantizer's surrogate is applied: the saved mask's select, or ``quantizer.grad(x, .)``.
+    """
+    stride, (pt, pb, pl, pr), dilation, groups, pad_value = ctx.geometry
+    fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    if sign_words is not None:
+        a = unpack_conv_words(sign_words, ctx.x_shape[1], groups, g.dtype).contiguous(memory_format=fmt)
+    elif x is not None:
+        a = sign(x).to(g.dtype) if ctx.input_quantizer is not None else x.to(g.dtype)
+    else:
+        a = g.new_zeros(ctx.x_shape).contiguous(memory_format=fmt)
+    # The weight in the input's memory format: cuDNN would copy a mismatched one over to it.
+    # grad_weight comes back in it too, as nn.Conv2d's does.
+    w = unpack_weight(words, ctx.weight_shape, g.dtype, fmt)
+    if pad_value == 0.0 and pt == pb and pl == pr:
+        cudnn_padding, crop = [pt, pl], False
+    else:
+        # The padding holds the constant pad_value: pad explicitly, then drop its gradient.
+        a = F.pad(a, (pl, pr, pt, pb), value=pad_value)
+        cudnn_padding, crop = [0, 0], True
+    grad_a, grad_weight, _ = torch.ops.aten.convolution_backward(
+        g, a, w, None, list(stride), cudnn_padding, list(dilation), False, [0, 0], groups, [need_x, need_w, False]
+    )
+    grad_x = None
+    if need_x:
+        H, W = ctx.x_shape[2:]
+        grad_x = grad_a[:, :, pt : pt + H, pl : pl + W] if crop else grad_a
+        if mask_words is not None:
+            # SteSign.grad's select, on the saved mask: the same values.
+            passes = unpack_conv_words(mask_words, ctx.x_shape[1], groups, torch.float32) < 0
+            grad_x = torch.where(passes, grad_x, 0)
+        elif ctx.input_quantizer is not None:
+            grad_x = ctx.input_quantizer.grad(x, grad_x)
+    return grad_x, grad_weight
 
 
 def _conv(x, words, scale, bias, geometry, input_quantizer, out_dtype):

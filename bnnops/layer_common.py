@@ -1,7 +1,18 @@
 """The rules :func:`bnnops.binary_linear` and :func:`bnnops.binary_conv2d` share: the dtype they
-compute in, how a weight becomes words, when a call needs an autograd node, where scale and bias
-are applied, first-derivative-only backward results, and how the layers of :mod:`bnnops.nn`
-initialize their parameters.
+compute in, how a weight becomes words, when a call needs an autograd node, what a call keeps for
+its backward, where scale and bias are applied, first-derivative-only backward results, and how
+the layers of :mod:`bnnops.nn` initialize their parameters.
+
+What a binary layer keeps for backward (its "saved input"), by input quantizer:
+
+- one whose surrogate gradient is a 0/1 pass mask (``quantizer.saves_mask_only``: ``ste_sign``,
+  any clip value): two int32 word tensors in the :mod:`bnnops.packing` format, packed along the
+  reduction dimension like the weight (:func:`pack_saved_input`): ``sign_words`` (bit 1 where
+  x < 0) if the weight takes a gradient, ``mask_words`` (bit 1 where |x| <= clip) if x does.
+  2 bits per element instead of x's 16 or 32; the gradients are the same values (a select on the
+  mask, sign(x) from the words);
+- one whose surrogate needs |x| (``approx_sign``, ``swish_sign``): x itself;
+- none (W1A16): x itself if the weight takes a gradient (grad_W = g^T x), else nothing.
 
 Output channels are dim 1 of a layer's output here: (M, N) rows for linear, (N, O, OH, OW) for conv.
 """
@@ -11,10 +22,12 @@ import math
 import torch
 from torch import nn
 
+from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor, metadata
+from bnnops.ops import backward_reference
 from bnnops.ops.checks import DtypeError, check_channel_vectors
 from bnnops.ops.library import FLOAT_DTYPES, refuse_backward
-from bnnops.packing import pack_weight
+from bnnops.packing import pack_weight, unpack_signs_reference
 from bnnops.quantizers import MagnitudeAwareSign, SignQuantizer, get_quantizer
 
 __all__ = [
@@ -23,7 +36,10 @@ __all__ = [
     "binarize_weight",
     "first_derivatives",
     "needs_autograd",
+    "pack_saved_input",
+    "pass_mask",
     "reset_weight_and_bias",
+    "runs_kernels",
     "split_epilogue",
 ]
 
@@ -95,6 +111,44 @@ def needs_autograd(x: torch.Tensor, weight_requires_grad: bool, bias: torch.Tens
     return torch.is_grad_enabled() and (
         weight_requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
     )
+
+
+def runs_kernels(x: torch.Tensor) -> bool:
+    """Whether a layer's input packing and packed backward run the Triton launchers (eager CUDA
+    tensors) or the pure-PyTorch references of :mod:`bnnops.ops.backward_reference` (CPU, and any
+    graph ``torch.compile`` traces: the launchers are plain Python, not ops a graph can hold)."""
+    return x.device.type == "cuda" and not torch.compiler.is_compiling()
+
+
+def pack_saved_input(
+    x: torch.Tensor, clip_value: float, groups: int | None, need_sign: bool, need_mask: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(sign_words, mask_words) of a binary layer's float input x, None for one not needed.
+
+    sign_words: bit 1 where x < 0; mask_words: bit 1 where |x| <= ``clip_value`` (compared in x's
+    dtype, as ``SteSign`` compares). ``groups`` None: linear x (..., K) -> int32 (..., ceil(K/32))
+    each; else conv x (N, C, H, W) -> int32 (N, H, W, groups * ceil(Cg/32)) each, every group
+    starting a new word (layouts: :mod:`bnnops.ops.backward_reference`). One pass over x on CUDA
+    (``bnnops.kernels.saved_activations``), ``pack_bits`` on the CPU.
+    """
+    if not (need_sign or need_mask):
+        return None, None
+    if runs_kernels(x):
+        saved = kernels.load("saved_activations")
+        if groups is None:
+            sign_words, mask_words = saved.pack_sign_and_mask(x, clip_value)
+        else:
+            sign_words, mask_words = saved.pack_sign_and_mask_conv(x, clip_value, groups)
+    elif groups is None:
+        sign_words, mask_words = backward_reference.pack_sign_and_mask_reference(x, clip_value)
+    else:
+        sign_words, mask_words = backward_reference.pack_sign_and_mask_conv_reference(x, clip_value, groups)
+    return (sign_words if need_sign else None), (mask_words if need_mask else None)
+
+
+def pass_mask(mask_words: torch.Tensor, K: int) -> torch.Tensor:
+    """The bool pass mask (..., K) held by linear-layout ``mask_words`` (..., ceil(K/32)) (bit 1: passes)."""
+    return unpack_signs_reference(mask_words, K, torch.float32) < 0
 
 
 def split_epilogue(

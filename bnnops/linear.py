@@ -7,11 +7,19 @@ real x. The backward gives grad_input = grad_out W through the packed-weight op
 grad_out^T sign(x) (grad_out^T x for W1A16), a dense float gradient of the weight's logical shape,
 which is what Bop consumes. The dense +-1 weight is never built on the CUDA path, forward or
 backward. ``F.linear`` (so ``nn.Linear``) on a BinaryTensor weight runs the W1A16 product.
+
+With the ``ste_sign`` input quantizer the layer keeps 2 bits per input element for its backward,
+x's sign and pass-mask words (:func:`bnnops.layer_common.pack_saved_input`), not x. The backward
+reads them packed: on CUDA the launchers of ``bnnops.kernels.linear_backward`` (grad_W from the
+sign words, grad_input masked in place; numerics as ``gemm.grad_input``, docs/design.md 4.2),
+elsewhere the ops and a select on the unpacked mask, which give bit for bit the values a backward
+from x gives (the same products, the same select).
 """
 
 import torch
 from torch.nn import functional as F
 
+from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor, implements_torch_function, metadata
 from bnnops.layer_common import (
     apply_scale_bias,
@@ -19,6 +27,9 @@ from bnnops.layer_common import (
     binarize_weight,
     first_derivatives,
     needs_autograd,
+    pack_saved_input,
+    pass_mask,
+    runs_kernels,
     split_epilogue,
 )
 from bnnops.ops.checks import DeviceError, DtypeError, ShapeError
@@ -28,6 +39,7 @@ from bnnops.ops.linear import check_features, rows
 # Re-exported for tests/test_gemm.py and bench/cases/dispatch.py, which import the references from
 # here; their home is bnnops.ops.reference.
 from bnnops.ops.reference import grad_input_reference, w1a1_reference, w1a16_reference  # noqa: F401
+from bnnops.packing import unpack_signs_reference
 from bnnops.quantizers import SignQuantizer, get_input_quantizer, sign
 
 __all__ = ["binary_linear"]
@@ -47,13 +59,25 @@ class _BinaryLinearFunction(torch.autograd.Function):
     gradient: a BinaryTensor, or a dense latent weight whose signs are ``words``; ``weight_dtype``
     is its dtype (read once by :func:`binary_linear`). scale takes no gradient here (see
     :func:`bnnops.layer_common.split_epilogue`).
+
+    Saved for backward (:mod:`bnnops.layer_common`): with a mask-only input quantizer
+    (``ste_sign``) x's sign words if the weight needs a gradient and its pass-mask words if x
+    does, no float x; packed x is its own sign words; otherwise x if a gradient needs it.
     """
 
     @staticmethod
     def forward(ctx, x, weight, words, K, weight_dtype, scale, bias, input_quantizer, weight_quantizer, out_dtype):
         y = _product(x, words, K, scale, bias, input_quantizer, out_dtype)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dense_x = sign_words = mask_words = None
+        if x.dtype == torch.int32:
+            sign_words = x if need_w else None
+        elif input_quantizer is not None and input_quantizer.saves_mask_only:
+            sign_words, mask_words = pack_saved_input(x, input_quantizer.clip_value, None, need_w, need_x)
+        elif need_w or (need_x and input_quantizer is not None):
+            dense_x = x
         latent = weight if weight_quantizer is not None else None
-        ctx.save_for_backward(x, words, scale, latent)
+        ctx.save_for_backward(dense_x, sign_words, mask_words, words, scale, latent)
         ctx.K = K
         ctx.input_quantizer = input_quantizer
         ctx.weight_quantizer = weight_quantizer
@@ -62,21 +86,32 @@ class _BinaryLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, words, scale, latent = ctx.saved_tensors
+        x, sign_words, mask_words, words, scale, latent = ctx.saved_tensors
         g = (grad_y * scale).to(grad_y.dtype) if scale is not None else grad_y
         grad_x = grad_weight = grad_bias = None
+        kernels_run = runs_kernels(g)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.bnnops.binary_linear_grad_input(g, words, ctx.K)
-            if ctx.input_quantizer is not None:
-                grad_x = ctx.input_quantizer.grad(x, grad_x)
-        if ctx.needs_input_grad[1]:
-            if x.dtype == torch.int32:
-                x_values = torch.ops.bnnops.unpack_signs(x, ctx.K, g.dtype)
-            elif ctx.input_quantizer is not None:
-                x_values = sign(x).to(g.dtype)
+            if mask_words is not None and kernels_run:
+                grad_x = kernels.load("linear_backward").grad_input(g, words.contiguous(), mask_words, ctx.K)
             else:
-                x_values = x.to(g.dtype)
-            grad_weight = g.T @ x_values
+                grad_x = torch.ops.bnnops.binary_linear_grad_input(g, words, ctx.K)
+                if mask_words is not None:
+                    # SteSign.grad's select, on the saved mask: the same values.
+                    grad_x = torch.where(pass_mask(mask_words, ctx.K), grad_x, 0)
+                elif ctx.input_quantizer is not None:
+                    grad_x = ctx.input_quantizer.grad(x, grad_x)
+        if ctx.needs_input_grad[1]:
+            if sign_words is not None and kernels_run:
+                grad_weight = kernels.load("linear_backward").grad_weight(g, sign_words, ctx.K)
+            else:
+                if sign_words is not None:
+                    # x's signs, not the weight: the pure-PyTorch unpack (the op's CPU body).
+                    x_values = unpack_signs_reference(sign_words, ctx.K, g.dtype)
+                elif ctx.input_quantizer is not None:
+                    x_values = sign(x).to(g.dtype)
+                else:
+                    x_values = x.to(g.dtype)
+                grad_weight = g.T @ x_values
             if latent is not None:
                 grad_weight = ctx.weight_quantizer.grad(latent, grad_weight)
             grad_weight = grad_weight.to(ctx.weight_dtype)

@@ -71,6 +71,16 @@ class SignQuantizer:
 
     name: ClassVar[str | None] = None
 
+    @property
+    def saves_mask_only(self) -> bool:
+        """Whether the surrogate gradient depends on x only through a 0/1 pass mask.
+
+        True: a binary layer keeps 2 bits per input element for its backward (sign(x) and the
+        mask, packed; :mod:`bnnops.layer_common`) and the gradients are the same values. False
+        (the base, and every quantizer whose derivative needs |x|): the layer keeps x itself.
+        """
+        return False
+
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """The surrogate derivative d sign(x) / dx, elementwise, in x's dtype."""
         raise NotImplementedError
@@ -109,6 +119,12 @@ class SteSign(SignQuantizer):
         # None: no clipping (larq's ste_sign(clip_value=None)), the gradient passes everywhere.
         self.clip_value = math.inf if clip_value is None else float(clip_value)
 
+    @property
+    def saves_mask_only(self) -> bool:
+        """True: the gradient passes where |x| <= clip_value, a mask a layer keeps packed (1 bit
+        per element). A subclass with its own surrogate (``derivative`` or ``grad``) keeps x."""
+        return type(self).derivative is SteSign.derivative and type(self).grad is SteSign.grad
+
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         return (x.abs() <= self.clip_value).to(x.dtype)
 
@@ -130,6 +146,8 @@ class ApproxSign(SignQuantizer):
 
     name = "approx_sign"
 
+    # saves_mask_only is False: the derivative 2 - 2|x| needs |x|, so a layer keeps x itself.
+
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         return torch.clamp(2 - 2 * x.abs(), min=0)
 
@@ -146,6 +164,8 @@ class SwishSign(SignQuantizer):
 
     def __init__(self, beta: float = 5.0):
         self.beta = float(beta)
+
+    # saves_mask_only is False: the derivative is a smooth function of x, so a layer keeps x itself.
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         # At least fp32: cosh overflows fp16 early (the result is then 0, as it should be). |beta x|

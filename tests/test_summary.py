@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 import bnnops
@@ -82,3 +83,34 @@ def test_binarynet_totals():
     assert s.binary_params == convs + 4608 * 1024 + 1024 * 1024 + 1024 * 10
     # All but the first conv's MACs are binary (the first sees the real image, 30x30 outputs).
     assert s.real_macs == 3 * 128 * 9 * 30 * 30
+
+
+def test_memory_report_counts_saved_bytes_and_training_state():
+    """Bytes kept for backward by tiny_model, counted by hand for input (3, 4, 4), float32:
+
+    conv "0" (W1A16, real input): x, 3*4*4*4 = 192 B/sample. bn "1": its input (the conv's
+    output, 4*4*4*4 = 256 B/sample) and 2 vectors of 4 fp32 batch statistics (fixed 32 B).
+    conv "2" (ste_sign): sign and mask words, one word per pixel each: 2*16*4 = 128 B/sample.
+    fc "4" (ste_sign): 32 inputs, one word each for sign and mask: 8 B/sample. nn.Linear "5": its
+    input, 5*4 = 20 B/sample.
+    """
+    from bnnops.memory import memory_report
+
+    model = tiny_model()
+    report = memory_report(model, (3, 4, 4), batch=3)
+    rows = {layer.name: layer for layer in report.layers}
+    assert {name: rows[name].per_sample for name in ("0", "2", "4", "5")} == {"0": 192, "2": 128, "4": 8, "5": 20}
+    assert rows["1"].per_sample == 256 and rows["1"].fixed == 32
+    assert rows["2"].saved_bytes == 3 * 128 and rows["2"].fixed == 0
+    assert report.saved_bytes == sum(layer.saved_bytes for layer in report.layers)
+    # Training state: packed words + fp32 dense grad + fp32 m, against 16 B a weight.
+    states = {w.name: w for w in report.weights}
+    assert (states["2.weight"].weight_bytes, states["2.weight"].grad_bytes, states["2.weight"].optimizer_bytes) == (
+        288,
+        4 * 288,
+        4 * 288,
+    )
+    assert report.latent_adam_bytes == 16 * 556
+    assert "per weight" in str(report)
+    bf16_state = memory_report(model, (3, 4, 4), batch=1, state_dtype=torch.bfloat16, second_order=True)
+    assert {w.name: w.optimizer_bytes for w in bf16_state.weights}["4.weight"] == 2 * 2 * 160
