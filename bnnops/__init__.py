@@ -16,6 +16,7 @@ from bnnops import kernels, models, nn, optim, quantizers
 from bnnops.binary_tensor import BinaryTensor
 from bnnops.conv import binary_conv2d
 from bnnops.linear import binary_linear
+from bnnops.memory import memory_report
 from bnnops.ops.checks import DeviceError, DtypeError, ShapeError
 from bnnops.packing import pack_signs, packed_length, unpack_signs
 from bnnops.summary import summary
@@ -30,6 +31,7 @@ __all__ = [
     "binary_conv2d",
     "binary_linear",
     "kernels",
+    "memory_report",
     "models",
     "nn",
     "optim",
