@@ -27,12 +27,15 @@ planner alternates two), so a step needs no memset launch. Each program owns BLO
 words of one tensor: bits are written without atomics, and only words (dense elements) that flip
 are stored.
 
-Launch table (built by ``bnnops.kernels.bop_plan``): int64, column-major over ``TABLE_COLUMNS``
-(column c of row t at ``c * n_rows + t``), one row per tensor (two for a dense tensor with a
-ragged tail). A program finds its row by a binary search over the sorted ``first_block`` column,
-so one launch steps a whole model. The gradient addresses (int64, one per row) and the
-hyperparameters (fp32 (gamma, threshold, sigma) per hyperparameter row) are tensors of their own,
-as they change between steps. Grid: (sum over rows of cdiv(n_words, BLOCK_WORDS),).
+Launch tables (built by ``bnnops.kernels.bop_plan``). The layout table: int64, column-major over
+``TABLE_COLUMNS`` (column c of row t at ``c * n_rows + t``), one row per tensor (two for a dense
+tensor with a ragged tail), each row's geometry, first program, hyperparameter row and slot. A
+program finds its row by a binary search over the sorted ``first_block`` column, so one launch
+steps a whole model. The address table: int64 (slots, 4), per tensor (slot) the addresses of its
+g, m, v and signs (``ADDRESS_COLUMNS``; v is 0 without a second moment), a row's elements starting
+``offset`` elements in. The hyperparameters: fp32 (gamma, threshold, sigma) per hyperparameter
+row. Layout and addresses are apart because they change at different rates: a new gradient each
+step moves only addresses. Grid: (sum over rows of cdiv(n_words, BLOCK_WORDS),).
 
 Constexprs: the fields of :class:`KernelVariant`; ``SEARCH_STEPS`` = ceil(log2(n_rows)) steps of
 the binary search; ``BLOCK_WORDS`` from the block config (``bnnops.kernels.bop_configs``).
@@ -57,13 +60,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["TABLE_COLUMNS", "KernelVariant", "bop_step", "kernel_constants", "launch"]
+__all__ = ["ADDRESS_COLUMNS", "TABLE_COLUMNS", "KernelLaunch", "KernelVariant", "bop_step"]
 
-# Columns of the launch table, in order.
+# Columns of the layout table, in order.
 TABLE_COLUMNS = (
-    "m",  # address of m
-    "v",  # address of v (0 without a second moment)
-    "signs",  # address of the words, or of the dense +-1 weight
     "first_block",  # the row's first program
     "n_words",  # its number of (virtual) 32-element words
     "C",  # geometry of the (O, R, C) view: C, the length of the packed dimension;
@@ -72,15 +72,20 @@ TABLE_COLUMNS = (
     "gs_o",  # strides of g in that view, in elements
     "gs_r",
     "gs_c",
+    "offset",  # the row's first element within its tensor (g, m, v and dense signs alike)
     "hyper",  # the row of the hyperparameter table (gamma, threshold, sigma)
-    "slot",  # where the tensor's flips are counted
+    "slot",  # the tensor: its row of the address table, where its flips are counted
 )
+# Columns of the address table (one row per slot), in order.
+ADDRESS_COLUMNS = ("g", "m", "v", "signs")
 _COL = {name: tl.constexpr(i) for i, name in enumerate(TABLE_COLUMNS)}
-_M, _V, _SIGNS = _COL["m"], _COL["v"], _COL["signs"]
 _FIRST_BLOCK, _N_WORDS = _COL["first_block"], _COL["n_words"]
 _C, _WORDS_PER_ROW, _R = _COL["C"], _COL["words_per_row"], _COL["R"]
 _GS_O, _GS_R, _GS_C = _COL["gs_o"], _COL["gs_r"], _COL["gs_c"]
-_HYPER, _SLOT = _COL["hyper"], _COL["slot"]
+_OFFSET, _HYPER, _SLOT = _COL["offset"], _COL["hyper"], _COL["slot"]
+_ADDR = {name: tl.constexpr(i) for i, name in enumerate(ADDRESS_COLUMNS)}
+_G, _M, _V, _SIGNS = _ADDR["g"], _ADDR["m"], _ADDR["v"], _ADDR["signs"]
+_N_ADDR = tl.constexpr(len(ADDRESS_COLUMNS))
 
 
 class KernelVariant(NamedTuple):
@@ -147,7 +152,7 @@ def _moving_average(old, target, rate, finite):
 @triton.jit(do_not_specialize=["n_rows"])
 def _bop_kernel(
     table,
-    g_addresses,
+    addresses,
     hyper,
     n_rows,
     flips,
@@ -174,15 +179,18 @@ def _bop_kernel(
         hi = tl.where(up, hi, mid - 1)
     t = lo
 
-    g_ptr = tl.load(g_addresses + t).to(tl.pointer_type(G_DTYPE))
+    slot = _column(table, _SLOT, t, n_rows)
+    offset = _column(table, _OFFSET, t, n_rows)  # elements, the same for g, m, v and dense signs
+    at = addresses + slot * _N_ADDR
+    g_ptr = tl.load(at + _G).to(tl.pointer_type(G_DTYPE)) + offset
     h = _column(table, _HYPER, t, n_rows) * 3  # (gamma, threshold, sigma) in fp32
     if STATE_BF16:  # addressed as its uint16 bits
-        m_ptr = _column(table, _M, t, n_rows).to(tl.pointer_type(tl.uint16))
-        v_ptr = _column(table, _V, t, n_rows).to(tl.pointer_type(tl.uint16))
+        m_ptr = tl.load(at + _M).to(tl.pointer_type(tl.uint16)) + offset
+        v_ptr = tl.load(at + _V).to(tl.pointer_type(tl.uint16)) + offset
     else:
-        m_ptr = _column(table, _M, t, n_rows).to(tl.pointer_type(tl.float32))
-        v_ptr = _column(table, _V, t, n_rows).to(tl.pointer_type(tl.float32))
-    signs_ptr = _column(table, _SIGNS, t, n_rows).to(tl.pointer_type(SIGNS_DTYPE))
+        m_ptr = tl.load(at + _M).to(tl.pointer_type(tl.float32)) + offset
+        v_ptr = tl.load(at + _V).to(tl.pointer_type(tl.float32)) + offset
+    signs_ptr = tl.load(at + _SIGNS).to(tl.pointer_type(SIGNS_DTYPE)) + offset
     n_words = _column(table, _N_WORDS, t, n_rows)
     first_block = _column(table, _FIRST_BLOCK, t, n_rows)
 
@@ -241,50 +249,101 @@ def _bop_kernel(
         # -signs is exact in fp32 and converts back exactly (dense weights hold +-1).
         tl.store(signs_ptr + e, (-signs).to(SIGNS_DTYPE), mask=flip)
     n_flips = tl.sum(flip.to(tl.int32)).to(tl.int64)
-    slot = _column(table, _SLOT, t, n_rows)
     # A counter, not an ordering point: relaxed is enough.
     tl.atomic_add(flips + slot, n_flips, mask=n_flips > 0, sem="relaxed")
     tl.store(flips_next + slot, 0, mask=pid == first_block)
 
 
-def kernel_constants(variant: KernelVariant, n_rows: int, config: triton.Config) -> dict[str, Any]:
-    """The keyword arguments :func:`launch` passes to the kernel for a table of ``n_rows`` rows.
-
-    The variant's flags, the binary search's depth, the block config, and FMA contraction off
-    (the rounding contract). Made once per table: rebuilding them every step would cost host time.
-    """
-    return dict(
-        variant._asdict(),
-        SEARCH_STEPS=(n_rows - 1).bit_length(),
-        **config.kwargs,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        enable_fp_fusion=False,
-    )
+def _launch_hooks_set() -> bool:
+    """Whether a Triton launch hook (a profiler) is registered: its hooks need the JIT's launch metadata."""
+    runtime = triton.knobs.runtime
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    # A HookChain (its ``calls`` list) in recent Triton, a callable or None in older ones.
+    return bool(getattr(enter, "calls", enter)) or bool(getattr(exit_, "calls", exit_))
 
 
-def launch(
-    grid: tuple[int],
-    table: torch.Tensor,
-    n_rows: int,
-    g_addresses: torch.Tensor,
-    hyper: torch.Tensor,
-    flips: torch.Tensor,
-    flips_next: torch.Tensor,
-    constants: dict[str, Any],
-) -> None:
-    """Launch the kernel over one table (layouts in the module docstring); asynchronous.
+def _launchable(kernel: Any) -> bool:
+    """Whether a JIT launch returned a compiled kernel with its own launcher (the interpreter returns none)."""
+    return all(hasattr(kernel, name) for name in ("run", "function", "packed_metadata"))
+
+
+class KernelLaunch:
+    """One launch of the kernel over one layout table, prepared once; each call launches it (asynchronous).
+
+    Made once per table: the grid and the constants (the variant's flags, the binary search's depth,
+    the block config, FMA contraction off: the rounding contract). The first call goes through
+    Triton's JIT (argument binding, specialization, compile). When that returns a compiled kernel
+    (on a GPU; the interpreter returns none) and every pointer argument was 16-byte aligned, later
+    calls go straight to the compiled kernel's own launcher with the arguments in the kernel's
+    order, which skips the JIT's per-call binding and cache lookup. A call takes the JIT path again
+    while a Triton launch hook is registered (profilers read the JIT's launch metadata) or when a
+    pointer is not 16-byte aligned (the compiled kernel may assume alignment). Every call launches
+    on the current device and stream; the caller makes the tensors' device current.
 
     Args:
+        table: the int64 layout table (``TABLE_COLUMNS``, column-major), on the launch's device.
+        n_rows: its number of rows.
         grid: (number of programs,): the sum over rows of cdiv(n_words, BLOCK_WORDS).
-        table: the int64 launch table, column-major over ``TABLE_COLUMNS``, n_rows rows.
-        g_addresses: int64 (n_rows,): per row, the address of its first gradient element.
-        hyper: fp32 (rows, 3): (gamma, threshold, sigma) per hyperparameter row.
-        flips: int64, counted into at each row's ``slot``.
-        flips_next: int64 like ``flips``: each row's slot is zeroed.
-        constants: from :func:`kernel_constants` for this table.
+        variant: the compile-time flags every row shares.
+        config: the block config (``BLOCK_WORDS``, num_warps, num_stages).
     """
-    _bop_kernel[grid](table, g_addresses, hyper, n_rows, flips, flips_next, **constants)
+
+    def __init__(
+        self, table: torch.Tensor, n_rows: int, grid: tuple[int], variant: KernelVariant, config: triton.Config
+    ) -> None:
+        self.table = table
+        self.n_rows = n_rows
+        self.grid = grid
+        # The JIT's keyword arguments: the constexprs (in the kernel's order) and the options.
+        self.constants = dict(variant._asdict(), SEARCH_STEPS=(n_rows - 1).bit_length(), **config.kwargs)
+        self.options = dict(num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
+        self._compiled = None  # the compiled kernel, once the JIT returned one
+        self._current_stream = None  # Triton's "current stream of a device" function
+        self._device = None  # the device index the kernel was loaded on
+
+    @property
+    def direct(self) -> bool:
+        """Whether calls go straight to the compiled kernel's launcher (after a first JIT launch on a GPU)."""
+        return self._compiled is not None
+
+    def __call__(
+        self, addresses: torch.Tensor, hyper: torch.Tensor, flips: torch.Tensor, flips_next: torch.Tensor
+    ) -> None:
+        """Launch over the table (layouts in the module docstring).
+
+        Args:
+            addresses: int64 (slots, 4): per slot the addresses of ``ADDRESS_COLUMNS``.
+            hyper: fp32 (rows, 3): (gamma, threshold, sigma) per hyperparameter row.
+            flips: int64, counted into at each row's slot.
+            flips_next: int64 like ``flips``: each row's slot is zeroed.
+        """
+        compiled = self._compiled
+        if compiled is not None and not _launch_hooks_set():
+            a, h, f, n = addresses.data_ptr(), hyper.data_ptr(), flips.data_ptr(), flips_next.data_ptr()
+            if not (a | h | f | n) & 15:
+                # The launcher takes every kernel argument in order (it drops the constexprs) and
+                # pointers as integers; no launch metadata, no hooks (checked above).
+                compiled.run(
+                    self.grid[0], 1, 1, self._current_stream(self._device), compiled.function,
+                    compiled.packed_metadata, None, None, None,
+                    self._table_address, a, h, self.n_rows, f, n, *self._constant_values,
+                )  # fmt: skip
+                return
+        compiled = _bop_kernel[self.grid](
+            self.table, addresses, hyper, self.n_rows, flips, flips_next, **self.constants, **self.options
+        )
+        pointers = (self.table, addresses, hyper, flips, flips_next)
+        if self._compiled is None and _launchable(compiled) and not any(x.data_ptr() & 15 for x in pointers):
+            driver = triton.runtime.driver.active
+            self._device = driver.get_current_device()
+            self._current_stream = driver.get_current_stream
+            self._table_address = self.table.data_ptr()
+            self._constant_values = tuple(self.constants[name] for name in _CONSTEXPRS)
+            self._compiled = compiled
+
+
+# The kernel's constexpr parameters, in its order (after the six runtime arguments).
+_CONSTEXPRS = (*KernelVariant._fields, "SEARCH_STEPS", "BLOCK_WORDS")
 
 
 def bop_step(

@@ -1,48 +1,66 @@
 """Launch planning of the fused Bop step: which tensors share a launch, their tables, reuse between steps.
 
 :class:`FusedBop` turns the lists that :func:`bnnops.kernels.bop.bop_step` takes into launches of
-the kernel in ``bnnops.kernels.bop``:
+the kernel in ``bnnops.kernels.bop``. Planning (:class:`_Plan`):
 
-- it validates every tensor (devices, dtypes, shapes and layouts: ``bop_step``'s contract) and picks
+- validates every tensor (devices, dtypes, shapes and layouts: ``bop_step``'s contract) and picks
   each one's addressing (``KernelVariant.FLAT`` and ``G_FLAT`` from shape, strides and 16-byte
-  alignment);
-- it groups the tensors by :class:`~bnnops.kernels.bop.KernelVariant`, one launch per variant, so a
-  model's binary weights step in one or two launches;
-- it writes each launch's table and uploads it once;
-- it keeps that plan while the layout key (:func:`_layout_key`) stays the same: a step then only
-  compares the key, uploads the gradient addresses or hyperparameters that changed (one pinned,
-  asynchronous copy each) and launches. Nothing waits for the device.
+  alignment): :func:`_plan_tensor`, whose result is the tensor's layout;
+- groups the rows by :class:`~bnnops.kernels.bop.KernelVariant`, one
+  :class:`~bnnops.kernels.bop.KernelLaunch` per variant (a model's binary weights step in one or two
+  launches), and uploads their layout tables once.
 
-Why: an optimizer steps the same tensors every step, and host time per tensor is what bounds the
-step of a small model; comparing plain attribute reads is much cheaper than validating tensors
-and building tables (measurements: docs/design.md).
+A plan is reused while the call's tensors keep its layouts. Each call checks, in passes over the
+lists that run in C (``map`` over tensor methods; no Python statement per tensor): the gradients'
+dtypes, shapes and strides (a new gradient tensor each step is the normal case), the weights and
+states by identity, and every address. Where only addresses changed it uploads a new address table
+(kept in a small cache keyed by the addresses: the caching allocator tends to hand the gradients of
+the next backward the same addresses again); a weight or state tensor that moved or was replaced is
+validated again, alone, and where its layout is unchanged only the addresses are refreshed. Any
+other difference (a gradient's dtype, shape or strides, the number of tensors, the hyperparameter
+rows, a layout that changed) plans anew, which validates every tensor and raises ``bop_step``'s
+errors. Nothing here waits for the device.
+
+Why: an optimizer steps the same tensors every step, and the host time per tensor is what bounds
+the step of a small model (measurements: docs/design.md).
 
 A gradient the kernel cannot read in place (kernel dims whose strides do not merge into one) is
 copied contiguous each step. Flip counts go to two int64 buffers used in turn: each step's kernel
 zeroes the slots of the buffer the next step counts into.
 """
 
-import contextlib
+import functools
 import itertools
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from bnnops.kernels.bop import TABLE_COLUMNS, KernelVariant, kernel_constants, launch
+from bnnops.kernels.bop import TABLE_COLUMNS, KernelLaunch, KernelVariant
 from bnnops.kernels.bop_configs import DEFAULT_CONFIG
 
 __all__ = ["FusedBop"]
 
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Per-tensor reads for the per-call checks, each mapped over a whole list at once.
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+_STRIDE = torch.Tensor.stride
+_ADDRESS = torch.Tensor.data_ptr
+_DEVICE_INDEX = torch.Tensor.get_device
+_TENSOR = itertools.repeat(torch.Tensor)
+# Address tables kept per plan (one per distinct set of addresses seen, oldest dropped first).
+_ADDRESS_CACHE = 8
 
 
 def _cdiv(a, b):
     return -(-a // b)
 
 
-# Layout checks on shape and stride tuples: plain Python, no torch ops (they run on every rebuild).
+# Layout checks on shape and stride tuples: plain Python, no torch ops (they run on every plan).
 
 
 def _packed_order(x):
@@ -78,10 +96,6 @@ def _check_state(name, s, g, packed_order):
         raise ValueError(f"Bop state {name} must be {want}")
 
 
-def _address(x, offset):
-    return 0 if x is None else x.data_ptr() + offset * x.element_size()
-
-
 def _upload(values, dtype, device):
     """A host list as a tensor on ``device``: through pinned memory, so the copy does not sync."""
     cuda = device.type == "cuda"
@@ -106,154 +120,248 @@ def _hyper_table(values, device):
     return table
 
 
-def _layout_key(grads, weights, ms, vs, hyper_rows):
-    """Everything the launch tables depend on, as a flat list compared between steps.
+class _Row(NamedTuple):
+    """One row of a layout table, less its first program and slot (``TABLE_COLUMNS``)."""
 
-    Per tensor: the gradient's dtype, shape, strides and 16-byte alignment (they pick the
-    addressing), the weight's and states' dtypes and addresses (the tables hold them), and the
-    tensor's hyperparameter row. Not the gradient's address (zero_grad(set_to_none=True) gives a
-    new gradient each step; it is uploaded when it changes) nor the hyperparameter values.
-    Plain attribute reads, about a microsecond per tensor.
+    n_words: int
+    C: int
+    words_per_row: int
+    R: int
+    gs_o: int
+    gs_r: int
+    gs_c: int
+    offset: int
+    hyper: int
+
+
+class _TensorLayout(NamedTuple):
+    """What a plan holds of one tensor: its rows with their variants, and how its gradient is read.
+
+    Two calls give equal layouts exactly when the same tables serve both (addresses aside).
     """
-    key = []
-    for g, w, m, v, h in zip(grads, weights, ms, vs if vs is not None else [None] * len(grads), hyper_rows):
-        key += (
-            g.dtype,
-            g.shape,
-            g.stride(),
-            g.data_ptr() & 15,
-            w.dtype,
-            w.data_ptr(),
-            m.dtype,
-            m.data_ptr(),
-            0 if v is None else v.data_ptr(),
-            h,
+
+    rows: tuple[tuple[KernelVariant, _Row], ...]
+    copy: bool  # the gradient is read from a contiguous copy (strides the kernel cannot merge)
+    g_aligned: bool  # a row reads the gradient with 16-byte hints (G_FLAT): its address must stay aligned
+
+
+def _plan_tensor(i, g, w, m, v, hyper_row, device):
+    """Validate tensor ``i`` (``bop_step``'s contract) and return its :class:`_TensorLayout`.
+
+    The addressing depends on the current addresses (16-byte alignment): a moved tensor may get
+    another layout.
+    """
+    is_words = w.dtype == torch.int32
+    if g.device != device or w.device != device:
+        raise ValueError(f"bop_step tensors must all be on {device}, got {g.device} and {w.device}")
+    if g.dtype not in _TL_FLOAT or (is_words and g.dim() == 0):
+        raise ValueError(
+            f"bop_step gradient {i} must be float32/bfloat16/float16 (of rank >= 1 for packed words), "
+            f"got {g.dtype}, rank {g.dim()}"
         )
-    return key
-
-
-class _Launch:
-    """One kernel launch: its table on the device and the constants it compiles with."""
-
-    def __init__(self, rows, g_rows, variant, device, config):
-        block_words = config.kwargs["BLOCK_WORDS"]
-        first = 0
-        for row in rows:
-            row["first_block"] = first
-            first += _cdiv(row["n_words"], block_words)
-        self.grid = (first,)
-        self.n_rows = len(rows)
-        self.table = _upload([row[c] for c in TABLE_COLUMNS for row in rows], torch.int64, device)
-        self.g_rows = g_rows  # per row: (tensor index, byte offset of the row's first element in g)
-        self.constants = kernel_constants(variant, self.n_rows, config)
-        self.device = device
-        self.g_values = self.g_addresses = None
-
-    def __call__(self, g_pointers, hyper, flips, flips_next):
-        g_values = [g_pointers[i] + offset for i, offset in self.g_rows]
-        if g_values != self.g_values:
-            self.g_values, self.g_addresses = g_values, _upload(g_values, torch.int64, self.device)
-        launch(self.grid, self.table, self.n_rows, self.g_addresses, hyper, flips, flips_next, self.constants)
+    for name, s in (("m", m), ("v", v)):
+        if s is not None:
+            _check_state(name, s, g, is_words)
+    if v is not None and v.dtype != m.dtype:
+        raise ValueError("bop_step: m and v must have the same dtype")
+    if hyper_row < 0:
+        raise ValueError(f"bop_step: hyperparameter row {hyper_row} of tensor {i} must be >= 0")
+    if g.numel() == 0:
+        return _TensorLayout((), False, False)
+    copy = False
+    if is_words:
+        O, C = (1, g.shape[0]) if g.dim() == 1 else g.shape[:2]
+        expected = (_cdiv(C, 32),) if g.dim() == 1 else (O, *g.shape[2:], _cdiv(C, 32))
+        if tuple(w.shape) != expected or not w.is_contiguous():
+            raise ValueError(
+                f"packed words {tuple(w.shape)} do not hold a weight of shape {tuple(g.shape)} "
+                f"(expected contiguous words {expected})"
+            )
+        strides = _rows_view_strides(g)
+        if strides is None:
+            g = g.contiguous()
+            copy = True
+            strides = _rows_view_strides(g)
+        # (first element, C, R, g strides, n_words) per table row
+        parts = [(0, C, g.numel() // (O * C), strides, w.numel())]
+        signs_dtype = tl.int32
+        g_flat = _packed_order(g)
+    else:
+        if w.shape != g.shape or w.dtype not in _TL_FLOAT or not (w.is_contiguous() and g.is_contiguous()):
+            raise ValueError(
+                f"dense weight {i} must be a contiguous float tensor of the gradient's shape "
+                f"{tuple(g.shape)}, with a contiguous gradient"
+            )
+        # A flat body of whole 32-element words, and the ragged tail as a (1, 1, rest) tensor.
+        body = g.numel() - g.numel() % 32
+        parts = [(0, body, 1, (0, 0, 1), body // 32), (body, g.numel() - body, 1, (0, 0, 1), 1)]
+        signs_dtype = _TL_FLOAT[w.dtype]
+        g_flat = True
+    rows = []
+    g_aligned = False
+    for offset, C, R, (gs_o, gs_r, gs_c), n_words in parts:
+        if C == 0:
+            continue
+        addresses = [x.data_ptr() + offset * x.element_size() for x in (m, v, w) if x is not None]
+        variant = KernelVariant(
+            G_DTYPE=_TL_FLOAT[g.dtype],
+            SIGNS_DTYPE=signs_dtype,
+            WORDS=is_words,
+            FLAT=C % 32 == 0 and all(a % 16 == 0 for a in addresses),
+            G_FLAT=g_flat and (g.data_ptr() + offset * g.element_size()) % 16 == 0,
+            STATE_BF16=m.dtype == torch.bfloat16,
+            SECOND_ORDER=v is not None,
+        )
+        g_aligned |= variant.G_FLAT
+        rows.append((variant, _Row(n_words, C, _cdiv(C, 32), R, gs_o, gs_r, gs_c, offset, hyper_row)))
+    return _TensorLayout(tuple(rows), copy, g_aligned)
 
 
 class _Plan:
-    """The launches for one layout key: the tensors validated once, the tables uploaded once."""
+    """The launches for one set of tensor layouts: tensors validated, layout tables uploaded once.
 
-    def __init__(self, grads, weights, ms, vs, hyper_rows, key, config):
+    :meth:`ready` takes a call's tensors when they keep the plan's layouts (False when they do
+    not: the caller then plans anew); :meth:`launch` launches what it readied.
+    """
+
+    def __init__(self, grads, weights, ms, vs, hyper_rows, config):
         n = len(grads)
-        second = vs is not None
-        self.key = key
+        self.n = n
+        self.second = vs is not None
         self.device = device = grads[0].device if n else torch.device("cpu")
-        self.n_hyper = max(hyper_rows, default=-1) + 1  # the hyperparameter lists need at least this many rows
-        # Gradients that the kernel cannot read in place: copied to a contiguous tensor each step.
-        self.copies = []
-        launches = {}  # KernelVariant -> (table rows as dicts of column values, g_rows)
-        for i in range(n):
-            g, w, m, v = grads[i], weights[i], ms[i], vs[i] if second else None
-            is_words = w.dtype == torch.int32
-            if g.device != device or w.device != device:
-                raise ValueError(f"bop_step tensors must all be on {device}, got {g.device} and {w.device}")
-            if g.dtype not in _TL_FLOAT or (is_words and g.dim() == 0):
-                raise ValueError(
-                    f"bop_step gradient {i} must be float32/bfloat16/float16 (of rank >= 1 for packed words), "
-                    f"got {g.dtype}, rank {g.dim()}"
-                )
-            for name, s in (("m", m), ("v", v)):
-                if s is not None:
-                    _check_state(name, s, g, is_words)
-            if second and v.dtype != m.dtype:
-                raise ValueError("bop_step: m and v must have the same dtype")
-            if hyper_rows[i] < 0:
-                raise ValueError(f"bop_step: hyperparameter row {hyper_rows[i]} of tensor {i} must be >= 0")
-            if g.numel() == 0:
-                continue
-            if is_words:
-                O, C = (1, g.shape[0]) if g.dim() == 1 else g.shape[:2]
-                expected = (_cdiv(C, 32),) if g.dim() == 1 else (O, *g.shape[2:], _cdiv(C, 32))
-                if tuple(w.shape) != expected or not w.is_contiguous():
-                    raise ValueError(
-                        f"packed words {tuple(w.shape)} do not hold a weight of shape {tuple(g.shape)} "
-                        f"(expected contiguous words {expected})"
-                    )
-                strides = _rows_view_strides(g)
-                if strides is None:
-                    g = g.contiguous()
-                    self.copies.append(i)
-                    strides = _rows_view_strides(g)
-                # (first element, C, R, g strides, n_words) per table row
-                parts = [(0, C, g.numel() // (O * C), strides, w.numel())]
-                signs_dtype = tl.int32
-                g_flat = _packed_order(g)
-            else:
-                if w.shape != g.shape or w.dtype not in _TL_FLOAT or not (w.is_contiguous() and g.is_contiguous()):
-                    raise ValueError(
-                        f"dense weight {i} must be a contiguous float tensor of the gradient's shape "
-                        f"{tuple(g.shape)}, with a contiguous gradient"
-                    )
-                # A flat body of whole 32-element words, and the ragged tail as a (1, 1, rest) tensor.
-                body = g.numel() - g.numel() % 32
-                parts = [(0, body, 1, (0, 0, 1), body // 32), (body, g.numel() - body, 1, (0, 0, 1), 1)]
-                signs_dtype = _TL_FLOAT[w.dtype]
-                g_flat = True
-            for offset, C, R, (gs_o, gs_r, gs_c), n_words in parts:
-                if C == 0:
-                    continue
-                at = {name: _address(x, offset) for name, x in (("m", m), ("v", v), ("signs", w))}
-                g_at = _address(g, offset)
-                variant = KernelVariant(
-                    G_DTYPE=_TL_FLOAT[g.dtype],
-                    SIGNS_DTYPE=signs_dtype,
-                    WORDS=is_words,
-                    FLAT=C % 32 == 0 and all(a % 16 == 0 for a in at.values()),
-                    G_FLAT=g_flat and g_at % 16 == 0,
-                    STATE_BF16=m.dtype == torch.bfloat16,
-                    SECOND_ORDER=second,
-                )
-                rows, g_rows = launches.setdefault(variant, ([], []))
-                rows.append(
-                    dict(
-                        **at,
-                        n_words=n_words,
-                        C=C,
-                        words_per_row=_cdiv(C, 32),
-                        R=R,
-                        gs_o=gs_o,
-                        gs_r=gs_r,
-                        gs_c=gs_c,
-                        hyper=hyper_rows[i],
-                        slot=i,
-                    )
-                )
-                g_rows.append((i, offset * g.element_size()))
-        self.launches = [_Launch(rows, g_rows, v, device, config) for v, (rows, g_rows) in launches.items()]
+        self.cuda_index = device.index if device.type == "cuda" else None  # made current for the launches
+        self.hyper_rows = list(hyper_rows)
+        self.n_hyper = max(self.hyper_rows, default=-1) + 1  # the hyperparameter lists need at least this many rows
+        self.config = config
+        vs = vs if self.second else [None] * n
+        self.layouts = [_plan_tensor(i, *t, device) for i, t in enumerate(zip(grads, weights, ms, vs, self.hyper_rows))]
+        # What each call compares (plain lists: one C-level comparison each).
+        self.g_dtypes = list(map(_DTYPE, grads))
+        self.g_shapes = list(map(_SHAPE, grads))
+        self.g_strides = list(map(_STRIDE, grads))
+        self.g_devices = list(map(_DEVICE_INDEX, grads))
+        self.weights, self.ms, self.vs = list(weights), list(ms), vs if self.second else None
+        self.w_addresses = list(map(_ADDRESS, weights))
+        self.m_addresses = list(map(_ADDRESS, ms))
+        self.v_addresses = list(map(_address_or_zero, vs))
+        self.fixed_addresses = (tuple(self.m_addresses), tuple(self.v_addresses), tuple(self.w_addresses))
+        self.copies = [i for i, layout in enumerate(self.layouts) if layout.copy]  # copied contiguous each call
+        aligned = [i for i, layout in enumerate(self.layouts) if layout.g_aligned]  # their addresses stay aligned
+        self.g_aligned = operator.itemgetter(*aligned) if aligned else None
+        launches = {}  # KernelVariant -> table rows (each a _Row and its slot)
+        for slot, layout in enumerate(self.layouts):
+            for variant, row in layout.rows:
+                launches.setdefault(variant, []).append((row, slot))
+        self.launches = [self._launch(variant, rows) for variant, rows in launches.items()]
         # Flip counters: two buffers that steps use in turn; each step's kernel zeroes the other.
-        self.buffers = torch.zeros(2, n, dtype=torch.int64, device=device).unbind()
+        # Each starts 16-byte aligned (the kernel launcher's fast path wants aligned pointers).
+        self.buffers = torch.zeros(2, n + n % 2, dtype=torch.int64, device=device)[:, :n].unbind()
         self.views = tuple(b.unbind() for b in self.buffers)  # per tensor, made once
         self.turn = 0
         self.counts = None
         self.hyper_values = self.hyper = None
+        self.g_addresses = None  # the gradient addresses of the last call
+        self.addresses = None  # the address table of the last call, on the device
+        self.address_tables = {}  # (gradient addresses, other addresses) -> address table
+        self.copied = None  # the gradients with their contiguous copies, from ready() to launch()
 
-    def run(self, grads, gammas, thresholds, sigmas, flips):
+    def _launch(self, variant, rows):
+        block_words = self.config.kwargs["BLOCK_WORDS"]
+        columns = {name: [] for name in TABLE_COLUMNS}
+        first = 0
+        for row, slot in rows:
+            columns["first_block"].append(first)
+            for name, value in row._asdict().items():
+                columns[name].append(value)
+            columns["slot"].append(slot)
+            first += _cdiv(row.n_words, block_words)
+        table = _upload([x for name in TABLE_COLUMNS for x in columns[name]], torch.int64, self.device)
+        return KernelLaunch(table, len(rows), (first,), variant, self.config)
+
+    def _holds(self, grads, weights, ms, vs, hyper_rows):
+        """Whether these tensors keep the plan's layouts; refreshes moved weights' and states' addresses."""
+        if len(grads) != self.n or hyper_rows != self.hyper_rows:
+            return False
+        try:  # None has no dtype (AttributeError); a sparse gradient has no strides (RuntimeError)
+            if (
+                list(map(_DTYPE, grads)) != self.g_dtypes
+                or list(map(_SHAPE, grads)) != self.g_shapes
+                or list(map(_STRIDE, grads)) != self.g_strides
+            ):
+                return False
+        except (AttributeError, RuntimeError):
+            return False
+        same = (
+            all(map(operator.is_, weights, self.weights))
+            and all(map(operator.is_, ms, self.ms))
+            and (not self.second or all(map(operator.is_, vs, self.vs)))
+            and list(map(_ADDRESS, weights)) == self.w_addresses
+            and list(map(_ADDRESS, ms)) == self.m_addresses
+            and (not self.second or list(map(_ADDRESS, vs)) == self.v_addresses)
+        )
+        return same or self._moved(grads, weights, ms, vs)
+
+    def _moved(self, grads, weights, ms, vs):
+        """Weights or states were replaced or moved: validate those again, and refresh the plan's
+        addresses when their layouts stay the plan's. Runs only when something moved."""
+        vs = vs if self.second else [None] * self.n
+        before = zip(self.weights, self.ms, self.vs or vs, self.w_addresses, self.m_addresses, self.v_addresses)
+        now = zip(weights, ms, vs, map(_ADDRESS, weights), map(_ADDRESS, ms), map(_address_or_zero, vs))
+        for i, (old, new) in enumerate(zip(before, now)):
+            same = all(map(operator.is_, old[:3], new[:3])) and old[3:] == new[3:]
+            if not same and _layout_or_none(i, grads[i], *new[:3], self.hyper_rows[i], self.device) != self.layouts[i]:
+                return False
+        self.weights, self.ms, self.vs = list(weights), list(ms), vs if self.second else None
+        self.w_addresses = list(map(_ADDRESS, weights))
+        self.m_addresses = list(map(_ADDRESS, ms))
+        self.v_addresses = list(map(_address_or_zero, vs))
+        self.fixed_addresses = (tuple(self.m_addresses), tuple(self.v_addresses), tuple(self.w_addresses))
+        self.addresses = None  # the address table to use is looked up (or uploaded) again
+        return True
+
+    def _address_table(self, grads, g_addresses):
+        """The address table for these gradient addresses (and the plan's other addresses), or None
+        when a gradient the kernel reads with 16-byte hints lost its alignment or a gradient is on
+        another device (then the plan does not hold)."""
+        key = (tuple(g_addresses), self.fixed_addresses)
+        table = self.address_tables.get(key)
+        if table is None:
+            if (
+                self.g_aligned is not None
+                and functools.reduce(operator.or_, _as_tuple(self.g_aligned(g_addresses))) & 15
+            ):
+                return None
+            if list(map(_DEVICE_INDEX, grads)) != self.g_devices:
+                return None
+            if len(self.address_tables) >= _ADDRESS_CACHE:
+                del self.address_tables[next(iter(self.address_tables))]
+            m, v, w = self.fixed_addresses
+            values = list(itertools.chain.from_iterable(zip(g_addresses, m, v, w)))
+            table = self.address_tables[key] = _upload(values, torch.int64, self.device).view(self.n, 4)
+        return table
+
+    def ready(self, grads, weights, ms, vs, hyper_rows, gammas, thresholds, sigmas):
+        """Check a call's tensors against the plan and ready its launch: gradient copies, the
+        address table, the hyperparameters. False when they do not keep this plan's layouts (then
+        nothing is launched until the caller plans anew)."""
+        if not self._holds(grads, weights, ms, vs, hyper_rows):
+            return False
+        if self.copies:
+            grads = list(grads)
+            for i in self.copies:
+                grads[i] = grads[i].contiguous()
+        g_addresses = list(map(_ADDRESS, grads))
+        if g_addresses != self.g_addresses or self.addresses is None:
+            addresses = self._address_table(grads, g_addresses)
+            if addresses is None:
+                return False
+            self.g_addresses, self.addresses = g_addresses, addresses
+        self._hyperparameters(gammas, thresholds, sigmas)
+        self.copied = grads if self.copies else None  # the copies stay allocated until their kernel is launched
+        return True
+
+    def launch(self, flips, launcher):
+        """Launch the step readied last (asynchronous); return the tensor counted into."""
         if flips is None:
             flips, self.counts = self.buffers[self.turn], self.views[self.turn]
             self.turn ^= 1
@@ -261,53 +369,150 @@ class _Plan:
             flips.zero_()
             self.counts = flips.unbind()
         flips_next = self.buffers[self.turn]  # zeroed by this step's kernels
-        values = (list(gammas), list(thresholds), None if sigmas is None else list(sigmas))
-        # A tensor's value may change in place between steps: its table is rewritten every step.
-        tensors = any(isinstance(x, torch.Tensor) for xs in values if xs is not None for x in xs)
-        if tensors or values != self.hyper_values:
-            n_rows = len(values[0])
-            if n_rows < self.n_hyper or any(x is not None and len(x) != n_rows for x in values):
-                raise ValueError(
-                    f"bop_step needs gammas, thresholds (and sigmas) of one length, at least {self.n_hyper}: "
-                    "a row for every hyper_rows entry"
-                )
-            self.hyper_values = None if tensors else values
-            self.hyper = _hyper_table(values, self.device)
-        if self.copies:
-            grads = list(grads)  # the copies stay allocated until their kernel is launched
-            for i in self.copies:
-                grads[i] = grads[i].contiguous()
-        g_pointers = [g.data_ptr() for g in grads]
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            for step in self.launches:
-                step(g_pointers, self.hyper, flips, flips_next)
+        if self.cuda_index is not None and torch.cuda.current_device() != self.cuda_index:
+            with torch.cuda.device(self.cuda_index):
+                self._launch_all(launcher, flips, flips_next)
+        else:
+            self._launch_all(launcher, flips, flips_next)
+        self.copied = None
         return flips
+
+    def _launch_all(self, launcher, flips, flips_next):
+        for launch in self.launches:
+            launcher(launch, self.addresses, self.hyper, flips, flips_next)
+
+    def _hyperparameters(self, gammas, thresholds, sigmas):
+        values = (gammas, thresholds, sigmas)
+        # A tensor's value may change in place between steps: its table is rewritten every step.
+        tensors = any(map(isinstance, itertools.chain(gammas, thresholds, sigmas or ()), _TENSOR))
+        if not tensors and self.hyper_values is not None and _same_numbers(values, self.hyper_values):
+            return
+        n_rows = len(gammas)
+        if n_rows < self.n_hyper or any(x is not None and len(x) != n_rows for x in values):
+            raise ValueError(
+                f"bop_step needs gammas, thresholds (and sigmas) of one length, at least {self.n_hyper}: "
+                "a row for every hyper_rows entry"
+            )
+        self.hyper_values = None if tensors else tuple(None if x is None else list(x) for x in values)
+        self.hyper = _hyper_table(values, self.device)
+
+
+def _layout_or_none(*args):
+    """:func:`_plan_tensor`, or None for a tensor it refuses (planning anew then raises the error)."""
+    try:
+        return _plan_tensor(*args)
+    except ValueError:
+        return None
+
+
+def _address_or_zero(x):
+    return 0 if x is None else x.data_ptr()
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _same_numbers(values, previous):
+    """Whether the hyperparameter lists equal the previous call's (numbers only: no tensor compares)."""
+    return all(a == b if a is None or type(a) is list else list(a) == b for a, b in zip(values, previous))
 
 
 class FusedBop:
     """The fused Bop step for a set of tensors that changes little between steps (an optimizer's).
 
-    :meth:`step` takes the arguments of :func:`bnnops.kernels.bop.bop_step`. The first call, and
-    every call whose tensors differ from the previous call's in what the tables hold (the weight
-    and state addresses, the gradients' dtype, shape, strides and alignment, the hyperparameter
-    rows), validates them and plans the launches (``rebuilt`` is then True); any other call
-    compares that key, uploads the gradient addresses and hyperparameters that changed (through
-    pinned memory, no host sync) and launches.
+    :meth:`step` takes the arguments of :func:`bnnops.kernels.bop.bop_step`; it is :meth:`ready`
+    then :meth:`launch`, which an optimizer stepping several devices calls apart (every device
+    ready before any launches). The first call, and every call whose tensors do not keep the plan's
+    layouts (a gradient's dtype, shape or strides, the number of tensors, the hyperparameter rows,
+    a moved weight or state whose addressing must change), validates them and plans the launches
+    (``rebuilt`` is then True). Any other call checks those in C-level passes over the lists,
+    uploads an address table when addresses changed (from a small cache when they were seen
+    before) and the hyperparameters when they changed (through pinned memory, no host sync), and
+    launches.
 
     Args:
         config: the block config to launch with (``BLOCK_WORDS``, num_warps), for sweeps;
             default ``bnnops.kernels.bop_configs.DEFAULT_CONFIG``.
+
+    Attributes:
+        launcher: called as ``launcher(launch, addresses, hyper, flips, flips_next)`` for each
+            launch; default :meth:`KernelLaunch.__call__ <bnnops.kernels.bop.KernelLaunch>`. A
+            benchmark without a GPU replaces it with a no-op to time the host work alone
+            (``bench/cases/host_cost.py``).
+        rebuilt: whether the last :meth:`ready` planned anew.
     """
 
     def __init__(self, config: triton.Config | None = None) -> None:
         self._plan: _Plan | None = None
-        self.rebuilt: bool = False  # whether the last step planned anew
+        self.rebuilt: bool = False
         self.config = config if config is not None else DEFAULT_CONFIG
+        self.launcher: Callable[..., None] = KernelLaunch.__call__
+        self._ready = False
 
     @property
     def counts(self) -> tuple[torch.Tensor, ...]:
         """The flip counts of the last step, one 0-d int64 tensor per tensor (views of its buffer)."""
         return self._plan.counts
+
+    @property
+    def launches(self) -> tuple[KernelLaunch, ...]:
+        """The launches of the current plan (empty before the first step)."""
+        return tuple(self._plan.launches) if self._plan is not None else ()
+
+    def ready(
+        self,
+        grads: Sequence[torch.Tensor],
+        weights: Sequence[torch.Tensor],
+        ms: Sequence[torch.Tensor],
+        gammas: Sequence[float | torch.Tensor],
+        thresholds: Sequence[float | torch.Tensor],
+        *,
+        vs: Sequence[torch.Tensor] | None = None,
+        sigmas: Sequence[float | torch.Tensor] | None = None,
+        hyper_rows: Sequence[int] | None = None,
+        plan_anew: bool = True,
+    ) -> bool:
+        """Ready one step of these tensors (arguments of :func:`bnnops.kernels.bop.bop_step`) for :meth:`launch`.
+
+        Returns True when ready. When the plan does not hold these tensors: with ``plan_anew``
+        plans anew (validating every tensor; raises ``bop_step``'s errors) and returns True;
+        without, returns False and the next launch waits for a call that is ready (an optimizer
+        then checks its parameters again and calls with ``plan_anew``).
+        """
+        n = len(grads)
+        if not (len(weights) == len(ms) == n) or (vs is not None and len(vs) != n):
+            raise ValueError("bop_step needs one weight and one state (m, and v when given) per gradient")
+        if (vs is None) != (sigmas is None):
+            raise ValueError("bop_step takes vs and sigmas together (second order) or neither")
+        hyper_rows = list(range(n)) if hyper_rows is None else hyper_rows
+        if not isinstance(hyper_rows, list):
+            hyper_rows = list(hyper_rows)
+        if len(hyper_rows) != n:
+            raise ValueError("bop_step needs one hyperparameter row per gradient")
+        args = (grads, weights, ms, vs, hyper_rows, gammas, thresholds, sigmas)
+        plan = self._plan
+        self._ready = plan is not None and plan.second == (vs is not None) and plan.ready(*args)
+        self.rebuilt = not self._ready and plan_anew
+        if self.rebuilt:
+            self._plan = None  # free the old tables first
+            self._plan = _Plan(grads, weights, ms, vs, hyper_rows, self.config)
+            self._ready = self._plan.ready(*args)
+        return self._ready
+
+    def launch(self, flips: torch.Tensor | None = None) -> torch.Tensor:
+        """Launch the step :meth:`ready` readied (asynchronous); return the flip counts.
+
+        Without ``flips``, counts into one of two buffers of this object that the following steps
+        overwrite (zero, then count again); returns that buffer.
+
+        Raises:
+            RuntimeError: no step is ready (the last :meth:`ready` returned False, or it launched).
+        """
+        if not self._ready:
+            raise RuntimeError("FusedBop.launch: no step is ready (call ready() first, and launch each step once)")
+        self._ready = False
+        return self._plan.launch(flips, self.launcher)
 
     def step(
         self,
@@ -322,22 +527,7 @@ class FusedBop:
         hyper_rows: Sequence[int] | None = None,
         flips: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One fused step; see :func:`bnnops.kernels.bop.bop_step`.
-
-        Without ``flips``, counts into one of two buffers of this object that the following steps
-        overwrite (zero, then count again); returns that buffer.
-        """
-        n = len(grads)
-        if not (len(weights) == len(ms) == n) or (vs is not None and len(vs) != n):
-            raise ValueError("bop_step needs one weight and one state (m, and v when given) per gradient")
-        if (vs is None) != (sigmas is None):
-            raise ValueError("bop_step takes vs and sigmas together (second order) or neither")
-        hyper_rows = range(n) if hyper_rows is None else hyper_rows
-        if len(hyper_rows) != n:
-            raise ValueError("bop_step needs one hyperparameter row per gradient")
-        key = _layout_key(grads, weights, ms, vs, hyper_rows)
-        self.rebuilt = self._plan is None or key != self._plan.key
-        if self.rebuilt:
-            self._plan = None  # free the old tables first
-            self._plan = _Plan(grads, weights, ms, vs, hyper_rows, key, self.config)
-        return self._plan.run(grads, gammas, thresholds, sigmas, flips)
+        """One fused step (:meth:`ready`, planning anew where needed, then :meth:`launch`); see
+        :func:`bnnops.kernels.bop.bop_step`."""
+        self.ready(grads, weights, ms, gammas, thresholds, vs=vs, sigmas=sigmas, hyper_rows=hyper_rows)
+        return self.launch(flips)

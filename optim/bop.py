@@ -7,24 +7,33 @@ is in the ``bnnops.kernels.bop`` docstring). The state's rules, its creation and
 checkpoint are in ``bnnops.optim.bop_state``.
 """
 
+import collections
+import itertools
+import operator
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor
 from bnnops.optim.bop_reference import bop_reference_
-from bnnops.optim.bop_state import STATE_DTYPES, fresh_state, state_from_checkpoint
+from bnnops.optim.bop_state import STATE_DTYPES, checked_state_dict, fresh_state
 
 __all__ = ["Bop", "Bop2ndOrder"]
 
 # Gradient (and dense weight) dtypes the fused kernel reads.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HYPERPARAMETERS = ("lr", "threshold", "sigma")
+# Per-parameter reads of the cached step, each mapped over a whole list at once (the loop runs in C).
+_GRAD = operator.attrgetter("grad")
+_WORDS = operator.attrgetter("words")
+_M = operator.itemgetter("m")
+_V = operator.itemgetter("v")
 
 
 class Bop(Optimizer):
@@ -127,10 +136,12 @@ class Bop(Optimizer):
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
         self._steppers = {}  # device -> bnnops.kernels.bop_plan.FusedBop, which keeps its launch tables
+        self._step_plan = None  # the cached step (_StepPlan) of the current param list
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._steppers = {}
+        self._step_plan = None
 
     def _check_hyperparameters(self, group, tensor_values=True):
         """Check a group's hyperparameters (see Raises); a tensor's value only with ``tensor_values``."""
@@ -212,33 +223,93 @@ class Bop(Optimizer):
             return False
         return isinstance(p, BinaryTensor) or (p.dtype in KERNEL_DTYPES and p.is_contiguous() and g.is_contiguous())
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One Bop step over every parameter with a gradient; returns the closure's loss, if any.
 
-        The fused path reads a few attributes per parameter and launches the kernel once per set
-        of compile-time constants (usually once); its launch tables are rebuilt only when a weight
-        or state moved or a gradient changed dtype or layout (``bnnops.kernels.bop_plan``).
-        Nothing here waits for the device.
+        The first step, and any step after the parameters, their gradients' dtypes, shapes or
+        strides, the groups' ``state_dtype`` or ``fused``, or the state changed, checks every
+        parameter, creates missing state and plans the step (:class:`_StepPlan`). Every other step
+        checks those in passes that run in C over the parameter lists, and launches the kernel once
+        per set of compile-time constants (usually once). Nothing here waits for the device.
+
+        The step and zero-grad hooks of ``torch.optim.Optimizer`` run as for any torch optimizer,
+        and under a running profiler the step is recorded as ``Optimizer.step#<class>.step``. This
+        method runs them itself: torch's wrapper (which records a profiler range at every call,
+        profiler or not) costs more host time than the cached step.
         """
+        if type(self).step is not Bop.step:  # a subclass's step: torch's wrapper runs the hooks around it
+            return self._step(closure)
+        if torch.compiler.is_compiling() or (
+            torch_optimizer._global_optimizer_pre_hooks
+            or self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or torch_optimizer._global_optimizer_post_hooks
+            or torch.autograd._profiler_enabled()
+        ):
+            return self._step_with_hooks(closure)
+        return self._step(closure)
+
+    # torch.optim.Optimizer wraps a step not marked "hooked" in its profiling and hook wrapper.
+    step.hooked = True
+
+    def _step_with_hooks(self, closure):
+        """The step as torch's wrapper runs it: pre-hooks (which may replace the arguments), the
+        step inside a profiler range, the profiler's tracing entry point, post-hooks. The hooks
+        see the closure as a positional argument."""
+        args, kwargs = ((self,) if closure is None else (self, closure)), {}
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            for hook in itertools.chain(
+                torch_optimizer._global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()
+            ):
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{self.step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                        )
+                    args, kwargs = result
+            out = self._step(*args[1:], **kwargs)
+            self._optimizer_step_code()
+            for hook in itertools.chain(
+                self._optimizer_step_post_hooks.values(), torch_optimizer._global_optimizer_post_hooks.values()
+            ):
+                hook(self, args, kwargs)
+            return out
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        fused, reference = self._gather(torch.compiler.is_compiling())
-        for p, g, state, group in reference:
-            state["flips"] = bop_reference_(
-                p, g, state["m"], group["lr"], group["threshold"], state.get("v"), group.get("sigma")
-            )
-        for device, batch in fused.items():
-            self._fused_step(device, *batch)
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                _, reference, _ = self._plan_step(compiling=True)
+                self._step_reference(reference)
+            return loss
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            plan = self._step_plan
+            if plan is None or not plan.step(self):
+                self._step_plan = None
+                plan = _StepPlan(self, *self._plan_step(compiling=False))
+                if not plan.step(self, plan_anew=True):  # a plan made from these parameters holds them
+                    raise RuntimeError(f"{type(self).__name__}: a fresh step plan did not hold its parameters")
+                self._step_plan = plan
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
         return loss
 
-    def _gather(self, compiling):
-        """The parameters to step, with state created: per device the kernel's lists, and the
-        (p, g, state, group) of the reference path (every parameter's when ``compiling``)."""
-        fused = {}  # device -> (grads, weights, ms, vs, hyper rows, states)
-        reference = []
+    def _plan_step(self, compiling):
+        """Check every parameter with a gradient and create missing state; return how each steps.
+
+        Returns:
+            (fused, reference, skipped): per device the (BinaryTensor, dense) parameters and their
+            group indices for the kernel; the (parameter, group) pairs of the reference path (every
+            one when ``compiling``); the parameters without a gradient.
+        """
+        fused = {}  # device -> ([BinaryTensor params], [dense params], [their group indices, binary first])
+        reference, skipped = [], []
         name = type(self).__name__
         # Plain attribute reads: BinaryTensor's __torch_function__ would otherwise run for each
         # p.grad, p.device...; the reference ops run outside this (the subclass then routes).
@@ -249,6 +320,7 @@ class Bop(Optimizer):
                 for i, p in enumerate(group["params"]):
                     g = p.grad
                     if g is None:
+                        skipped.append(p)
                         continue
                     if g.is_sparse:
                         raise RuntimeError(f"{name} does not support sparse gradients")
@@ -264,38 +336,20 @@ class Bop(Optimizer):
                             f"{'m' if 'm' not in state else 'v'}: it was changed outside the optimizer"
                         )
                     if compiling or not self._fused(p, g, group):
-                        reference.append((p, g, state, group))
+                        reference.append((p, group))
                         continue
-                    batch = fused.get(p.device)
-                    if batch is None:
-                        batch = fused[p.device] = ([], [], [], [] if self._second_order else None, [], [])
-                    grads, weights, ms, vs, rows, states = batch
-                    grads.append(g)
-                    weights.append(p.words if isinstance(p, BinaryTensor) else p)
-                    ms.append(state["m"])
-                    if vs is not None:
-                        vs.append(state["v"])
-                    rows.append(h)
-                    states.append(state)
-        return fused, reference
+                    binary, dense, rows = fused.setdefault(p.device, ([], [], ([], [])))
+                    is_binary = isinstance(p, BinaryTensor)
+                    (binary if is_binary else dense).append(p)
+                    rows[0 if is_binary else 1].append(h)
+        return fused, reference, skipped
 
-    def _fused_step(self, device, grads, weights, ms, vs, rows, states):
-        stepper = self._steppers.get(device)
-        if stepper is None:
-            stepper = self._steppers[device] = kernels.load("bop_plan").FusedBop()
-        groups = self.param_groups
-        stepper.step(
-            grads,
-            weights,
-            ms,
-            [g["lr"] for g in groups],
-            [g["threshold"] for g in groups],
-            vs=vs,
-            sigmas=[g["sigma"] for g in groups] if vs is not None else None,
-            hyper_rows=rows,
-        )
-        for state, count in zip(states, stepper.counts):
-            state["flips"] = count
+    def _step_reference(self, reference):
+        for p, group in reference:
+            state = self.state[p]
+            state["flips"] = bop_reference_(
+                p, p.grad, state["m"], group["lr"], group["threshold"], state.get("v"), group.get("sigma")
+            )
 
     def flip_ratio(self, params: Iterable[torch.Tensor] | None = None) -> torch.Tensor | None:
         """larq's FlipRatio: flipped weights / weights over ``params`` (default: all with state).
@@ -334,7 +388,9 @@ class Bop(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        loaded = self._checked_state(state_dict)
+        loaded = checked_state_dict(
+            state_dict, self.param_groups, type(self).__name__, self._second_order, self._check_hyperparameters
+        )
         fused = [group["fused"] for group in self.param_groups]
         # The base class loads the groups, without the hooks (they run here) and without the state
         # (it would cast m and v to the parameter's dtype; the checked copies above replace it).
@@ -350,45 +406,9 @@ class Bop(Optimizer):
         for p, state in loaded:
             self.state[p] = state
         self._steppers.clear()  # new state tensors may reuse the old ones' addresses: rebuild the tables
+        self._step_plan = None
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-    def _checked_state(self, state_dict):
-        """The (parameter, state) pairs a state_dict loads, every group and entry checked."""
-        name = type(self).__name__
-        saved_groups = state_dict["param_groups"]
-        for h, saved_group in enumerate(saved_groups):
-            missing = sorted({"lr", "threshold", "state_dtype"} - set(saved_group))
-            if missing:
-                raise ValueError(f"{name} cannot load this state_dict: its param_groups[{h}] lacks {missing}")
-        if any(("sigma" in g) != self._second_order for g in saved_groups):
-            other = "Bop" if self._second_order else "Bop2ndOrder"
-            raise ValueError(
-                f"{name} cannot load a {other} state_dict: the second moment v and sigma "
-                f"{'are missing' if self._second_order else 'have no use here'}"
-            )
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
-            raise ValueError(
-                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
-            )
-        saved = dict(state_dict["state"])
-        loaded = []
-        for h, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups)):
-            self._check_hyperparameters({**saved_group, "fused": group["fused"]})
-            for i, (p, k) in enumerate(zip(group["params"], saved_group["params"])):
-                where = f"param_groups[{h}]['params'][{i}] (state_dict id {k})"
-                state = state_from_checkpoint(
-                    saved.pop(k, {}), p, where, saved_group["state_dtype"], self._second_order
-                )
-                if state:
-                    loaded.append((p, state))
-        if saved:
-            raise ValueError(
-                f"loaded state dict has state for ids {sorted(saved)}, which name no parameter of its groups"
-            )
-        return loaded
 
 
 class Bop2ndOrder(Bop):
@@ -423,6 +443,105 @@ class Bop2ndOrder(Bop):
         differentiable: bool = False,
     ) -> None:
         self._init(params, dict(lr=lr, threshold=threshold, sigma=sigma), state_dtype, fused, differentiable)
+
+
+class _StepPlan:
+    """What :meth:`Bop.step` runs for one param list, and the checks that it still applies.
+
+    Built from :meth:`Bop._plan_step` (which checked every parameter and created the state).
+    :meth:`step` checks, before it changes anything: the param groups (the same list, dicts and
+    parameter lists, holding the same parameters), each group's ``state_dtype`` and ``fused``
+    (they pick the paths), its hyperparameters (checked again when a value is another object than
+    at the last check, or a tensor), which parameters have a gradient, the reference path's
+    parameters as :meth:`Bop._plan_step` checks them, and through
+    :meth:`~bnnops.kernels.bop_plan.FusedBop.ready` the fused parameters' gradients (dtype, shape,
+    strides, address) and their weights and states (identity, address). The per-parameter checks
+    are ``map`` passes over the lists, which run in C. On any difference it returns False having
+    stepped nothing, and :meth:`Bop.step` plans anew (which raises a bad input's error).
+    """
+
+    def __init__(self, opt, fused, reference, skipped):
+        groups = opt.param_groups
+        self.groups = groups
+        self.group_dicts = list(groups)
+        self.param_lists = [group["params"] for group in groups]
+        self.lengths = list(map(len, self.param_lists))
+        self.flat = list(itertools.chain.from_iterable(self.param_lists))
+        self.settings = [(group["state_dtype"], group["fused"]) for group in groups]
+        self.keys = HYPERPARAMETERS if opt._second_order else HYPERPARAMETERS[:2]
+        self.checked = [None] * len(groups)  # per group: the hyperparameter values last checked (numbers)
+        self.skipped = skipped
+        self.reference = reference
+        self.fused = []  # (stepper, BinaryTensor params, dense params, all of them, their group indices)
+        for device, (binary, dense, (binary_rows, dense_rows)) in fused.items():
+            stepper = opt._steppers.get(device)
+            if stepper is None:
+                stepper = opt._steppers[device] = kernels.load("bop_plan").FusedBop()
+            self.fused.append((stepper, binary, dense, binary + dense, binary_rows + dense_rows))
+
+    def _groups_hold(self, opt):
+        """The same groups, parameters, state dtypes and paths; hyperparameters checked where they changed."""
+        groups = opt.param_groups
+        if groups is not self.groups or len(groups) != len(self.group_dicts):
+            return False
+        for h, (group, d, params, (state_dtype, fused)) in enumerate(
+            zip(groups, self.group_dicts, self.param_lists, self.settings)
+        ):
+            if group is not d or group["params"] is not params:
+                return False
+            if group["state_dtype"] is not state_dtype or group["fused"] is not fused:
+                return False
+            values = tuple(map(group.__getitem__, self.keys))
+            checked = self.checked[h]
+            if checked is None or not all(map(operator.is_, values, checked)):
+                opt._check_hyperparameters(group, tensor_values=False)
+                self.checked[h] = None if any(isinstance(x, torch.Tensor) for x in values) else values
+        return list(map(len, self.param_lists)) == self.lengths and all(
+            map(operator.is_, itertools.chain.from_iterable(self.param_lists), self.flat)
+        )
+
+    def step(self, opt, plan_anew=False):
+        """Step ``opt``'s parameters if they keep this plan; return whether it stepped.
+
+        With ``plan_anew`` (a plan just built) the kernel's launch plans are made anew where they
+        do not hold, which validates the fused tensors (raising their errors).
+        """
+        if not self._groups_hold(opt):
+            return False
+        groups = opt.param_groups
+        gammas = [group["lr"] for group in groups]
+        thresholds = [group["threshold"] for group in groups]
+        sigmas = [group["sigma"] for group in groups] if opt._second_order else None
+        second = opt._second_order
+        with torch._C.DisableTorchFunctionSubclass():
+            if self.skipped and not all(map(operator.is_, map(_GRAD, self.skipped), itertools.repeat(None))):
+                return False
+            for p, group in self.reference:
+                g, state = p.grad, opt.state.get(p)
+                if g is None or g.is_sparse or opt._fused(p, g, group) or not state:
+                    return False
+                if "m" not in state or (second and "v" not in state):
+                    return False
+            ready = []
+            for stepper, binary, dense, params, rows in self.fused:
+                grads = list(map(_GRAD, params))  # a None among them: FusedBop.ready is False
+                states = list(map(opt.state.__getitem__, params))
+                try:
+                    ms = list(map(_M, states))
+                    vs = list(map(_V, states)) if second else None
+                except KeyError:  # state dropped or changed outside the optimizer
+                    return False
+                weights = list(map(_WORDS, binary)) + dense
+                if not stepper.ready(
+                    grads, weights, ms, gammas, thresholds, vs=vs, sigmas=sigmas, hyper_rows=rows, plan_anew=plan_anew
+                ):
+                    return False
+                ready.append((stepper, states))
+        for stepper, states in ready:
+            stepper.launch()
+            collections.deque(map(dict.__setitem__, states, itertools.repeat("flips"), stepper.counts), maxlen=0)
+        opt._step_reference(self.reference)
+        return True
 
 
 def _interpreting():

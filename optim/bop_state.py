@@ -14,13 +14,14 @@ memory, Ctrl-C) leaves no parameter with m but without v, which would step by th
 """
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from bnnops.binary_tensor import BinaryTensor
 
-__all__ = ["STATE_DTYPES", "fresh_state", "new_state", "state_from_checkpoint"]
+__all__ = ["STATE_DTYPES", "checked_state_dict", "fresh_state", "new_state", "state_from_checkpoint"]
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -108,6 +109,62 @@ def state_from_checkpoint(
         raise ValueError(f"state 'flips' of {where} must be >= 0, got {int(flips)}")
     state["flips"] = torch.as_tensor(flips).to(p.device, torch.int64, copy=True)
     return state
+
+
+def checked_state_dict(
+    state_dict: dict[str, Any],
+    param_groups: list[dict[str, Any]],
+    name: str,
+    second_order: bool,
+    check_hyperparameters: Callable[[dict[str, Any]], None],
+) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The (parameter, state) pairs a Bop state_dict loads into ``param_groups``, all checked first.
+
+    Args:
+        state_dict: ``{"state", "param_groups"}`` as ``Optimizer.state_dict()`` returns it.
+        param_groups: the loading optimizer's groups.
+        name: the optimizer's class name, for the errors.
+        second_order: whether it is a Bop2ndOrder (its groups have sigma, its state v).
+        check_hyperparameters: checks one group's hyperparameters (raises TypeError/ValueError).
+
+    Returns:
+        Per parameter with saved state, the parameter and its state from
+        :func:`state_from_checkpoint`, in group order.
+
+    Raises:
+        ValueError: a saved group lacking lr, threshold or state_dtype; a Bop state_dict for a
+            Bop2ndOrder or the reverse; groups that do not match ``param_groups`` (as torch); a
+            state entry breaking the rules above; state for an id no group names.
+        TypeError, ValueError: from ``check_hyperparameters``.
+    """
+    saved_groups = state_dict["param_groups"]
+    for h, saved_group in enumerate(saved_groups):
+        missing = sorted({"lr", "threshold", "state_dtype"} - set(saved_group))
+        if missing:
+            raise ValueError(f"{name} cannot load this state_dict: its param_groups[{h}] lacks {missing}")
+    if any(("sigma" in g) != second_order for g in saved_groups):
+        raise ValueError(
+            f"{name} cannot load a {_name(not second_order)} state_dict: the second moment v and sigma "
+            f"{'are missing' if second_order else 'have no use here'}"
+        )
+    if len(saved_groups) != len(param_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s["params"]) for g, s in zip(param_groups, saved_groups)):
+        raise ValueError(
+            "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+        )
+    saved = dict(state_dict["state"])
+    loaded = []
+    for h, (group, saved_group) in enumerate(zip(param_groups, saved_groups)):
+        check_hyperparameters({**saved_group, "fused": group["fused"]})
+        for i, (p, k) in enumerate(zip(group["params"], saved_group["params"])):
+            where = f"param_groups[{h}]['params'][{i}] (state_dict id {k})"
+            state = state_from_checkpoint(saved.pop(k, {}), p, where, saved_group["state_dtype"], second_order)
+            if state:
+                loaded.append((p, state))
+    if saved:
+        raise ValueError(f"loaded state dict has state for ids {sorted(saved)}, which name no parameter of its groups")
+    return loaded
 
 
 def _name(second_order):

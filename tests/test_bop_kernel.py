@@ -4,6 +4,7 @@ Bop's arithmetic is exact by construction (each fp32 operation rounds the same w
 every comparison here is bit for bit: states, words, dense signs and flip counts.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -180,7 +181,7 @@ from bnnops.kernels.bop_configs import DEFAULT_CONFIG
 variant = bop.KernelVariant(G_DTYPE=tl.float32, SIGNS_DTYPE=tl.int32, WORDS=True, FLAT=True, G_FLAT=True,
                             STATE_BF16=False, SECOND_ORDER=True)
 consts = dict(variant._asdict(), SEARCH_STEPS=3, **DEFAULT_CONFIG.kwargs)
-signature = {"table": "*i64", "g_addresses": "*i64", "hyper": "*fp32", "n_rows": "i32", "flips": "*i64",
+signature = {"table": "*i64", "addresses": "*i64", "hyper": "*fp32", "n_rows": "i32", "flips": "*i64",
              "flips_next": "*i64", **{k: "constexpr" for k in consts}}
 src = ASTSource(fn=bop._bop_kernel, signature=signature, constexprs=consts)
 options = {"enable_fp_fusion": False, "num_warps": DEFAULT_CONFIG.num_warps}
@@ -202,6 +203,96 @@ def test_kernel_compiles_for_h100_without_fma():
     config = kernels.load("bop_configs").DEFAULT_CONFIG
     per_thread = config.kwargs["BLOCK_WORDS"] * 32 // (config.num_warps * 32)
     assert len(re.findall(r"ld\.global\.v4", ptx)) >= 3 * per_thread // 4  # g, m and v in 16-byte vectors
+
+
+# Launches the kernel for sm_90 through a stand-in for Triton's CUDA driver (no GPU: the compile is
+# real; the final launch, which would call the hooks, records its arguments instead), in a process
+# without the interpreter, and prints what each call passed to the launcher.
+_LAUNCH_WITHOUT_GPU = """
+import json, torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+calls = []
+class Launcher:
+    def __init__(self, src, metadata):
+        pass
+    def __call__(self, *args):
+        calls.append([a.data_ptr() if isinstance(a, torch.Tensor) else a if isinstance(a, (int, float, bool, type(None)))
+                      else type(a).__name__ for a in args])
+class Utils:
+    def load_binary(self, name, kernel, shared, device):
+        return (1, 2, 32, 0, 1024)
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132}
+class Driver:
+    launcher_cls, utils = Launcher, Utils()
+    def get_current_device(self):
+        return 0
+    def get_current_stream(self, device):
+        return 7
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+driver.set_active(Driver())
+from bnnops.kernels import bop
+from bnnops.kernels.bop_configs import DEFAULT_CONFIG
+variant = bop.KernelVariant(G_DTYPE=tl.float32, SIGNS_DTYPE=tl.int32, WORDS=True, FLAT=True, G_FLAT=True,
+                            STATE_BF16=False, SECOND_ORDER=False)
+table = torch.zeros(len(bop.TABLE_COLUMNS) * 3, dtype=torch.int64)
+launch = bop.KernelLaunch(table, 3, (10,), variant, DEFAULT_CONFIG)
+args = (torch.zeros(3, 4, dtype=torch.int64), torch.zeros(1, 3), *torch.zeros(2, 4, dtype=torch.int64))
+launch(*args)
+direct = launch.direct
+launch(*args)
+hooked = []
+hooks = triton.knobs.runtime.launch_enter_hook
+if hasattr(hooks, "add"):
+    hooks.add(hooked.append)
+else:
+    triton.knobs.runtime.launch_enter_hook = hooked.append
+launch(*args)
+print(json.dumps({"direct": direct, "calls": calls}))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every launch test goes through the compiled kernel's launcher")
+def test_launch_goes_to_the_compiled_kernel_after_the_first():
+    """After a first launch through Triton's JIT, ``KernelLaunch`` calls the compiled kernel's own
+    launcher with exactly the arguments the JIT passes (grid, stream, function, metadata, every
+    kernel argument in order), less the launch metadata and hooks; with a launch hook registered
+    (a profiler) it goes through the JIT again, which calls the hook."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _LAUNCH_WITHOUT_GPU], env=env, capture_output=True, text=True)
+    if run.returncode != 0 and ("ptxas" in run.stderr or "backend" in run.stderr.lower()):
+        pytest.skip(f"this Triton build cannot compile for CUDA offline: {run.stderr[-300:]}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    jit, direct, hooked = result["calls"]
+    assert result["direct"]
+    assert direct[6:9] == [None, None, None] and jit[6] == "LazyDict"  # launch metadata and hooks
+    assert direct[:6] == jit[:6] and direct[9:] == jit[9:] and len(direct) == 9 + 15  # the kernel's 15 arguments
+    assert hooked[6] == "LazyDict" and hooked[7] is not None and hooked[9:] == jit[9:]  # the JIT's launch
+
+
+def test_fused_bop_launches_only_what_is_ready():
+    """``FusedBop.launch`` launches the step ``ready`` readied, once; ``ready(plan_anew=False)``
+    refuses tensors that do not keep the plan, changing nothing."""
+    stepper = kernels.load("bop_plan").FusedBop()
+    w = BinaryTensor.from_float(torch.randn(4, 40, device=DEVICE))
+    reference = BinaryTensor(w.words.clone(), w.shape)
+    m, m_reference = new_state(w, torch.float32), new_state(w, torch.float32)
+    g = torch.randn(4, 40, device=DEVICE)
+    with pytest.raises(RuntimeError, match="no step is ready"):
+        stepper.launch()
+    assert not stepper.ready([g], [w.words], [m], [0.5], [0.0], plan_anew=False)  # no plan yet
+    assert stepper.ready([g], [w.words], [m], [0.5], [0.0]) and stepper.rebuilt
+    flips = stepper.launch()
+    assert flips[0].item() == bop_reference_(reference, g, m_reference, 0.5, 0.0).item() > 0
+    assert torch.equal(w.words, reference.words) and torch.equal(m, m_reference)
+    with pytest.raises(RuntimeError, match="no step is ready"):
+        stepper.launch()
+    assert not stepper.ready([g.t().contiguous().t()], [w.words], [m], [0.5], [0.0], plan_anew=False)
+    assert stepper.ready([torch.randn(4, 40, device=DEVICE)], [w.words], [m], [0.5], [0.0], plan_anew=False)
+    assert not stepper.rebuilt
 
 
 def test_launcher_steps_zero_size_and_0_dim_tensors():

@@ -351,7 +351,7 @@ def test_fused_tables_follow_moved_tensors(device):
         (_move_nothing, False),
         (_resume(checkpoints), True),
         (_binary_to_bfloat16, True),
-        (_swap_storage, True),
+        (_swap_storage, False),  # moved weights keep their layouts: only the address table changes
         (_move_nothing, False),
     ]
     for step, (change, rebuilt) in enumerate(steps):
@@ -590,3 +590,209 @@ def test_float64_parameters_take_the_reference(device):
         opt.step()
         runs.append((signs(dense), opt.state[dense]["m"], opt.state[dense]["flips"]))
     assert all(torch.equal(a, b) for a, b in zip(*runs)) and runs[0][2].item() > 0
+
+
+# The cached step (bnnops.optim.bop._StepPlan and the launch plans of FusedBop) against a twin that
+# plans everything anew at every step: the same bits and the same errors, whatever changes between
+# steps.
+
+
+def _plan_anew(opt):
+    """Drop the optimizer's step plan and launch plans: its next step plans everything anew."""
+    opt._step_plan = None
+    opt._steppers.clear()
+
+
+def _same_state(pair):
+    (model_a, opt_a), (model_b, opt_b) = pair
+    params_a = [p for group in opt_a.param_groups for p in group["params"]] + list(model_a.ws)
+    params_b = [p for group in opt_b.param_groups for p in group["params"]] + list(model_b.ws)
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        assert a.shape == b.shape and torch.equal(signs(a), signs(b)), i
+        state_a, state_b = opt_a.state.get(a, {}), opt_b.state.get(b, {})
+        assert state_a.keys() == state_b.keys(), i
+        for key in state_a:
+            assert state_a[key].dtype == state_b[key].dtype and torch.equal(state_a[key], state_b[key]), (i, key)
+
+
+def _stepped_params(opt):
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def _binary_param(shape, seed, device):
+    w = torch.where(torch.randn(shape, generator=torch.Generator().manual_seed(seed)) < 0, -1.0, 1.0)
+    return nn.Parameter(BinaryTensor.from_float(w.to(device)))
+
+
+_CACHED_STEPS = [
+    # (what changes before the step, how the gradients come: "reuse" writes the existing ones in
+    # place, "replace" assigns new tensors, whether the cached step keeps its plan)
+    ("nothing", "replace", False),
+    ("nothing", "reuse", True),
+    ("nothing", "replace", True),  # new gradient tensors: addresses only
+    ("lr of group 1", "replace", True),
+    ("tensor lr, filled in place", "reuse", True),
+    ("add a parameter (a new group)", "replace", False),
+    ("drop a parameter (group 0 replaced by a new dict without it)", "replace", False),
+    ("another shape (a parameter of group 1 replaced in its list)", "replace", False),
+    ("channels-last gradients", "replace", False),
+    ("a dense weight in bfloat16 (its gradient too)", "replace", False),
+    ("state_dtype of group 1, then a parameter appended to it", "replace", False),
+    ("no gradient for two parameters", "replace", False),
+    ("gradients again", "replace", False),
+    ("m replaced from outside", "reuse", True),
+    ("state deleted from outside", "reuse", False),
+    ("weights moved (.data, swap_tensors)", "reuse", True),
+    ("nothing", "replace", True),
+]
+
+
+def _change(what, model, opt, device):
+    groups = opt.param_groups
+    if what == "lr of group 1":
+        groups[1]["lr"] = 0.02
+    elif what == "tensor lr, filled in place":
+        groups[0]["lr"] = torch.tensor(0.3)
+    elif what == "add a parameter (a new group)":
+        groups[0]["lr"].fill_(0.1)
+        opt.add_param_group({"params": [_binary_param((5, 70), 20, device)], "lr": 0.3, "state_dtype": torch.bfloat16})
+    elif what.startswith("drop a parameter"):
+        groups[0] = {**groups[0], "params": groups[0]["params"][1:]}
+    elif what.startswith("another shape"):
+        groups[1]["params"][0] = _binary_param((9, 33), 21, device)
+    elif what == "channels-last gradients":
+        for p in _stepped_params(opt):
+            if p.dim() == 4:
+                p.grad = p.grad.to(memory_format=torch.channels_last)
+    elif what.startswith("a dense weight in bfloat16"):
+        dense = model.ws[3]
+        dense.grad = None
+        dense.data = dense.data.to(torch.bfloat16)
+    elif what.startswith("state_dtype of group 1"):
+        groups[1]["state_dtype"] = torch.bfloat16
+        groups[1]["params"].append(_binary_param((3, 5, 2, 3), 22, device))
+    elif what == "no gradient for two parameters":
+        for p in _stepped_params(opt)[1:3]:
+            p.grad = None
+    elif what == "m replaced from outside":
+        p = _stepped_params(opt)[1]
+        opt.state[p]["m"] = opt.state[p]["m"].clone().fill_(0.05)  # the packed layout, kept by clone
+    elif what == "state deleted from outside":
+        del opt.state[_stepped_params(opt)[0]]
+    elif what.startswith("weights moved"):
+        binary = next(p for p in _stepped_params(opt) if isinstance(p, BinaryTensor))
+        torch.utils.swap_tensors(binary, nn.Parameter(BinaryTensor(binary.words.clone(), binary.shape, binary.dtype)))
+        model.ws[3].data = model.ws[3].data.clone()
+
+
+@pytest.mark.parametrize("cls", [Bop, Bop2ndOrder])
+def test_cached_step_equals_planning_every_step(device, cls):
+    """Across changes of lr, parameter lists, shapes, strides, dtypes, state dtypes, missing
+    gradients, state and weights changed from outside, and gradients reused or replaced, the
+    cached fused step gives the bits of a twin that plans every step anew (on the reference path,
+    whose bits the kernel equals), and keeps its plan exactly where nothing but addresses or
+    hyperparameter values changed."""
+    second = {"sigma": 0.3} if cls is Bop2ndOrder else {}
+    model = Model(torch.float32, device)
+    pair = [(m, cls(m.groups(**second), fused=fused)) for m, fused in ((model, True), (copy.deepcopy(model), False))]
+    gen = torch.Generator().manual_seed(12)
+    channels_last = False
+    for step, (what, gradients, kept) in enumerate(_CACHED_STEPS):
+        plan = pair[0][1]._step_plan
+        for m, opt in pair:
+            _change(what, m, opt, device)
+        channels_last |= what == "channels-last gradients"
+        values = [torch.randn(p.shape, generator=gen) * 0.1 for p in _stepped_params(pair[0][1])]
+        for _, opt in pair:
+            for p, g in zip(_stepped_params(opt), values):
+                if what == "no gradient for two parameters" and p.grad is None:
+                    continue  # the two dropped just now
+                if gradients == "reuse" and p.grad is not None:
+                    p.grad.copy_(g)  # keeps the gradient's layout
+                else:
+                    g = g.to(device, p.dtype)
+                    p.grad = g.to(memory_format=torch.channels_last) if p.dim() == 4 and channels_last else g
+        _plan_anew(pair[1][1])
+        for _, opt in pair:
+            opt.step()
+        assert (pair[0][1]._step_plan is plan) == kept, (step, what)
+        _same_state(pair)
+    assert pair[0][1].flip_ratio().item() > 0
+
+
+def _replace_state(index, make):
+    def change(opt):
+        p = _stepped_params(opt)[index]
+        opt.state[p]["m"] = make(p)
+
+    return change
+
+
+def _add_dense_group(values):
+    def change(opt):
+        p = nn.Parameter(torch.tensor(values, device=_stepped_params(opt)[0].device))
+        p.grad = torch.ones_like(p)
+        opt.add_param_group({"params": [p]})
+
+    return change
+
+
+_BAD_CHANGES = [
+    # a change that makes the next step fail, and the error it raises
+    pytest.param(lambda opt: opt.param_groups[0].update(lr=1.5), ValueError, id="lr out of range"),
+    pytest.param(lambda opt: opt.param_groups[1].update(state_dtype=torch.float16), TypeError, id="fp16 state_dtype"),
+    pytest.param(
+        lambda opt: setattr(_stepped_params(opt)[3], "grad", _stepped_params(opt)[3].grad.to_sparse()),
+        RuntimeError,
+        id="sparse gradient",
+    ),
+    pytest.param(_replace_state(0, lambda p: torch.zeros(1, 40, device=p.device)), ValueError, id="m of another shape"),
+    pytest.param(_replace_state(2, lambda p: torch.zeros(p.shape, device=p.device)), ValueError, id="m not packed"),
+    pytest.param(lambda opt: _stepped_params(opt)[0].grad.resize_(3, 40), ValueError, id="gradient resized in place"),
+    pytest.param(_add_dense_group([1.0, 0.5]), ValueError, id="dense values other than +-1"),
+]
+
+
+@pytest.mark.parametrize("change, error", _BAD_CHANGES)
+def test_cached_step_raises_what_planning_anew_raises(device, change, error):
+    """A bad input after the step was planned and cached gets the error (type and message) it gets
+    from an optimizer that plans anew, and nothing steps."""
+    model = Model(torch.float32, device)
+    pair = [(m, Bop(m.groups(), fused=True)) for m in (model, copy.deepcopy(model))]
+    random_grads(model, torch.Generator().manual_seed(13), 1, device)
+    for p, q in zip(pair[0][0].ws, pair[1][0].ws):
+        q.grad = None if p.grad is None else p.grad.clone()
+    for _, opt in pair:
+        opt.step()
+    pair[0][1].step()  # through the cached plan
+    errors = []
+    for _, opt in pair:
+        change(opt)
+        before = [(signs(p), {k: v.clone() for k, v in opt.state[p].items()}) for p in _stepped_params(opt)]
+        _plan_anew(pair[1][1])
+        with pytest.raises(error) as raised:
+            opt.step()
+        errors.append(str(raised.value))
+        for p, (s, state) in zip(_stepped_params(opt), before):
+            assert torch.equal(signs(p), s) and all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+    assert errors[0] == errors[1]
+
+
+def test_step_hooks_and_profiler_range(device):
+    """Bop.step runs torch's step hooks itself (not under torch's wrapper): a pre-hook may replace
+    the arguments (here the closure), post-hooks see them, and under a profiler the step is
+    recorded as Optimizer.step#Bop.step, as torch records its own optimizers."""
+    model = Model(torch.float32, device, binary_only=True)
+    opt = Bop(model.ws, lr=0.5, threshold=1e-3)
+    assert not hasattr(Bop.step, "__wrapped__")  # torch did not wrap it
+    random_grads(model, torch.Generator().manual_seed(14), 1, device)
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: ((o, lambda: 7.0), kwargs))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: seen.append(args[1]()))
+    assert opt.step() == 7.0 and seen == [7.0]
+    pre.remove()
+    post.remove()
+    with torch.profiler.profile() as prof:
+        opt.step()
+    assert "Optimizer.step#Bop.step" in {event.name for event in prof.events()}
+    assert opt.step() is None and seen == [7.0]

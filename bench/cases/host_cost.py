@@ -1,0 +1,93 @@
+"""Host cost of an optimizer step: ``Bop.step()`` against torch's own Adam over as many tensors.
+
+``bop_host_cost``: ``Bop.step()`` over N ``BinaryTensor`` weights of 64x64 (16x32 on the CPU) with
+fp32 gradients, N = 1, 10, 25, 100, once warm (the launch plans made). Baselines, on N dense fp32
+parameters of the same shape with gradients: ``torch.optim.Adam(foreach=True)`` and
+``Adam(fused=True)``, the multi-tensor steps a user of torch's own optimizers runs.
+
+- CUDA: the real calls. Each timed call is 16 steps after a ``torch.cuda.synchronize()``, so the
+  benchmark's CUDA events see the host time (a few KiB per tensor keep the device idle between
+  launches) rather than hide it behind the L2 flush; divide the times by 16 for one step.
+- CPU: the device work removed. Ours is the fused path on CPU tensors with the kernel launch
+  replaced by a no-op that keeps its last arguments (``FusedBop.launcher``), which leaves
+  everything the host does: the checks, the pointer and hyperparameter tables, the flip
+  counters. Adam runs for real on 512 elements per tensor (its arithmetic is small beside its
+  per-tensor overhead). Needs Triton installed (the launch planner imports it).
+
+The gradients stay the same tensors between steps (``zero_grad(set_to_none=False)``); a new
+gradient tensor each step costs the planner one more address table upload when its addresses are
+new (bench/sweeps/bop.py times that on a GPU). Every call steps again: m keeps moving and weights
+keep flipping, a fair repeated measure. Bytes: those of the Bop step (12 per weight, 8 per word).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from bench import Workload, case
+from bnnops import BinaryTensor, kernels
+from bnnops.optim import Bop
+
+STEPS_PER_CALL = 16  # on CUDA, steps per timed call (after one sync)
+SHAPES = {f"{n} tensor{'s' if n > 1 else ''}": dict(tensors=n) for n in (1, 10, 25, 100)}
+
+
+def _params(shape, tensors, device, binary):
+    params = []
+    for _ in range(tensors):
+        w = torch.where(torch.randn(shape, device=device) < 0, -1.0, 1.0)
+        p = nn.Parameter(BinaryTensor.from_float(w) if binary else w)
+        p.grad = torch.randn(shape, device=device) * 1e-3
+        params.append(p)
+    return params
+
+
+def _bop_without_launch(params):
+    """Bop on CPU parameters through the fused path, its kernel launch replaced by a no-op."""
+    opt = Bop(params, lr=1e-4, threshold=1e-8)
+    # fused=True is refused for CPU parameters at construction (no kernel runs there); the step
+    # reads the group's setting, so switching it afterwards sends the step through the planner.
+    opt.param_groups[0]["fused"] = True
+    stepper = kernels.load("bop_plan").FusedBop()
+    last = []
+
+    def keep_arguments(launch, *args):
+        last[:] = (launch, *args)
+
+    stepper.launcher = keep_arguments
+    opt._steppers[torch.device("cpu")] = stepper  # the optimizer's planner for this device
+    return opt
+
+
+def _repeated(step):
+    def steps():
+        torch.cuda.synchronize()
+        for _ in range(STEPS_PER_CALL):
+            step()
+
+    return steps
+
+
+@case("bop_host_cost", cuda=SHAPES, cpu=SHAPES, tiny=dict(tensors=3), quick=list(SHAPES)[:2])
+def bop_host_cost(device: str, tensors: int) -> Workload:
+    """``Bop.step()`` over ``tensors`` binary weights against torch's Adam over as many dense ones."""
+    cuda = torch.device(device).type == "cuda"
+    shape = (64, 64) if cuda else (16, 32)
+    binary = _params(shape, tensors, device, binary=True)
+    opt = Bop(binary, lr=1e-4, threshold=1e-8) if cuda else _bop_without_launch(binary)
+    baselines = {
+        f"torch Adam({how}=True)": torch.optim.Adam(_params(shape, tensors, device, binary=False), **{how: True}).step
+        for how in ("foreach", "fused")
+    }
+    for step in (opt.step, *baselines.values()):
+        step()  # state, launch plans, compiles: not timed
+    if cuda:
+        baselines = {name: _repeated(step) for name, step in baselines.items()}
+    numel = tensors * math.prod(shape)
+    return Workload(
+        ours=_repeated(opt.step) if cuda else opt.step,
+        baselines=baselines,
+        bound="memory",
+        bytes=12 * numel + 8 * sum(p.words.numel() for p in binary),
+    )
