@@ -21,9 +21,11 @@ import torch
 
 from bnnops.binary_tensor import BinaryTensor
 
-__all__ = ["STATE_DTYPES", "checked_state_dict", "fresh_state", "new_state", "state_from_checkpoint"]
+__all__ = ["HYPERPARAMETERS", "STATE_DTYPES", "checked_state_dict", "fresh_state", "new_state", "state_from_checkpoint"]
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+# The param-group keys of the hyperparameters (sigma: Bop2ndOrder only).
+HYPERPARAMETERS = ("lr", "threshold", "sigma")
 
 
 def new_state(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

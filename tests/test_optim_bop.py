@@ -592,7 +592,7 @@ def test_float64_parameters_take_the_reference(device):
     assert all(torch.equal(a, b) for a, b in zip(*runs)) and runs[0][2].item() > 0
 
 
-# The cached step (bnnops.optim.bop._StepPlan and the launch plans of FusedBop) against a twin that
+# The cached step (bnnops.optim.bop_step_plan.StepPlan and the launch plans of FusedBop) against a twin that
 # plans everything anew at every step: the same bits and the same errors, whatever changes between
 # steps.
 
