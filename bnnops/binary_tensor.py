@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map_only
 
+from bnnops.ops.checks import DtypeError
 from bnnops.packing import FLOAT_DTYPES, _check_floats, pack_weight, packed_weight_shape, unpack_weight
 
 __all__ = [
@@ -466,7 +467,7 @@ def _clone(x, memory_format=None):
 @implements([aten._to_copy.default])
 def _to_copy(x, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
     if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise TypeError(
+        raise DtypeError(
             f"BinaryTensor converts only to float32, bfloat16 or float16 (it keeps its bits), not {dtype}; "
             "use .words for the int32 words or .dequantize() for a dense tensor"
         )

@@ -102,7 +102,8 @@ class _BinaryLinearFunction(torch.autograd.Function):
                     grad_x = ctx.input_quantizer.grad(x, grad_x)
         if ctx.needs_input_grad[1]:
             if sign_words is not None and kernels_run:
-                grad_weight = kernels.load("linear_backward").grad_weight(g, sign_words, ctx.K)
+                # A packed x is saved as given: any strides, made contiguous here for the kernel.
+                grad_weight = kernels.load("linear_backward").grad_weight(g, sign_words.contiguous(), ctx.K)
             else:
                 if sign_words is not None:
                     # x's signs, not the weight: the pure-PyTorch unpack (the op's CPU body).

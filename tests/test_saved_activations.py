@@ -266,3 +266,18 @@ def test_second_derivatives_still_refused():
     (gx,) = torch.autograd.grad(layer(x), x, v, create_graph=True)
     with pytest.raises(RuntimeError, match="no derivative|second derivative"):
         gx.sum().backward()
+
+
+def test_strided_packed_input_gives_the_weight_gradient_on_the_kernel_path(monkeypatch):
+    """A packed (int32) x is saved as given; the kernel path makes it contiguous for its launcher."""
+    import bnnops.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "runs_kernels", lambda x: True)
+    torch.manual_seed(0)
+    dense = BinaryTensor.from_float(torch.randn(8, 40))
+    words = bnnops.pack_signs(torch.randn(6, 80))[:, ::2][:, :2]  # (6, 2) int32, not contiguous
+    assert not words.is_contiguous()
+    weight = torch.nn.Parameter(BinaryTensor(dense.words.clone(), dense.shape))
+    bnnops.binary_linear(words, weight).sum().backward()
+    x_signs = bnnops.unpack_signs(words.contiguous(), 40)
+    assert torch.equal(weight.grad, torch.ones(6, 8).t() @ x_signs)
