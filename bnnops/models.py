@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from bnnops.nn import BinaryConv2d, BinaryLinear
+from bnnops.nn import BinaryConv2d, BinaryLinear, MaxPool2d
 
 __all__ = ["MODELS", "binary_mlp", "binarynet", "birealnet18", "build", "small_bnn"]
 
@@ -60,7 +60,8 @@ def _vgg_bnn(
     bn: dict[str, float] | None = None,
 ) -> nn.Sequential:
     """conv -> [maxpool 2x2] -> BN blocks, flatten, dense -> BN blocks; all weights binary; ``bn``:
-    the batch norms' (momentum, eps) settings, torch's defaults if None.
+    the batch norms' (momentum, eps) settings, torch's defaults if None. The pools are
+    :class:`bnnops.nn.MaxPool2d` (torch's output and gradient, one byte per output kept).
 
     ``convs`` lists (out_channels, pool) per 3x3 convolution; the first sees real inputs with
     ``first_padding``, the others binarize their inputs and pad by 1 ('same').
@@ -80,7 +81,7 @@ def _vgg_bnn(
         )
         size = size - 2 + 2 * (first_padding if first else 1)
         if pool:
-            layers[f"pool{i}"] = nn.MaxPool2d(2)
+            layers[f"pool{i}"] = MaxPool2d(2)
             size //= 2
         layers[f"bn{i}"] = _bn(2, out, scale=False, bn=bn)
         channels = out

@@ -2,6 +2,8 @@
 
 - :class:`BinaryLinear`: binary (or binary-weight) linear layer, on :func:`bnnops.binary_linear`.
 - :class:`BinaryConv2d`: binary (or binary-weight) 2-D convolution, on :func:`bnnops.binary_conv2d`.
+- :class:`MaxPool2d`: ``torch.nn.MaxPool2d`` bit for bit, keeping one uint8 per output for
+  backward when the windows do not overlap (:mod:`bnnops.pooling`).
 
 Without a weight quantizer the weight is a packed :class:`bnnops.BinaryTensor` parameter, trained
 by Bop (:mod:`bnnops.optim`); with one (e.g. ``"ste_sign"``) it is a float latent parameter
@@ -28,9 +30,10 @@ from bnnops.linear import binary_linear
 from bnnops.ops.checks import ShapeError
 from bnnops.ops.conv import PAD_VALUES
 from bnnops.packing import packed_weight_shape
+from bnnops.pooling import MaxPool2d
 from bnnops.quantizers import SignQuantizer, get_input_quantizer, get_quantizer
 
-__all__ = ["BinaryConv2d", "BinaryLinear"]
+__all__ = ["BinaryConv2d", "BinaryLinear", "MaxPool2d"]
 
 
 class BinaryLinear(nn.Module):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnnops import BinaryTensor, data, models
-from bnnops.nn import BinaryConv2d, BinaryLinear
+from bnnops import BinaryTensor, data, memory_report, models
+from bnnops.nn import BinaryConv2d, BinaryLinear, MaxPool2d
 
 # name -> (number of classes, builder at a tiny width)
 TINY = {
@@ -56,12 +56,35 @@ def test_binarynet_is_the_papers():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name", ["binarynet", "small_bnn"])
+def test_vgg_pools_keep_one_byte_per_output(name):
+    """BinaryNet-style models pool with bnnops.nn.MaxPool2d: one uint8 per pooled output kept for
+    backward, and no state (checkpoints are those of torch's pool)."""
+    model = TINY[name][1](None)
+    pools = {n: m for n, m in model.named_modules() if isinstance(m, nn.MaxPool2d)}
+    assert pools and all(type(m) is MaxPool2d for m in pools.values())
+    assert not any(key.startswith(tuple(pools)) for key in model.state_dict())
+    names = {m: n for n, m in pools.items()}
+    outputs = {}
+
+    def record(module, args, out):  # pooled outputs per sample
+        outputs[names[module]] = out[0].numel()
+
+    hooks = [m.register_forward_hook(record) for m in pools.values()]
+    report = memory_report(model, batch=2)
+    for hook in hooks:
+        hook.remove()
+    kept = {layer.name: layer.per_sample for layer in report.layers if layer.name in pools}
+    assert kept == outputs
+
+
 def test_birealnet18_structure():
     model = models.birealnet18(10, (3, 64, 64), filters=8)
     binary = binary_layers(model)
     assert len(binary) == 16 and all(isinstance(m, BinaryConv2d) for m in binary)
     # real stem and classifier, real shortcuts
     assert type(model.stem) is nn.Conv2d and type(model.fc) is nn.Linear
+    assert type(model.stem_pool) is nn.MaxPool2d  # overlapping 3x3/2 windows: torch's pool
     downsampling = [b for b in model if isinstance(b, models._BiRealBlock) and not isinstance(b.shortcut, nn.Identity)]
     assert len(downsampling) == 3
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)

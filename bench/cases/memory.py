@@ -1,16 +1,18 @@
 """Memory case: what one BinaryNet training step keeps, ours against the plain-PyTorch twin.
 
 Ours: ``bnnops.models.binarynet`` (packed weights; binary layers keep 2 bits per input element
-for backward, :mod:`bnnops.layer_common`). Plain: the same net from ``nn.Conv2d`` / ``nn.Linear``
+for backward, :mod:`bnnops.layer_common`; max pools keep one uint8 per output,
+:mod:`bnnops.pooling`). Plain: the same net from ``nn.Conv2d`` / ``nn.Linear`` / ``nn.MaxPool2d``
 with float latent weights and ``ste_sign`` on input and weight, built as
-:func:`bench.cases.train_step.plain_pytorch_copy` builds it.
+:func:`bench.cases.train_step.plain_pytorch_copy` builds it, its pools then swapped for torch's
+(:func:`with_torch_max_pools`).
 
 Two measures, not timings (the table of ``python -m bench`` has no column for them, so this module
 registers no timed case):
 
 - :func:`saved_bytes_table`: bytes kept for backward, per sample and fixed, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` on a real forward (:func:`bnnops.memory.memory_report`):
-  the binary layers alone and the whole model, ours and plain. Runs on any device.
+  the binary layers alone, the max pools alone and the whole model, ours and plain. Runs on any device.
 - :func:`peak_memory`: ``torch.cuda.max_memory_allocated`` over a training step
   (:func:`bench.cases.train_step.training_step`: forward, loss, backward, optimizer step) of each
   variant, each in a fresh peak window after one warm-up step. CUDA only.
@@ -24,14 +26,29 @@ import gc
 from typing import Any
 
 import torch
+from torch import nn
 
 from bench.cases.train_step import plain_pytorch_copy, training_step
 from bnnops import models
 from bnnops.memory import memory_report
+from bnnops.nn import MaxPool2d
 
-__all__ = ["peak_memory", "saved_bytes_table"]
+__all__ = ["peak_memory", "saved_bytes_table", "with_torch_max_pools"]
 
 BINARY_KINDS = ("BinaryConv2d", "BinaryLinear", "SteConv2d", "SteLinear")
+
+
+def with_torch_max_pools(model: nn.Module) -> nn.Module:
+    """``model`` with each :class:`bnnops.nn.MaxPool2d` swapped, in place, for a
+    ``torch.nn.MaxPool2d`` of the same arguments (the same output and gradient, torch's saved tensors)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MaxPool2d):
+            twin = nn.MaxPool2d(
+                module.kernel_size, module.stride, module.padding, module.dilation, False, module.ceil_mode
+            )
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, twin)
+    return model
 
 
 def saved_bytes_table(
@@ -39,21 +56,23 @@ def saved_bytes_table(
 ) -> dict[str, Any]:
     """Bytes kept for backward by BinaryNet, ours and plain, float32 activations on ``device``.
 
-    Returns {variant: {"binary_layers_per_sample", "per_sample", "fixed"}} for "ours" and
-    "plain", and "ratio_binary_layers" / "ratio_per_sample" (ours over plain).
+    Returns {variant: {"binary_layers_per_sample", "max_pools_per_sample", "per_sample", "fixed"}}
+    for "ours" and "plain", and "ratio_binary_layers_per_sample" / "ratio_max_pools_per_sample" /
+    "ratio_per_sample" (ours over plain).
     """
     torch.manual_seed(0)
     ours = models.binarynet(filters=filters, dense_units=dense_units).to(device)
-    plain = plain_pytorch_copy(ours)
+    plain = with_torch_max_pools(plain_pytorch_copy(ours))
     result: dict[str, Any] = {}
     for variant, model in (("ours", ours), ("plain", plain)):
         report = memory_report(model, batch=batch)
         result[variant] = {
             "binary_layers_per_sample": sum(layer.per_sample for layer in report.layers if layer.kind in BINARY_KINDS),
+            "max_pools_per_sample": sum(layer.per_sample for layer in report.layers if layer.kind == "MaxPool2d"),
             "per_sample": report.saved_bytes_per_sample,
             "fixed": report.saved_bytes_fixed,
         }
-    for key in ("binary_layers_per_sample", "per_sample"):
+    for key in ("binary_layers_per_sample", "max_pools_per_sample", "per_sample"):
         result[f"ratio_{key}"] = result["ours"][key] / result["plain"][key]
     return result
 
@@ -93,11 +112,12 @@ def main() -> None:
         row = table[variant]
         print(
             f"{variant:<6} saved for backward: {row['per_sample']:,} B/sample "
-            f"(binary layers {row['binary_layers_per_sample']:,}), fixed {row['fixed']:,} B"
+            f"(binary layers {row['binary_layers_per_sample']:,}, max pools {row['max_pools_per_sample']:,}), "
+            f"fixed {row['fixed']:,} B"
         )
     print(
         f"ours / plain: binary layers {table['ratio_binary_layers_per_sample']:.4f}, "
-        f"whole model {table['ratio_per_sample']:.4f}"
+        f"max pools {table['ratio_max_pools_per_sample']:.4f}, whole model {table['ratio_per_sample']:.4f}"
     )
     if torch.cuda.is_available():
         peaks = peak_memory(args.batch, args.filters, args.dense_units)

@@ -22,7 +22,7 @@ from torch import nn
 import bnnops
 from bench import Workload, case
 from bnnops import models
-from bnnops.nn import BinaryConv2d, BinaryLinear
+from bnnops.nn import BinaryConv2d, BinaryLinear, MaxPool2d
 from bnnops.optim import BinaryAndReal, Bop, split_parameters
 
 # The paper's CIFAR-10 settings (docs/design.md): gamma 1e-4, threshold 1e-8, Adam(1e-2) for the rest.
@@ -58,8 +58,9 @@ class SteLinear(nn.Linear):
 
 
 def plain_pytorch_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every bnnops binary layer swapped for its plain-PyTorch twin
-    (:class:`SteConv2d` / :class:`SteLinear`, fresh latent weights).
+    """A deep copy of ``model`` with every bnnops layer swapped for its plain-PyTorch twin
+    (:class:`SteConv2d` / :class:`SteLinear`, fresh latent weights; ``nn.MaxPool2d`` for bnnops'
+    max-pool, which keeps less for backward).
 
     Raises:
         ValueError: a ``BinaryConv2d`` pads with a value other than 0 (``nn.Conv2d`` cannot).
@@ -86,6 +87,10 @@ def plain_pytorch_copy(model: nn.Module) -> nn.Module:
                 module.out_features,
                 module.bias is not None,
                 binarize_input=module.input_quantizer is not None,
+            )
+        elif isinstance(module, MaxPool2d):
+            twin = nn.MaxPool2d(
+                module.kernel_size, module.stride, module.padding, module.dilation, False, module.ceil_mode
             )
         else:
             continue
