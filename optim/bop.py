@@ -143,7 +143,7 @@ class Bop(Optimizer):
         self._step_plan = None
 
     def _check_hyperparameters(self, group, tensor_values=True):
-        """Check a group's hyperparameters (see Raises); a tensor's value only with ``tensor_values``."""
+        """Check a group's hyperparameters (see Raises); a device tensor's value only with ``tensor_values``."""
         name = type(self).__name__
         values = {}
         for key in HYPERPARAMETERS:
@@ -157,7 +157,9 @@ class Bop(Optimizer):
                     raise TypeError(
                         f"{name} {key} must be a Python number or a 1-element float tensor, got a {x.dtype} tensor"
                     )
-                if tensor_values:
+                # A CPU tensor's value is read every step (no sync); a device tensor's only where
+                # it enters a group (reading it would wait for the device).
+                if tensor_values or (x.device.type == "cpu" and not torch.compiler.is_compiling()):
                     values[key] = x.item()
             elif isinstance(x, (float, int)):
                 values[key] = x

@@ -796,3 +796,15 @@ def test_step_hooks_and_profiler_range(device):
         opt.step()
     assert "Optimizer.step#Bop.step" in {event.name for event in prof.events()}
     assert opt.step() is None and seen == [7.0]
+
+
+def test_scheduler_driving_a_cpu_tensor_lr_out_of_range_fails_loudly():
+    """A scheduler writes a tensor lr in place; a CPU tensor's value is checked at every step."""
+    w = torch.nn.Parameter(BinaryTensor.from_float(torch.randn(4, 40)))
+    opt = Bop([w], lr=torch.tensor(0.5))
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 10.0)  # lr becomes 5.0
+    w.grad = torch.randn(4, 40)
+    before = w.words.clone()
+    with pytest.raises(ValueError, match=r"lr \(gamma\) must be in \[0, 1\], got 5.0"):
+        opt.step()
+    assert torch.equal(w.words, before)
