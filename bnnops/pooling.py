@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._prims_common import suggest_memory_format
+from torch.autograd import forward_ad
 
 __all__ = ["MaxPool2d", "max_pool2d"]
 
@@ -127,6 +128,14 @@ def _non_overlapping_windows(
     return None if oh is None or ow is None else (oh, ow)
 
 
+def _transformed(x: torch.Tensor) -> bool:
+    """Whether x is under a torch.func transform (vmap, grad) or carries a forward-mode tangent: the
+    autograd function here defines only a backward, so those run torch's max pool instead."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._are_functorch_transforms_active():
+        return True
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None
+
+
 def max_pool2d(
     x: torch.Tensor,
     kernel_size: int | Sequence[int],
@@ -143,7 +152,7 @@ def max_pool2d(
     """
     kernel = _pair(kernel_size)
     out_size = None
-    if x.requires_grad and torch.is_grad_enabled():
+    if x.requires_grad and torch.is_grad_enabled() and not _transformed(x):
         out_size = _non_overlapping_windows(x, kernel, stride, padding, dilation, ceil_mode)
     if out_size is None:
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)

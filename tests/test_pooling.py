@@ -196,3 +196,21 @@ def test_fuzz_against_torch(shape, unbatched, kernel, stride, padding, ceil_mode
     (out, grad), (ref_out, ref_grad) = run_both(x, seed, kernel, **kwargs)
     assert_same(out, ref_out)
     assert_same(grad, ref_grad)
+
+
+def test_torch_func_transforms_and_forward_ad_get_torch_s_pool():
+    """vmap / grad and forward-mode AD need more than a backward: those calls run torch's max pool,
+    with torch's results."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    ours, theirs = MaxPool2d(2), torch.nn.MaxPool2d(2)
+    for transform in (torch.func.grad, lambda f: torch.func.vmap(torch.func.grad(f))):
+        got = transform(lambda v: ours(v).sum())(x)
+        want = transform(lambda v: theirs(v).sum())(x)
+        assert torch.equal(got, want)
+    tangent = torch.randn_like(x)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x.clone().requires_grad_(), tangent)
+        got = torch.autograd.forward_ad.unpack_dual(ours(dual)).tangent
+        want = torch.autograd.forward_ad.unpack_dual(theirs(dual)).tangent
+    assert got is not None and torch.equal(got, want)
