@@ -244,6 +244,7 @@ class _Plan:
         self.w_addresses = list(map(_ADDRESS, weights))
         self.m_addresses = list(map(_ADDRESS, ms))
         self.v_addresses = list(map(_address_or_zero, vs))
+        self.fixed_strides = _fixed_strides(weights, ms, vs if self.second else None)
         self.fixed_addresses = (tuple(self.m_addresses), tuple(self.v_addresses), tuple(self.w_addresses))
         self.copies = [i for i, layout in enumerate(self.layouts) if layout.copy]  # copied contiguous each call
         aligned = [i for i, layout in enumerate(self.layouts) if layout.g_aligned]  # their addresses stay aligned
@@ -291,6 +292,9 @@ class _Plan:
                 return False
         except (AttributeError, RuntimeError):
             return False
+        # A weight or state re-strided in place (same tensor, same address) changes its layout too.
+        if _fixed_strides(weights, ms, vs if self.second else None) != self.fixed_strides:
+            return False
         same = (
             all(map(operator.is_, weights, self.weights))
             and all(map(operator.is_, ms, self.ms))
@@ -315,6 +319,7 @@ class _Plan:
         self.w_addresses = list(map(_ADDRESS, weights))
         self.m_addresses = list(map(_ADDRESS, ms))
         self.v_addresses = list(map(_address_or_zero, vs))
+        self.fixed_strides = _fixed_strides(weights, ms, vs if self.second else None)
         self.fixed_addresses = (tuple(self.m_addresses), tuple(self.v_addresses), tuple(self.w_addresses))
         self.addresses = None  # the address table to use is looked up (or uploaded) again
         return True
@@ -407,6 +412,11 @@ def _layout_or_none(*args):
 
 def _address_or_zero(x):
     return 0 if x is None else x.data_ptr()
+
+
+def _fixed_strides(weights, ms, vs):
+    """The strides of the tensors a plan holds by identity (weights, m, v): one list to compare."""
+    return (list(map(_STRIDE, weights)), list(map(_STRIDE, ms)), None if vs is None else list(map(_STRIDE, vs)))
 
 
 def _as_tuple(x):

@@ -808,3 +808,25 @@ def test_scheduler_driving_a_cpu_tensor_lr_out_of_range_fails_loudly():
     with pytest.raises(ValueError, match=r"lr \(gamma\) must be in \[0, 1\], got 5.0"):
         opt.step()
     assert torch.equal(w.words, before)
+
+
+def test_cached_step_sees_a_weight_restrided_in_place():
+    """A dense weight transposed in place (same tensor, same address, other strides) changes its
+    layout: the cached step must plan anew, as a fresh optimizer would (found by review)."""
+    torch.manual_seed(0)
+    w0 = torch.where(torch.randn(8, 8) < 0, -1.0, 1.0)
+    g0, g1 = torch.randn(8, 8), torch.randn(8, 8)
+    results = []
+    for cached in (True, False):
+        p = torch.nn.Parameter(w0.clone())
+        opt = Bop([p], lr=0.5, threshold=0.0, fused=True)
+        p.grad = g0.clone()
+        opt.step()
+        p.data = p.data.t()
+        p.grad = g1.clone()
+        if not cached:
+            opt._step_plan = None
+            opt._steppers.clear()
+        opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
