@@ -7,7 +7,7 @@
 #
 # Steps, in order, each bounded in time so the whole script ends within GPU_CHECK_BUDGET seconds:
 #   env.txt       date, nvidia-smi, GPU, python / torch / CUDA / triton versions, commit, pip install log
-#   tests.log     python -m pytest tests $PYTEST_ARGS (plus --timeout if pytest-timeout is installed)
+#   tests.log     python -m pytest $TEST_PATHS $PYTEST_ARGS (plus --timeout if pytest-timeout is installed)
 #   train_step.json / .md  python -m bench.train_evidence --gpu-step --profile --channels-last: BinaryNet
 #                 training step, ours against plain PyTorch (images/s, peak memory) and where each step's
 #                 time goes, NCHW then channels_last
@@ -25,6 +25,7 @@
 #   GPU_CHECK_BUDGET  seconds for the whole script (default 450); the benchmark gets what the tests and
 #                     the training step leave (the training step never takes the benchmark's last 150 s)
 #   TESTS_TIMEOUT     seconds for the test suite (default 200)
+#   TEST_PATHS        the test files or folders to run (default "tests", the whole suite), split on spaces
 #   PYTEST_ARGS       default "-x -q"
 #   QUICK=1           benchmark only the headline shape of every case
 #   BENCH_ARGS        more arguments for python -m bench, split on spaces, no inner quotes:
@@ -78,8 +79,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     timeout_opt=""
     $py -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout=120"
     say "tests (at most ${tests_timeout} s) -> $out/tests.log"
-    # shellcheck disable=SC2086 # PYTEST_ARGS is a list of arguments
-    timeout -k 10 "$tests_timeout" $py -m pytest tests ${PYTEST_ARGS:--x -q} $timeout_opt >"$out/tests.log" 2>&1
+    # shellcheck disable=SC2086 # TEST_PATHS and PYTEST_ARGS are lists of arguments
+    timeout -k 10 "$tests_timeout" $py -m pytest ${TEST_PATHS:-tests} ${PYTEST_ARGS:--x -q} $timeout_opt >"$out/tests.log" 2>&1
     tests_rc=$?
     [ "$tests_rc" = 124 ] && echo "gpu_check: the tests ran past ${tests_timeout} s and were stopped" >>"$out/tests.log"
 fi
