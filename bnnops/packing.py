@@ -91,7 +91,9 @@ def _byte_signs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if table is None:
         bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
         table = (1 - 2 * bits).to(dtype)
-        if type(table) is torch.Tensor:  # not a FakeTensor of a trace (export, make_fx): real calls reuse it
+        # Cached only from real calls: not a FakeTensor of a trace (export, make_fx), and not while
+        # torch.compile traces (it cannot mutate a global inside an autograd function's backward).
+        if type(table) is torch.Tensor and not torch.compiler.is_compiling():
             _BYTE_SIGNS[(dtype, device)] = table
     return table
 

@@ -130,7 +130,11 @@ def _non_overlapping_windows(
 
 def _transformed(x: torch.Tensor) -> bool:
     """Whether x is under a torch.func transform (vmap, grad) or carries a forward-mode tangent: the
-    autograd function here defines only a backward, so those run torch's max pool instead."""
+    autograd function here defines only a backward, so those run torch's max pool instead. Under
+    torch.compile the answer is False: the compiler traces the function itself (and cannot trace these
+    queries)."""
+    if torch.compiler.is_compiling():
+        return False
     if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._are_functorch_transforms_active():
         return True
     return forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None
