@@ -16,6 +16,12 @@ import importlib.util
 __all__ = ["load", "triton_available", "triton_unavailable_reason"]
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side grid and tile arithmetic. Not ``triton.cdiv``: a ConstexprFunction
+    call costs ~3 us on the host, and a launch needs several."""
+    return -(-a // b)
+
+
 @functools.cache
 def triton_unavailable_reason():
     """Return why the Triton path cannot run (a sentence), or None when it can.

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bnnops.kernels import cdiv
 from bnnops.kernels.bop import TABLE_COLUMNS, KernelLaunch, KernelVariant
 from bnnops.kernels.bop_configs import DEFAULT_CONFIG
 
@@ -54,10 +55,6 @@ _DEVICE_INDEX = torch.Tensor.get_device
 _TENSOR = itertools.repeat(torch.Tensor)
 # Address tables kept per plan (one per distinct set of addresses seen, oldest dropped first).
 _ADDRESS_CACHE = 8
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 # Layout checks on shape and stride tuples: plain Python, no torch ops (they run on every plan).
@@ -171,7 +168,7 @@ def _plan_tensor(i, g, w, m, v, hyper_row, device):
     copy = False
     if is_words:
         O, C = (1, g.shape[0]) if g.dim() == 1 else g.shape[:2]
-        expected = (_cdiv(C, 32),) if g.dim() == 1 else (O, *g.shape[2:], _cdiv(C, 32))
+        expected = (cdiv(C, 32),) if g.dim() == 1 else (O, *g.shape[2:], cdiv(C, 32))
         if tuple(w.shape) != expected or not w.is_contiguous():
             raise ValueError(
                 f"packed words {tuple(w.shape)} do not hold a weight of shape {tuple(g.shape)} "
@@ -213,7 +210,7 @@ def _plan_tensor(i, g, w, m, v, hyper_row, device):
             SECOND_ORDER=v is not None,
         )
         g_aligned |= variant.G_FLAT
-        rows.append((variant, _Row(n_words, C, _cdiv(C, 32), R, gs_o, gs_r, gs_c, offset, hyper_row)))
+        rows.append((variant, _Row(n_words, C, cdiv(C, 32), R, gs_o, gs_r, gs_c, offset, hyper_row)))
     return _TensorLayout(tuple(rows), copy, g_aligned)
 
 
@@ -275,7 +272,7 @@ class _Plan:
             for name, value in row._asdict().items():
                 columns[name].append(value)
             columns["slot"].append(slot)
-            first += _cdiv(row.n_words, block_words)
+            first += cdiv(row.n_words, block_words)
         table = _upload([x for name in TABLE_COLUMNS for x in columns[name]], torch.int64, self.device)
         return KernelLaunch(table, len(rows), (first,), variant, self.config)
 

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bnnops.kernels import cdiv
 from bnnops.kernels.conv2d_configs import SM90, pick_config
 from bnnops.kernels.conv2d_prepare import prepare
 from bnnops.kernels.gemm_tiles import to_output
@@ -206,11 +207,6 @@ def _conv2d_kernel(
     tl.store(out_ptrs, to_output(y, out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _cdiv(a: int, b: int) -> int:
-    # Not triton.cdiv on the host: a ConstexprFunction call costs ~3 us, a launch needs several.
-    return -(-a // b)
-
-
 @functools.lru_cache
 def _device_info(device: torch.device) -> tuple[int, int]:
     """(SMs, compute capability as major*10 + minor) of a device, looked up once."""
@@ -303,7 +299,7 @@ def conv2d(
         config = pick_config(M, Og, Cg, binarize, n_sms, out.element_size(), arch)
     block_m, block_n, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     dummy = out  # never read when HAS_SCALE / HAS_BIAS is False
-    grid = (_cdiv(M, block_m) * _cdiv(Og, block_n), groups)
+    grid = (cdiv(M, block_m) * cdiv(Og, block_n), groups)
     _conv2d_kernel[grid](
         a,
         w,

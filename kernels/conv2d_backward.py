@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bnnops.kernels import cdiv
 from bnnops.kernels.conv2d import output_size
 from bnnops.kernels.conv2d_backward_configs import pick_grad_input_config, pick_grad_weight_config
 from bnnops.kernels.gemm_tiles import dot, tf32, to_output, unpack_tile
@@ -301,11 +302,6 @@ def _grad_input_kernel(
     tl.store(ptrs, to_output(acc, out_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_c < Cg)[None, :])
 
 
-def _cdiv(a: int, b: int) -> int:
-    # Not triton.cdiv on the host: a ConstexprFunction call costs ~3 us.
-    return -(-a // b)
-
-
 def _needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether some element of ``tensors`` lies 2**31 or more elements from its tensor's start
     (then the kernels compute offsets in int64: WIDE)."""
@@ -405,7 +401,7 @@ def grad_weight(
     """
     O, Cg, KH, KW = weight_shape
     N, H, W, words_per_pixel = sign_words.shape
-    words_per_group = _cdiv(Cg, 32)
+    words_per_group = cdiv(Cg, 32)
     if pad_value not in (0.0, 1.0, -1.0):
         raise ValueError(f"pad_value must be 0.0, 1.0 or -1.0, got {pad_value}")
     if grad_out.shape[1] != O or words_per_pixel != groups * words_per_group or sign_words.dtype != torch.int32:
@@ -430,11 +426,11 @@ def grad_weight(
     if config is None:
         config = pick_grad_weight_config(Og, Cg, M, n_taps, groups, fp32_grad, _device_sms(grad_out.device))
     blocks = dict(config.kwargs)
-    steps = _cdiv(M, blocks["BLOCK_M"])
-    steps_per_split = _cdiv(steps, blocks.pop("SPLIT_K"))
-    split = _cdiv(steps, steps_per_split)
+    steps = cdiv(M, blocks["BLOCK_M"])
+    steps_per_split = cdiv(steps, blocks.pop("SPLIT_K"))
+    split = cdiv(steps, steps_per_split)
     part = torch.empty((split, *weight_shape), dtype=torch.float32, device=out.device) if split > 1 else out
-    grid = (n_taps * _cdiv(Cg, blocks["BLOCK_C"]) * _cdiv(Og, blocks["BLOCK_O"]), split, groups)
+    grid = (n_taps * cdiv(Cg, blocks["BLOCK_C"]) * cdiv(Og, blocks["BLOCK_O"]), split, groups)
     _grad_weight_kernel[grid](
         grad_out,
         sign_words,
@@ -471,7 +467,7 @@ def grad_weight(
     )
     if split > 1:
         numel = out.numel()
-        _sum_shares_kernel[(_cdiv(numel, _SUM_BLOCK),)](
+        _sum_shares_kernel[(cdiv(numel, _SUM_BLOCK),)](
             part, out, numel, Cg, n_taps, KW, *out.stride(), split, BLOCK=_SUM_BLOCK
         )
     return out
@@ -517,7 +513,7 @@ def grad_input(
     N, C, H, W = input_shape
     O, KH, KW, words_per_group = words.shape
     Cg = C // groups if groups else 0
-    if groups < 1 or C % groups or words_per_group != _cdiv(Cg, 32) or words.dtype != torch.int32:
+    if groups < 1 or C % groups or words_per_group != cdiv(Cg, 32) or words.dtype != torch.int32:
         raise ValueError(
             f"grad_input: words {words.dtype} {tuple(words.shape)} do not fit an input {tuple(input_shape)} "
             f"with groups={groups} (need int32 (O, kh, kw, ceil(C/groups/32)))"
@@ -548,8 +544,8 @@ def grad_input(
     blocks = config.kwargs
     sh, sw = stride
     taps = _tap_table(tuple(stride), tuple(dilation), (padding[0], padding[2]), (KH, KW), grad_out.device)
-    rows = N * _cdiv(H, sh) * _cdiv(W, sw)
-    grid = (_cdiv(rows, blocks["BLOCK_M"]) * _cdiv(Cg, blocks["BLOCK_C"]), sh * sw, groups)
+    rows = N * cdiv(H, sh) * cdiv(W, sw)
+    grid = (cdiv(rows, blocks["BLOCK_M"]) * cdiv(Cg, blocks["BLOCK_C"]), sh * sw, groups)
     _grad_input_kernel[grid](
         grad_out,
         words,

@@ -25,6 +25,8 @@ import os
 
 import triton
 
+from bnnops.kernels import cdiv
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # At most this many pixel shares: partial sums cost SPLIT_K * O * Cg * kh * kw * 8 bytes (written, read).
@@ -38,11 +40,6 @@ INTERPRETER_GRAD_WEIGHT = triton.Config(dict(BLOCK_O=32, BLOCK_C=64, BLOCK_M=32,
 INTERPRETER_GRAD_INPUT = triton.Config(dict(BLOCK_M=32, BLOCK_C=64, BLOCK_O=32), num_warps=4, num_stages=1)
 
 
-def _cdiv(a: int, b: int) -> int:
-    # Not triton.cdiv on the host: a ConstexprFunction call costs ~3 us.
-    return -(-a // b)
-
-
 def _width(channels: int, widest: int) -> int:
     """The tile width for ``channels``: the next power of two, at least 32, at most ``widest``."""
     return min(widest, max(32, 1 << max(channels - 1, 0).bit_length()))
@@ -51,8 +48,8 @@ def _width(channels: int, widest: int) -> int:
 def split_k(steps: int, tiles: int, n_sms: int) -> int:
     """Pixel shares for ``tiles`` output tiles and ``steps`` reduction steps: towards PROGRAMS_PER_SM
     programs per SM, at most MAX_SPLIT_K, none empty (every share gets cdiv(steps, split) steps)."""
-    wanted = max(1, min(_cdiv(PROGRAMS_PER_SM * n_sms, max(tiles, 1)), MAX_SPLIT_K, steps))
-    return _cdiv(steps, _cdiv(steps, wanted)) if steps else 1
+    wanted = max(1, min(cdiv(PROGRAMS_PER_SM * n_sms, max(tiles, 1)), MAX_SPLIT_K, steps))
+    return cdiv(steps, cdiv(steps, wanted)) if steps else 1
 
 
 def pick_grad_weight_config(
@@ -74,8 +71,8 @@ def pick_grad_weight_config(
         # 8 warps from 128 x 64 up: at 4 warps the NCHW 128 x 64 tile spills (each element of an
         # NCHW grad_out tile carries its own address; sm_90, Triton 3.9).
         base = triton.Config(kwargs, num_warps=8 if block_o * block_c >= 128 * 64 else 4, num_stages=3)
-    tiles = _cdiv(Og, kwargs["BLOCK_O"]) * _cdiv(Cg, kwargs["BLOCK_C"]) * n_taps * groups
-    kwargs["SPLIT_K"] = split_k(_cdiv(M, kwargs["BLOCK_M"]), tiles, n_sms)
+    tiles = cdiv(Og, kwargs["BLOCK_O"]) * cdiv(Cg, kwargs["BLOCK_C"]) * n_taps * groups
+    kwargs["SPLIT_K"] = split_k(cdiv(M, kwargs["BLOCK_M"]), tiles, n_sms)
     return triton.Config(kwargs, num_warps=base.num_warps, num_stages=base.num_stages)
 
 

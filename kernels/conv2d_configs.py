@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import triton
 
+from bnnops.kernels import cdiv
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -89,11 +91,6 @@ W1A1_TABLES: dict[int, W1A1Table] = {
 FALLBACK_ARCH = SM90
 
 
-def _cdiv(a: int, b: int) -> int:
-    # Not triton.cdiv on the host: a ConstexprFunction call costs ~3 us.
-    return -(-a // b)
-
-
 def pick_config(
     M: int,
     Og: int,
@@ -126,7 +123,7 @@ def pick_config(
     widest = max((n for n in table.ladders if n <= Og), default=min(table.ladders))
     largest = table.max_area_fp32_out if out_bytes > 2 else table.max_area
     for block_m, block_n in table.ladders[widest]:
-        tiles = _cdiv(M, block_m) * _cdiv(Og, block_n)
+        tiles = cdiv(M, block_m) * cdiv(Og, block_n)
         if block_m * block_n <= largest and tiles >= table.min_waves * n_sms:
             break
     warps = 8 if block_m * block_n >= table.eight_warps_from else 4

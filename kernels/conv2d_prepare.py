@@ -11,14 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
+from bnnops.kernels import cdiv
+
 # Elements of x per program (16 KB of bf16 read) and words of weight per program.
 PREP_ELEMENTS = 8192
 PREP_WORDS = 128
-
-
-def _cdiv(a: int, b: int) -> int:
-    # Not triton.cdiv on the host: a ConstexprFunction call costs ~3 us.
-    return -(-a // b)
 
 
 @triton.jit
@@ -128,8 +125,8 @@ def prepare(
     w = torch.empty((*words.shape[:-1], 32 * words.shape[-1]), dtype=dtype, device=x.device)
     block_c = min(64, 1 << max(C - 1, 0).bit_length())
     block_p = PREP_ELEMENTS // block_c
-    n_x = _cdiv(P, block_p) * _cdiv(C, block_c) if P * C else 0
-    n_w = _cdiv(n_words, PREP_WORDS)
+    n_x = cdiv(P, block_p) * cdiv(C, block_c) if P * C else 0
+    n_w = cdiv(n_words, PREP_WORDS)
     if n_x + n_w:
         _prepare_kernel[(n_x + n_w,)](
             x,
