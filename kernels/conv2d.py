@@ -40,7 +40,7 @@ import triton.language as tl
 from bnnops.kernels import cdiv
 from bnnops.kernels.conv2d_configs import SM90, pick_config
 from bnnops.kernels.conv2d_prepare import prepare
-from bnnops.kernels.gemm_tiles import to_output
+from bnnops.kernels.gemm_tiles import TRITON_FLOAT_TYPES, to_output
 
 # A-operand modes of the kernel (A_MODE): what the padded copy holds and how the dot runs.
 A_REAL = tl.constexpr(0)  # fp32 copy of x (W1A16): TF32 / 3xTF32 dot into fp32
@@ -83,6 +83,9 @@ def _conv2d_kernel(
     stride_w,
     dil_h,
     dil_w,
+    threshold_ptr,
+    flip_ptr,
+    words_per_pixel,
     A_MODE: tl.constexpr,
     PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -92,6 +95,8 @@ def _conv2d_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     OUT_VEC: tl.constexpr,
+    SIGN_OUT: tl.constexpr = False,
+    ROUND_T: tl.constexpr = tl.float32,
 ):
     """One [BLOCK_M pixels, BLOCK_N output channels] tile of y for one group.
 
@@ -99,6 +104,12 @@ def _conv2d_kernel(
     32*ceil(Cg/32)) contiguous; out: (N, O, OH, OW) with strides son, soc, soh, sow; scale, bias:
     (O,) fp32-convertible, read only with HAS_SCALE / HAS_BIAS. n_taps = kh*kw, KW = kw.
     Grid: (cdiv(M, BLOCK_M) * cdiv(Og, BLOCK_N), groups).
+
+    SIGN_OUT (BLOCK_N a multiple of 32): out is int32 sign words (N, OH, OW, words_per_pixel)
+    contiguous, each group's channels starting a word (group g's channel j: word
+    g * ceil(Og/32) + j // 32, bit j % 32); the bit is ``(v < threshold[o]) XOR flip[o]`` with v
+    the epilogue's value rounded to ROUND_T, threshold (O,) int32 or ROUND_T, flip (O,) int8 0/1.
+    Otherwise threshold_ptr, flip_ptr and words_per_pixel are not read.
 
     Constexprs: A_MODE (A_REAL, A_INT8, A_FP8) the operand dtype and dot; PRECISION the W1A16
     dot's input_precision ("tf32" for 16-bit x, "tf32x3" for fp32 x); EVEN_K when BLOCK_K divides
@@ -191,20 +202,33 @@ def _conv2d_kernel(
         y = y * tl.load(scale_ptr + o_glob, mask=n_ok, other=0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + o_glob, mask=n_ok, other=0).to(tl.float32)[None, :]
-    img = offs_m // (OH * OW)
-    pix = offs_m % (OH * OW)
-    if OUT_VEC > 1:
-        # NCHW-like output (soh == OW, sow == 1) and OH*OW a multiple of OUT_VEC: every aligned run
-        # of OUT_VEC rows stays in one image at consecutive pixels. Said to the compiler, the store
-        # runs along the pixels (16-byte vectors) instead of one scattered element per channel.
-        img = tl.max_constancy(img, OUT_VEC)
-        pix = tl.max_contiguous(tl.multiple_of(pix, OUT_VEC), OUT_VEC)
-        out_row = img.to(tl.int64) * son + pix
-        m_ok = img < M // (OH * OW)  # the same rows as offs_m < M, visibly constant over a run
+    if SIGN_OUT:
+        v = to_output(y, ROUND_T).to(tl.float32)
+        t = tl.load(threshold_ptr + o_glob, mask=n_ok, other=0).to(tl.float32)
+        flip = tl.load(flip_ptr + o_glob, mask=n_ok, other=0) != 0
+        neg = ((v < t[None, :]) != flip[None, :]) & n_ok[None, :]
+        bits = neg.to(tl.int32) << (tl.arange(0, BLOCK_N) % 32)[None, :]
+        # Distinct powers of two: their int32 sum is their OR (bit 31 wraps to the sign bit).
+        packed = tl.sum(tl.reshape(bits, (BLOCK_M, BLOCK_N // 32, 32)), axis=2)
+        word = group * tl.cdiv(Og, 32) + pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
+        word_ok = pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32) < tl.cdiv(Og, 32)
+        word_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * words_per_pixel + word[None, :]
+        tl.store(word_ptrs, packed, mask=m_ok[:, None] & word_ok[None, :])
     else:
-        out_row = img.to(tl.int64) * son + (pix // OW) * soh + (pix % OW) * sow
-    out_ptrs = out_ptr + out_row[:, None] + o_glob.to(tl.int64)[None, :] * soc
-    tl.store(out_ptrs, to_output(y, out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        img = offs_m // (OH * OW)
+        pix = offs_m % (OH * OW)
+        if OUT_VEC > 1:
+            # NCHW-like output (soh == OW, sow == 1) and OH*OW a multiple of OUT_VEC: every aligned run
+            # of OUT_VEC rows stays in one image at consecutive pixels. Said to the compiler, the store
+            # runs along the pixels (16-byte vectors) instead of one scattered element per channel.
+            img = tl.max_constancy(img, OUT_VEC)
+            pix = tl.max_contiguous(tl.multiple_of(pix, OUT_VEC), OUT_VEC)
+            out_row = img.to(tl.int64) * son + pix
+            m_ok = img < M // (OH * OW)  # the same rows as offs_m < M, visibly constant over a run
+        else:
+            out_row = img.to(tl.int64) * son + (pix // OW) * soh + (pix % OW) * sow
+        out_ptrs = out_ptr + out_row[:, None] + o_glob.to(tl.int64)[None, :] * soc
+        tl.store(out_ptrs, to_output(y, out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @functools.lru_cache
@@ -253,12 +277,16 @@ def conv2d(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     config: triton.Config | None = None,
+    channels: int | None = None,
+    signs: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None,
 ) -> torch.Tensor:
     """W1A1 (binarized input) or W1A16 (real input) conv2d of ``x`` with a packed +-1 weight.
 
     Args:
         x: (N, C, H, W) float32, bfloat16 or float16, any strides (NCHW and channels_last are read
-            natively by the prepare pass; channels_last is the fast one).
+            natively by the prepare pass; channels_last is the fast one). Or, for W1A1, x's sign
+            words: int32 (N, H, W, groups * ceil(Cg/32)), any strides, each group starting a word
+            (``conv2d_prepare``'s layout), with C given as ``channels``.
         words: int32 (O, kh, kw, ceil(Cg/32)) packed weight, Cg = C / groups (``bnnops.packing``
             layout), contiguous.
         bias, scale: optional contiguous (O,) float tensors: y = scale * conv + bias, in fp32.
@@ -271,34 +299,48 @@ def conv2d(
             strides). out_dtype: the dtype of a new output (None: x's dtype); ignored with ``out``.
         config: a ``triton.Config`` with BLOCK_M, BLOCK_N, BLOCK_K, num_warps and num_stages
             instead of ``conv2d_configs.pick_config``'s (sweeps, tests).
+        channels: C, for int32 x only.
+        signs: (threshold, flip, round dtype) to write sign words instead of y (a folded layer:
+            ``bnnops::binary_conv2d_sign``): int32 (N, OH, OW, groups * ceil((O/groups)/32)),
+            each group's channels starting a word, bit ``(v < threshold[o]) XOR flip[o]`` with v the
+            epilogue's value rounded to the round dtype; threshold (O,) int32 or of that dtype,
+            flip (O,) bool, both contiguous. ``out`` must then be such a contiguous int32 tensor.
 
     Returns:
-        ``out`` or a new (N, O, OH, OW) tensor of ``out_dtype``, channels_last when x is
-        (:func:`output_is_channels_last`). No input checks: ``bnnops.ops.conv`` validates.
+        ``out`` or a new (N, O, OH, OW) tensor of ``out_dtype`` (None: x's dtype, float32 for
+        words), channels_last when x is (:func:`output_is_channels_last`) or is words (their
+        layout is channels-last). No input checks: ``bnnops.ops.conv`` validates.
     """
-    N, C, H, W = x.shape
+    packed = x.dtype == torch.int32
+    N, C, H, W = (x.shape[0], channels, x.shape[1], x.shape[2]) if packed else x.shape
     O, KH, KW, _ = words.shape
     Cg, Og = C // groups, O // groups
     pt, pb, pl, pr = padding
     OH = output_size(H, KH, stride[0], pt, pb, dilation[0])
     OW = output_size(W, KW, stride[1], pl, pr, dilation[1])
-    if out is None:
-        fmt = torch.channels_last if output_is_channels_last(x) else torch.contiguous_format
-        out = torch.empty((N, O, OH, OW), dtype=out_dtype or x.dtype, device=x.device, memory_format=fmt)
+    if out is None and signs is not None:
+        out = torch.empty((N, OH, OW, groups * cdiv(Og, 32)), dtype=torch.int32, device=x.device)
+    elif out is None:
+        fmt = torch.channels_last if packed or output_is_channels_last(x) else torch.contiguous_format
+        dtype = out_dtype or (torch.float32 if packed else x.dtype)
+        out = torch.empty((N, O, OH, OW), dtype=dtype, device=x.device, memory_format=fmt)
     if out.numel() == 0:
         return out
 
     a_mode = ROUTES[route] if binarize else A_REAL
     if a_mode == A_FP8 and KH * KW * Cg > FP8_EXACT_K:
         a_mode = A_INT8
-    a, w = prepare(x, words, DOT_DTYPES[a_mode], binarize, padding, pad_value)
+    a, w = prepare(x, words, DOT_DTYPES[a_mode], binarize, padding, pad_value, channels=C, groups=groups)
 
     M = N * OH * OW
     if config is None:
         n_sms, arch = _device_info(x.device)
         config = pick_config(M, Og, Cg, binarize, n_sms, out.element_size(), arch)
     block_m, block_n, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    dummy = out  # never read when HAS_SCALE / HAS_BIAS is False
+    dummy = out  # never read when HAS_SCALE / HAS_BIAS / SIGN_OUT is False
+    threshold, flip, round_dtype = signs if signs is not None else (dummy, dummy, torch.float32)
+    if signs is not None and block_n % 32:
+        raise ValueError(f"sign words need BLOCK_N % 32 == 0, got {config}")
     grid = (cdiv(M, block_m) * cdiv(Og, block_n), groups)
     _conv2d_kernel[grid](
         a,
@@ -321,6 +363,9 @@ def conv2d(
         stride[1],
         dilation[0],
         dilation[1],
+        threshold,
+        flip.view(torch.int8) if signs is not None else flip,
+        out.shape[-1],
         A_MODE=a_mode,
         PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32",
         EVEN_K=Cg % block_k == 0,
@@ -329,7 +374,9 @@ def conv2d(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        OUT_VEC=_pixel_run(out),
+        OUT_VEC=_pixel_run(out) if signs is None else 1,
+        SIGN_OUT=signs is not None,
+        ROUND_T=TRITON_FLOAT_TYPES[round_dtype],
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         # Two roundings in the epilogue (scale, then bias), as the reference's separate mul and add.

@@ -5,6 +5,13 @@ as a channels-last copy with the padding written in, and the weight words unpack
 done in the K loop costs 5-9x its instructions (SASS for sm_90, Triton 3.6: 87 a step per warp
 against 435-780) and binarizing or unpacking there makes the wgmma synchronous (docs/design.md,
 "Decisions"); here it is one memory-bound pass.
+
+The input is float x (N, C, H, W), binarized or not, or x's sign words: int32 (N, H, W,
+groups * ceil(Cg/32)) in the per-group channels-last layout of
+:mod:`bnnops.kernels.saved_activations` (word g * ceil(Cg/32) + v of a pixel, bit j, holds channel
+g * Cg + 32 v + j; bit 1 means -1). From words the pass reads 1 bit per input element instead of
+16 or 32: a training forward that packs x once for its backward convolves those words and never
+reads x again.
 """
 
 import torch
@@ -39,7 +46,10 @@ def _prepare_kernel(
     sxw,
     n_x_programs,
     n_words,
+    Cg,
+    words_per_group,
     BINARIZE: tl.constexpr,
+    X_PACKED: tl.constexpr,
     X_CHANNELS_LAST: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -47,9 +57,11 @@ def _prepare_kernel(
 ):
     """Programs [0, n_x_programs): x (N, C, H, W), any strides -> a (N, Hp, Wp, C) contiguous in a's
     dtype: sign(x) as +-1 (BINARIZE, sign(0) = +1) or x, and pad_value on the border (pad_h above,
-    pad_w left); a [BLOCK_P pixels, BLOCK_C channels] tile each, P = N*Hp*Wp. The rest: BLOCK_WORDS
-    int32 words (of n_words) each -> w (n_words, 32) as +-1 in w's dtype, bit j of a word becoming
-    element j (bit 1: -1)."""
+    pad_w left); a [BLOCK_P pixels, BLOCK_C channels] tile each, P = N*Hp*Wp. X_PACKED: x is sign
+    words (N, H, W, groups * words_per_group) instead, strides sxn, sxh, sxw per pixel and sxc per
+    word, channel c held by bit (c % Cg) % 32 of word (c // Cg) * words_per_group + (c % Cg) // 32
+    (Cg and words_per_group are read only then). The rest: BLOCK_WORDS int32 words (of n_words)
+    each -> w (n_words, 32) as +-1 in w's dtype, bit j of a word becoming element j (bit 1: -1)."""
     pid = tl.program_id(0)
     if pid < n_x_programs:
         n_c = tl.cdiv(C, BLOCK_C)
@@ -62,7 +74,13 @@ def _prepare_kernel(
         inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
         mask = (p < P)[:, None] & (c < C)[None, :]
         src = (p // HWp).to(tl.int64) * sxn + h * sxh + w * sxw
-        if X_CHANNELS_LAST:
+        if X_PACKED:
+            # Each element loads its own word: the 32 channels of a word hit one cache line.
+            c_in_group = c % Cg
+            word = (c // Cg) * words_per_group + c_in_group // 32
+            bits = tl.load(x_ptr + src[:, None] + word[None, :] * sxc, mask=mask & inside[:, None], other=0)
+            x = 1 - 2 * ((bits >> (c_in_group % 32)[None, :]) & 1)
+        elif X_CHANNELS_LAST:
             x = tl.load(x_ptr + src[:, None] + c[None, :] * sxc, mask=mask & inside[:, None], other=0)
         else:
             # NCHW: neighbouring pixels are neighbours in memory, so the load is [BLOCK_C, BLOCK_P]
@@ -101,23 +119,36 @@ def prepare(
     binarize: bool = True,
     padding: tuple[int, int, int, int] = (0, 0, 0, 0),
     pad_value: float = 0.0,
+    channels: int | None = None,
+    groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two GEMM operands of ``conv2d`` in ``dtype``, written by one launch.
 
     Args:
-        x: (N, C, H, W) float tensor, any strides (NCHW and channels_last are both read natively).
+        x: (N, C, H, W) float tensor, any strides (NCHW and channels_last are both read natively);
+            or int32 sign words (N, H, W, groups * ceil(Cg/32)), any strides, Cg = C / groups (the
+            module docstring's layout; binarize must be True), with C given as ``channels``.
         words: int32 (O, kh, kw, n) packed weight (``bnnops.packing`` layout), contiguous.
         dtype: the dot's operand dtype (``conv2d.DOT_DTYPES``): fp8 e4m3 or int8 for W1A1, fp32 for
             W1A16.
         binarize: write sign(x) as +-1 (sign(0) = +1) instead of x.
         padding: (top, bottom, left, right). pad_value: the value written on the border.
+        channels, groups: for int32 x only: C, and the groups its words are laid out in.
 
     Returns:
         ``(a, w)``: a (N, H + top + bottom, W + left + right, C) contiguous, the padded input; w
         (O, kh, kw, 32 n) contiguous, the words unpacked to +-1: element [o, r, s, 32 v + j] is bit
         j of word [o, r, s, v] (padding bits become +1).
     """
-    N, C, H, W = x.shape
+    packed = x.dtype == torch.int32
+    if packed:
+        (N, H, W, _), C = x.shape, channels
+        # Strides as the float path reads them: (n, c, h, w), c here per word.
+        x_strides = (x.stride(0), x.stride(3), x.stride(1), x.stride(2))
+        Cg = C // groups
+    else:
+        N, C, H, W = x.shape
+        x_strides, Cg = x.stride(), 1
     pt, pb, pl, pr = padding
     Hp, Wp = H + pt + pb, W + pl + pr
     P, n_words = N * Hp * Wp, words.numel()
@@ -142,11 +173,14 @@ def prepare(
             pt,
             pl,
             float(pad_value),
-            *x.stride(),
+            *x_strides,
             n_x,
             n_words,
+            max(Cg, 1),
+            cdiv(Cg, 32),
             BINARIZE=binarize,
-            X_CHANNELS_LAST=x.stride(1) == 1,
+            X_PACKED=packed,
+            X_CHANNELS_LAST=not packed and x.stride(1) == 1,
             BLOCK_P=block_p,
             BLOCK_C=block_c,
             BLOCK_WORDS=PREP_WORDS,

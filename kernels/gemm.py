@@ -3,7 +3,8 @@
 - :func:`w1a1`: ``y = sign(x) W^T``, exact in int32 (x float, binarized x < 0 -> -1 else +1, or
   packed sign words).
 - :func:`w1a16`: ``y = x W^T`` for real x (fp32, bf16, fp16), fp32 accumulation.
-- :func:`grad_input`: ``y = g W``, the input gradient of both.
+- :func:`grad_input`: ``y = g W``, the input gradient of both, optionally times a packed
+  straight-through pass mask (0 where its bit is 0) in the same kernel.
 
 W (N, K) is given as ``words``: int32 (N, words_per_row), words_per_row = ceil(K/32), in the
 ``bnnops.packing`` format (bit j of word w is k = 32*w + j; bit 1 is -1). Each launcher applies
@@ -23,13 +24,24 @@ import torch
 import triton
 
 from bnnops.kernels import conv2d
-from bnnops.kernels.gemm_configs import GEMV_M, SMALL_M, default_config, is_gemv, prepack_x
+from bnnops.kernels.gemm_configs import GEMV_M, SMALL_M, default_config, is_gemv, prepack_x, sign_config
 from bnnops.kernels.gemm_tensor_core import gemm_kernel
-from bnnops.kernels.gemm_tiles import X_PACKED, X_REAL, X_SIGN, split_k_epilogue_kernel
+from bnnops.kernels.gemm_tiles import TRITON_FLOAT_TYPES, X_PACKED, X_REAL, X_SIGN, split_k_epilogue_kernel
 from bnnops.kernels.gemv import gemv_kernel
 from bnnops.kernels.pack import pack_signs
 
-__all__ = ["GEMV_M", "SMALL_M", "X_PACKED", "X_REAL", "X_SIGN", "grad_input", "w1a1", "w1a16"]
+__all__ = [
+    "GEMV_M",
+    "SMALL_M",
+    "X_PACKED",
+    "X_REAL",
+    "X_SIGN",
+    "grad_input",
+    "w1a1",
+    "w1a1_sign",
+    "w1a16",
+    "w1a16_sign",
+]
 
 # Elements per program of the split-K epilogue kernel.
 _SPLIT_K_EPILOGUE_BLOCK = 1024
@@ -48,27 +60,36 @@ def _unused_fp32(device):
     return _UNUSED[device]
 
 
-def _launch(x, words, out, M, N, R, words_per_row, x_mode, trans_w, scale, bias, config):
+def _launch(x, words, out, M, N, R, words_per_row, x_mode, trans_w, scale, bias, config, signs=None, mask_words=None):
     """y[M, N] = x[M, R] @ B into ``out`` (see :func:`~bnnops.kernels.gemm_tensor_core.gemm_kernel`
-    for x_mode and trans_w); config None: the table's."""
+    for x_mode and trans_w); config None: the table's. ``signs`` (threshold, flip as int8, the
+    dtype v is rounded to): write sign words into ``out`` instead (config: one without split-K).
+    ``mask_words`` (int32 (M, ceil(N/32)), tensor-core configs only): y is 0 where its bit is 0."""
     if out.numel() == 0:
         return out
     if R == 0:
         # An empty reduction: the dot is 0, the epilogue still applies.
-        y = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        y = torch.zeros(M, N, dtype=torch.float32, device=out.device)
         y = y * scale.float() if scale is not None else y
-        return out.copy_(y + bias.float() if bias is not None else y)
-    if config is None:
+        y = y + bias.float() if bias is not None else y
+        return out.copy_(y if signs is None else _signs_of(y, *signs))
+    if config is None and signs is not None:
+        config = sign_config(x_mode, M, N, R, x.dtype, x.device)
+    elif config is None:
         config = default_config(x_mode, trans_w, M, N, R, x.dtype, x.device)
     blocks = dict(config.kwargs)
     split = blocks.pop("SPLIT_K", 1)
     gemv = is_gemv(config)
+    if signs is not None and (gemv or split != 1 or blocks["BLOCK_N"] % 32):
+        raise ValueError(f"sign words need a tensor-core config without split-K and BLOCK_N % 32 == 0, got {config}")
+    threshold, flip, round_dtype = signs if signs is not None else (None, None, torch.float32)
     # Absent scale / bias / workspace: any fp32 pointer, never read (one pointer type, so one
     # compiled variant).
     unused = _unused_fp32(out.device)
     part = torch.empty(split, M, N, dtype=torch.float32, device=out.device) if split > 1 else unused
     scale_ptr = scale if scale is not None else unused
     bias_ptr = bias if bias is not None else unused
+    mask_args = (mask_words, *mask_words.stride()) if mask_words is not None else (unused, 0, 0)
     args = (
         x,
         words,
@@ -91,17 +112,23 @@ def _launch(x, words, out, M, N, R, words_per_row, x_mode, trans_w, scale, bias,
     # enable_fp_fusion=False: y * scale + bias rounded twice, like torch (bit-exact W1A1).
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
     if gemv:
-        if x_mode != X_REAL or trans_w or blocks["BLOCK_M"] < M:
+        if x_mode != X_REAL or trans_w or blocks["BLOCK_M"] < M or mask_words is not None:
             raise ValueError(f"the GEMV kernel computes W1A16 for M <= BLOCK_M, got M={M} with {config}")
         gemv_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), split)](*args, SPLIT=split > 1, **blocks, **options)
     else:
         grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]), split)
         gemm_kernel[grid](
             *args,
+            threshold if signs is not None else unused,
+            flip if signs is not None else unused,
+            *mask_args,
             X_MODE=int(x_mode),
             TRANS_W=trans_w,
             SPLIT=split > 1,
             EMULATE_TC=_interpreting(),
+            SIGN_OUT=signs is not None,
+            ROUND_T=TRITON_FLOAT_TYPES[round_dtype],
+            HAS_MASK=mask_words is not None,
             **blocks,
             **options,
         )
@@ -120,10 +147,21 @@ def _launch(x, words, out, M, N, R, words_per_row, x_mode, trans_w, scale, bias,
             out.stride(0),
             out.stride(1),
             *args[-3:],
+            *mask_args,
+            HAS_MASK=mask_words is not None,
             BLOCK=block,
             enable_fp_fusion=False,
         )
     return out
+
+
+def _signs_of(v, threshold, flip, round_dtype):
+    """Sign words (M, ceil(N/32)) of fp32 values v (M, N), as the kernels' sign epilogue computes them."""
+    t = threshold.float() if threshold.dtype == torch.int32 else threshold.to(round_dtype)
+    neg = (v.to(round_dtype) < t) ^ (flip != 0)
+    M, N = v.shape
+    bits = torch.nn.functional.pad(neg, (0, 32 * triton.cdiv(N, 32) - N)).reshape(M, -1, 32).to(torch.int32)
+    return (bits << torch.arange(32, dtype=torch.int32, device=v.device)).sum(-1, dtype=torch.int32)
 
 
 def w1a1(
@@ -223,19 +261,101 @@ def w1a16(
     return _launch(x, words, out, M, N, K, words.shape[1], X_REAL, False, scale, bias, config)
 
 
+def w1a1_sign(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    K: int,
+    threshold: torch.Tensor,
+    flip: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """Sign words of a folded W1A1 layer: bit n of row m is ``(v[m, n] < threshold[n]) XOR flip[n]``,
+    v = sign(x) W^T the exact integer sum (``bnnops::binary_linear_w1a1_sign``).
+
+    Args:
+        x, words, K: as :func:`w1a1` (float x is binarized in the kernel; int32 x is sign words).
+        threshold: int32 (N,); flip: bool (N,); both contiguous.
+        out: a contiguous int32 (M, ceil(N/32)) buffer to write. config: a tensor-core config
+            without split-K, BLOCK_N a multiple of 32; None: :func:`~bnnops.kernels.gemm_configs.sign_config`.
+
+    Returns:
+        int32 (M, ceil(N/32)) words (``out`` when given); bits of channels >= N are 0.
+
+    Raises:
+        ValueError: a GEMV or split-K config, or BLOCK_N not a multiple of 32.
+    """
+    M, N = x.shape[0], words.shape[0]
+    out = out if out is not None else torch.empty(M, triton.cdiv(N, 32), dtype=torch.int32, device=x.device)
+    x_mode = X_PACKED if x.dtype == torch.int32 else X_SIGN
+    signs = (threshold, flip.view(torch.int8), torch.float32)
+    return _launch(x, words, out, M, N, K, words.shape[1], x_mode, False, None, None, config, signs)
+
+
+def w1a16_sign(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    threshold: torch.Tensor,
+    flip: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """Sign words of a folded W1A16 layer: v = x W^T * scale + bias (fp32, as :func:`w1a16`) rounded
+    to x's dtype, bit n of row m ``(v[m, n] < threshold[n]) XOR flip[n]``, threshold of x's dtype
+    (``bnnops::binary_linear_w1a16_sign``). Other arguments, result and errors as :func:`w1a1_sign`."""
+    M, K = x.shape
+    N = words.shape[0]
+    out = out if out is not None else torch.empty(M, triton.cdiv(N, 32), dtype=torch.int32, device=x.device)
+    signs = (threshold, flip.view(torch.int8), x.dtype)
+    return _launch(x, words, out, M, N, K, words.shape[1], X_REAL, False, scale, bias, config, signs)
+
+
 def grad_input(
     g: torch.Tensor,
     words: torch.Tensor,
     K: int,
     *,
+    mask_words: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """y = g @ W for g (M, N) fp32/bf16/fp16 and W (N, K) given as words (N, ceil(K/32)), contiguous.
+    """y = g @ W, the input gradient of both GEMMs, optionally times a packed pass mask.
 
-    The input gradient of both GEMMs: W is read packed, never built dense. y: (M, K) of g's dtype
-    (``out`` when given: contiguous). config: a tensor-core config, None: the table's.
+    W is read packed, never built dense. ``mask_words`` is the straight-through estimator's pass
+    mask of a layer that saved its input packed (:mod:`~bnnops.kernels.saved_activations`): y is 0
+    wherever its bit is 0, applied where the kernel writes y (with split-K in the kernel that adds
+    the shares), so the mask costs no pass over y. A select: a blocked position is 0 even where
+    g @ W is inf or NaN, so y equals the unmasked y with its blocked positions zeroed, bit for bit.
+
+    Args:
+        g: (M, N) float32 / bfloat16 / float16, any strides. fp32 must be finite (TF32 split).
+        words: int32 (N, ceil(K/32)) contiguous, W in the ``bnnops.packing`` format.
+        K: the output length.
+        mask_words: int32 (M, ceil(K/32)) on g's device, any strides, bit j of word w is column
+            32*w + j, bit 1 = pass; bits past K are ignored. None: no mask.
+        out: an (M, K) float buffer to write, any strides (its dtype the result's); None: a new one
+            of g's dtype.
+        config: a tensor-core config (:mod:`~bnnops.kernels.gemm_configs`); None: the table's.
+
+    Returns:
+        (M, K) tensor (``out`` when given).
+
+    Raises:
+        ValueError: mask_words not int32 (M, ceil(K/32)) on g's device, or a GEMV config.
     """
     M, N = g.shape
+    if mask_words is not None and (
+        mask_words.dtype != torch.int32
+        or tuple(mask_words.shape) != (M, triton.cdiv(K, 32))
+        or mask_words.device != g.device
+    ):
+        raise ValueError(
+            f"mask_words must be int32 of shape {(M, triton.cdiv(K, 32))} (M, ceil(K/32)) on {g.device}, "
+            f"got {mask_words.dtype} {tuple(mask_words.shape)} on {mask_words.device}"
+        )
     out = out if out is not None else torch.empty(M, K, dtype=g.dtype, device=g.device)
-    return _launch(g, words, out, M, K, N, words.shape[1], X_REAL, True, None, None, config)
+    return _launch(g, words, out, M, K, N, words.shape[1], X_REAL, True, None, None, config, mask_words=mask_words)

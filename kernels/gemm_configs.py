@@ -193,3 +193,15 @@ def default_config(
     """:func:`pick_config` with the table and SM count of ``device`` (CPU: SM90 and 132 SMs)."""
     table, sms = _device_table(device)
     return pick_config(x_mode, trans_w, M, N, R, x_dtype, sms, table)
+
+
+def sign_config(
+    x_mode: tl.constexpr, M: int, N: int, R: int, x_dtype: torch.dtype, device: torch.device
+) -> triton.Config:
+    """The config of a call that writes sign words (``gemm.w1a1_sign``, ``gemm.w1a16_sign``): the
+    tensor-core kernel at every M (the GEMV has no sign epilogue) with the table's blocks for M,
+    and no split-K: a program packs the bits of whole sums. Every table's BLOCK_N is a multiple of
+    32, so a tile writes whole words."""
+    table, _ = _device_table(device)
+    base = table[("large" if M > SMALL_M else "small", role(x_mode, False, x_dtype))]
+    return with_kwargs(base, SPLIT_K=1)

@@ -12,6 +12,8 @@ Roles (X_MODE, TRANS_W):
   mantissa bits; +-1 is exact in TF32, so only lo is rounded: error about 2^-20 |x|). x past R
   loads as 0 and adds nothing.
 - grad_input (X_REAL, TRANS_W = 1): ``y = g W``; the packed dimension is the output dimension N.
+  With HAS_MASK, y is 0 where the straight-through estimator's packed pass mask is 0 (the
+  backward of a layer that saved its input packed).
 
 Why the layouts:
 
@@ -37,6 +39,7 @@ from bnnops.kernels.gemm_tiles import (
     load_interleaved,
     split_range,
     store_result,
+    store_signs,
     tf32,
     unpack_tile,
     valid_bits,
@@ -64,6 +67,11 @@ def gemm_kernel(
     has_scale,
     has_bias,
     split_k,
+    threshold_ptr,
+    flip_ptr,
+    mask_ptr,
+    stride_mm,
+    stride_mw,
     X_MODE: tl.constexpr,
     TRANS_W: tl.constexpr,
     EMULATE_TC: tl.constexpr,
@@ -73,6 +81,9 @@ def gemm_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT: tl.constexpr,
+    SIGN_OUT: tl.constexpr = False,
+    ROUND_T: tl.constexpr = tl.float32,
+    HAS_MASK: tl.constexpr = False,
 ):
     """y[M, N] = (A[M, R] @ B[R, N]) * scale[N] + bias[N], B from the words at words_ptr.
 
@@ -83,6 +94,13 @@ def gemm_kernel(
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), split_k), tiles in groups of GROUP_M row tiles.
     EMULATE_TC: the interpreter's tensor-core arithmetic (see :func:`~bnnops.kernels.gemm_tiles.dot`).
+    SIGN_OUT (not with SPLIT or TRANS_W; BLOCK_N a multiple of 32): y_ptr is int32 sign words
+    (M, ceil(N/32)) written by :func:`~bnnops.kernels.gemm_tiles.store_signs` with threshold_ptr,
+    flip_ptr and ROUND_T (stride_ym its row stride); otherwise those two pointers are not read.
+    HAS_MASK (grad_input; not with SIGN_OUT): y is 0 where bit n % 32 of word [m, n // 32] of the
+    int32 pass mask at mask_ptr (strides stride_mm, stride_mw) is 0, applied where y is written
+    (with SPLIT by :func:`~bnnops.kernels.gemm_tiles.split_k_epilogue_kernel`, not to the shares);
+    otherwise mask_ptr is not read.
     """
     # Grouped tile order: GROUP_M row tiles share each column of weight tiles while it is in L2.
     pid = tl.program_id(0)
@@ -164,20 +182,45 @@ def gemm_kernel(
         acc = tl.trans(acc)
     # INT: each padded position k in [R, n_steps * BLOCK_R) added +1 times +1.
     pad = n_steps * BLOCK_R - R if INT else 0
-    store_result(
-        acc.to(tl.float32),
-        rm,
-        rn,
-        M,
-        N,
-        pad,
-        y_ptr,
-        part_ptr,
-        scale_ptr,
-        bias_ptr,
-        stride_ym,
-        stride_yn,
-        has_scale,
-        has_bias,
-        SPLIT,
-    )
+    if SIGN_OUT:
+        store_signs(
+            acc.to(tl.float32),
+            rm,
+            pid_n * BLOCK_N,
+            M,
+            N,
+            pad,
+            y_ptr,
+            scale_ptr,
+            bias_ptr,
+            threshold_ptr,
+            flip_ptr,
+            stride_ym,
+            has_scale,
+            has_bias,
+            ROUND_T,
+        )
+    else:
+        store_result(
+            acc.to(tl.float32),
+            rm,
+            rn,
+            M,
+            N,
+            pad,
+            y_ptr,
+            part_ptr,
+            scale_ptr,
+            bias_ptr,
+            stride_ym,
+            stride_yn,
+            has_scale,
+            has_bias,
+            SPLIT,
+            mask_ptr,
+            stride_mm,
+            stride_mw,
+            HAS_MASK,
+            # Fewer registers in each layout (see pass_masked_tile).
+            MASK_PER_ELEMENT=SWAP_AB,
+        )

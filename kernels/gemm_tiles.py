@@ -4,12 +4,18 @@ epilogue and the store, and the kernel that finishes a split-K product.
 
 Words follow the ``bnnops.packing`` format: int32, bit j of word w is column 32*w + j of its row,
 bit 1 is -1 and bit 0 is +1; the bits of a row's last word past K are padding (zero by the format,
-masked by the kernels wherever they could count).
+masked by the kernels wherever they could count). :func:`store_signs` is the epilogue of a layer
+whose batch norm and sign are folded in: it writes packed sign words instead of y;
+:func:`pass_masked` is grad_input's: y is 0 where a packed pass mask (the straight-through
+estimator's, same bit layout) is 0, applied where y is stored, so the mask costs no pass over y.
 """
 
+import torch
 import triton
 import triton.language as tl
 
+# The Triton type of each float torch dtype (a sign epilogue's ROUND_T).
+TRITON_FLOAT_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # What x holds (the kernels' X_MODE): real values, floats to binarize, or packed sign words.
 X_REAL, X_SIGN, X_PACKED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -164,6 +170,36 @@ def epilogue(y, n, mask_n, pad, scale_ptr, bias_ptr, has_scale, has_bias):
 
 
 @triton.jit
+def pass_masked(y, m, n, ok, mask_ptr, stride_mm, stride_mw):
+    """y where bit n % 32 of pass-mask word [m, n // 32] is 1, else 0 (a select: a blocked position
+    is 0 even where y is inf or NaN). mask_ptr: int32 words (rows, ceil(cols/32)) with strides
+    stride_mm, stride_mw, bit j of word w is column 32*w + j (the layout of the weight words);
+    m, n and ``ok`` (where to read) broadcast against y."""
+    words = tl.load(mask_ptr + m.to(tl.int64) * stride_mm + (n // 32) * stride_mw, mask=ok, other=0)
+    return tl.where(((words >> (n % 32)) & 1) != 0, y, 0.0)
+
+
+@triton.jit
+def pass_masked_tile(y, rm, rn, M, N, mask_ptr, stride_mm, stride_mw):
+    """:func:`pass_masked` of a tile y[rm, rn], rn = n0 + arange(BLOCK_N) with n0 and BLOCK_N
+    multiples of 32: the tile's BLOCK_M x BLOCK_N/32 words are loaded once and unpacked in the
+    thread that loaded them. Compiled for sm_90 in the 128 x 128 wgmma tile (bf16, 8 warps) it
+    takes 115 registers where pass_masked takes 166 (118 without a mask); in the 16-column
+    SWAP_AB tile (4 warps) 105 where pass_masked takes 72 (72 without)."""
+    BLOCK_M: tl.constexpr = y.shape[0]
+    BNW: tl.constexpr = y.shape[1] // 32
+    cw = tl.min(rn, axis=0) // 32 + tl.arange(0, BNW)
+    words = tl.load(
+        mask_ptr + rm.to(tl.int64)[:, None] * stride_mm + cw[None, :] * stride_mw,
+        mask=(rm < M)[:, None] & (cw < tl.cdiv(N, 32))[None, :],
+        other=0,
+    )
+    w = tl.reshape(replicate(words, 5), (BLOCK_M, BNW, 32))
+    keep = tl.reshape((w >> tl.arange(0, 32)[None, None, :]) & 1, (BLOCK_M, BNW * 32))
+    return tl.where(keep != 0, y, 0.0)
+
+
+@triton.jit
 def split_range(n_steps, split_k, SPLIT: tl.constexpr):
     """The K steps [first, end) of this program: with SPLIT, the program_id(1)-th of split_k shares
     of cdiv(n_steps, split_k) steps each (the last may be shorter or empty)."""
@@ -191,9 +227,17 @@ def store_result(
     has_scale,
     has_bias,
     SPLIT: tl.constexpr,
+    mask_ptr=None,
+    stride_mm=0,
+    stride_mw=0,
+    HAS_MASK: tl.constexpr = False,
+    MASK_PER_ELEMENT: tl.constexpr = False,
 ):
     """Write the fp32 tile acc[rm, rn]: with SPLIT as part[program_id(1)] (fp32, (split_k, M, N)
-    contiguous) for :func:`split_k_epilogue_kernel`, else y = epilogue(acc) in y's dtype."""
+    contiguous) for :func:`split_k_epilogue_kernel`, which applies the epilogue and the mask; else
+    y = epilogue(acc) in y's dtype, with HAS_MASK 0 where the pass mask at mask_ptr (int32 words
+    (M, ceil(N/32)), strides stride_mm, stride_mw) has bit 0: by :func:`pass_masked` with
+    MASK_PER_ELEMENT, else :func:`pass_masked_tile` (rn then n0 + arange, n0 a multiple of 32)."""
     mask_n = rn < N
     mask = (rm < M)[:, None] & mask_n[None, :]
     if SPLIT:
@@ -201,8 +245,55 @@ def store_result(
         tl.store(part, acc, mask=mask)
     else:
         y = epilogue(acc, rn[None, :], mask_n[None, :], pad, scale_ptr, bias_ptr, has_scale, has_bias)
+        if HAS_MASK and MASK_PER_ELEMENT:
+            y = pass_masked(y, rm[:, None], rn[None, :], mask, mask_ptr, stride_mm, stride_mw)
+        elif HAS_MASK:
+            y = pass_masked_tile(y, rm, rn, M, N, mask_ptr, stride_mm, stride_mw)
         y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
         tl.store(y_ptrs, to_output(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_signs(
+    acc,
+    rm,
+    n0,
+    M,
+    N,
+    pad,
+    out_ptr,
+    scale_ptr,
+    bias_ptr,
+    threshold_ptr,
+    flip_ptr,
+    stride_om,
+    has_scale,
+    has_bias,
+    ROUND_T: tl.constexpr,
+):
+    """Write the sign words of the fp32 tile acc[rm, n0 : n0 + BLOCK_N] (n0 a multiple of 32):
+    bit n of row m is ``(v < threshold[n]) XOR flip[n]``, v = epilogue(acc) rounded to ROUND_T,
+    packed 32 columns to an int32 word; columns n >= N give 0 bits. out: int32 (M, ceil(N/32)),
+    row stride ``stride_om``, unit stride along words.
+
+    threshold is int32 (W1A1 sums, v exact in fp32) or ROUND_T; flip is int8 0/1.
+    """
+    BLOCK_M: tl.constexpr = acc.shape[0]
+    BLOCK_N: tl.constexpr = acc.shape[1]
+    BNW: tl.constexpr = BLOCK_N // 32
+    rn = n0 + tl.arange(0, BLOCK_N)
+    mask_n = rn < N
+    v = epilogue(acc, rn[None, :], mask_n[None, :], pad, scale_ptr, bias_ptr, has_scale, has_bias)
+    v = to_output(v, ROUND_T).to(tl.float32)
+    t = tl.load(threshold_ptr + rn, mask=mask_n, other=0).to(tl.float32)
+    flip = tl.load(flip_ptr + rn, mask=mask_n, other=0) != 0
+    neg = ((v < t[None, :]) != flip[None, :]) & mask_n[None, :]
+    bits = neg.to(tl.int32) << (tl.arange(0, BLOCK_N) % 32)[None, :]
+    # Distinct powers of two: their int32 sum is their OR (bit 31 wraps to the sign bit).
+    words = tl.sum(tl.reshape(bits, (BLOCK_M, BNW, 32)), axis=2)
+    cw = n0 // 32 + tl.arange(0, BNW)
+    mask = (rm < M)[:, None] & (cw < tl.cdiv(N, 32))[None, :]
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + cw[None, :], words, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "pad", "has_scale", "has_bias", "split_k"])
@@ -219,11 +310,16 @@ def split_k_epilogue_kernel(
     has_scale,
     has_bias,
     split_k,
+    mask_ptr,
+    stride_mm,
+    stride_mw,
+    HAS_MASK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """y[m, n] = epilogue(sum_s part[s, m, n]), the end of a split-K product: the shares are added
-    in a fixed order (deterministic results). part: fp32 (split_k, M, N) contiguous. Grid:
-    (cdiv(M * N, BLOCK),)."""
+    in a fixed order (deterministic results), then with HAS_MASK y is 0 where the pass mask
+    (int32 words (M, ceil(N/32)) at mask_ptr, strides stride_mm, stride_mw; :func:`pass_masked`)
+    has bit 0. part: fp32 (split_k, M, N) contiguous. Grid: (cdiv(M * N, BLOCK),)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < M * N
     y = tl.zeros((BLOCK,), tl.float32)
@@ -231,4 +327,6 @@ def split_k_epilogue_kernel(
         y += tl.load(part_ptr + s * M * N + i, mask=mask, other=0.0)
     m, n = i // N, i % N
     y = epilogue(y, n, mask, pad, scale_ptr, bias_ptr, has_scale, has_bias)
+    if HAS_MASK:
+        y = pass_masked(y, m, n, mask, mask_ptr, stride_mm, stride_mw)
     tl.store(y_ptr + m * stride_ym + n * stride_yn, to_output(y, y_ptr.dtype.element_ty), mask=mask)

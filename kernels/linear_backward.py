@@ -6,9 +6,8 @@
   its output dimension) with g = grad_out^T (a strided view, no copy) and W = sign(x): the GEMM
   reduces over the batch.
 - :func:`grad_input`: grad_x (M, K) = grad_out (M, N) @ W (N, K), then 0 wherever the pass mask
-  (words (M, ceil(K/32)), bit 1 = pass) is 0: ``gemm.grad_input``, then :func:`apply_mask` over
-  its output in place. The GEMM kernel has no per-element epilogue input, so the mask is one more
-  pass over grad_x (read and write in grad_x's dtype, 1/16 of that in mask bits).
+  (words (M, ceil(K/32)), bit 1 = pass) is 0: ``gemm.grad_input(..., mask_words=...)``, whose
+  epilogue applies the mask where it writes grad_x (no second pass).
 
 Numerics: ``gemm.grad_input``'s (docs/design.md 4.2): fp32 accumulation, 16-bit products exact,
 fp32 grad_out as two TF32 products (error about 2^-20 |g| each), one rounding to the output dtype.
@@ -18,65 +17,8 @@ References: :mod:`bnnops.ops.backward_reference`.
 
 import torch
 import triton
-import triton.language as tl
 
 from bnnops.kernels import gemm
-from bnnops.kernels.saved_activations import unpack_bits
-
-# Mask pass tile: rows x words (x 32 elements): 4096 elements a program.
-MASK_BLOCK_ROWS = 32
-MASK_BLOCK_WORDS = 4
-
-
-@triton.jit
-def _apply_mask_kernel(
-    y_ptr,
-    mask_ptr,
-    M,
-    K,
-    words_per_row,
-    stride_ym,
-    stride_yk,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_WORDS: tl.constexpr,
-):
-    """y[m, k] = y[m, k] where bit k of mask row m is 1, else 0, in place; y (M, K) any strides,
-    mask (M, words_per_row) contiguous. Grid (cdiv(M, BLOCK_ROWS), cdiv(words_per_row, BLOCK_WORDS))."""
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    words = tl.program_id(1) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
-    k = tl.program_id(1) * BLOCK_WORDS * 32 + tl.arange(0, BLOCK_WORDS * 32)
-    row_ok = rows < M
-    mask_words = tl.load(
-        mask_ptr + rows.to(tl.int64)[:, None] * words_per_row + words[None, :],
-        mask=row_ok[:, None] & (words < words_per_row)[None, :],
-        other=0,
-    )
-    passes = unpack_bits(mask_words, BLOCK_ROWS, BLOCK_WORDS) != 0
-    ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + k[None, :] * stride_yk
-    ok = row_ok[:, None] & (k < K)[None, :]
-    y = tl.load(ptrs, mask=ok, other=0.0)
-    tl.store(ptrs, tl.where(passes, y, tl.zeros_like(y)), mask=ok)
-
-
-def apply_mask(y: torch.Tensor, mask_words: torch.Tensor) -> torch.Tensor:
-    """Zero y (M, K), any float dtype and strides, in place wherever bit k of ``mask_words``
-    (M, ceil(K/32)) int32 contiguous row m is 0; returns y."""
-    M, K = y.shape
-    words_per_row = mask_words.shape[1]
-    if y.numel():
-        grid = (-(-M // MASK_BLOCK_ROWS), -(-words_per_row // MASK_BLOCK_WORDS))
-        _apply_mask_kernel[grid](
-            y,
-            mask_words,
-            M,
-            K,
-            words_per_row,
-            y.stride(0),
-            y.stride(1),
-            BLOCK_ROWS=MASK_BLOCK_ROWS,
-            BLOCK_WORDS=MASK_BLOCK_WORDS,
-        )
-    return y
 
 
 def _check_words(what: str, words: torch.Tensor, rows: int, K: int) -> None:
@@ -151,5 +93,4 @@ def grad_input(
     _check_words("words", words, N, K)
     if mask_words is not None:
         _check_words("mask_words", mask_words, M, K)
-    y = gemm.grad_input(grad_out, words, K, out=out, config=config)
-    return apply_mask(y, mask_words) if mask_words is not None else y
+    return gemm.grad_input(grad_out, words, K, mask_words=mask_words, out=out, config=config)

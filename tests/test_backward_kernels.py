@@ -470,7 +470,7 @@ import os, re, subprocess, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from bnnops.kernels import conv2d_backward as cb, linear_backward as lb, saved_activations as sa
+from bnnops.kernels import conv2d_backward as cb, saved_activations as sa
 
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
 launches = []
@@ -483,7 +483,6 @@ class Record:
 
 for name in ("_grad_weight_kernel", "_grad_input_kernel", "_sum_shares_kernel"):
     setattr(cb, name, Record(getattr(cb, name)))
-lb._apply_mask_kernel = Record(lb._apply_mask_kernel)
 sa._pack_sign_and_mask_kernel = Record(sa._pack_sign_and_mask_kernel)
 cb._device_sms = lambda device: 132
 
@@ -507,7 +506,6 @@ layer(64, 56, 128, 3, 2, torch.bfloat16, False)
 x = torch.empty(256, 64, 56, 56, dtype=torch.bfloat16, device="meta")
 sa.pack_sign_and_mask_conv(x, 1.0)
 sa.pack_sign_and_mask_conv(x.contiguous(memory_format=torch.channels_last), 1.0)
-lb.apply_mask(torch.empty(256, 1000, dtype=torch.bfloat16, device="meta"), torch.empty(256, 32, dtype=torch.int32, device="meta"))
 
 compiled = {}
 for fn, args, kwargs in launches:
@@ -549,7 +547,7 @@ for fn, args, kwargs in launches:
 def test_kernels_compile_for_h100_without_spills():
     """The conv backward kernels compile for sm_90 as launched for ResNet-18's layers (NCHW and
     channels_last, bf16 and fp32 grad_out), their dots run on wgmma (HGMMA), and no kernel spills
-    to local memory; the pack and mask kernels compile too."""
+    to local memory; the pack kernel compiles too."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], env=env, capture_output=True, text=True)
     if run.returncode != 0 and ("ptxas" in run.stderr or "backend" in run.stderr.lower()):
@@ -561,7 +559,6 @@ def test_kernels_compile_for_h100_without_spills():
         "_grad_weight_kernel",
         "_grad_input_kernel",
         "_sum_shares_kernel",
-        "_apply_mask_kernel",
         "_pack_sign_and_mask_kernel",
     }, run.stdout
     for line in lines:

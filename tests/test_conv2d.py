@@ -440,3 +440,94 @@ def test_picked_configs_compile_for_h100_with_async_mma_and_no_spills():
     assert any(" nchw " in line for line in lines), run.stdout
     for line in lines:
         assert "waits 1," in line and line.endswith("spill 0") and " stores STG.E.128 " in line, line
+
+
+# ---- the packed-input route: x given as its sign words (bnnops::binary_conv2d_packed) ----
+
+# (C, groups, padding, pad_value, channels_last): ragged channels, two words a group, 1 channel a group.
+PACKED_CASES = [
+    (33, 1, [1, 0, 2, 1], -1.0, True),
+    (70, 2, [1, 1, 1, 1], 1.0, False),
+    (6, 3, [0, 2, 0, 0], 0.0, True),
+    (3, 3, [1, 1, 0, 1], 1.0, False),
+]
+
+
+def _sign_words(x, groups, garbage=True):
+    """x's per-group channels-last sign words, with random bits in every word's padding (they must
+    not change a result) when ``garbage``."""
+    from bnnops.ops.backward_reference import pack_sign_and_mask_conv_reference
+
+    words = pack_sign_and_mask_conv_reference(x, 1.0, groups)[0]
+    Cg = x.shape[1] // groups
+    if garbage and Cg % 32:
+        junk = torch.randint(-(2**31), 2**31 - 1, words.shape, dtype=torch.int32)
+        pad_bits = -(1 << (Cg % 32))  # bits Cg % 32 .. 31 of the last word of each group
+        last = (torch.arange(words.shape[-1]) % -(-Cg // 32)) == -(-Cg // 32) - 1
+        words = torch.where(last, words | (junk & pad_bits), words)
+    return words
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[f"C{c[0]}-g{c[1]}" for c in PACKED_CASES])
+def test_prepare_from_words_equals_prepare_from_x(device, conv_kernels, case):
+    """The operand pass reads the sign words instead of x and writes the same padded +-1 operand."""
+    C, groups, padding, pad_value, _ = case
+    g = torch.Generator().manual_seed(C)
+    x = random_signs_input((2, C, 5, 7), torch.float32, "cpu", generator=g, finite=True)
+    words = pack_weight(torch.randn(4, C // groups, 3, 3, generator=g)).to(device)
+    sign_words = _sign_words(x, groups)
+    strided = torch.zeros(*sign_words.shape[:-1], 2 * sign_words.shape[-1], dtype=torch.int32)
+    strided[..., ::2] = sign_words  # a word stride of 2
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        a_x, w_x = conv_kernels.prepare(x.to(device), words, dtype, True, padding, pad_value)
+        a_p, w_p = conv_kernels.prepare(
+            strided[..., ::2].to(device), words, dtype, True, padding, pad_value, channels=C, groups=groups
+        )
+        assert torch.equal(a_p.float().cpu(), a_x.float().cpu()) and torch.equal(w_p.float(), w_x.float())
+
+
+@pytest.mark.parametrize(
+    "case, out_dtype",
+    list(zip(PACKED_CASES, [torch.float32, torch.bfloat16, torch.float16, torch.float32])),
+    ids=[f"C{c[0]}-g{c[1]}" for c in PACKED_CASES],
+)
+def test_packed_op_equals_the_op_on_x(device, case, out_dtype):
+    """binary_conv2d_packed on x's sign words gives binary_conv2d's W1A1 output on x, bit for bit,
+    on the reference, the launcher and the fake, in the requested memory format."""
+    C, groups, padding, pad_value, channels_last = case
+    g = torch.Generator().manual_seed(C + 1)
+    x = random_signs_input((2, C, 6, 5), torch.float32, "cpu", generator=g, finite=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    words = pack_weight(torch.randn(6, C // groups, 3, 2, generator=g))
+    bias, scale = torch.randn(6, generator=g), torch.rand(6, generator=g) + 0.5
+    geometry = [[1, 2], padding, [2, 1], groups, pad_value]
+    expected = binary_conv2d_reference(x, words, bias, scale, *geometry, True, out_dtype)
+    args = [_sign_words(x, groups), words, C, bias, scale, *geometry, channels_last, out_dtype]
+    on_device = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    fake = torch.ops.bnnops.binary_conv2d_packed(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    for y in (torch.ops.bnnops.binary_conv2d_packed(*args), CUDA_IMPLEMENTATIONS["binary_conv2d_packed"](*on_device)):
+        assert y.dtype == fake.dtype == out_dtype and y.shape == fake.shape == expected.shape
+        assert y.is_contiguous(memory_format=fmt) and fake.is_contiguous(memory_format=fmt)
+        assert torch.equal(y.cpu(), expected)
+    torch.library.opcheck(torch.ops.bnnops.binary_conv2d_packed, on_device)
+
+
+def test_packed_op_checks():
+    x = torch.zeros(2, 5, 5, 2, dtype=torch.int32)  # 40 channels in 2 groups: one word each
+    words = torch.zeros(4, 3, 3, 1, dtype=torch.int32)
+    geometry = [[1, 1], [1, 1, 1, 1], [1, 1], 2, 0.0, False, torch.float32]
+    assert torch.ops.bnnops.binary_conv2d_packed(x, words, 40, None, None, *geometry).shape == (2, 4, 5, 5)
+    op = torch.ops.bnnops.binary_conv2d_packed
+    with pytest.raises(DtypeError, match="int32 sign words"):
+        op(x.float(), words, 40, None, None, *geometry)
+    with pytest.raises(ShapeError, match="words per pixel"):
+        op(x, words, 80, None, None, *geometry)  # 40 channels a group: 2 words each
+    with pytest.raises(ShapeError, match="rank 4"):
+        op(x[0], words, 40, None, None, *geometry)
+    with pytest.raises(ShapeError, match="divide"):
+        op(x, words, 41, None, None, *geometry)
+    with pytest.raises(ShapeError, match="words per tap"):
+        op(x, words, 40, None, None, *geometry[:3], 1, *geometry[4:])  # 1 group of 40: 2 words a tap
+    with pytest.raises(DtypeError, match="out_dtype"):
+        op(x, words, 40, None, None, *geometry[:-1], torch.int32)
