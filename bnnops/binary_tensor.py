@@ -492,6 +492,9 @@ def _copy_(dst, src, non_blocking=False):
     else:
         _check_signs(src)
         dst.words.copy_(pack_weight(src.to(dst.device)))
+    # An in-place op inside __torch_dispatch__ runs below autograd and leaves the version counter as
+    # it was; autograd's saved-tensor checks read that counter, so the write must bump it.
+    torch.autograd.graph.increment_version(dst.words)
     return dst
 
 

@@ -18,6 +18,7 @@ Output channels are dim 1 of a layer's output here: (M, N) rows for linear, (N, 
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from bnnops.binary_tensor import BinaryTensor, metadata
 from bnnops.ops import backward_reference
 from bnnops.ops.checks import DtypeError, check_channel_vectors
 from bnnops.ops.library import FLOAT_DTYPES, refuse_backward
-from bnnops.packing import pack_weight, unpack_signs_reference
+from bnnops.packing import pack_bits, pack_weight
 from bnnops.quantizers import MagnitudeAwareSign, SignQuantizer, get_quantizer
 
 __all__ = [
@@ -36,8 +37,8 @@ __all__ = [
     "binarize_weight",
     "first_derivatives",
     "needs_autograd",
+    "pack_and_multiply",
     "pack_saved_input",
-    "pass_mask",
     "reset_weight_and_bias",
     "runs_kernels",
     "split_epilogue",
@@ -129,7 +130,8 @@ def pack_saved_input(
     dtype, as ``SteSign`` compares). ``groups`` None: linear x (..., K) -> int32 (..., ceil(K/32))
     each; else conv x (N, C, H, W) -> int32 (N, H, W, groups * ceil(Cg/32)) each, every group
     starting a new word (layouts: :mod:`bnnops.ops.backward_reference`). One pass over x on CUDA
-    (``bnnops.kernels.saved_activations``), ``pack_bits`` on the CPU.
+    (``bnnops.kernels.saved_activations``); on the CPU one ``pack_bits`` of the bits needed (both
+    together when both are), so a words tensor never holds bits nobody asked for.
     """
     if not (need_sign or need_mask):
         return None, None
@@ -139,16 +141,37 @@ def pack_saved_input(
             sign_words, mask_words = saved.pack_sign_and_mask(x, clip_value)
         else:
             sign_words, mask_words = saved.pack_sign_and_mask_conv(x, clip_value, groups)
-    elif groups is None:
-        sign_words, mask_words = backward_reference.pack_sign_and_mask_reference(x, clip_value)
-    else:
-        sign_words, mask_words = backward_reference.pack_sign_and_mask_conv_reference(x, clip_value, groups)
-    return (sign_words if need_sign else None), (mask_words if need_mask else None)
+        return (sign_words if need_sign else None), (mask_words if need_mask else None)
+    if need_sign and need_mask:
+        if groups is None:
+            return backward_reference.pack_sign_and_mask_reference(x, clip_value)
+        return backward_reference.pack_sign_and_mask_conv_reference(x, clip_value, groups)
+    bits = x < 0 if need_sign else x.abs() <= clip_value
+    words = pack_bits(bits) if groups is None else backward_reference.pack_conv_bits(bits, groups)
+    return (words, None) if need_sign else (None, words)
 
 
-def pass_mask(mask_words: torch.Tensor, K: int) -> torch.Tensor:
-    """The bool pass mask (..., K) held by linear-layout ``mask_words`` (..., ceil(K/32)) (bit 1: passes)."""
-    return unpack_signs_reference(mask_words, K, torch.float32) < 0
+def pack_and_multiply(
+    x: torch.Tensor,
+    clip_value: float,
+    groups: int | None,
+    need_sign: bool,
+    need_mask: bool,
+    product: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(y, sign_words, mask_words) of a training forward with a mask-only input quantizer: y =
+    ``product(a)`` (the layer's W1A1 op on a = float x or its int32 sign words), and the words
+    :func:`pack_saved_input` gives for ``need_sign`` / ``need_mask`` (arguments as there).
+
+    On CUDA, and in any graph ``torch.compile`` traces, x is packed once and the product runs on
+    the sign words (x is read once). In eager CPU code the product reads float x (its reference
+    would unpack the words it was just given) and only the words kept are packed. The same output
+    bits either way: the dot of +-1 values is an exact integer.
+    """
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        sign_words, mask_words = pack_saved_input(x, clip_value, groups, True, need_mask)
+        return product(sign_words), (sign_words if need_sign else None), mask_words
+    return product(x), *pack_saved_input(x, clip_value, groups, need_sign, need_mask)
 
 
 def split_epilogue(

@@ -8,18 +8,21 @@ grad_out^T sign(x) (grad_out^T x for W1A16), a dense float gradient of the weigh
 which is what Bop consumes. The dense +-1 weight is never built on the CUDA path, forward or
 backward. ``F.linear`` (so ``nn.Linear``) on a BinaryTensor weight runs the W1A16 product.
 
-With the ``ste_sign`` input quantizer the layer keeps 2 bits per input element for its backward,
-x's sign and pass-mask words (:func:`bnnops.layer_common.pack_saved_input`), not x. The backward
-reads them packed: on CUDA the launchers of ``bnnops.kernels.linear_backward`` (grad_W from the
-sign words, grad_input masked in place; numerics as ``gemm.grad_input``, docs/design.md 4.2),
-elsewhere the ops and a select on the unpacked mask, which give bit for bit the values a backward
-from x gives (the same products, the same select).
+With the ``ste_sign`` input quantizer a training forward packs x once, into the sign and
+pass-mask words its backward keeps (:func:`bnnops.layer_common.pack_saved_input`: 2 bits per input
+element, not x), and on CUDA (and in a compiled graph) runs the W1A1 product on the sign words: one
+pass over float x in all (the same output bits: the dot of +-1 values is an exact integer either
+way); in eager CPU code the product reads float x (its reference would unpack the words again). The backward reads the
+words through the ops of :mod:`bnnops.ops.backward` (``binary_linear_grad_weight``,
+``binary_linear_grad_input_masked``): on CUDA the launchers of ``bnnops.kernels.linear_backward``
+(numerics as ``gemm.grad_input``, docs/design.md 4.2), on the CPU their references; a compiled
+graph holds the same ops.
 """
 
 import torch
 from torch.nn import functional as F
 
-from bnnops import kernels
+import bnnops.ops.backward  # noqa: F401  (defines the backward ops this module calls)
 from bnnops.binary_tensor import BinaryTensor, implements_torch_function, metadata
 from bnnops.layer_common import (
     apply_scale_bias,
@@ -27,19 +30,16 @@ from bnnops.layer_common import (
     binarize_weight,
     first_derivatives,
     needs_autograd,
-    pack_saved_input,
-    pass_mask,
-    runs_kernels,
+    pack_and_multiply,
     split_epilogue,
 )
 from bnnops.ops.checks import DeviceError, DtypeError, ShapeError
-from bnnops.ops.library import FLOAT_DTYPES
+from bnnops.ops.library import FLOAT_DTYPES, call
 from bnnops.ops.linear import check_features, rows
 
 # Re-exported for tests/test_gemm.py and bench/cases/dispatch.py, which import the references from
 # here; their home is bnnops.ops.reference.
 from bnnops.ops.reference import grad_input_reference, w1a1_reference, w1a16_reference  # noqa: F401
-from bnnops.packing import unpack_signs_reference
 from bnnops.quantizers import SignQuantizer, get_input_quantizer, sign
 
 __all__ = ["binary_linear"]
@@ -48,8 +48,8 @@ __all__ = ["binary_linear"]
 def _product(x, words, K, scale, bias, input_quantizer, out_dtype):
     """The forward op on 2-D x: W1A16 for real x (no input quantizer), else W1A1; y in ``out_dtype``."""
     if input_quantizer is None and x.dtype != torch.int32:
-        return torch.ops.bnnops.binary_linear_w1a16(x, words, scale, bias, out_dtype)
-    return torch.ops.bnnops.binary_linear_w1a1(x, words, K, scale, bias, out_dtype)
+        return call(torch.ops.bnnops.binary_linear_w1a16.default, x, words, scale, bias, out_dtype)
+    return call(torch.ops.bnnops.binary_linear_w1a1.default, x, words, K, scale, bias, out_dtype)
 
 
 class _BinaryLinearFunction(torch.autograd.Function):
@@ -62,20 +62,30 @@ class _BinaryLinearFunction(torch.autograd.Function):
 
     Saved for backward (:mod:`bnnops.layer_common`): with a mask-only input quantizer
     (``ste_sign``) x's sign words if the weight needs a gradient and its pass-mask words if x
-    does, no float x; packed x is its own sign words; otherwise x if a gradient needs it.
+    does, no float x (on CUDA the product runs on the sign words: x is read once); packed x is its own
+    sign words; otherwise x if a gradient needs it.
     """
 
     @staticmethod
     def forward(ctx, x, weight, words, K, weight_dtype, scale, bias, input_quantizer, weight_quantizer, out_dtype):
-        y = _product(x, words, K, scale, bias, input_quantizer, out_dtype)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dense_x = sign_words = mask_words = None
         if x.dtype == torch.int32:
+            y = _product(x, words, K, scale, bias, input_quantizer, out_dtype)
             sign_words = x if need_w else None
         elif input_quantizer is not None and input_quantizer.saves_mask_only:
-            sign_words, mask_words = pack_saved_input(x, input_quantizer.clip_value, None, need_w, need_x)
-        elif need_w or (need_x and input_quantizer is not None):
-            dense_x = x
+            y, sign_words, mask_words = pack_and_multiply(
+                x,
+                input_quantizer.clip_value,
+                None,
+                need_w,
+                need_x,
+                lambda a: _product(a, words, K, scale, bias, input_quantizer, out_dtype),
+            )
+        else:
+            y = _product(x, words, K, scale, bias, input_quantizer, out_dtype)
+            if need_w or (need_x and input_quantizer is not None):
+                dense_x = x
         latent = weight if weight_quantizer is not None else None
         ctx.save_for_backward(dense_x, sign_words, mask_words, words, scale, latent)
         ctx.K = K
@@ -89,29 +99,19 @@ class _BinaryLinearFunction(torch.autograd.Function):
         x, sign_words, mask_words, words, scale, latent = ctx.saved_tensors
         g = (grad_y * scale).to(grad_y.dtype) if scale is not None else grad_y
         grad_x = grad_weight = grad_bias = None
-        kernels_run = runs_kernels(g)
         if ctx.needs_input_grad[0]:
-            if mask_words is not None and kernels_run:
-                grad_x = kernels.load("linear_backward").grad_input(g, words.contiguous(), mask_words, ctx.K)
+            if mask_words is not None:
+                # SteSign.grad's select, on the saved mask, inside the op.
+                grad_x = call(torch.ops.bnnops.binary_linear_grad_input_masked.default, g, words, mask_words, ctx.K)
             else:
-                grad_x = torch.ops.bnnops.binary_linear_grad_input(g, words, ctx.K)
-                if mask_words is not None:
-                    # SteSign.grad's select, on the saved mask: the same values.
-                    grad_x = torch.where(pass_mask(mask_words, ctx.K), grad_x, 0)
-                elif ctx.input_quantizer is not None:
+                grad_x = call(torch.ops.bnnops.binary_linear_grad_input.default, g, words, ctx.K)
+                if ctx.input_quantizer is not None:
                     grad_x = ctx.input_quantizer.grad(x, grad_x)
         if ctx.needs_input_grad[1]:
-            if sign_words is not None and kernels_run:
-                # A packed x is saved as given: any strides, made contiguous here for the kernel.
-                grad_weight = kernels.load("linear_backward").grad_weight(g, sign_words.contiguous(), ctx.K)
+            if sign_words is not None:
+                grad_weight = call(torch.ops.bnnops.binary_linear_grad_weight.default, g, sign_words, ctx.K, None)
             else:
-                if sign_words is not None:
-                    # x's signs, not the weight: the pure-PyTorch unpack (the op's CPU body).
-                    x_values = unpack_signs_reference(sign_words, ctx.K, g.dtype)
-                elif ctx.input_quantizer is not None:
-                    x_values = sign(x).to(g.dtype)
-                else:
-                    x_values = x.to(g.dtype)
+                x_values = sign(x).to(g.dtype) if ctx.input_quantizer is not None else x.to(g.dtype)
                 grad_weight = g.T @ x_values
             if latent is not None:
                 grad_weight = ctx.weight_quantizer.grad(latent, grad_weight)

@@ -32,13 +32,14 @@ implicit-GEMM kernel walk the reduction tap by tap, channel word by channel word
 words; :func:`packed_weight_shape` gives the words' shape.
 """
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from bnnops import kernels
-from bnnops.ops.library import FLOAT_DTYPES, define
+from bnnops.ops.library import FLOAT_DTYPES, call, define
 
 __all__ = [
     "pack_bits",
@@ -47,6 +48,7 @@ __all__ = [
     "pack_weight",
     "packed_length",
     "packed_weight_shape",
+    "unpack_bits",
     "unpack_signs",
     "unpack_signs_reference",
     "unpack_weight",
@@ -70,11 +72,25 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
         raise ValueError("pack_bits needs at least one dimension (the packed one), got a scalar")
     K = bits.shape[-1]
     n_words = packed_length(K)
-    # Pad and reshape the bools (1 byte each) before widening to int32 for the shifts.
-    bits = F.pad(bits, (0, 32 * n_words - K)).reshape(*bits.shape[:-1], n_words, 32)
-    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    # Pad (a ragged K only) and reshape the bools (1 byte each) before widening them.
+    padding = 32 * n_words - K
+    if padding:
+        bits = F.pad(bits, (0, padding))
+    if _byte_views(bits) and bits.numel():
+        # Each 8 bools (bytes 0/1) times (1, 2, ..., 128): one byte of the word, a uint8 matmul (the
+        # sum of distinct powers of two is at most 255); 4 bytes in element order are the int32 word
+        # on a little-endian host. A third of the host time of the shifts below on a tiny tensor.
+        byte_values = bits.contiguous().view(torch.uint8).reshape(*bits.shape[:-1], 4 * n_words, 8)
+        return torch.matmul(byte_values, _bit_values(bits)).view(torch.int32)
+    bits = bits.reshape(*bits.shape[:-1], n_words, 32)
     # Distinct powers of two: the int32 sum is their OR (bit 31 wraps to the sign bit).
-    return (bits.to(torch.int32) << shifts).sum(-1, dtype=torch.int32)
+    return (bits.to(torch.int32) << _shifts(1, bits)).sum(-1, dtype=torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, K: int) -> torch.Tensor:
+    """The bool tensor (..., K) held by int32 ``words`` (..., ceil(K/32)): the inverse of
+    :func:`pack_bits` (True where the bit is 1; padding bits dropped)."""
+    return _unpack_bytes(words, K, _byte_bits(words))
 
 
 def pack_signs_reference(x: torch.Tensor) -> torch.Tensor:
@@ -82,20 +98,72 @@ def pack_signs_reference(x: torch.Tensor) -> torch.Tensor:
     return pack_bits(x < 0)
 
 
-# (dtype, device) -> the (256, 8) table whose row b holds the +-1 values of the 8 bits of byte b.
+# Small constant tables, made once per key. _BYTE_SIGNS: (dtype, device) -> the (256, 8) table whose
+# row b holds the +-1 values of the 8 bits of byte b (dtype bool: the bits themselves). _SHIFTS:
+# (bits per step, device) -> int32 shifts, arange(32) for packing bits and (0, 8, 16, 24) for
+# unpacking bytes; step 0: the uint8 bit values (1, 2, ..., 128).
 _BYTE_SIGNS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def _byte_signs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    table = _BYTE_SIGNS.get((dtype, device))
+def _table(tables: dict, key: tuple, make: Callable[[], torch.Tensor], operand: torch.Tensor) -> torch.Tensor:
+    """``tables[key]``, made by ``make`` on first use. Only calls on a plain tensor ``operand``
+    read or fill it: a trace's FakeTensors (export, make_fx) get a table of their own mode, and
+    real calls never get a fake one. Nothing is stored while torch.compile traces (it cannot
+    mutate a global inside an autograd function's backward)."""
+    if type(operand) is not torch.Tensor:
+        return make()
+    table = tables.get(key)
     if table is None:
-        bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
-        table = (1 - 2 * bits).to(dtype)
-        # Cached only from real calls: not a FakeTensor of a trace (export, make_fx), and not while
-        # torch.compile traces (it cannot mutate a global inside an autograd function's backward).
+        table = make()
         if type(table) is torch.Tensor and not torch.compiler.is_compiling():
-            _BYTE_SIGNS[(dtype, device)] = table
+            tables[key] = table
     return table
+
+
+def _byte_signs(dtype: torch.dtype, words: torch.Tensor) -> torch.Tensor:
+    device = words.device
+
+    def make():
+        bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
+        return (1 - 2 * bits).to(dtype)
+
+    return _table(_BYTE_SIGNS, (dtype, device), make, words)
+
+
+def _byte_bits(words: torch.Tensor) -> torch.Tensor:
+    """The (256, 8) bool table whose row b holds the 8 bits of byte b, low bit first."""
+    device = words.device
+
+    def make():
+        return ((torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1).bool()
+
+    return _table(_BYTE_SIGNS, (torch.bool, device), make, words)
+
+
+def _bit_values(operand: torch.Tensor) -> torch.Tensor:
+    """uint8 (1, 2, 4, ..., 128): the value of each bit of a byte, low bit first."""
+    device = operand.device
+    return _table(
+        _SHIFTS,
+        (0, device),
+        lambda: torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=device),
+        operand,
+    )
+
+
+def _byte_views(t: torch.Tensor) -> bool:
+    """Whether packing and unpacking may read ``t``'s bytes through a dtype-changing view: a plain
+    CPU tensor on a little-endian host, outside torch.compile (no such view in its graph)."""
+    return _LITTLE_ENDIAN and not torch.compiler.is_compiling() and type(t) is torch.Tensor and t.is_cpu
+
+
+def _shifts(step: int, operand: torch.Tensor) -> torch.Tensor:
+    device = operand.device
+    return _table(_SHIFTS, (step, device), lambda: torch.arange(0, 32, step, dtype=torch.int32, device=device), operand)
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def unpack_signs_reference(words: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
@@ -104,10 +172,20 @@ def unpack_signs_reference(words: torch.Tensor, K: int, dtype: torch.dtype) -> t
     One table lookup per byte (byte i of a word holds elements 8i .. 8i + 7, bit j element 8i + j):
     about 4x faster on a CPU than one shift per bit, and the CPU path of every op unpacks weights.
     """
-    byte_shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=words.device)
-    byte_values = (words.unsqueeze(-1) >> byte_shifts) & 0xFF  # (..., n, 4), arithmetic shift masked
-    values = F.embedding(byte_values, _byte_signs(dtype, words.device))  # (..., n, 4, 8)
-    return values.flatten(-3)[..., :K].contiguous()
+    return _unpack_bytes(words, K, _byte_signs(dtype, words))
+
+
+def _unpack_bytes(words: torch.Tensor, K: int, table: torch.Tensor) -> torch.Tensor:
+    """``table``'s row for each byte of ``words`` (..., n), in element order: (..., K) of table's dtype."""
+    if _LITTLE_ENDIAN and not torch.compiler.is_compiling():
+        # The words' own bytes, in element order on a little-endian host: (..., 4n). Half the host
+        # time of shifting them out on a tiny tensor (one op instead of three); torch.compile
+        # traces the shifts (no dtype-changing view in its graph).
+        values = F.embedding(words.contiguous().view(torch.uint8).int(), table).flatten(-2)  # (..., 4n * 8)
+    else:
+        byte_values = (words.unsqueeze(-1) >> _shifts(8, words)) & 0xFF  # (..., n, 4), shift masked
+        values = F.embedding(byte_values, table).flatten(-3)  # (..., n * 4 * 8)
+    return values if values.shape[-1] == K else values[..., :K].contiguous()
 
 
 def _check_floats(x: torch.Tensor, what: str) -> None:
@@ -199,7 +277,7 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
     """
     if w.dim() >= 2:
         w = w.movedim(1, -1)
-    return pack_bits(w) if w.dtype == torch.bool else torch.ops.bnnops.pack_signs(w)
+    return pack_bits(w) if w.dtype == torch.bool else call(torch.ops.bnnops.pack_signs.default, w)
 
 
 def unpack_weight(

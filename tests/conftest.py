@@ -19,6 +19,16 @@ import pytest
 from helpers import DEVICE
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from a clean Dynamo cache: torch.compile's recompile limit (8 entries a
+    code object) counts compiled modules across the whole session otherwise, so a test would fail
+    for how many others compiled before it. Resetting costs ~20 us."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+
+
 @pytest.fixture
 def device():
     """Where kernel launchers run: the GPU, or the CPU under the Triton interpreter."""

@@ -168,7 +168,8 @@ def test_backward_runs_in_the_input_memory_format_without_weight_copies(device, 
     # words' own order, so no dense copy of the weight is made (NCHW makes one, except for a 1x1
     # kernel, whose moved words are already NCHW-contiguous). The weight cuDNN gets has x's format
     # (a mismatched one it would convert, x and the gradient too), including a 1x1 kernel's, whose
-    # strides are ambiguous.
+    # strides are ambiguous. That is the backward from x (approx_sign keeps x); ste_sign's packed
+    # backward runs the ops of bnnops.ops.backward (tests/test_backward_ops.py).
     from torch._prims_common import suggest_memory_format
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -195,7 +196,9 @@ def test_backward_runs_in_the_input_memory_format_without_weight_copies(device, 
         x = torch.randn(2, 10, 7, 5, generator=g).to(device).contiguous(memory_format=memory_format).requires_grad_()
         x_ref = x.detach().clone().requires_grad_()
         w_ref = weight.dequantize().detach().requires_grad_()
-        y = binary_conv2d(x, weight, None, padding=padding, groups=groups, pad_value=pad_value)
+        y = binary_conv2d(
+            x, weight, None, padding=padding, groups=groups, pad_value=pad_value, input_quantizer="approx_sign"
+        )
         grad = torch.randn(y.shape, generator=g).to(device).contiguous(memory_format=memory_format)
         with Watch(weight.shape) as watch:  # grad_x alone: AccumulateGrad copies a channels_last grad_weight
             torch.autograd.grad(y, x, grad, retain_graph=True)
@@ -208,7 +211,7 @@ def test_backward_runs_in_the_input_memory_format_without_weight_copies(device, 
         weight.grad = None
         y.backward(grad)
         dense_reference(
-            x_ref, w_ref, None, None, (1, 1), padding, (1, 1), groups, pad_value, get_quantizer("ste_sign")
+            x_ref, w_ref, None, None, (1, 1), padding, (1, 1), groups, pad_value, get_quantizer("approx_sign")
         ).backward(grad)
         assert x.grad.is_contiguous(memory_format=memory_format)
         torch.testing.assert_close(x.grad, x_ref.grad, **GRAD_TOL)

@@ -156,6 +156,10 @@ def test_cuda_implementations_match_the_references(device):
     vec = _integers((14,), device)[::2]  # (7,) strided
     image = _integers((2, 5, 6, 6), device).to(memory_format=torch.channels_last)
     conv_words = torch.randint(-(2**31), 2**31 - 1, (4, 3, 3, 2), dtype=torch.int32, device=device)[..., :1]
+    image_words = torch.randint(-(2**31), 2**31 - 1, (2, 6, 6, 2), dtype=torch.int32, device=device)[..., 1:]
+    conv_grad = _integers((2, 3, 4, 4), device).permute(0, 3, 1, 2)  # (2, 4, 3, 4), channels_last
+    conv_geometry = ([1, 2], [1, 0, 2, 1], [2, 1], 1)
+    signs = (vec[:4].int(), vec[:4] > 0)  # binary_conv2d_sign's integer thresholds and flips
     calls = {
         "pack_signs": (_integers((45, 5), device, torch.float16).t(),),
         "unpack_signs": (words, 45, torch.bfloat16),
@@ -163,6 +167,29 @@ def test_cuda_implementations_match_the_references(device):
         "binary_linear_w1a16": (x3, words, vec, None),
         "binary_linear_grad_input": (_integers((3, 14), device)[:, ::2], words, 45),
         "binary_conv2d": (image, conv_words, vec[:4], None, [1, 2], [1, 0, 2, 1], [2, 1], 1, -1.0, True),
+        # image's sign words (garbage in the padding bits), strided; a 3x4 output of 4 channels.
+        "binary_conv2d_packed": (
+            image_words,
+            conv_words,
+            5,
+            vec[:4],
+            None,
+            [1, 2],
+            [1, 0, 2, 1],
+            [2, 1],
+            1,
+            -1.0,
+            True,
+            torch.float32,
+        ),
+        "binary_linear_grad_weight": (_integers((3, 14), device)[:, ::2], words[:3], 45, None),
+        "binary_linear_grad_input_masked": (_integers((3, 14), device)[:, ::2], words, words[:3], 45),
+        "binary_conv2d_grad_weight": (conv_grad, image_words, [4, 5, 3, 3], *conv_geometry, -1.0, None, True),
+        "binary_conv2d_grad_input": (conv_grad, conv_words, image_words, [2, 5, 6, 6], *conv_geometry, None, False),
+        # The sign epilogues of folded inference (bnnops.ops.threshold): integer thresholds, random flips.
+        "binary_linear_w1a1_sign": (x3, words, 45, vec.to(torch.int32), vec > 0),
+        "binary_linear_w1a16_sign": (x3, words, vec, vec, vec, vec > 0),
+        "binary_conv2d_sign": (image_words, conv_words, 5, vec[:4], None, *conv_geometry, -1.0, True, *signs, 1),
     }
     assert set(calls) == set(CUDA_IMPLEMENTATIONS)
     # out_dtype: fp32 results of 16-bit inputs (a layer with a learnable scale asks for them).

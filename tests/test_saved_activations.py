@@ -10,11 +10,15 @@ reference; the CUDA wiring (the Triton launchers, under the interpreter on CPU t
 torch.compile, checkpointing, autocast and gradient accumulation.
 """
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DEVICE, FLOAT_DTYPES, random_signs_input
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import bnnops
@@ -22,6 +26,8 @@ from bnnops import BinaryTensor, binary_conv2d, binary_linear
 from bnnops.conv import conv_padding
 from bnnops.memory import saved_bytes
 from bnnops.nn import BinaryConv2d, BinaryLinear
+from bnnops.ops.backward_reference import pack_sign_and_mask_conv_reference
+from bnnops.ops.library import CUDA_IMPLEMENTATIONS
 from bnnops.quantizers import SteSign, approx_sign, ste_sign
 
 
@@ -114,6 +120,12 @@ def test_linear_gradients_equal_the_backward_from_x(dtype, weight_kind):
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def _dyadic(shape, seed):
+    """Multiples of 1/8 in [-3, 3]: exact in every float dtype, and every fp32 sum of them here is
+    exact, so backward paths that sum in another order agree bit for bit."""
+    return torch.randint(-24, 25, shape, generator=torch.Generator().manual_seed(seed)).float() / 8
+
+
 # (C, O, kernel, stride, padding, dilation, groups, pad_value)
 CONV_CASES = [
     (6, 5, 3, 1, 1, 1, 1, 0.0),
@@ -135,7 +147,7 @@ def _conv_grads(x, c, iq, wq, grad_seed):
     y = binary_conv2d(
         x, weight, None, stride, padding, dilation, groups, pad_value=pad_value, input_quantizer=iq, weight_quantizer=wq
     )
-    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(x.dtype).to(x.device)
+    grad = _dyadic(y.shape, grad_seed).to(dtype=x.dtype, device=x.device)
     y.backward(grad)
     return x.grad, weight.grad, grad
 
@@ -175,40 +187,133 @@ def test_conv_gradients_match_dense_autograd(channels_last, c):
     torch.testing.assert_close(gw, w_ref.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def launchers_on_cpu(monkeypatch):
-    """Run the layers' CUDA wiring (pack kernel, packed backward launchers) on CPU tensors, under
-    the Triton interpreter."""
-    for module in (bnnops.layer_common, bnnops.linear, bnnops.conv):
-        monkeypatch.setattr(module, "runs_kernels", lambda t: True)
+# The ops a layer's training step calls: run on CPU tensors with their CUDA bodies by cuda_path_on_cpu.
+LAYER_OPS = (
+    "binary_linear_w1a1",
+    "binary_linear_grad_input",
+    "binary_linear_grad_weight",
+    "binary_linear_grad_input_masked",
+    "binary_conv2d",
+    "binary_conv2d_packed",
+    "binary_conv2d_grad_weight",
+    "binary_conv2d_grad_input",
+)
 
 
-def _dyadic(shape, seed):
-    """Multiples of 1/8: every fp32 sum of them here is exact, so kernels and references agree bit for bit."""
-    return torch.randint(-24, 25, shape, generator=torch.Generator().manual_seed(seed)).float() / 8
+@contextlib.contextmanager
+def cuda_path_on_cpu(monkeypatch):
+    """Run the layers' CUDA path on CPU tensors, under the Triton interpreter: the pack kernel of
+    ``pack_saved_input`` and the ops' CUDA bodies, swapped in for their CPU kernels meanwhile."""
+    monkeypatch.setattr(bnnops.layer_common, "runs_kernels", lambda t: True)
+    library = torch.library.Library("bnnops", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Warning only once for all operators")
+            for name in LAYER_OPS:
+                library.impl(name, CUDA_IMPLEMENTATIONS[name], "CPU")
+        yield
+    finally:
+        library._destroy()
+        monkeypatch.undo()
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="runs the CUDA wiring on CPU tensors")
-def test_cuda_wiring_under_the_interpreter(monkeypatch):
+@pytest.mark.skipif(DEVICE != "cpu", reason="runs the CUDA path on CPU tensors")
+def test_cuda_path_under_the_interpreter(monkeypatch):
+    """The CUDA path (pack kernel, packed forward, backward launchers) gives the CPU path's
+    gradients bit for bit (dyadic gradients: exact sums in any order), channels_last kept."""
     x = random_signs_input((5, 40), torch.float32, "cpu", generator=torch.Generator().manual_seed(6), finite=True) * 1.5
     grad = _dyadic((5, 6), 7)
-    expected = _linear_grads(x, "binary", ste_sign, torch.float32, grad)
     xc = random_signs_input(
         (2, 36, 5, 4), torch.float32, "cpu", generator=torch.Generator().manual_seed(8), finite=True
     )
     xc = (xc * 1.5).contiguous(memory_format=torch.channels_last)
     conv_case = (36, 4, 3, 2, 1, 1, 2, -1.0)
+    expected = _linear_grads(x, "binary", ste_sign, torch.float32, grad)
     expected_conv = _conv_grads(xc, conv_case, ste_sign, None, 9)[:2]
-    for module in (bnnops.layer_common, bnnops.linear, bnnops.conv):
-        monkeypatch.setattr(module, "runs_kernels", lambda t: True)
-    got = _linear_grads(x, "binary", ste_sign, torch.float32, grad)
-    for a, b in zip(got, expected):
+    with cuda_path_on_cpu(monkeypatch):
+        got = _linear_grads(x, "binary", ste_sign, torch.float32, grad)
+        got_conv = _conv_grads(xc, conv_case, ste_sign, None, 9)[:2]
+    for a, b in zip([*got, *got_conv], [*expected, *expected_conv]):
         assert torch.equal(a, b)
-    got_conv = _conv_grads(xc, conv_case, ste_sign, None, 9)[:2]
-    # The conv's grad_out is random: the launchers' sums run in another order (fp32 rounding).
-    for a, b in zip(got_conv, expected_conv):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert got_conv[0].is_contiguous(memory_format=torch.channels_last)
+
+
+class LogOps(TorchDispatchMode):
+    """Records (op name, dtype of its first argument) of every bnnops op dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("bnnops."):
+            self.calls.append((str(func).split(".")[1], args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("c", CONV_CASES[1:3], ids=CONV_IDS[1:3])
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float16, True), (torch.bfloat16, False)], ids=str)
+def test_training_forward_convolves_the_saved_words(dtype, channels_last, c):
+    """With ste_sign a training forward packs x once and, on CUDA, runs the product on the sign words
+    (no op reads float x again; in eager CPU code the product reads float x, as the reference would
+    unpack the words again), with the output bits, dtype and memory format of the inference call."""
+    C, O, k, stride, padding, dilation, groups, pad_value = c
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = random_signs_input((2, C, 7, 6), dtype, DEVICE, generator=torch.Generator().manual_seed(10), finite=True)
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    layer = BinaryConv2d(C, O, k, stride, padding, dilation, groups, bias=True, pad_value=pad_value)
+    layer = layer.to(device=DEVICE, dtype=dtype)
+    linear = BinaryLinear(45, 7, bias=True).to(device=DEVICE, dtype=dtype)
+    xl = random_signs_input((3, 45), dtype, DEVICE, generator=torch.Generator().manual_seed(11), finite=True)
+    with torch.no_grad():
+        expected, expected_linear = layer(x), linear(xl)
+    with LogOps() as log:
+        y, y_linear = layer(x), linear(xl.requires_grad_())
+    if torch.device(DEVICE).type == "cuda":
+        assert log.calls == [("binary_conv2d_packed", torch.int32), ("binary_linear_w1a1", torch.int32)]
+    else:
+        assert log.calls == [("binary_conv2d", dtype), ("binary_linear_w1a1", dtype)]
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt) == expected.is_contiguous(memory_format=fmt)
+    assert y.stride() == expected.stride() and torch.equal(y.detach(), expected)
+    assert torch.equal(y_linear.detach(), expected_linear)
+
+
+def test_packed_input_conv_gives_the_weight_gradient(monkeypatch):
+    """binary_conv2d on int32 x (x's sign words, any strides): the float call's output (in fp32,
+    channels_last) and weight gradient, on the CPU path and on the CUDA path."""
+    C, groups = 40, 2
+    x = random_signs_input(
+        (2, C, 5, 4), torch.float32, DEVICE, generator=torch.Generator().manual_seed(12), finite=True
+    )
+    sign_words = pack_sign_and_mask_conv_reference(x.cpu(), 1.0, groups)[0]
+    strided = torch.zeros(*sign_words.shape[:-1], 2 * sign_words.shape[-1], dtype=torch.int32)
+    strided[..., 1::2] = sign_words
+    words = strided[..., 1::2].to(DEVICE)
+    assert not words.is_contiguous()
+    dense = torch.randn(6, C // groups, 3, 3, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    grad = _dyadic((2, 6, 5, 4), 14).to(DEVICE)
+
+    def run(inp):
+        weight = nn.Parameter(BinaryTensor.from_float(dense))
+        y = binary_conv2d(inp, weight, None, 1, 1, groups=groups, pad_value=-1.0)
+        y.backward(grad)
+        return y.detach(), weight.grad
+
+    y, gw = run(x.contiguous(memory_format=torch.channels_last))
+    for path in (contextlib.nullcontext(), cuda_path_on_cpu(monkeypatch) if DEVICE == "cpu" else None):
+        if path is None:
+            continue
+        with path:
+            y_packed, gw_packed = run(words)
+        assert y_packed.dtype == torch.float32 and y_packed.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y_packed, y) and torch.equal(gw_packed, gw)
+    # Unbatched words (H, W, words) too, and clear errors.
+    weight = BinaryTensor.from_float(dense)
+    assert torch.equal(binary_conv2d(words[0], weight, None, 1, 1, groups=groups, pad_value=-1.0), y[0])
+    with pytest.raises(bnnops.ShapeError, match="needs groups \\* ceil"):
+        binary_conv2d(words, weight, None, 1, 1)  # groups=1: 20 channels need 1 word a pixel, not 2
+    with pytest.raises(bnnops.DtypeError, match="int32 packed sign words"):
+        binary_conv2d(words.long(), weight, None, 1, 1, groups=groups)
 
 
 def _small_net():
@@ -268,16 +373,14 @@ def test_second_derivatives_still_refused():
         gx.sum().backward()
 
 
-def test_strided_packed_input_gives_the_weight_gradient_on_the_kernel_path(monkeypatch):
-    """A packed (int32) x is saved as given; the kernel path makes it contiguous for its launcher."""
-    import bnnops.linear as linear_module
-
-    monkeypatch.setattr(linear_module, "runs_kernels", lambda x: True)
+def test_strided_packed_input_gives_the_weight_gradient_on_the_cuda_path(monkeypatch):
+    """A packed (int32) x is saved as given; the backward op's CUDA body makes it contiguous for its launcher."""
     torch.manual_seed(0)
     dense = BinaryTensor.from_float(torch.randn(8, 40))
     words = bnnops.pack_signs(torch.randn(6, 80))[:, ::2][:, :2]  # (6, 2) int32, not contiguous
     assert not words.is_contiguous()
     weight = torch.nn.Parameter(BinaryTensor(dense.words.clone(), dense.shape))
-    bnnops.binary_linear(words, weight).sum().backward()
+    with cuda_path_on_cpu(monkeypatch) if DEVICE == "cpu" else contextlib.nullcontext():
+        bnnops.binary_linear(words, weight).sum().backward()
     x_signs = bnnops.unpack_signs(words.contiguous(), 40)
     assert torch.equal(weight.grad, torch.ones(6, 8).t() @ x_signs)

@@ -1,4 +1,5 @@
-"""Host cost of an optimizer step: ``Bop.step()`` against torch's own Adam over as many tensors.
+"""Host cost of a call, where a call is almost all host work: ``Bop.step()`` against torch's own Adam
+over as many tensors, and the binary layers against the same layers in plain PyTorch.
 
 ``bop_host_cost``: ``Bop.step()`` over N ``BinaryTensor`` weights of 64x64 (16x32 on the CPU) with
 fp32 gradients, N = 1, 10, 25, 100, once warm (the launch plans made). Baselines, on N dense fp32
@@ -13,6 +14,10 @@ parameters of the same shape with gradients: ``torch.optim.Adam(foreach=True)`` 
   everything the host does: the checks, the pointer and hyperparameter tables, the flip
   counters. Adam runs for real on 512 elements per tensor (its arithmetic is small beside its
   per-tensor overhead). Needs Triton installed (the launch planner imports it).
+
+``layer_host_cost``: a ``BinaryLinear`` (4x64 input, 64 outputs) or ``BinaryConv2d`` (1x32x8x8
+input, 32 3x3 filters, padding 1) call, training (forward and backward) or inference, against the
+plain-PyTorch twin of ``bench.cases.train_step`` (``SteLinear`` / ``SteConv2d``); see the case.
 
 The gradients stay the same tensors between steps (``zero_grad(set_to_none=False)``); a new
 gradient tensor each step costs the planner one more address table upload when its addresses are
@@ -90,4 +95,79 @@ def bop_host_cost(device: str, tensors: int) -> Workload:
         baselines=baselines,
         bound="memory",
         bytes=12 * numel + 8 * sum(p.words.numel() for p in binary),
+    )
+
+
+_LAYER_SHAPES = {
+    f"{name} {mode}": dict(layer=layer, training=mode == "training")
+    for layer, name in (("linear", "BinaryLinear 4x64x64"), ("conv2d", "BinaryConv2d 1x32x8x8 3x3"))
+    for mode in ("training", "inference")
+}
+
+
+def _layer_pair(layer: str, device: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """(ours, the plain-PyTorch layer, input): ours with a packed weight and ste_sign on its input,
+    the plain twin with a float latent weight and ste_sign on input and weight (bench.cases.train_step)."""
+    from bench.cases.train_step import SteConv2d, SteLinear
+    from bnnops.nn import BinaryConv2d, BinaryLinear
+
+    if layer == "linear":
+        return BinaryLinear(64, 64, device=device), SteLinear(64, 64, device=device), torch.randn(4, 64, device=device)
+    return (
+        BinaryConv2d(32, 32, 3, padding=1, device=device),
+        SteConv2d(32, 32, 3, padding=1, device=device),
+        torch.randn(1, 32, 8, 8, device=device),
+    )
+
+
+@case(
+    "layer_host_cost",
+    cuda=_LAYER_SHAPES,
+    cpu=_LAYER_SHAPES,
+    tiny=dict(layer="conv2d", training=True),
+    quick=list(_LAYER_SHAPES),
+)
+def layer_host_cost(device: str, layer: str, training: bool) -> Workload:
+    """A layer call on a tiny input, where a call is almost all host work: ``BinaryLinear`` /
+    ``BinaryConv2d`` (packed weight, ste_sign input) against the same layer in plain PyTorch (float
+    latent weight, ste_sign on input and weight, ``F.linear`` / ``F.conv2d``).
+
+    training: forward and backward of a fixed output gradient, the input and every parameter
+    requiring grad (gradients accumulate between calls, in both); inference: the forward under
+    ``torch.no_grad``. CPU: each layer's CPU path for real (ours: the pure-PyTorch references
+    behind the ops). In CPU training each of our calls first flips one weight bit in place (xor of
+    a 1-bit mask into one word: the weight alternates between two values), as Bop flips bits every
+    step, so the dense weight the CPU references keep (:mod:`bnnops.weight_cache`) is unpacked
+    again at every call, as in real training; inference reads it from that cache. CUDA: the real
+    calls (the ops read the words packed: no dense weight, no flip); each timed call is 16 calls
+    after a ``torch.cuda.synchronize()``, so the benchmark's CUDA events see host time (divide by 16).
+    """
+    ours, plain, x = _layer_pair(layer, device)
+    cpu = torch.device(device).type == "cpu"
+    first_word = ours.weight.words.view(-1)[:1]
+    if training:
+        x.requires_grad_()
+        grad = torch.randn_like(plain(x))
+
+    def calls(module):
+        flip = training and cpu and module is ours
+
+        def call():
+            if flip:
+                first_word.bitwise_xor_(1)
+            if training:
+                module(x).backward(grad)
+            else:
+                with torch.no_grad():
+                    module(x)
+
+        return call if cpu else _repeated(call)
+
+    for module in (ours, plain):
+        calls(module)()  # caches, first-call setup: not timed
+    return Workload(
+        ours=calls(ours),
+        baselines={"plain PyTorch ste_sign layer": calls(plain)},
+        bound="memory",
+        bytes=2 * x.numel() * x.element_size() + ours.weight.words.numel() * 4,
     )

@@ -6,7 +6,10 @@
   input (``ShapeError``, ``DtypeError``, ``DeviceError``: each also a ``RuntimeError``, as torch's).
 - :mod:`bnnops.ops.reference`: the pure-PyTorch references, the CPU body of each op.
 - :mod:`bnnops.ops.linear`: ``binary_linear_w1a1``, ``binary_linear_w1a16``, ``binary_linear_grad_input``.
-- :mod:`bnnops.ops.conv`: ``binary_conv2d``.
+- :mod:`bnnops.ops.conv`: ``binary_conv2d``, ``binary_conv2d_packed`` (x given as its sign words).
+- :mod:`bnnops.ops.backward`: the backward ops over a layer's packed saved input
+  (``binary_linear_grad_weight``, ``binary_linear_grad_input_masked``, ``binary_conv2d_grad_weight``,
+  ``binary_conv2d_grad_input``).
 
 ``pack_signs`` and ``unpack_signs`` are defined with their format in :mod:`bnnops.packing`. The ops
 have no derivative: :func:`bnnops.binary_linear` and :func:`bnnops.binary_conv2d` define it.

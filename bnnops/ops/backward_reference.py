@@ -14,7 +14,8 @@ Layouts: linear x (..., K) -> (..., ceil(K/32)). Conv x (N, C, H, W) -> channels
 conv weight's in_channels/groups do, so word [n, h, w, g * ceil(Cg/32) + v] bit j holds channel
 g * Cg + 32 v + j. Padding bits (past K or Cg) are 0 in both.
 
-Each reference computes in fp32 and rounds once to the output dtype.
+Each reference computes in fp32 (CPU autocast off: :func:`bnnops.ops.reference.without_cpu_autocast`)
+and rounds once to the output dtype.
 """
 
 from collections.abc import Sequence
@@ -22,13 +23,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from bnnops.packing import pack_bits, packed_length, unpack_signs_reference
+from bnnops.ops.reference import without_cpu_autocast
+from bnnops.packing import pack_bits, packed_length, unpack_bits, unpack_signs_reference
+from bnnops.weight_cache import dense_signs
 
 __all__ = [
     "conv2d_grad_input_reference",
     "conv2d_grad_weight_reference",
+    "conv2d_grads_reference",
     "linear_grad_input_reference",
     "linear_grad_weight_reference",
+    "pack_conv_bits",
     "pack_sign_and_mask_conv_reference",
     "pack_sign_and_mask_reference",
     "unpack_conv_words",
@@ -36,32 +41,40 @@ __all__ = [
 
 
 def pack_sign_and_mask_reference(x: torch.Tensor, clip_value: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sign_words, mask_words) of a linear layer's input x (..., K) float: int32 (..., ceil(K/32)) each."""
-    return pack_bits(x < 0), pack_bits(x.abs() <= clip_value)
+    """(sign_words, mask_words) of a linear layer's input x (..., K) float: int32 (..., ceil(K/32))
+    each, packed together (one pack of both bit sets)."""
+    words = pack_bits(torch.stack((x < 0, x.abs() <= clip_value)))
+    return words[0], words[1]
+
+
+def pack_conv_bits(bits: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-group channels-last words (..., N, H, W, groups * ceil(Cg/32)) of bools (..., N, C, H, W),
+    any strides (module docstring)."""
+    *lead, C, H, W = bits.shape
+    grouped = bits.movedim(-3, -1).reshape(*lead, H, W, groups, C // groups)
+    return pack_bits(grouped).reshape(*lead, H, W, groups * packed_length(C // groups))
 
 
 def pack_sign_and_mask_conv_reference(
     x: torch.Tensor, clip_value: float, groups: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sign_words, mask_words) of a conv input x (N, C, H, W) float, any strides: int32
-    (N, H, W, groups * ceil(Cg/32)) each, per-group words (module docstring)."""
-    N, C, H, W = x.shape
-    grouped = x.permute(0, 2, 3, 1).reshape(N, H, W, groups, C // groups)
-    words_per_pixel = groups * packed_length(C // groups)
-    sign_words = pack_bits(grouped < 0).reshape(N, H, W, words_per_pixel)
-    mask_words = pack_bits(grouped.abs() <= clip_value).reshape(N, H, W, words_per_pixel)
-    return sign_words, mask_words
+    (N, H, W, groups * ceil(Cg/32)) each, per-group words (module docstring), packed together."""
+    words = pack_conv_bits(torch.stack((x < 0, x.abs() <= clip_value)), groups)
+    return words[0], words[1]
 
 
 def unpack_conv_words(words: torch.Tensor, channels: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """Per-group channels-last words (N, H, W, groups * ceil(Cg/32)) -> +-1 (N, C, H, W) of ``dtype``
-    (a channels_last view); C = ``channels``. Bit 1 gives -1."""
+    (a channels_last view); C = ``channels``. Bit 1 gives -1; for ``dtype`` torch.bool, True."""
     N, H, W, _ = words.shape
     Cg = channels // groups
-    values = unpack_signs_reference(words.reshape(N, H, W, groups, packed_length(Cg)), Cg, dtype)
+    grouped = words.reshape(N, H, W, groups, packed_length(Cg))
+    values = unpack_bits(grouped, Cg) if dtype == torch.bool else unpack_signs_reference(grouped, Cg, dtype)
     return values.reshape(N, H, W, channels).permute(0, 3, 1, 2)
 
 
+@without_cpu_autocast
 def linear_grad_weight_reference(
     grad_out: torch.Tensor, sign_words: torch.Tensor, K: int, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -71,15 +84,16 @@ def linear_grad_weight_reference(
     return y.to(out_dtype or grad_out.dtype)
 
 
+@without_cpu_autocast
 def linear_grad_input_reference(
     grad_out: torch.Tensor, words: torch.Tensor, mask_words: torch.Tensor | None, K: int
 ) -> torch.Tensor:
     """grad_x (M, K) = (grad_out (M, N) @ W (N, K)) where the mask bit is 1, else 0 (a select: a
     blocked position is 0 even where the product is inf or NaN); W as words (N, ceil(K/32)), the
     mask as mask_words (M, ceil(K/32)) or None (no mask). In grad_out's dtype."""
-    y = grad_out.float() @ unpack_signs_reference(words, K, torch.float32)
+    y = grad_out.float() @ dense_signs(words, K)
     if mask_words is not None:
-        y = torch.where(unpack_signs_reference(mask_words, K, torch.float32) < 0, y, 0.0)
+        y = torch.where(unpack_bits(mask_words, K), y, 0.0)
     return y.to(grad_out.dtype)
 
 
@@ -87,6 +101,7 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+@without_cpu_autocast
 def conv2d_grad_weight_reference(
     grad_out: torch.Tensor,
     sign_words: torch.Tensor,
@@ -108,8 +123,7 @@ def conv2d_grad_weight_reference(
     ``channels_last``.
     """
     O, Cg = weight_shape[:2]
-    a = unpack_conv_words(sign_words, Cg * groups, groups, torch.float32)
-    a = F.pad(a, (padding[2], padding[3], padding[0], padding[1]), value=pad_value)
+    a = _padded_signs(sign_words, Cg * groups, groups, padding, pad_value)
     if Cg == 0 or O == 0 or grad_out.numel() == 0:
         y = grad_out.new_zeros(tuple(weight_shape), dtype=torch.float32)
     else:
@@ -117,6 +131,7 @@ def conv2d_grad_weight_reference(
     return y.to(out_dtype or grad_out.dtype).contiguous(memory_format=_memory_format(channels_last))
 
 
+@without_cpu_autocast
 def conv2d_grad_input_reference(
     grad_out: torch.Tensor,
     words: torch.Tensor,
@@ -141,10 +156,67 @@ def conv2d_grad_input_reference(
     if Cg == 0 or O == 0 or grad_out.numel() == 0:
         y = grad_out.new_zeros(tuple(input_shape), dtype=torch.float32)
     else:
-        w = unpack_signs_reference(words, Cg, torch.float32).permute(0, 3, 1, 2)
+        w = dense_signs(words, Cg).permute(0, 3, 1, 2)
         padded_shape = (N, C, H + pt + pb, W + pl + pr)
         y = torch.nn.grad.conv2d_input(padded_shape, w, grad_out.float(), stride, 0, dilation, groups)
-        y = y[:, :, pt : pt + H, pl : pl + W]
-    if mask_words is not None:
-        y = torch.where(unpack_conv_words(mask_words, C, groups, torch.float32) < 0, y, 0.0)
+        y = _unpadded_and_masked(y, input_shape, padding, mask_words, groups)
     return y.to(out_dtype or grad_out.dtype).contiguous(memory_format=_memory_format(channels_last))
+
+
+def _padded_signs(
+    sign_words: torch.Tensor, channels: int, groups: int, padding: Sequence[int], pad_value: float
+) -> torch.Tensor:
+    """The fp32 +-1 input (N, C, H + top + bottom, W + left + right) the sign words hold, padded with ``pad_value``."""
+    a = unpack_conv_words(sign_words, channels, groups, torch.float32)
+    return F.pad(a, (padding[2], padding[3], padding[0], padding[1]), value=pad_value)
+
+
+def _unpadded_and_masked(
+    y: torch.Tensor, input_shape: Sequence[int], padding: Sequence[int], mask_words: torch.Tensor | None, groups: int
+) -> torch.Tensor:
+    """The gradient y of the padded input restricted to the input (N, C, H, W), 0 where the mask bit is 0."""
+    _, C, H, W = input_shape
+    y = y[:, :, padding[0] : padding[0] + H, padding[2] : padding[2] + W]
+    if mask_words is not None:
+        y = torch.where(unpack_conv_words(mask_words, C, groups, torch.bool), y, 0.0)
+    return y
+
+
+@without_cpu_autocast
+def conv2d_grads_reference(
+    grad_out: torch.Tensor,
+    words: torch.Tensor,
+    sign_words: torch.Tensor,
+    mask_words: torch.Tensor | None,
+    input_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    pad_value: float,
+    input_dtype: torch.dtype,
+    channels_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_W) of a binary conv by one ``aten.convolution_backward`` (both products at the
+    cost of about one call's host work): :func:`conv2d_grad_input_reference` (``out_dtype``
+    ``input_dtype``) and :func:`conv2d_grad_weight_reference` (grad_out's dtype), the same bits.
+    Arguments as theirs; the weight's shape (O, C / groups, kh, kw) comes from ``words``."""
+    C = input_shape[1]
+    O, KH, KW, _ = words.shape
+    Cg = C // groups
+    if Cg == 0 or O == 0 or grad_out.numel() == 0:
+        options = (stride, padding, dilation, groups)
+        return (
+            conv2d_grad_input_reference(grad_out, words, mask_words, input_shape, *options, input_dtype, channels_last),
+            conv2d_grad_weight_reference(
+                grad_out, sign_words, (O, Cg, KH, KW), *options, pad_value, None, channels_last
+            ),
+        )
+    a = _padded_signs(sign_words, C, groups, padding, pad_value)
+    w = dense_signs(words, Cg).permute(0, 3, 1, 2)
+    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out.float(), a, w, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups, [True, True, False]
+    )
+    grad_x = _unpadded_and_masked(grad_a, input_shape, padding, mask_words, groups)
+    fmt = _memory_format(channels_last)
+    return grad_x.to(input_dtype).contiguous(memory_format=fmt), grad_w.to(grad_out.dtype).contiguous(memory_format=fmt)

@@ -1,4 +1,4 @@
-"""The conv op: ``bnnops::binary_conv2d``.
+"""The conv ops: ``bnnops::binary_conv2d`` and ``bnnops::binary_conv2d_packed``.
 
 ``torch.ops.bnnops.binary_conv2d(x, weight, bias, scale, stride, padding, dilation, groups,
 pad_value, binarize, out_dtype=None)`` computes, for ``x`` (N, C, H, W) and the int32 words
@@ -21,6 +21,16 @@ Bad input raises :class:`~bnnops.ops.checks.DtypeError` (a dtype or type),
 or ``ValueError`` (a pad value) on every path. CPU tensors run
 :func:`bnnops.ops.reference.binary_conv2d_reference`, CUDA tensors the implicit-GEMM kernel of
 ``bnnops.kernels.conv2d``, which reads the words.
+
+``torch.ops.bnnops.binary_conv2d_packed(x, weight, channels, bias, scale, stride, padding,
+dilation, groups, pad_value, channels_last, out_dtype)`` is the W1A1 conv of an input given as its
+sign words: ``x`` int32 (N, H, W, groups * ceil(Cg/32)), Cg = ``channels`` / groups, each group
+starting a new word: word [n, h, w, g * ceil(Cg/32) + v] bit j holds the sign of channel
+g * Cg + 32 v + j (bit 1: -1; padding bits are ignored), the layout of a binary layer's saved
+input (:mod:`bnnops.ops.backward_reference`) and of ``pack_sign_and_mask_conv``. The words do
+not say C, so ``channels`` does. The result is the ``binarize=True`` op's on the +-1 input the
+words hold, bit for bit, in ``out_dtype``, channels_last when ``channels_last``. The CUDA path
+reads 1 bit per input element instead of x's 16 or 32.
 """
 
 from collections.abc import Sequence
@@ -28,6 +38,7 @@ from collections.abc import Sequence
 import torch
 
 from bnnops import kernels
+from bnnops.ops.backward_reference import unpack_conv_words
 from bnnops.ops.checks import DeviceError, DtypeError, ShapeError, check_channel_vectors
 from bnnops.ops.library import FLOAT_DTYPES, contiguous, define
 from bnnops.ops.reference import binary_conv2d_reference, output_is_channels_last
@@ -61,6 +72,11 @@ def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value,
         raise DtypeError(f"binary_conv2d input must be a float32, bfloat16 or float16 tensor, got {got}")
     if x.dim() != 4:
         raise ShapeError(f"binary_conv2d input must have rank 4 (N, C, H, W), got shape {tuple(x.shape)}")
+    _check_conv(x.shape[1:], x.device, weight, bias, scale, stride, padding, dilation, groups, pad_value, out_dtype)
+
+
+def _check_conv(chw, device, weight, bias, scale, stride, padding, dilation, groups, pad_value, out_dtype):
+    """The checks of both ops past the input's own, for an input of ``chw`` (C, H, W) on ``device``."""
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int32:
         got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise DtypeError(f"binary_conv2d weight must be int32 packed words (O, kh, kw, ceil(Cg/32)), got {got}")
@@ -80,7 +96,7 @@ def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value,
             f"stride and dilation must be >= 1 and padding >= 0, got stride={list(stride)}, "
             f"padding={list(padding)}, dilation={list(dilation)}"
         )
-    _, C, H, W = x.shape
+    C, H, W = chw
     O, KH, KW, words_per_row = weight.shape
     if groups < 1 or C % groups or O % groups:
         raise ShapeError(
@@ -102,12 +118,41 @@ def _check(x, weight, bias, scale, stride, padding, dilation, groups, pad_value,
         )
     if pad_value not in PAD_VALUES:
         raise ValueError(f"pad_value must be 0.0, 1.0 or -1.0, got {pad_value}")
-    check_channel_vectors(O, x.device, bias=bias, scale=scale)
-    if weight.device != x.device:
-        raise DeviceError(f"binary_conv2d weight is on {weight.device} but the input is on {x.device}")
+    check_channel_vectors(O, device, bias=bias, scale=scale)
+    if weight.device != device:
+        raise DeviceError(f"binary_conv2d weight is on {weight.device} but the input is on {device}")
 
 
-def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize, out_dtype=None):
+def _check_packed(
+    x, weight, channels, bias, scale, stride, padding, dilation, groups, pad_value, channels_last, out_dtype
+):
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DtypeError(
+            f"binary_conv2d_packed input must be int32 sign words (N, H, W, groups * ceil(C/groups/32)), got {got}"
+        )
+    if x.dim() != 4:
+        raise ShapeError(
+            f"binary_conv2d_packed input must be int32 sign words of rank 4 (N, H, W, groups * ceil(C/groups/32)), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if out_dtype not in FLOAT_DTYPES:
+        raise DtypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    if channels < 0 or groups < 1 or channels % groups:
+        raise ShapeError(f"groups={groups} must be >= 1 and divide the input channels ({channels})")
+    words = groups * packed_length(channels // groups)
+    if x.shape[-1] != words:
+        raise ShapeError(
+            f"packed input of shape {tuple(x.shape)} holds {x.shape[-1]} words per pixel, but {channels} channels "
+            f"in {groups} group(s) need {words} (each group starts a word: groups * ceil(C/groups/32))"
+        )
+    _, H, W, _ = x.shape
+    _check_conv(
+        (channels, H, W), x.device, weight, bias, scale, stride, padding, dilation, groups, pad_value, out_dtype
+    )
+
+
+def _launch(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, **options):
     # The kernel reads words, bias and scale with unit stride along their last dimension.
     return kernels.load("conv2d").conv2d(
         x,
@@ -119,9 +164,13 @@ def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_
         dilation=dilation,
         groups=groups,
         pad_value=pad_value,
-        binarize=binarize,
-        out_dtype=out_dtype,
+        **options,
     )
+
+
+def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize, out_dtype=None):
+    geometry = (stride, padding, dilation, groups, pad_value)
+    return _launch(x, weight, bias, scale, *geometry, binarize=binarize, out_dtype=out_dtype)
 
 
 def _conv2d_fake(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize, out_dtype=None):
@@ -137,4 +186,43 @@ define(
     reference=binary_conv2d_reference,
     cuda=_conv2d_cuda,
     fake=_conv2d_fake,
+)
+
+
+def _packed_reference(
+    x, weight, channels, bias, scale, stride, padding, dilation, groups, pad_value, channels_last, out_dtype
+):
+    values = unpack_conv_words(x, channels, groups, torch.float32)
+    y = binary_conv2d_reference(
+        values, weight, bias, scale, stride, padding, dilation, groups, pad_value, True, out_dtype
+    )
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _packed_out(x, weight, channels, stride, padding, dilation, channels_last, out_dtype):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shape = output_shape((x.shape[0], channels, *x.shape[1:3]), weight.shape, stride, padding, dilation)
+    return torch.empty(shape, dtype=out_dtype, device=x.device, memory_format=fmt)
+
+
+def _packed_cuda(
+    x, weight, channels, bias, scale, stride, padding, dilation, groups, pad_value, channels_last, out_dtype
+):
+    out = _packed_out(x, weight, channels, stride, padding, dilation, channels_last, out_dtype)
+    return _launch(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, out=out, channels=channels)
+
+
+def _packed_fake(
+    x, weight, channels, bias, scale, stride, padding, dilation, groups, pad_value, channels_last, out_dtype
+):
+    return _packed_out(x, weight, channels, stride, padding, dilation, channels_last, out_dtype)
+
+
+define(
+    "binary_conv2d_packed(Tensor x, Tensor weight, SymInt channels, Tensor? bias, Tensor? scale, int[] stride, "
+    "int[] padding, int[] dilation, int groups, float pad_value, bool channels_last, ScalarType out_dtype) -> Tensor",
+    check=_check_packed,
+    reference=_packed_reference,
+    cuda=_packed_cuda,
+    fake=_packed_fake,
 )

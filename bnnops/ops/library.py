@@ -27,6 +27,14 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # op name -> its CUDA implementation (unchecked), so CPU tests can run that exact code on CPU
 # tensors with the Triton interpreter.
 CUDA_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+# op overload -> the CPU kernel registered for it (check, reference, mark), for :func:`call`.
+_CPU_KERNELS: dict[torch._ops.OpOverload, Callable[..., torch.Tensor]] = {}
+# Whether :func:`call` may run the CPU kernel without the dispatcher (see there). Tests that
+# register other CPU kernels for the ops (torch.library) outside a dispatch mode switch it off.
+DIRECT_CPU_CALLS = True
+# The tensor types whose calls dispatch straight to the CPU kernel (a Parameter disables
+# __torch_function__): anything else goes through the dispatcher.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 class _NoDerivative(torch.autograd.Function):
@@ -100,10 +108,61 @@ def define(
     name = schema.split("(", 1)[0]
     # pt2_compliant: opcheck passes on every op (tests).
     LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
-    LIBRARY.impl(name, _checked(name, check, reference), "CPU")
+    cpu_kernel = _checked(name, check, reference)
+    LIBRARY.impl(name, cpu_kernel, "CPU")
     LIBRARY.impl(name, _checked(name, check, cuda), "CUDA")
     CUDA_IMPLEMENTATIONS[name] = cuda
     torch.library.register_fake(f"bnnops::{name}", _checked(name, check, fake), lib=LIBRARY)
     # No autograd layer: the kernels mark their own results (see _checked), so skip straight to them.
     LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
-    return getattr(torch.ops.bnnops, name).default
+    op = getattr(torch.ops.bnnops, name).default
+    _CPU_KERNELS[op] = cpu_kernel
+    return op
+
+
+def call(op: torch._ops.OpOverload, *args: object) -> torch.Tensor:
+    """``op(*args)``: on CPU tensors in plain eager code, the op's CPU kernel called directly.
+
+    A call through the dispatcher boxes every argument for the Python kernel and unboxes the
+    result: about 30-40 us on a 2.5 GHz Xeon, as much as a tiny layer's whole reference. When the
+    dispatcher could only pick that kernel, this calls it without the trip: the same check (the
+    same errors), the same reference, the same no-derivative mark. That is when every tensor
+    argument is a plain strided CPU tensor (``torch.Tensor`` or ``nn.Parameter``; not sparse, not
+    nested) and nothing watches or transforms the call: no torch-function or dispatch mode, no functorch transform, no
+    ``torch.compile`` / ``torch.jit`` trace, no profiler (so the op still shows in traces).
+    Otherwise, and for ops defined elsewhere, ``op(*args)``. A CPU kernel registered over ours
+    with ``torch.library`` is seen only by calls through the dispatcher: set
+    :data:`DIRECT_CPU_CALLS` to False while one is registered.
+    """
+    kernel = _CPU_KERNELS.get(op)
+    if kernel is None or not DIRECT_CPU_CALLS or not _plain_cpu_call(args):
+        return op(*args)
+    return kernel(*args)
+
+
+def skips_dispatcher(args: Sequence[object]) -> bool:
+    """Whether :func:`call` would run an op's CPU kernel directly for these arguments (the
+    conditions in its docstring, with :data:`DIRECT_CPU_CALLS` on). A caller that fuses several
+    ops' references into one computation does so only then, so that modes, profilers, transforms
+    and subclasses still see each op."""
+    return DIRECT_CPU_CALLS and _plain_cpu_call(args)
+
+
+def _plain_cpu_call(args: Sequence[object]) -> bool:
+    # is_compiling first: torch.compile cannot trace the other queries (it folds this one to True).
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch._C._autograd._profiler_enabled()
+        or torch._C._get_tracing_state() is not None
+    ):
+        return False
+    tensors = 0
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TENSOR_TYPES or not a.is_cpu or a.layout is not torch.strided or a.is_nested:
+                return False
+            tensors += 1
+    return tensors > 0

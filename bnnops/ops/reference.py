@@ -3,15 +3,19 @@ kernels are tested against.
 
 Weights are int32 words in the layout of :mod:`bnnops.packing` (bit 1 means -1): (N, ceil(K/32))
 for a linear weight (N, K), (O, kh, kw, ceil(Cg/32)) for a conv weight (O, Cg, kh, kw). Each
-reference unpacks them to a dense +-1 weight, computes in fp32 and casts once at the end. The
-references of ``pack_signs`` / ``unpack_signs`` are in :mod:`bnnops.packing`.
+reference unpacks them to a dense +-1 weight (kept between calls while the words do not change:
+:mod:`bnnops.weight_cache`), computes in fp32 and casts once at the end (with CPU autocast off around that math:
+:func:`without_cpu_autocast`). The references of ``pack_signs`` / ``unpack_signs`` are in :mod:`bnnops.packing`.
 """
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from bnnops.packing import unpack_signs_reference
-from bnnops.quantizers import sign
+from bnnops.weight_cache import dense_signs
 
 __all__ = [
     "binary_conv2d_reference",
@@ -19,7 +23,27 @@ __all__ = [
     "output_is_channels_last",
     "w1a1_reference",
     "w1a16_reference",
+    "without_cpu_autocast",
 ]
+
+
+def without_cpu_autocast(reference: Callable) -> Callable:
+    """``reference`` run with CPU autocast off when it is on.
+
+    The references compute in fp32. A CPU op's kernel runs with the caller's autocast state, so
+    under ``torch.autocast("cpu")`` their fp32 products and convolutions would drop to autocast's
+    dtype (an error of up to 0.25 on a 1000-term W1A16 sum in bf16); the layer casts its inputs to
+    autocast's dtype before the op, so the op's result is then the bits of the same layer run in
+    that dtype. Queried first: entering the context on every call would add host time."""
+
+    @functools.wraps(reference)
+    def run(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return reference(*args, **kwargs)
+        return reference(*args, **kwargs)
+
+    return run
 
 
 def _epilogue(y, scale, bias):
@@ -30,6 +54,7 @@ def _epilogue(y, scale, bias):
     return y
 
 
+@without_cpu_autocast
 def w1a1_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -43,11 +68,12 @@ def w1a1_reference(
     x is float (..., K) (x < 0 -> -1, else +1) or int32 sign words (..., ceil(K/32)). Computed in
     fp32 (exact: integer sums below 2^24), cast to ``out_dtype``.
     """
-    xs = unpack_signs_reference(x, K, torch.float32) if x.dtype == torch.int32 else sign(x.float())
-    y = xs @ unpack_signs_reference(weight, K, torch.float32).T
+    xs = unpack_signs_reference(x, K, torch.float32) if x.dtype == torch.int32 else torch.where(x < 0, -1.0, 1.0)
+    y = xs @ dense_signs(weight, K).T
     return _epilogue(y, scale, bias).to(out_dtype)
 
 
+@without_cpu_autocast
 def w1a16_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -57,14 +83,15 @@ def w1a16_reference(
 ) -> torch.Tensor:
     """``bnnops::binary_linear_w1a16``: x @ W^T * scale + bias for real x (..., K), fp32
     accumulation, in ``out_dtype`` (None: x's dtype)."""
-    y = x.float() @ unpack_signs_reference(weight, x.shape[-1], torch.float32).T
+    y = x.float() @ dense_signs(weight, x.shape[-1]).T
     return _epilogue(y, scale, bias).to(out_dtype or x.dtype)
 
 
+@without_cpu_autocast
 def grad_input_reference(grad: torch.Tensor, weight: torch.Tensor, K: int) -> torch.Tensor:
     """``bnnops::binary_linear_grad_input``: grad @ W, (..., N) -> (..., K), fp32 accumulation, in
     grad's dtype."""
-    return (grad.float() @ unpack_signs_reference(weight, K, torch.float32)).to(grad.dtype)
+    return (grad.float() @ dense_signs(weight, K)).to(grad.dtype)
 
 
 def output_is_channels_last(x: torch.Tensor) -> bool:
@@ -77,6 +104,7 @@ def output_is_channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+@without_cpu_autocast
 def binary_conv2d_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -96,9 +124,14 @@ def binary_conv2d_reference(
     ``out_dtype`` (None: x's dtype) and is channels_last when :func:`output_is_channels_last`."""
     O, KH, KW, _ = weight.shape
     Cg = x.shape[1] // groups
-    w = unpack_signs_reference(weight, Cg, torch.float32).permute(0, 3, 1, 2)
+    w = dense_signs(weight, Cg).permute(0, 3, 1, 2)
     a = torch.where(x < 0, -1.0, 1.0) if binarize else x.float()
-    a = F.pad(a, (padding[2], padding[3], padding[0], padding[1]), value=pad_value)
+    conv_padding = (0, 0)
+    if binarize and pad_value == 0.0 and padding[0] == padding[1] and padding[2] == padding[3] and Cg > 0:
+        # Zero padding left to F.conv2d (one op fewer): the same exact integer sums.
+        conv_padding = (padding[0], padding[2])
+    else:
+        a = F.pad(a, (padding[2], padding[3], padding[0], padding[1]), value=pad_value)
     if Cg == 0:
         # Every sum is empty: 0 at each of the O output channels. (F.conv2d on the CPU returns
         # (N, 0, OH, OW) for zero input channels.)
@@ -106,7 +139,7 @@ def binary_conv2d_reference(
         OW = (a.shape[3] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
         y = a.new_zeros(a.shape[0], O, OH, OW)
     else:
-        y = F.conv2d(a, w, None, stride, 0, dilation, groups)
+        y = F.conv2d(a, w, None, stride, conv_padding, dilation, groups)
     if scale is not None:
         y = y * scale.float().view(1, O, 1, 1)
     if bias is not None:
