@@ -54,3 +54,16 @@ def check_learnable_scale_output_without_grad(call, scale):
         untracked = call()
     assert tracked.grad_fn is not None and untracked.grad_fn is None
     assert torch.equal(untracked, tracked.detach())
+
+
+def randomize_batch_norms(model, generator):
+    """``model`` in eval mode with every batch norm's eval statistics and affine parameters drawn at
+    random (negative scales included), so a converted or folded model's output depends on every channel."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=generator))
+                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=generator))
+                m.bias.copy_(torch.randn(m.num_features, generator=generator))
+    return model.eval()

@@ -36,3 +36,19 @@ def test_readme_example_prints_what_the_readme_shows(tmp_path):
         assert abs(float(loss) - float(want_loss)) <= 0.01, printed
         assert abs(float(flipped) - float(want_flipped)) <= 0.05, printed
     assert printed.splitlines()[-1] == shown.strip().splitlines()[-1]
+
+
+def _inference_example() -> str:
+    section = README.read_text().split("### Inference: convert, fold, export", 1)[1].split("\n### ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_inference_example_runs(tmp_path):
+    """The inference example converts, folds, saves and exports, and its equality asserts hold."""
+    script = tmp_path / "inference.py"
+    script.write_text(_inference_example())
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "converted and folded outputs equal the trained model's" in run.stdout
+    assert (tmp_path / "binarynet.pt").exists() and (tmp_path / "binarynet_folded.pt2").exists()
