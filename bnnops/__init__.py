@@ -15,6 +15,9 @@ reference networks of :mod:`bnnops.models`. Bad input raises :class:`ShapeError`
 from bnnops import kernels, models, nn, optim, quantizers
 from bnnops.binary_tensor import BinaryTensor
 from bnnops.conv import binary_conv2d
+from bnnops.conv1d import binary_conv1d
+from bnnops.convert import ConversionError, LatentLayer, convert
+from bnnops.folding import fold_for_inference
 from bnnops.linear import binary_linear
 from bnnops.memory import memory_report
 from bnnops.ops.checks import DeviceError, DtypeError, ShapeError
@@ -25,11 +28,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BinaryTensor",
+    "ConversionError",
     "DeviceError",
     "DtypeError",
+    "LatentLayer",
     "ShapeError",
+    "binary_conv1d",
     "binary_conv2d",
     "binary_linear",
+    "convert",
+    "fold_for_inference",
     "kernels",
     "memory_report",
     "models",

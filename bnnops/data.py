@@ -13,9 +13,15 @@ needed. Images come out as float32 in [-1, 1], NCHW, the scaling of the paper's 
   (pad to 40x40, random 32x32 crop, random horizontal flip).
 - :func:`teacher_student`: random real inputs labelled by a random binary network
   ``y = argmax(W2 sign(W1 x))``; a student of the same architecture can reach 100%.
+- :func:`mnist1d`: MNIST-1D (Greydanus 2020), 1-D signals of length 40, 10 classes, generated
+  offline by the ``mnist1d`` package (the ``train`` extra) and cached on disk.
 """
 
+import functools
+import importlib.metadata
+import json
 import os
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +39,7 @@ __all__ = [
     "cifar10_augment",
     "digits",
     "load",
+    "mnist1d",
     "teacher_logits",
     "teacher_student",
 ]
@@ -281,16 +288,134 @@ def teacher_student(
     )
 
 
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "teacher-student")
+MNIST1D_CACHE_ENV = "BNNOPS_CACHE"
+
+
+def _mnist1d_cache_dir() -> str:
+    return os.environ.get(MNIST1D_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "bnnops")
+
+
+MNIST1D_SHAPES = {"x": (4000, 40), "y": (4000,), "x_test": (1000, 40), "y_test": (1000,)}
+
+
+def _mnist1d_missing() -> ImportError:
+    return ImportError("MNIST-1D needs the mnist1d package: pip install 'bnnops[train]' (or pip install mnist1d)")
+
+
+def _mnist1d_file(cache_dir: str) -> str:
+    """The cache file of the installed ``mnist1d`` package's data, named by its version: the
+    package's default arguments (which make the data) belong to its version. Reads the version
+    from the package metadata (no import of the package, which takes seconds)."""
+    try:
+        version = importlib.metadata.version("mnist1d")
+    except importlib.metadata.PackageNotFoundError:
+        raise _mnist1d_missing() from None
+    return os.path.join(cache_dir, f"mnist1d-{version}.npz")
+
+
+def _mnist1d_valid(arrays: dict[str, np.ndarray]) -> bool:
+    """Whether ``arrays`` are the standard split: float x of MNIST1D_SHAPES, integer labels in
+    [0, 10) of the matching lengths, and the generating arguments (``args``, JSON) recorded."""
+    if set(arrays) != {*MNIST1D_SHAPES, "args"} or arrays["args"].dtype.kind != "U" or arrays["args"].ndim != 0:
+        return False
+    for key, shape in MNIST1D_SHAPES.items():
+        a = arrays[key]
+        if a.shape != shape or a.dtype.kind not in ("f" if key.startswith("x") else "iu"):
+            return False
+        if key.startswith("x") and not np.isfinite(a).all():
+            return False
+        if key.startswith("y") and (a.min() < 0 or a.max() >= 10):
+            return False
+    return True
+
+
+def _mnist1d_read(path: str) -> dict[str, np.ndarray] | None:
+    """The arrays of the cache file ``path`` if it holds a valid standard split, else None
+    (missing, unreadable, holding pickled objects or other arrays)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    return arrays if _mnist1d_valid(arrays) else None
+
+
+@functools.cache
+def _mnist1d_arrays(cache_dir: str) -> dict[str, np.ndarray]:
+    """The standard MNIST-1D arrays (x, y, x_test, y_test, and ``args``: the package's dataset
+    arguments as JSON), generated once per cache directory and process: read from
+    ``cache_dir``/mnist1d-<package version>.npz when that holds valid arrays (:func:`_mnist1d_valid`),
+    else made by the ``mnist1d`` package (about 6 s) and written there, replacing an invalid file."""
+    path = _mnist1d_file(cache_dir)
+    arrays = _mnist1d_read(path)
+    if arrays is not None:
+        return arrays
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise _mnist1d_missing() from None
+    args = get_dataset_args()
+    made = make_dataset(args)
+    arrays = {k: np.asarray(made[k]) for k in MNIST1D_SHAPES}
+    arrays["args"] = np.array(json.dumps(vars(args), sort_keys=True, default=str))
+    if not _mnist1d_valid(arrays):
+        raise ValueError(f"the mnist1d package made data other than the standard split; not cached at {path}")
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + f".{os.getpid()}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # whole or not at all, also with several processes at once
+    return arrays
+
+
+def mnist1d(holdout: int = 0, cache_dir: str | os.PathLike | None = None) -> InMemoryDataset:
+    """MNIST-1D (Greydanus, "Scaling down deep learning", 2020): the standard split of 4000
+    training and 1000 test signals of length 40, 10 classes, as the ``mnist1d`` package makes it
+    with its default arguments (``make_dataset(get_dataset_args())``, its own fixed seed).
+
+    Args:
+        holdout: 0 (default): train and test as published. n > 0: a validation task for model
+            choices: the last n training signals become the test split and the first 4000 - n the
+            training split; the published test set is not loaded (never tune on it).
+        cache_dir: where the generated arrays are kept (``mnist1d-<package version>.npz``; a
+            file there that does not hold the standard split is regenerated); default
+            ``$BNNOPS_CACHE`` or ``~/.cache/bnnops``.
+
+    Returns an :class:`InMemoryDataset` with float32 x of shape (N, 1, 40) (one channel, for a
+    1-D convolution; the package's scaling: about zero mean and unit variance).
+
+    Raises:
+        ImportError: the ``mnist1d`` package is missing (install the ``train`` extra).
+        ValueError: holdout outside [0, 4000).
+    """
+    arrays = _mnist1d_arrays(os.fspath(cache_dir) if cache_dir is not None else _mnist1d_cache_dir())
+    x = torch.from_numpy(arrays["x"].astype(np.float32))[:, None]
+    y = torch.from_numpy(arrays["y"].astype(np.int64))
+    n = x.shape[0]
+    if not 0 <= holdout < n:
+        raise ValueError(f"holdout must be in [0, {n}), got {holdout}")
+    info = {"holdout": holdout, "split": "validation" if holdout else "test"}
+    if holdout:
+        return InMemoryDataset(
+            "mnist1d", x[: n - holdout], y[: n - holdout], x[n - holdout :], y[n - holdout :], 10, info=info
+        )
+    x_test = torch.from_numpy(arrays["x_test"].astype(np.float32))[:, None]
+    y_test = torch.from_numpy(arrays["y_test"].astype(np.int64))
+    return InMemoryDataset("mnist1d", x, y, x_test, y_test, 10, info=info)
+
+
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "teacher-student", "mnist1d")
 
 
 def load(name: str, seed: int = 0, data_dir: str | os.PathLike | None = None) -> InMemoryDataset:
     """The dataset called ``name`` (one of :data:`DATASETS`); ``seed`` picks the digits split or
-    the teacher, ``data_dir`` is CIFAR-10's directory."""
+    the teacher (MNIST-1D is the published split whatever the seed), ``data_dir`` is CIFAR-10's
+    directory."""
     if name == "digits":
         return digits(seed)
     if name == "cifar10":
         return cifar10(data_dir)
     if name == "teacher-student":
         return teacher_student(seed)
+    if name == "mnist1d":
+        return mnist1d()
     raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")

@@ -20,6 +20,10 @@ compares Bop against. The architecture is the same either way. Each model carrie
 - :func:`small_bnn`: a BinaryNet-style network sized for 8x8 images (scikit-learn's digits).
 - :func:`binary_mlp`: binary-weight MLP; with one hidden layer it is the teacher-student task's
   architecture (:func:`bnnops.data.teacher_student`), which it represents exactly.
+- :func:`mnist1d_cnn`, :func:`mnist1d_mlp`: a BinaryNet-style 1-D CNN and a binary MLP for
+  MNIST-1D (:func:`bnnops.data.mnist1d`), each with a width; :func:`mnist1d_float_cnn` and
+  :func:`mnist1d_float_mlp` are the MNIST-1D paper's float CNN and MLP (greydanus/mnist1d), the
+  float baselines (no binary weights, no ``weight_quantizer``; not in :data:`MODELS`).
 """
 
 import math
@@ -29,9 +33,20 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from bnnops.nn import BinaryConv2d, BinaryLinear, MaxPool2d
+from bnnops.nn import BinaryConv1d, BinaryConv2d, BinaryLinear, MaxPool2d
 
-__all__ = ["MODELS", "binary_mlp", "binarynet", "birealnet18", "build", "small_bnn"]
+__all__ = [
+    "MODELS",
+    "binary_mlp",
+    "binarynet",
+    "birealnet18",
+    "build",
+    "mnist1d_cnn",
+    "mnist1d_float_cnn",
+    "mnist1d_float_mlp",
+    "mnist1d_mlp",
+    "small_bnn",
+]
 
 
 # Keras' BatchNormalization defaults (momentum 0.99 of the old average, epsilon 1e-3), in torch's
@@ -58,35 +73,47 @@ def _vgg_bnn(
     first_padding: int,
     weight_quantizer: str | None,
     bn: dict[str, float] | None = None,
+    first_kernel: int = 3,
+    real_first: bool = False,
 ) -> nn.Sequential:
-    """conv -> [maxpool 2x2] -> BN blocks, flatten, dense -> BN blocks; all weights binary; ``bn``:
-    the batch norms' (momentum, eps) settings, torch's defaults if None. The pools are
-    :class:`bnnops.nn.MaxPool2d` (torch's output and gradient, one byte per output kept).
+    """conv -> [maxpool 2] -> BN blocks, flatten, dense -> BN blocks; all weights binary; ``bn``:
+    the batch norms' (momentum, eps) settings, torch's defaults if None. Images (C, H, W) get 3x3
+    :class:`bnnops.nn.BinaryConv2d` and 2x2 :class:`bnnops.nn.MaxPool2d` pools (torch's output and
+    gradient, one byte per output kept); signals (C, L) get size-3 :class:`bnnops.nn.BinaryConv1d`
+    and ``nn.MaxPool1d(2)``.
 
-    ``convs`` lists (out_channels, pool) per 3x3 convolution; the first sees real inputs with
-    ``first_padding``, the others binarize their inputs and pad by 1 ('same').
+    ``convs`` lists (out_channels, pool) per convolution; the first (size ``first_kernel``) sees
+    real inputs with ``first_padding`` (and has real weights, a torch conv, with ``real_first``),
+    the others (size 3) binarize their inputs and pad by 1 ('same').
     """
+    dims = len(input_shape) - 1
+    conv, pool_layer = (BinaryConv1d, nn.MaxPool1d) if dims == 1 else (BinaryConv2d, MaxPool2d)
     channels, size = input_shape[0], input_shape[1]
     layers = OrderedDict()
     for i, (out, pool) in enumerate(convs, 1):
         first = i == 1
-        layers[f"conv{i}"] = BinaryConv2d(
-            channels,
-            out,
-            3,
-            padding=first_padding if first else 1,
-            bias=False,
-            input_quantizer=None if first else "ste_sign",
-            weight_quantizer=weight_quantizer,
-        )
-        size = size - 2 + 2 * (first_padding if first else 1)
+        kernel = first_kernel if first else 3
+        if first and real_first:
+            real_conv = nn.Conv1d if dims == 1 else nn.Conv2d
+            layers[f"conv{i}"] = real_conv(channels, out, kernel, padding=first_padding, bias=False)
+        else:
+            layers[f"conv{i}"] = conv(
+                channels,
+                out,
+                kernel,
+                padding=first_padding if first else 1,
+                bias=False,
+                input_quantizer=None if first else "ste_sign",
+                weight_quantizer=weight_quantizer,
+            )
+        size = size - (kernel - 1) + 2 * (first_padding if first else 1)
         if pool:
-            layers[f"pool{i}"] = MaxPool2d(2)
+            layers[f"pool{i}"] = pool_layer(2)
             size //= 2
-        layers[f"bn{i}"] = _bn(2, out, scale=False, bn=bn)
+        layers[f"bn{i}"] = _bn(2 if dims == 2 else 1, out, scale=False, bn=bn)
         channels = out
     layers["flatten"] = nn.Flatten()
-    features = channels * size * size
+    features = channels * size**dims
     for j, out in enumerate((*dense, num_classes), len(convs) + 1):
         layers[f"fc{j}"] = BinaryLinear(features, out, bias=False, weight_quantizer=weight_quantizer)
         layers[f"bn{j}"] = _bn(1, out, scale=False, bn=bn)
@@ -220,9 +247,79 @@ def birealnet18(
     return model
 
 
+def mnist1d_cnn(
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (1, 40),
+    width: int = 64,
+    dense_units: Sequence[int] = (),
+    weight_quantizer: str | None = None,
+) -> nn.Sequential:
+    """A BinaryNet-style 1-D CNN for MNIST-1D (signals (1, 40)): a real size-5 convolution of the
+    real signal (an ``nn.Conv1d``, no bias), then three size-3 binary convolutions (W1A1), all of
+    ``width`` channels, a max pool of 2 after the second and the fourth convolution (40 -> 20 ->
+    10 positions), batch norm (shift only) after each; then the binary dense layers
+    ``dense_units`` and the binary classifier, each with batch norm. ``9 w^2 + 10 w classes``
+    binary weights and ``5 w`` real ones for width w without dense layers.
+
+    The first layer is real (as XNOR-Net and Bi-Real Net keep theirs): with one input channel, a
+    binary size-k filter is one of 2^k sign patterns, and on the validation split a binary first
+    layer (size 3 or 9) trained far slower (bench/results/mnist1d/README.md)."""
+    convs = [(width, False), (width, True), (width, False), (width, True)]
+    return _vgg_bnn(
+        input_shape, convs, tuple(dense_units), num_classes, 2, weight_quantizer, first_kernel=5, real_first=True
+    )
+
+
+def mnist1d_mlp(
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (1, 40),
+    width: int = 256,
+    weight_quantizer: str | None = None,
+) -> nn.Sequential:
+    """A binary MLP for MNIST-1D: :func:`binary_mlp` with two hidden layers of ``width`` (the
+    MNIST-1D paper's MLP has two hidden layers of 100, real): real input, binary weights, binary
+    hidden activations, batch norm after each layer."""
+    return binary_mlp(num_classes, input_shape, (width, width), weight_quantizer)
+
+
+def mnist1d_float_cnn(num_classes: int = 10, input_shape: Sequence[int] = (1, 40), width: int = 25) -> nn.Sequential:
+    """The MNIST-1D paper's float CNN (``ConvBase`` of greydanus/mnist1d, 94% in the paper at
+    width 25): Conv1d(1, w, 5, stride 2, padding 1) -> ReLU -> twice Conv1d(w, w, 3, stride 2,
+    padding 1) -> ReLU, flatten, Linear(w * 5, classes) (length 40 -> 19 -> 10 -> 5)."""
+    length = input_shape[-1]
+    layers = OrderedDict()
+    channels = input_shape[0]
+    for i, (k, name) in enumerate(((5, "conv1"), (3, "conv2"), (3, "conv3"))):
+        layers[name] = nn.Conv1d(channels, width, k, stride=2, padding=1)
+        layers[f"relu{i + 1}"] = nn.ReLU()
+        length = (length + 2 - k) // 2 + 1
+        channels = width
+    layers.update(flatten=nn.Flatten(), fc=nn.Linear(width * length, num_classes))
+    model = nn.Sequential(layers)
+    model.input_shape = tuple(input_shape)
+    return model
+
+
+def mnist1d_float_mlp(num_classes: int = 10, input_shape: Sequence[int] = (1, 40), width: int = 100) -> nn.Sequential:
+    """The MNIST-1D paper's float MLP (``MLPBase``, 68% in the paper): flatten, Linear(40, w) ->
+    ReLU -> Linear(w, w) -> ReLU -> Linear(w, classes)."""
+    model = nn.Sequential(
+        OrderedDict(
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(math.prod(input_shape), width),
+            relu1=nn.ReLU(),
+            fc2=nn.Linear(width, width),
+            relu2=nn.ReLU(),
+            fc3=nn.Linear(width, num_classes),
+        )
+    )
+    model.input_shape = tuple(input_shape)
+    return model
+
+
 # Each model's one name, in Python and on the command line (``--model``): its function's name.
 MODELS: dict[str, Callable[..., nn.Sequential]] = {
-    f.__name__: f for f in (binarynet, birealnet18, small_bnn, binary_mlp)
+    f.__name__: f for f in (binarynet, birealnet18, small_bnn, binary_mlp, mnist1d_cnn, mnist1d_mlp)
 }
 
 

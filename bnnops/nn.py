@@ -1,6 +1,7 @@
 """Binary layers (``bnnops.nn``): drop-in modules that run the bnnops ops.
 
 - :class:`BinaryLinear`: binary (or binary-weight) linear layer, on :func:`bnnops.binary_linear`.
+- :class:`BinaryConv1d`: binary (or binary-weight) 1-D convolution, on :func:`bnnops.binary_conv1d`.
 - :class:`BinaryConv2d`: binary (or binary-weight) 2-D convolution, on :func:`bnnops.binary_conv2d`.
 - :class:`MaxPool2d`: ``torch.nn.MaxPool2d`` bit for bit, keeping one uint8 per output for
   backward when the windows do not overlap (:mod:`bnnops.pooling`).
@@ -25,6 +26,7 @@ from torch import nn
 
 from bnnops.binary_tensor import BinaryTensor, pack_dense_state_entries
 from bnnops.conv import as_pair, binary_conv2d, conv_padding
+from bnnops.conv1d import as_single, binary_conv1d, conv1d_geometry
 from bnnops.layer_common import reset_weight_and_bias
 from bnnops.linear import binary_linear
 from bnnops.ops.checks import ShapeError
@@ -33,7 +35,7 @@ from bnnops.packing import packed_weight_shape
 from bnnops.pooling import MaxPool2d
 from bnnops.quantizers import SignQuantizer, get_input_quantizer, get_quantizer
 
-__all__ = ["BinaryConv2d", "BinaryLinear", "MaxPool2d"]
+__all__ = ["BinaryConv1d", "BinaryConv2d", "BinaryLinear", "MaxPool2d"]
 
 
 class BinaryLinear(nn.Module):
@@ -68,15 +70,7 @@ class BinaryLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.input_quantizer = get_input_quantizer(input_quantizer)
-        self.weight_quantizer = get_quantizer(weight_quantizer)
-        self.weight = _empty_weight((out_features, in_features), self.weight_quantizer is None, device, dtype)
-        self.register_load_state_dict_pre_hook(pack_dense_state_entries)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        _init_weight_and_bias(self, (out_features, in_features), bias, input_quantizer, weight_quantizer, device, dtype)
 
     def reset_parameters(self) -> None:
         """Initialize weight and bias in place as :meth:`torch.nn.Linear.reset_parameters` does
@@ -86,7 +80,12 @@ class BinaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`bnnops.binary_linear` of x (..., in_features) -> (..., out_features)."""
         return binary_linear(
-            x, self.weight, self.bias, input_quantizer=self.input_quantizer, weight_quantizer=self.weight_quantizer
+            x,
+            self.weight,
+            self.bias,
+            input_quantizer=self.input_quantizer,
+            scale=self._buffers.get("scale"),
+            weight_quantizer=self.weight_quantizer,
         )
 
     def extra_repr(self) -> str:
@@ -140,32 +139,14 @@ class BinaryConv2d(nn.Module):
         weight_quantizer: SignQuantizer | str | None = None,
     ):
         super().__init__()
-        if padding_mode != "zeros":
-            raise ValueError(
-                f"BinaryConv2d supports padding_mode='zeros' only, with the padding's value set by "
-                f"pad_value (0, +1 or -1); got padding_mode={padding_mode!r}"
-            )
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ShapeError(
-                f"groups={groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})"
-            )
-        if float(pad_value) not in PAD_VALUES:
-            raise ValueError(f"pad_value must be 0.0, 1.0 or -1.0, got {pad_value}")
+        _check_conv_arguments("BinaryConv2d", in_channels, out_channels, groups, padding_mode, pad_value)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride, self.dilation = as_pair(stride, "stride"), as_pair(dilation, "dilation")
         conv_padding(padding, self.kernel_size, self.stride, self.dilation)  # refuse a bad padding at construction
         self.padding, self.groups, self.pad_value = padding, groups, float(pad_value)
-        self.input_quantizer = get_input_quantizer(input_quantizer)
-        self.weight_quantizer = get_quantizer(weight_quantizer)
         shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self.weight = _empty_weight(shape, self.weight_quantizer is None, device, dtype)
-        self.register_load_state_dict_pre_hook(pack_dense_state_entries)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        _init_weight_and_bias(self, shape, bias, input_quantizer, weight_quantizer, device, dtype)
 
     def reset_parameters(self) -> None:
         """Initialize weight and bias in place as :meth:`torch.nn.Conv2d.reset_parameters` does
@@ -174,18 +155,7 @@ class BinaryConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`bnnops.binary_conv2d` of x (N, C, H, W) or (C, H, W) with the layer's settings."""
-        return binary_conv2d(
-            x,
-            self.weight,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            pad_value=self.pad_value,
-            input_quantizer=self.input_quantizer,
-            weight_quantizer=self.weight_quantizer,
-        )
+        return _convolve(self, binary_conv2d, x)
 
     def extra_repr(self) -> str:
         return (
@@ -207,3 +177,128 @@ def _empty_weight(
         return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
     words = torch.empty(packed_weight_shape(shape), dtype=torch.int32, device=device)
     return nn.Parameter(BinaryTensor(words, shape, dtype))
+
+
+def _init_weight_and_bias(
+    layer: nn.Module,
+    shape: tuple[int, ...],
+    bias: bool,
+    input_quantizer: SignQuantizer | str | None,
+    weight_quantizer: SignQuantizer | str | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> None:
+    """What every binary layer's constructor ends with: its quantizers, an uninitialized weight of
+    logical ``shape`` (packed or latent, :func:`_empty_weight`), the hook that packs a dense state
+    dict weight, the bias (shape[0],) or None, then ``reset_parameters``."""
+    layer.input_quantizer = get_input_quantizer(input_quantizer)
+    layer.weight_quantizer = get_quantizer(weight_quantizer)
+    layer.weight = _empty_weight(shape, layer.weight_quantizer is None, device, dtype)
+    layer.register_load_state_dict_pre_hook(pack_dense_state_entries)
+    if bias:
+        layer.bias = nn.Parameter(torch.empty(shape[0], device=device, dtype=dtype))
+    else:
+        layer.register_parameter("bias", None)
+    layer.reset_parameters()
+
+
+def _convolve(layer: nn.Module, convolution, x: torch.Tensor) -> torch.Tensor:
+    """``convolution`` (:func:`bnnops.binary_conv1d` / :func:`bnnops.binary_conv2d`) of x with a conv
+    layer's settings, and its ``scale`` buffer where it has one (:mod:`bnnops.scaled`)."""
+    return convolution(
+        x,
+        layer.weight,
+        layer.bias,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+        pad_value=layer.pad_value,
+        input_quantizer=layer.input_quantizer,
+        scale=layer._buffers.get("scale"),
+        weight_quantizer=layer.weight_quantizer,
+    )
+
+
+def _check_conv_arguments(
+    layer: str, in_channels: int, out_channels: int, groups: int, padding_mode: str, pad_value: float
+) -> None:
+    """Refuse a padding_mode other than "zeros", groups that do not divide both channel counts,
+    and a pad_value other than 0, +1, -1 (ShapeError for groups, else ValueError)."""
+    if padding_mode != "zeros":
+        raise ValueError(
+            f"{layer} supports padding_mode='zeros' only, with the padding's value set by "
+            f"pad_value (0, +1 or -1); got padding_mode={padding_mode!r}"
+        )
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ShapeError(f"groups={groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+    if float(pad_value) not in PAD_VALUES:
+        raise ValueError(f"pad_value must be 0.0, 1.0 or -1.0, got {pad_value}")
+
+
+class BinaryConv1d(nn.Module):
+    """A 1-D convolution with +-1 weights (and, by default, +-1 inputs), on :func:`bnnops.binary_conv1d`
+    (the binary conv kernel on the (N, C, 1, L) view), larq's ``QuantConv1D``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device,
+            dtype: as :class:`torch.nn.Conv1d` (padding may be "same" or "valid"); size arguments
+            are stored as 1-tuples, as nn.Conv1d's.
+        padding_mode: only "zeros"; the padding's value is ``pad_value``.
+        pad_value: 0.0 (zero padding) or +1.0 / -1.0 (larq's pad_values).
+        input_quantizer: binarizes the input (a name or SignQuantizer); None keeps real inputs
+            (W1A16: a first layer).
+        weight_quantizer: None (default): the weight is a packed :class:`bnnops.BinaryTensor`
+            parameter (O, C/groups, k). A quantizer: the weight is a float latent parameter.
+
+    Init: :meth:`reset_parameters`, as :class:`torch.nn.Conv1d`'s (the same draws for the same
+    seed); the binary weight holds the signs of that init. A state dict with a dense float weight
+    (an ``nn.Conv1d``'s, a latent-weight layer's) loads by packing its signs.
+
+    Raises:
+        ShapeError (a ValueError): groups that do not divide both channel counts, a bad kernel
+            size, stride, dilation or padding.
+        ValueError: a padding_mode other than "zeros", a pad_value other than 0, +1, -1, an
+            unknown quantizer, or a weight quantizer as the input quantizer.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        pad_value: float = 0.0,
+        input_quantizer: SignQuantizer | str | None = "ste_sign",
+        weight_quantizer: SignQuantizer | str | None = None,
+    ):
+        super().__init__()
+        _check_conv_arguments("BinaryConv1d", in_channels, out_channels, groups, padding_mode, pad_value)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = (as_single(kernel_size, "kernel_size"),)
+        self.stride, self.dilation = (as_single(stride, "stride"),), (as_single(dilation, "dilation"),)
+        # Refuse a bad padding at construction.
+        conv1d_geometry(self.kernel_size, self.stride, padding, self.dilation)
+        self.padding = padding if isinstance(padding, str) else (as_single(padding, "padding"),)
+        self.groups, self.pad_value = groups, float(pad_value)
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        _init_weight_and_bias(self, shape, bias, input_quantizer, weight_quantizer, device, dtype)
+
+    def reset_parameters(self) -> None:
+        """Initialize weight and bias in place as :meth:`torch.nn.Conv1d.reset_parameters` does
+        (:func:`bnnops.layer_common.reset_weight_and_bias`); a binary weight takes the signs."""
+        reset_weight_and_bias(self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`bnnops.binary_conv1d` of x (N, C, L) or (C, L) with the layer's settings."""
+        return _convolve(self, binary_conv1d, x)
+
+    extra_repr = BinaryConv2d.extra_repr  # the same attributes, 1-tuples for the sizes

@@ -5,8 +5,11 @@ be set before triton is first imported, which happens only when a test loads a k
 With CUDA they run natively on the GPU, and the ops' CUDA registrations are exercised too.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -17,6 +20,10 @@ if not torch.cuda.is_available():
 
 import pytest
 from helpers import DEVICE
+
+# Data sets generated on first use (MNIST-1D) go to a cache made for this session, never the user's.
+os.environ["BNNOPS_CACHE"] = tempfile.mkdtemp(prefix="bnnops-test-cache-")
+atexit.register(shutil.rmtree, os.environ["BNNOPS_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

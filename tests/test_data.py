@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -88,5 +90,99 @@ def test_teacher_is_independent_of_torch_seed():
 
 def test_load_names():
     assert data.load("digits").name == "digits"
-    with pytest.raises(ValueError, match="digits, cifar10, teacher-student"):
+    with pytest.raises(ValueError, match="digits, cifar10, teacher-student, mnist1d"):
         data.load("mnist")
+
+
+def test_mnist1d_is_the_published_split_and_holds_out_validation(tmp_path):
+    """The standard split (4000 / 1000 signals of 40, 10 classes), (N, 1, 40) float32; generated
+    once, then read from the cache; holdout n makes the last n training signals the test split."""
+    d = data.mnist1d(cache_dir=tmp_path)
+    assert data._mnist1d_file(str(tmp_path)).startswith(str(tmp_path / "mnist1d-"))
+    assert os.path.isfile(data._mnist1d_file(str(tmp_path)))
+    assert d.x_train.shape == (4000, 1, 40) and d.x_test.shape == (1000, 1, 40) and d.x_train.dtype == torch.float32
+    assert d.y_train.dtype == torch.int64 and set(d.y_train.tolist()) == set(range(10)) and d.num_classes == 10
+    assert 0.5 < d.x_train.std().item() < 2 and not torch.equal(d.x_train[:1000], d.x_test)
+    data._mnist1d_arrays.cache_clear()  # read back from the file: the same tensors
+    again = data.mnist1d(cache_dir=tmp_path)
+    assert torch.equal(again.x_train, d.x_train) and torch.equal(again.y_test, d.y_test)
+    v = data.mnist1d(holdout=500, cache_dir=tmp_path)
+    assert torch.equal(v.x_train, d.x_train[:3500]) and torch.equal(v.x_test, d.x_train[3500:])
+    assert torch.equal(v.y_test, d.y_train[3500:]) and v.info["split"] == "validation"
+    with pytest.raises(ValueError, match="holdout"):
+        data.mnist1d(holdout=4000, cache_dir=tmp_path)
+
+
+def test_mnist1d_without_the_package_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    with pytest.raises(ImportError, match=r"pip install 'bnnops\[train\]'"):
+        data.mnist1d(cache_dir=tmp_path / "empty")
+
+
+def _fake_mnist1d(monkeypatch):
+    """Replaces the package's generator by a fast one of the standard shapes; returns the call list."""
+    import mnist1d.data
+
+    calls = []
+    rng = np.random.default_rng(0)
+
+    def make_dataset(args):
+        calls.append(args)
+        return {
+            "x": rng.standard_normal((4000, 40)),
+            "y": rng.integers(0, 10, 4000),
+            "x_test": rng.standard_normal((1000, 40)),
+            "y_test": rng.integers(0, 10, 1000),
+        }
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", make_dataset)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["garbage", "wrong_shape", "labels_out_of_range", "pickled_object", "missing_key", "nan"],
+)
+def test_mnist1d_cache_file_that_is_not_the_standard_split_is_regenerated(tmp_path, monkeypatch, content):
+    """A cache file that is corrupt or holds other arrays is never trusted: the data is made anew
+    and the file replaced; a valid file is then read without generating."""
+    calls = _fake_mnist1d(monkeypatch)
+    path = data._mnist1d_file(str(tmp_path))
+    rng = np.random.default_rng(1)
+    good = {
+        "x": rng.standard_normal((4000, 40)),
+        "y": rng.integers(0, 10, 4000),
+        "x_test": rng.standard_normal((1000, 40)),
+        "y_test": rng.integers(0, 10, 1000),
+        "args": np.array("{}"),
+    }
+    if content == "garbage":
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 not a zip")
+    else:
+        bad = dict(good)
+        if content == "wrong_shape":
+            bad["x"] = bad["x"][:, :39]
+        elif content == "labels_out_of_range":
+            bad["y_test"] = bad["y_test"] + 1
+        elif content == "pickled_object":
+            bad["args"] = np.array([{"a": 1}], dtype=object)
+        elif content == "missing_key":
+            del bad["args"]
+        else:
+            bad["x_test"] = bad["x_test"].copy()
+            bad["x_test"][3, 7] = np.nan
+        np.savez(path, **bad)
+    data._mnist1d_arrays.cache_clear()
+    d = data.mnist1d(cache_dir=tmp_path)
+    assert len(calls) == 1 and d.x_train.shape == (4000, 1, 40)
+    data._mnist1d_arrays.cache_clear()
+    again = data.mnist1d(cache_dir=tmp_path)  # the regenerated file is valid: read, not made
+    assert len(calls) == 1 and torch.equal(again.x_train, d.x_train) and torch.equal(again.y_test, d.y_test)
+    np.savez(path, **good)  # a valid file made elsewhere is used as is
+    data._mnist1d_arrays.cache_clear()
+    assert torch.equal(data.mnist1d(cache_dir=tmp_path).y_train, torch.from_numpy(good["y"]))
+    assert len(calls) == 1
+    data._mnist1d_arrays.cache_clear()

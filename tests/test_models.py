@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from bnnops import BinaryTensor, data, memory_report, models
-from bnnops.nn import BinaryConv2d, BinaryLinear, MaxPool2d
+from bnnops.nn import BinaryConv1d, BinaryConv2d, BinaryLinear, MaxPool2d
 
 # name -> (number of classes, builder at a tiny width)
 TINY = {
@@ -11,11 +11,13 @@ TINY = {
     "birealnet18": (7, lambda wq: models.birealnet18(7, (3, 32, 32), filters=4, weight_quantizer=wq)),
     "small_bnn": (10, lambda wq: models.small_bnn(10, (1, 8, 8), filters=4, dense_units=8, weight_quantizer=wq)),
     "binary_mlp": (5, lambda wq: models.binary_mlp(5, (12,), hidden=(6, 7), weight_quantizer=wq)),
+    "mnist1d_cnn": (10, lambda wq: models.mnist1d_cnn(10, (1, 40), width=5, dense_units=(7,), weight_quantizer=wq)),
+    "mnist1d_mlp": (10, lambda wq: models.mnist1d_mlp(10, (1, 40), width=9, weight_quantizer=wq)),
 }
 
 
 def binary_layers(model):
-    return [m for m in model.modules() if isinstance(m, (BinaryConv2d, BinaryLinear))]
+    return [m for m in model.modules() if isinstance(m, (BinaryConv1d, BinaryConv2d, BinaryLinear))]
 
 
 @pytest.mark.parametrize("weight_quantizer", [None, "ste_sign"])
@@ -109,6 +111,23 @@ def test_build():
         models.build("small-bnn", (1, 8, 8), 10)
     with pytest.raises(ValueError, match="unknown model 'vgg'.*binarynet"):
         models.build("vgg", (1, 8, 8), 10)
+
+
+def test_mnist1d_models():
+    """The binary CNN: a real first conv, three binary 1-D convs (W1A1), pools to 10 positions, a
+    binary classifier, the documented weight counts; the float baselines are the MNIST-1D
+    paper's (ConvBase: 5,210 parameters at width 25; MLPBase: 15,210 at width 100)."""
+    cnn = models.mnist1d_cnn(width=16)
+    convs = [m for m in cnn.modules() if isinstance(m, BinaryConv1d)]
+    assert type(cnn.conv1) is nn.Conv1d and cnn.conv1.weight.shape == (16, 1, 5)
+    assert len(convs) == 3 and all(c.input_quantizer for c in convs)
+    assert cnn.fc5.in_features == 16 * 10
+    assert sum(layer.weight.numel() for layer in binary_layers(cnn)) == 9 * 16**2 + 10 * 16 * 10
+    assert cnn(torch.randn(2, 1, 40)).shape == (2, 10)
+    for model, params in ((models.mnist1d_float_cnn(), 5210), (models.mnist1d_float_mlp(), 15210)):
+        assert not binary_layers(model) and sum(p.numel() for p in model.parameters()) == params
+        assert model(torch.randn(3, 1, 40)).shape == (3, 10)
+    assert models.mnist1d_float_cnn(width=8)(torch.randn(2, 1, 40)).shape == (2, 10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -63,6 +63,26 @@ def test_one_epoch_writes_checkpoint_log_and_plots(tmp_path, optimizer):
     assert isinstance(ckpt["model"]["conv2.weight"], BinaryTensor) == (optimizer != "latent-adam")
 
 
+@pytest.mark.parametrize("optimizer", ["bop2", "latent-adam"])
+def test_mnist1d_preset_trains_the_1d_cnn(tmp_path, optimizer):
+    """--preset mnist1d: the binary 1-D CNN on MNIST-1D signals, a flip ratio per binary layer."""
+    cfg = TrainConfig.from_preset(
+        "mnist1d",
+        optimizer=optimizer,
+        epochs=1,
+        limit=200,
+        out=str(tmp_path),
+        progress=False,
+        plots=False,
+        device="cpu",
+    )
+    assert (cfg.dataset, cfg.batch_size) == ("mnist1d", 100)
+    log = train.train(cfg)
+    (epoch,) = log["history"]
+    assert set(epoch["flip_ratio"]) == {"conv2", "conv3", "conv4", "fc5"}
+    assert log["train_samples"] == 200 and 0 <= epoch["test_acc"] <= 1 and np.isfinite(epoch["train_loss"])
+
+
 @pytest.mark.parametrize("optimizer", ["bop", "latent-adam"])
 def test_training_lowers_the_loss(tmp_path, optimizer):
     # 300 digits, 3 epochs: both optimizers fit the training set better than at the start.
@@ -318,9 +338,10 @@ def test_header_line_and_plot_titles_name_the_run(tmp_path, capsys, monkeypatch)
 
 
 def test_models_have_one_name_everywhere():
-    assert list(models.MODELS) == ["binarynet", "birealnet18", "small_bnn", "binary_mlp"]
+    assert list(models.MODELS) == ["binarynet", "birealnet18", "small_bnn", "binary_mlp", "mnist1d_cnn", "mnist1d_mlp"]
     assert all(models.MODELS[name].__name__ == name for name in models.MODELS)
     assert {TrainConfig.from_preset(p).model for p in ("digits", "teacher-student")} == {"small_bnn", "binary_mlp"}
+    assert TrainConfig.from_preset("mnist1d").model == "mnist1d_cnn"
     with pytest.raises(ValueError, match="unknown model 'mlp'"):
         TrainConfig(model="mlp")
 

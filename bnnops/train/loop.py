@@ -33,7 +33,7 @@ from bnnops.train.faults import crash_point
 from bnnops.train.optimization import Optimization
 from bnnops.train.plots import plot_history
 
-__all__ = ["describe", "evaluate", "train"]
+__all__ = ["describe", "evaluate", "train", "train_epoch"]
 
 
 @torch.no_grad()
@@ -65,23 +65,24 @@ def evaluate(
     return float(loss) / n, int(correct) / n
 
 
-def _train_epoch(
+def train_epoch(
     model: nn.Module,
     dataset: data.InMemoryDataset,
     opt: Optimization,
     cfg: TrainConfig,
     generator: torch.Generator,
     epoch: int,
-    procs: distributed.Processes,
+    procs: distributed.Processes | None = None,
 ) -> tuple[float, float]:
     """One epoch over the training split: (mean loss, accuracy) of the training batches.
 
     Every process draws the same global batch of ``cfg.batch_size`` samples and trains on its
     ``tensor_split`` part; its mean loss is weighted by its share, so DistributedDataParallel's
     mean over the processes is the gradient of the global batch's mean loss. A last batch with
-    fewer samples than processes is skipped."""
+    fewer samples than processes is skipped. ``procs`` None: one process."""
     from tqdm.auto import tqdm
 
+    procs = procs or distributed.Processes()
     model.train()
     device = dataset.x_train.device
     loss_sum = torch.zeros((), device=device)
@@ -287,7 +288,7 @@ def train(
         for epoch in range(start + 1, cfg.epochs + 1):
             rate = opt.rate
             t0 = time.perf_counter()
-            train_loss, train_acc = _train_epoch(forward, dataset, opt, cfg, generator, epoch, procs)
+            train_loss, train_acc = train_epoch(forward, dataset, opt, cfg, generator, epoch, procs)
             seconds += time.perf_counter() - t0
             flip_ratio = opt.end_epoch()
             if procs.world_size > 1:
