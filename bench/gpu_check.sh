@@ -8,7 +8,7 @@
 # Steps, in order, each bounded in time so the whole script ends within GPU_CHECK_BUDGET seconds:
 #   env.txt       date, nvidia-smi, GPU, python / torch / CUDA / triton versions, commit, pip install log
 #   tests.log     python -m pytest $TEST_PATHS $PYTEST_ARGS (plus --timeout if pytest-timeout is installed)
-#   train_step.json / .md  python -m bench.train_evidence --gpu-step --profile --channels-last: BinaryNet
+#   train_step.json / .md  python -m bench.train_evidence --gpu-step --profile --channels-last --cuda-graphs: BinaryNet
 #                 training step, ours against plain PyTorch (images/s, peak memory) and where each step's
 #                 time goes, NCHW then channels_last
 #   gemm_sweep.txt with GEMM_SWEEP=1: python -m bench.sweeps.gemm on W1A16 at M = 1, 2, 4, 8, 16, N = K = 8192 (the GEMV and
@@ -95,7 +95,7 @@ if [ "$train_step_timeout" -ge 60 ]; then
     say "training step profile (at most ${train_step_timeout} s) -> $out/train_step.json"
     compile=""
     [ "${TRAIN_STEP_COMPILE:-0}" = 1 ] && compile="--compile"
-    timeout -k 10 "$train_step_timeout" $py -m bench.train_evidence --gpu-step --profile --channels-last $compile \
+    timeout -k 10 "$train_step_timeout" $py -m bench.train_evidence --gpu-step --profile --channels-last --cuda-graphs $compile \
         --out "$out/train_step.json" >"$out/train_step.log" 2>&1
     train_rc=$?
 fi

@@ -8,6 +8,7 @@ Run from the root of a checkout::
     python -m bench.train_evidence --gpu-step --profile  # ... and where each step's time goes
     python -m bench.train_evidence --gpu-step --compile  # ... and both models under torch.compile
     python -m bench.train_evidence --gpu-step --channels-last  # ... and both in channels_last
+    python -m bench.train_evidence --gpu-step --cuda-graphs  # ... and both as one CUDA graph per step
 
 Tasks (``bnnops.train`` presets; each optimizer takes the preset's settings for it):
 
@@ -118,7 +119,8 @@ def _median_abs_m(checkpoint: str) -> float:
     return torch.cat([s["m"].float().abs().flatten() for s in state.values()]).median().item()
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def spread(values: list[float]) -> dict[str, float]:
+    """mean, std (sample; 0 for one value), min and max of ``values``."""
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -137,11 +139,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {
         key: {
             "runs": len(rs),
-            "final_test_acc": _spread([r["final_test_acc"] for r in rs]),
-            "best_test_acc": _spread([r["best_test_acc"] for r in rs]),
-            "train_seconds": _spread([r["train_seconds"] for r in rs]),
-            "cpu_seconds": _spread([r["cpu_seconds"] for r in rs]),
-            "final_flip_ratio": _spread([r["final_flip_ratio"] for r in rs]),
+            "final_test_acc": spread([r["final_test_acc"] for r in rs]),
+            "best_test_acc": spread([r["best_test_acc"] for r in rs]),
+            "train_seconds": spread([r["train_seconds"] for r in rs]),
+            "cpu_seconds": spread([r["cpu_seconds"] for r in rs]),
+            "final_flip_ratio": spread([r["final_flip_ratio"] for r in rs]),
         }
         for key, rs in out.items()
     }
@@ -252,12 +254,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="with --gpu-step: profile each variant's step too")
     p.add_argument("--compile", action="store_true", help="with --gpu-step: both variants under torch.compile too")
     p.add_argument("--channels-last", action="store_true", help="with --gpu-step: both variants in channels_last too")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --gpu-step: both variants as CUDA graphs too")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, help="override the presets' epochs (quick looks)")
     p.add_argument("--out", help="JSON path (default bench/results/train_evidence[_sweep|_gpu_step].json)")
     args = p.parse_args(argv)
-    if (args.profile or args.compile or args.channels_last) and not args.gpu_step:
-        p.error("--profile, --compile and --channels-last go with --gpu-step")
+    if (args.profile or args.compile or args.channels_last or args.cuda_graphs) and not args.gpu_step:
+        p.error("--profile, --compile, --channels-last and --cuda-graphs go with --gpu-step")
     if args.gpu_step:
         from bench.train_step_report import gpu_step_report
 
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             profile=args.profile,
             compile=args.compile,
             channels_last=args.channels_last,
+            cuda_graphs=args.cuda_graphs,
             progress=lambda result, table: _write(out, result, table),
         )
     elif args.sweep:

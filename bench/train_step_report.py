@@ -109,6 +109,7 @@ def gpu_step_report(
     profile: bool = False,
     compile: bool = False,
     channels_last: bool = False,
+    cuda_graphs: bool = False,
     progress: Callable[[dict[str, Any], str], None] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Images/s and peak memory of ours and the plain baseline, one process, one after the other.
@@ -119,7 +120,9 @@ def gpu_step_report(
     With ``channels_last``, both again in channels-last memory format (rows "ours channels_last"
     and "plain channels_last"); with ``compile``, both again (NCHW) with their models under
     ``torch.compile`` (rows "ours compiled" and "plain compiled"; the warm-up steps include the
-    compilation). ``progress(result, table)`` is called after each row, so a run stopped at a
+    compilation); with ``cuda_graphs``, both again (NCHW) with each step one replayed CUDA graph
+    (rows "ours CUDA graph" and "plain CUDA graph", capturable optimizers; the capture's own
+    warm-up runs before the timed steps' warm-up). ``progress(result, table)`` is called after each row, so a run stopped at a
     time limit keeps what it measured. A variant that fails becomes a row with "error" (its
     traceback) and the others still run.
 
@@ -132,16 +135,16 @@ def gpu_step_report(
         "ours": "bnnops + Bop (bf16 activations)",
         "plain": "plain nn.Conv2d/nn.Linear + ste_sign + Adam (bf16 autocast)",
     }
-    # (row suffix, label suffix, compile, channels_last), in the order they run.
-    kinds = [("", "", False, False)]
+    # (row suffix, label suffix, compile, channels_last, cuda_graph), in the order they run.
+    kinds = [("", "", False, False, False)]
     if channels_last:
-        kinds.append((" channels_last", ", channels_last", False, True))
+        kinds.append((" channels_last", ", channels_last", False, True, False))
     if compile:
-        kinds.append((" compiled", ", torch.compile", True, False))
-    runs = [(name + suffix, name, compiled, cl) for suffix, _, compiled, cl in kinds for name in base]
-    labels = {
-        name + suffix: label + label_suffix for suffix, label_suffix, _, _ in kinds for name, label in base.items()
-    }
+        kinds.append((" compiled", ", torch.compile", True, False, False))
+    if cuda_graphs:
+        kinds.append((" CUDA graph", ", one CUDA graph per step", False, False, True))
+    runs = [(name + suffix, name, compiled, cl, graph) for suffix, _, compiled, cl, graph in kinds for name in base]
+    labels = {name + suffix: label + label_suffix for suffix, label_suffix, *_ in kinds for name, label in base.items()}
     result = {
         "machine": machine.describe("cuda"),
         "batch": batch,
@@ -151,9 +154,10 @@ def gpu_step_report(
         "target": "speedup >= 1.5 at memory_ratio <= 1",
     }
     rows = result["rows"]
-    for row_name, variant, compiled, cl in runs:
+    for row_name, variant, compiled, cl, graph in runs:
         try:  # one variant failing still leaves the other's numbers from a short GPU window
-            step = training_step(variant, "cuda", batch, compile=compiled, channels_last=cl)
+            graphed = {"cuda_graph": True} if graph else {}  # the eager rows call it as without graphs
+            step = training_step(variant, "cuda", batch, compile=compiled, channels_last=cl, **graphed)
             seconds, peak = _measure(step, steps, warmup)
             row = rows[row_name] = {"seconds_per_step": seconds, "images_per_s": batch / seconds, "peak_bytes": peak}
         except Exception:

@@ -27,6 +27,12 @@ the step of a small model (measurements: docs/design.md).
 A gradient the kernel cannot read in place (kernel dims whose strides do not merge into one) is
 copied contiguous each step. Flip counts go to two int64 buffers used in turn: each step's kernel
 zeroes the slots of the buffer the next step counts into.
+
+Not capturable in a CUDA graph: planning uploads its tables from host memory made for that step
+(a replay would read freed pinned memory), and a replay would count into one of the two flip
+buffers every time without zeroing it. :meth:`FusedBop.ready` raises a RuntimeError while the
+current CUDA stream is capturing instead of recording such a step; ``Bop(capturable=True)``
+steps on the PyTorch reference path, which a graph can hold.
 """
 
 import functools
@@ -399,6 +405,13 @@ class _Plan:
         self.hyper = _hyper_table(values, self.device)
 
 
+def _capturing(grads: Sequence[torch.Tensor]) -> bool:
+    """Whether a step of CUDA ``grads`` would be recorded into a CUDA graph (the current stream is
+    capturing). Entries may be None (checked later by planning): the first tensor decides."""
+    g = next((g for g in grads if g is not None), None)
+    return g is not None and g.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _layout_or_none(*args):
     """:func:`_plan_tensor`, or None for a tensor it refuses (planning anew then raises the error)."""
     try:
@@ -486,7 +499,17 @@ class FusedBop:
         plans anew (validating every tensor; raises ``bop_step``'s errors) and returns True;
         without, returns False and the next launch waits for a call that is ready (an optimizer
         then checks its parameters again and calls with ``plan_anew``).
+
+        Raises:
+            RuntimeError: CUDA gradients while the current CUDA stream is capturing a graph (module
+                docstring).
         """
+        if _capturing(grads):
+            raise RuntimeError(
+                "the fused Bop step cannot be captured in a CUDA graph: its launch plan uploads tables from "
+                "host memory made per step and its flip counters alternate between steps; Bop(..., "
+                "capturable=True) steps on the PyTorch reference path, which a graph can hold"
+            )
         n = len(grads)
         if not (len(weights) == len(ms) == n) or (vs is not None and len(vs) != n):
             raise ValueError("bop_step needs one weight and one state (m, and v when given) per gradient")

@@ -58,7 +58,9 @@ class BinaryAndReal:
 
     A parameter held by neither is not trained, as with any torch optimizer;
     :func:`split_parameters` hands every trainable parameter to exactly one part. Schedule each
-    part with its own scheduler (``optimizer.binary``, ``optimizer.real``).
+    part with its own scheduler (``optimizer.binary``, ``optimizer.real``). A step can be captured
+    in a CUDA graph when both parts can: ``Bop(..., capturable=True)`` and a torch optimizer with
+    ``capturable=True`` (e.g. ``torch.optim.Adam(real_params, capturable=True)``).
     """
 
     def __init__(self, binary: Optimizer, real: Optimizer) -> None:

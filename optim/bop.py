@@ -78,6 +78,13 @@ class Bop(Optimizer):
             reference (the kernel's launch reads raw addresses, which a graph cannot hold): the
             compiler fuses its ops, under the compiler's rounding (Inductor may contract a
             multiply and an add into one FMA, which the bit-for-bit contract excludes).
+        capturable: True steps every parameter on the PyTorch reference path, eagerly too, so
+            that a step can be recorded into a CUDA graph (``torch.cuda.graph``) and replayed;
+            see "CUDA graphs" below. It takes precedence over ``fused`` (``torch.compile`` sets it
+            in the groups of CUDA parameters without state, as for torch's optimizers; the compiled
+            step takes the reference path either way).
+            False (default): CUDA parameters take the fused kernel, and a step while a CUDA graph
+            is being captured raises.
         differentiable: must be False (a flip has no gradient).
 
     lr, threshold (and Bop2ndOrder's sigma) are Python numbers or 1-element floating-point
@@ -88,7 +95,8 @@ class Bop(Optimizer):
     Raises:
         TypeError: a hyperparameter that is neither a Python number nor a 1-element
             floating-point tensor, a ``state_dtype`` other than float32/bfloat16, ``fused`` not
-            None/True/False, a parameter that is neither a ``BinaryTensor`` nor floating point.
+            None/True/False, ``capturable`` not True/False, a parameter that is neither a
+            ``BinaryTensor`` nor floating point.
         ValueError: lr outside [0, 1], a negative threshold, a tensor hyperparameter of more than
             one element, ``differentiable=True``, ``fused=True`` with non-CUDA parameters outside
             the interpreter; at the step that creates its state, a dense parameter holding values
@@ -100,6 +108,19 @@ class Bop(Optimizer):
     between steps); a tensor's value is checked where it enters a group, its form at every step
     (reading its value there would sync). Sparse gradients are refused; parameters whose
     ``.grad`` is None are skipped.
+
+    CUDA graphs: with ``capturable=True`` a step run while the current CUDA stream captures records
+    plain torch ops (the reference path: no host sync, no host-to-device copy, no Python branch on a
+    tensor's value), which a replay runs again on the same tensors, bit for bit what an eager step
+    computes (the reference rounds as the kernel does: ``bnnops.kernels.bop``). The fused kernel
+    cannot be recorded: its launch plan uploads tables from host memory made per step. Warm-up:
+    run at least one eager step (on a side stream, as ``torch.cuda.graph`` asks) before capturing:
+    it creates the state and compiles and fills everything the step uses. Capturing then needs
+    every parameter with a gradient to have its state, its group ``capturable=True`` and to be on
+    the capturing device (a step elsewhere would run once at capture, never on replay), a
+    tensor hyperparameter on its parameters' device (a replay reads it there, so a scheduler that
+    writes it in place is seen), and a Python-number hyperparameter is fixed into the graph at its
+    value when captured. The ``"flips"`` tensors a captured step stores are written by every replay.
 
     State per parameter (``optimizer.state[p]``; rules in ``bnnops.optim.bop_state``):
 
@@ -123,27 +144,34 @@ class Bop(Optimizer):
         *,
         state_dtype: torch.dtype = torch.float32,
         fused: bool | None = None,
+        capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        self._init(params, dict(lr=lr, threshold=threshold), state_dtype, fused, differentiable)
+        self._init(params, dict(lr=lr, threshold=threshold), state_dtype, fused, capturable, differentiable)
 
-    def _init(self, params, hyper, state_dtype, fused, differentiable):
+    def _init(self, params, hyper, state_dtype, fused, capturable, differentiable):
         """The constructor of Bop and Bop2ndOrder: ``hyper`` holds their own hyperparameters."""
         if differentiable:
             raise ValueError(f"{type(self).__name__} does not support differentiable=True: a sign flip has no gradient")
-        defaults = dict(hyper, state_dtype=state_dtype, fused=fused, differentiable=False)
+        defaults = dict(hyper, state_dtype=state_dtype, fused=fused, capturable=capturable, differentiable=False)
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
         self._steppers = {}  # device -> bnnops.kernels.bop_plan.FusedBop, which keeps its launch tables
         self._step_plan = None  # the cached step (StepPlan) of the current param list
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle; a state saved before the ``capturable`` key existed gets ``capturable=False``
+        in its defaults and every group (as torch's Adam does)."""
         super().__setstate__(state)
+        self.defaults.setdefault("capturable", False)
+        for group in self.param_groups:
+            group.setdefault("capturable", False)
         self._steppers = {}
         self._step_plan = None
 
-    def _check_hyperparameters(self, group, tensor_values=True):
-        """Check a group's hyperparameters (see Raises); a device tensor's value only with ``tensor_values``."""
+    def _check_hyperparameters(self, group, tensor_values=True, cpu_values=True):
+        """Check a group's hyperparameters (see Raises); a device tensor's value only with
+        ``tensor_values``, a CPU tensor's unless ``cpu_values`` is False (a step being captured)."""
         name = type(self).__name__
         values = {}
         for key in HYPERPARAMETERS:
@@ -159,7 +187,7 @@ class Bop(Optimizer):
                     )
                 # A CPU tensor's value is read every step (no sync); a device tensor's only where
                 # it enters a group (reading it would wait for the device).
-                if tensor_values or (x.device.type == "cpu" and not torch.compiler.is_compiling()):
+                if tensor_values or (cpu_values and x.device.type == "cpu" and not torch.compiler.is_compiling()):
                     values[key] = x.item()
             elif isinstance(x, (float, int)):
                 values[key] = x
@@ -177,6 +205,9 @@ class Bop(Optimizer):
             raise TypeError(f"{name} state_dtype must be torch.float32 or torch.bfloat16, got {group['state_dtype']}")
         if group["fused"] not in (None, True, False):
             raise TypeError(f"{name} fused must be None, True or False, got {group['fused']!r}")
+        capturable = group.get("capturable", False)  # a checkpoint saved without the key: False
+        if not isinstance(capturable, bool):
+            raise TypeError(f"{name} capturable must be True or False, got {capturable!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group like torch, then check its hyperparameters and parameters (see Raises)."""
@@ -217,6 +248,8 @@ class Bop(Optimizer):
             raise ValueError(message)
 
     def _fused(self, p, g, group):
+        if group["capturable"]:
+            return False
         fused = group["fused"]
         if fused is None:
             fused = p.is_cuda and kernels.triton_available()
@@ -228,10 +261,12 @@ class Bop(Optimizer):
         """One Bop step over every parameter with a gradient; returns the closure's loss, if any.
 
         The first step, and any step after the parameters, their gradients' dtypes, shapes or
-        strides, the groups' ``state_dtype`` or ``fused``, or the state changed, checks every
-        parameter, creates missing state and plans the step (:class:`~bnnops.optim.bop_step_plan.StepPlan`). Every other step
-        checks those in passes that run in C over the parameter lists, and launches the kernel once
-        per set of compile-time constants (usually once). Nothing here waits for the device.
+        strides, the groups' ``state_dtype``, ``fused`` or ``capturable``, or the state changed,
+        checks every parameter, creates missing state and plans the step
+        (:class:`~bnnops.optim.bop_step_plan.StepPlan`). Every other step checks those in passes that
+        run in C over the parameter lists, and launches the kernel once per set of compile-time
+        constants (usually once). Nothing here waits for the device. A step while the current CUDA
+        stream captures a graph runs the reference ops only (class docstring, "CUDA graphs").
 
         The step and zero-grad hooks of ``torch.optim.Optimizer`` run as for any torch optimizer,
         and under a running profiler the step is recorded as ``Optimizer.step#<class>.step``. This
@@ -286,6 +321,10 @@ class Bop(Optimizer):
             with torch.no_grad():
                 _, reference, _ = self._plan_step(compiling=True)
                 self._step_reference(reference)
+            return loss
+        if _capturing():
+            with torch.no_grad():
+                self._step_reference(self._captured_reference())
             return loss
         grad_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
@@ -345,6 +384,53 @@ class Bop(Optimizer):
                     rows[0 if is_binary else 1].append(h)
         return fused, reference, skipped
 
+    def _captured_reference(self):
+        """The (parameter, group) pairs of a step being captured in a CUDA graph, checked as the
+        class docstring's "CUDA graphs" asks (a RuntimeError otherwise). Reads no tensor's value."""
+        name = type(self).__name__
+        keys = HYPERPARAMETERS if self._second_order else HYPERPARAMETERS[:2]
+        reference = []
+        device = _capturing_device()
+        with torch._C.DisableTorchFunctionSubclass():
+            for h, group in enumerate(self.param_groups):
+                self._check_hyperparameters(group, tensor_values=False, cpu_values=False)
+                for i, p in enumerate(group["params"]):
+                    g = p.grad
+                    if g is None:
+                        continue
+                    where = f"param_groups[{h}]['params'][{i}]"
+                    if not group["capturable"]:
+                        raise RuntimeError(
+                            f"{name}(capturable=False) cannot be captured in a CUDA graph ({where}): the fused "
+                            f"kernel's launch plan uploads tables from host memory made per step; construct it "
+                            f"with capturable=True (the reference path, eagerly too) or step outside the graph"
+                        )
+                    if p.device != device:
+                        raise RuntimeError(
+                            f"{name}: {where} is on {p.device} but the CUDA graph is captured on {device}: "
+                            f"its step would run once at capture and never on replay; put it on {device} or "
+                            f"step it with another optimizer outside the graph"
+                        )
+                    if g.is_sparse:
+                        raise RuntimeError(f"{name} does not support sparse gradients")
+                    state = self.state.get(p)
+                    if not state or "m" not in state or (self._second_order and "v" not in state):
+                        raise RuntimeError(
+                            f"{name}: {where} has no state while a CUDA graph is being captured; state is "
+                            f"created at a parameter's first step, which a capture cannot hold: run an eager "
+                            f"step (warm-up) before capturing"
+                        )
+                    for key in keys:
+                        x = group[key]
+                        if isinstance(x, torch.Tensor) and x.device != p.device:
+                            raise RuntimeError(
+                                f"{name}: {key} is a tensor on {x.device} but {where} is on {p.device}; a CUDA "
+                                f"graph would keep its value at capture: put it on {p.device} (a replay reads it "
+                                f"there) or make it a Python number (fixed at capture)"
+                            )
+                    reference.append((p, group))
+        return reference
+
     def _step_reference(self, reference):
         for p, group in reference:
             state = self.state[p]
@@ -392,7 +478,7 @@ class Bop(Optimizer):
         loaded = checked_state_dict(
             state_dict, self.param_groups, type(self).__name__, self._second_order, self._check_hyperparameters
         )
-        fused = [group["fused"] for group in self.param_groups]
+        paths = [(group["fused"], group["capturable"]) for group in self.param_groups]
         # The base class loads the groups, without the hooks (they run here) and without the state
         # (it would cast m and v to the parameter's dtype; the checked copies above replace it).
         hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
@@ -402,8 +488,9 @@ class Bop(Optimizer):
             super().load_state_dict({**state_dict, "state": {}})
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
-        for group, how in zip(self.param_groups, fused):
-            group["fused"] = how  # how to run is this optimizer's choice, not the checkpoint's
+        for group, (fused, capturable) in zip(self.param_groups, paths):
+            # How to run is this optimizer's choice, not the checkpoint's.
+            group["fused"], group["capturable"] = fused, capturable
         for p, state in loaded:
             self.state[p] = state
         self._steppers.clear()  # new state tensors may reuse the old ones' addresses: rebuild the tables
@@ -422,7 +509,7 @@ class Bop2ndOrder(Bop):
         w <- -w  where  w * m / (sqrt(v) + 1e-10) > tau
 
     Args:
-        params, threshold, state_dtype, fused, differentiable: as for :class:`Bop`.
+        params, threshold, state_dtype, fused, capturable, differentiable: as for :class:`Bop`.
         lr: gamma, in [0, 1].
         sigma: the rate of v, in [0, 1].
 
@@ -441,9 +528,29 @@ class Bop2ndOrder(Bop):
         *,
         state_dtype: torch.dtype = torch.float32,
         fused: bool | None = None,
+        capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        self._init(params, dict(lr=lr, threshold=threshold, sigma=sigma), state_dtype, fused, differentiable)
+        self._init(
+            params, dict(lr=lr, threshold=threshold, sigma=sigma), state_dtype, fused, capturable, differentiable
+        )
+
+
+# Whether this torch has CUDA: torch.cuda.is_current_stream_capturing raises on a CPU-only build.
+_CUDA_BUILT = torch.cuda._is_compiled()
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (no sync). Without an initialized CUDA
+    context nothing captures, and asking would create one (a CPU-only run keeps none)."""
+    return _CUDA_BUILT and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _capturing_device() -> torch.device:
+    """The device whose current stream is capturing (called only while :func:`_capturing` is True):
+    a step being captured refuses parameters elsewhere. A function so that the CPU tests, which
+    report a capture on CPU tensors, can patch it."""
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _interpreting():

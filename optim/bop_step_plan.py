@@ -23,7 +23,7 @@ class StepPlan:
 
     Built from :meth:`Bop._plan_step` (which checked every parameter and created the state).
     :meth:`step` checks, before it changes anything: the param groups (the same list, dicts and
-    parameter lists, holding the same parameters), each group's ``state_dtype`` and ``fused``
+    parameter lists, holding the same parameters), each group's ``state_dtype``, ``fused`` and ``capturable``
     (they pick the paths), its hyperparameters (checked again when a value is another object than
     at the last check, or a tensor), which parameters have a gradient, the reference path's
     parameters as :meth:`Bop._plan_step` checks them, and through
@@ -40,7 +40,7 @@ class StepPlan:
         self.param_lists = [group["params"] for group in groups]
         self.lengths = list(map(len, self.param_lists))
         self.flat = list(itertools.chain.from_iterable(self.param_lists))
-        self.settings = [(group["state_dtype"], group["fused"]) for group in groups]
+        self.settings = [(group["state_dtype"], group["fused"], group["capturable"]) for group in groups]
         self.keys = HYPERPARAMETERS if opt._second_order else HYPERPARAMETERS[:2]
         self.checked = [None] * len(groups)  # per group: the hyperparameter values last checked (numbers)
         self.skipped = skipped
@@ -57,12 +57,14 @@ class StepPlan:
         groups = opt.param_groups
         if groups is not self.groups or len(groups) != len(self.group_dicts):
             return False
-        for h, (group, d, params, (state_dtype, fused)) in enumerate(
+        for h, (group, d, params, (state_dtype, fused, capturable)) in enumerate(
             zip(groups, self.group_dicts, self.param_lists, self.settings)
         ):
             if group is not d or group["params"] is not params:
                 return False
             if group["state_dtype"] is not state_dtype or group["fused"] is not fused:
+                return False
+            if group["capturable"] is not capturable:
                 return False
             values = tuple(map(group.__getitem__, self.keys))
             checked = self.checked[h]

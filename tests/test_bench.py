@@ -459,14 +459,13 @@ def test_train_step_profile_names_where_the_time_goes(variant, device):
         assert result["kernel_ms"] > 0
         assert any("_conv2d_kernel" in name for name in names) == (variant == "ours")
     else:
-        # Torch ops by self time: ours runs the binary conv op (6 convolutions a step), the plain twin cuDNN's.
-        conv = next(
-            e
-            for e in result["top"]
-            if e["name"] == ("bnnops::binary_conv2d" if variant == "ours" else "aten::convolution")
-        )
-        assert conv["calls"] == 6
-        assert ("bnnops::binary_conv2d" in names) == (variant == "ours")
+        # Torch ops by self time: 6 convolutions a step. Ours runs them as the binary conv ops (on
+        # float x, or on the sign words a training forward packed), the plain twin as aten's.
+        conv_ops = ("bnnops::binary_conv2d", "bnnops::binary_conv2d_packed")
+        calls = {e["name"]: e["calls"] for e in result["top"]}
+        assert sum(calls.get(name, 0) for name in conv_ops) == (6 if variant == "ours" else 0)
+        if variant == "plain":
+            assert calls["aten::convolution"] == 6
     table = profile_markdown({variant: result})
     assert f"{variant}: host" in table and "| calls / step |" in table
 
@@ -579,3 +578,85 @@ def test_gpu_step_report_tables(monkeypatch):
     assert result["speedup"] == pytest.approx(1.0) and "speedup_compiled" not in result
     assert "| ours / plain | 1.00x | 1.00x |" in table
     assert "FAILED | RuntimeError: compile failed" in table
+
+
+def test_inference_float_twin_computes_the_converted_model():
+    from bench.cases.inference import build_variants
+
+    # ste_sign BinaryNet: integer sums, exact in fp32 in both torch's convolutions and the bnnops
+    # references, so the float twin and the folded model give the converted model's bits.
+    variants = build_variants("binarynet", "cpu", width=0.1, size=12)
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        want = variants["converted"](x)
+        for variant in ("float", "folded"):
+            assert torch.equal(variants[variant](x), want), variant
+
+
+def test_inference_activation_bytes_count_each_layer_output():
+    from bench.cases.inference import activation_bytes_per_image, build_variants
+    from bnnops.nn import BinaryConv2d, BinaryLinear
+
+    variants = build_variants("binarynet", "cpu", width=0.1, size=12)
+    x = torch.randn(2, 3, 12, 12)
+    counts = {v: activation_bytes_per_image(m, x) for v, m in variants.items()}
+    # The float twin writes what the converted model writes plus the sign of every binary layer's
+    # input (fp32), which the bnnops ops binarize inside.
+    binarized = []
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: binarized.append(args[0].numel() * 4))
+        for m in variants["converted"].modules()
+        if isinstance(m, (BinaryConv2d, BinaryLinear)) and m.input_quantizer is not None
+    ]
+    with torch.no_grad():
+        variants["converted"](x)
+    for h in hooks:
+        h.remove()
+    assert len(binarized) == 8
+    assert counts["float"] - counts["converted"] == sum(binarized) / 2
+    assert counts["folded"] < counts["converted"] / 12
+
+
+def test_inference_report_runs(monkeypatch, capsys):
+    from bench.cases import inference
+
+    monkeypatch.setattr(sys, "argv", ["inference", "--device", "cpu", "--model", "binarynet", "--batch", "2"])
+    monkeypatch.setattr(inference, "FULL", {"binarynet": dict(input_shape=(3, 12, 12))})
+    monkeypatch.setattr(inference, "plan_for", lambda device, quick: timing.Plan(rounds=1, round_s=0.0))
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--width", "0.0625"])
+    inference.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| binarynet | 2 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["float", "converted", "folded"]
+
+
+def test_gpu_step_report_cuda_graph_rows(monkeypatch):
+    """With cuda_graphs the report adds a CUDA-graph row per variant, built with cuda_graph=True."""
+    from bench import machine, train_step_report
+
+    calls = []
+
+    def fake_training_step(variant, device, batch, compile=False, channels_last=False, cuda_graph=False):
+        calls.append((variant, cuda_graph))
+        return lambda: None
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(machine, "describe", lambda device: {"device_name": "stub GPU"})
+    monkeypatch.setattr(train_step_report, "training_step", fake_training_step)
+    monkeypatch.setattr(train_step_report, "_measure", lambda step, steps, warmup: (0.004, 2**20))
+    result, table = train_step_report.gpu_step_report(batch=8, cuda_graphs=True)
+    assert calls == [("ours", False), ("plain", False), ("ours", True), ("plain", True)]
+    assert list(result["rows"]) == ["ours", "plain", "ours CUDA graph", "plain CUDA graph"]
+    assert "one CUDA graph per step" in table and "ours / plain CUDA graph" in table
+
+
+def test_train_step_cuda_graph_variants_not_applicable_on_cpu(capsys):
+    from bench.cases.train_step import binarynet_train_step, training_step
+
+    with pytest.raises(ValueError, match="not applicable on cpu"):
+        training_step("ours", "cpu", 2, 4, 8, cuda_graph=True)
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        training_step("plain", "cuda", 2, 4, 8, compile=True, cuda_graph=True)
+    workload = binarynet_train_step("cpu", batch=2, filters=4, dense_units=8)
+    assert list(workload.baselines) == ["plain ste_sign + Adam"]
+    assert "CUDA-graph variants (ours and plain) are not applicable on cpu" in capsys.readouterr().err

@@ -830,3 +830,30 @@ def test_cached_step_sees_a_weight_restrided_in_place():
         opt.step()
         results.append(p.detach().clone())
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("cls", [Bop, Bop2ndOrder])
+def test_unpickled_state_without_capturable_steps(cls):
+    """An optimizer pickled before the ``capturable`` key existed: ``__setstate__`` fills it with
+    False (defaults and every group) and the step equals one of an optimizer that never lost it."""
+    torch.manual_seed(0)
+    w0 = torch.where(torch.randn(6, 37) < 0, -1.0, 1.0)
+    g0, g1 = torch.randn(6, 37), torch.randn(6, 37)
+    results = []
+    for legacy in (True, False):
+        p = torch.nn.Parameter(BinaryTensor.from_float(w0.clone()))
+        opt = cls([p], lr=0.5, threshold=1e-3)
+        p.grad = g0.clone()
+        opt.step()
+        if legacy:
+            state = opt.__getstate__()
+            del state["defaults"]["capturable"]
+            for group in state["param_groups"]:
+                del group["capturable"]
+            opt = cls.__new__(cls)
+            opt.__setstate__(state)
+            assert opt.defaults["capturable"] is False and opt.param_groups[0]["capturable"] is False
+        p.grad = g1.clone()
+        opt.step()
+        results.append((p.words.clone(), opt.state[p]["m"].clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -7,6 +7,9 @@ bf16 activations. Baseline, what a user would otherwise write: the same network 
 straight-through sign (larq's ``ste_sign``), Adam on everything, latent weights clipped to [-1, 1]
 after each step (larq's ``weight_clip``), under ``torch.autocast`` bf16 (cuDNN bf16 convolutions).
 Both take one step = forward, cross-entropy, backward, optimizer step on the same random batch.
+On CUDA both also run as one CUDA graph per step (:func:`bench.cuda_graph_step.capture_step`: the
+whole step replayed, with capturable optimizers), so neither pays its Python's host time; on a CPU
+those two are not applicable and the case says so.
 
 Images per second and peak memory, which the table of ``python -m bench`` has no column for, come
 from ``bench.train_step_report`` (``python -m bench.train_evidence --gpu-step``), which builds its
@@ -14,6 +17,7 @@ steps with :func:`training_step`.
 """
 
 import copy
+import sys
 from collections.abc import Callable
 
 import torch
@@ -21,6 +25,7 @@ from torch import nn
 
 import bnnops
 from bench import Workload, case
+from bench.cuda_graph_step import capture_step
 from bnnops import models
 from bnnops.nn import BinaryConv2d, BinaryLinear, MaxPool2d
 from bnnops.optim import BinaryAndReal, Bop, split_parameters
@@ -111,6 +116,7 @@ def training_step(
     dense_units: int = 1024,
     compile: bool = False,
     channels_last: bool = False,
+    cuda_graph: bool = False,
 ) -> Callable[[], torch.Tensor]:
     """A zero-argument training step of ``variant`` ("ours" or "plain") on one random CIFAR-10 batch.
 
@@ -119,45 +125,55 @@ def training_step(
     not depend on the values. A call returns the step's loss (a 0-d tensor on the device, no sync).
     ``compile``: the model's forward and backward through ``torch.compile`` (the optimizer step
     stays eager; the first call compiles). ``channels_last``: the batch and the model's conv
-    weights in channels-last memory format (so every activation is), else NCHW.
+    weights in channels-last memory format (so every activation is), else NCHW. ``cuda_graph``:
+    the optimizers capturable (Bop and Adam ``capturable=True``), the step warmed up and captured as
+    one CUDA graph (:func:`~bench.cuda_graph_step.capture_step`); a call replays it.
 
     Raises:
-        ValueError: ``variant`` is neither "ours" nor "plain".
+        ValueError: ``variant`` is neither "ours" nor "plain"; ``cuda_graph`` with ``compile``
+            or on a device other than CUDA.
     """
+    if cuda_graph and compile:
+        raise ValueError("cuda_graph captures the eager step; torch.compile has its own (mode='reduce-overhead')")
+    on_cuda = torch.device(device).type == "cuda"
+    if cuda_graph and not on_cuda:
+        raise ValueError(f"CUDA graphs record CUDA kernels: not applicable on {device}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # The same batch for both variants: a fixed seed of its own.
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if on_cuda else torch.float32
     model = models.binarynet(filters=filters, dense_units=dense_units)
     if variant == "ours":
         # The whole model in bf16 on CUDA, binary weights keeping their bits; Adam then steps bf16
         # BN params. This is the setup of the recorded run T1429 (not autocast), kept comparable.
         model = model.to(device=device, dtype=dtype, memory_format=fmt)
         binary, real = split_parameters(model)
-        opt = BinaryAndReal(Bop(binary, lr=GAMMA, threshold=THRESHOLD), torch.optim.Adam(real, lr=ADAM_LR))
+        opt = BinaryAndReal(
+            Bop(binary, lr=GAMMA, threshold=THRESHOLD, capturable=cuda_graph),
+            torch.optim.Adam(real, lr=ADAM_LR, capturable=cuda_graph),
+        )
         x = x.to(dtype)
         model = torch.compile(model) if compile else model
 
-        def step():
-            opt.zero_grad()
+        def body():
             loss = nn.functional.cross_entropy(model(x).float(), y)
             loss.backward()
             opt.step()
             return loss.detach()
 
-        return step
+        return _stepper(opt.zero_grad, body, device, cuda_graph)
     if variant != "plain":
         raise ValueError(f"variant must be 'ours' or 'plain', got {variant!r}")
     model = plain_pytorch_copy(model).to(device=device, memory_format=fmt)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ADAM_LR)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ADAM_LR, capturable=cuda_graph)
     latent = _latent_weights(model)
     model = torch.compile(model) if compile else model
 
-    def step():
-        opt.zero_grad()
-        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+    def body():
+        # A graph cannot keep autocast's cache of cast weights (torch.cuda.graph's rule): off when captured.
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=on_cuda, cache_enabled=not cuda_graph):
             loss = nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()
@@ -166,7 +182,24 @@ def training_step(
             torch._foreach_clamp_max_(latent, 1.0)
         return loss.detach()
 
+    return _stepper(opt.zero_grad, body, device, cuda_graph)
+
+
+def _stepper(zero_grad, body, device, cuda_graph):
+    """The step: zero_grad then body, eagerly; or body replayed as a captured CUDA graph."""
+    if cuda_graph:
+        return capture_step(zero_grad, body, device)
+
+    def step():
+        zero_grad()
+        return body()
+
     return step
+
+
+OURS_CUDA_GRAPH = "ours as a CUDA graph (not a baseline: below 1x = the graph is faster than eager ours)"
+"""The table row of our own step captured as a CUDA graph, beside the baselines of the
+``binarynet_train_step`` case (on CUDA only)."""
 
 
 def _macs(filters: int, dense_units: int) -> int:
@@ -181,10 +214,24 @@ def _macs(filters: int, dense_units: int) -> int:
     tiny=dict(batch=2, filters=4, dense_units=8),
 )
 def binarynet_train_step(device: str, batch: int, filters: int, dense_units: int) -> Workload:
-    baseline = "plain ste_sign + Adam" + (" (bf16 autocast)" if device == "cuda" else "")
+    baseline = "plain ste_sign + Adam" + (" (bf16 autocast)" if torch.device(device).type == "cuda" else "")
+    baselines = {baseline: training_step("plain", device, batch, filters, dense_units)}
+    if torch.device(device).type == "cuda":
+        # Ours again, in the baseline list only so that it is timed in the same interleaved rounds:
+        # its "speedup" is graph time / eager ours' time, which the label spells out.
+        baselines[OURS_CUDA_GRAPH] = training_step("ours", device, batch, filters, dense_units, cuda_graph=True)
+        baselines[baseline + ", CUDA graph"] = training_step(
+            "plain", device, batch, filters, dense_units, cuda_graph=True
+        )
+    else:
+        print(
+            "binarynet_train_step: the CUDA-graph variants (ours and plain) are not applicable on "
+            f"{device}: CUDA graphs record CUDA kernels",
+            file=sys.stderr,
+        )
     return Workload(
         ours=training_step("ours", device, batch, filters, dense_units),
-        baselines={baseline: training_step("plain", device, batch, filters, dense_units)},
+        baselines=baselines,
         bound="bf16",
         # forward 2*MACs per image, backward about twice the forward
         ops=6 * _macs(filters, dense_units) * batch,
