@@ -90,9 +90,12 @@ def _pct(s: dict[str, float]) -> str:
     return f"{100 * s['mean']:.2f}% ± {100 * s['std']:.2f} | {100 * s['min']:.1f} - {100 * s['max']:.1f}%"
 
 
-def summarize(records: list[dict[str, Any]], main_widths: dict[str, int]) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], main_widths: dict[str, int], long_epochs: int) -> dict[str, Any]:
     """The numbers of every table: ``optimizers`` (the main widths, every optimizer), ``widths``
-    (binary and float CNNs over width) and ``grid`` (the gamma x threshold runs)."""
+    (binary and float CNNs over width), ``grid`` (the gamma x threshold runs) and ``long`` (the
+    runs of ``long_epochs`` epochs, apart from the others)."""
+    long = _group(records, lambda r: r["epochs"] == long_epochs)
+    records = [rec for rec in records if rec["run"]["epochs"] != long_epochs]
     main = _group(records, lambda r: r["width"] == main_widths.get(r["model"]))
     cnns = _group(
         records,
@@ -115,6 +118,7 @@ def summarize(records: list[dict[str, Any]], main_widths: dict[str, int]) -> dic
         "optimizers": [_arm_row(k, v) for k, v in sorted(main.items(), key=lambda kv: (kv[0][0], kv[0][2]))],
         "widths": [_arm_row(k, v) for k, v in sorted(cnns.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1]))],
         "grid": sorted(grid, key=lambda g: (g["gamma"], g["threshold"])),
+        "long": [_arm_row(k, v) for k, v in sorted(long.items(), key=lambda kv: (kv[0][0], kv[0][2]))],
     }
 
 
@@ -133,6 +137,22 @@ def markdown(result: dict[str, Any], machine: dict[str, Any] | None) -> str:
             f"| {MODEL_NAMES[a['model']]} | {a['width']} | {_arm_name(a)} | {a['runs']} | "
             f"{_pct(a['acc'])} | {a['train_seconds']['mean']:.0f} | {a['memory_bytes']:,} | {fr} |"
         )
+    if result["long"]:
+        lines += [
+            "",
+            f"## The longer budget ({result['long'][0]['epochs']} epochs at a constant rate, test accuracy at the last "
+            "epoch)",
+            "",
+            "| model | width | optimizer | runs | test acc mean ± std | min - max | train s (mean) | stored bytes | "
+            "last-epoch flip ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for a in result["long"]:
+            fr = "-" if a["last_flip_ratio"] is None else f"{a['last_flip_ratio']['mean']:.1e}"
+            lines.append(
+                f"| {MODEL_NAMES[a['model']]} | {a['width']} | {_arm_name(a)} | {a['runs']} | "
+                f"{_pct(a['acc'])} | {a['train_seconds']['mean']:.0f} | {a['memory_bytes']:,} | {fr} |"
+            )
     lines += [
         "",
         "## Early in training (test accuracy after k epochs of the same runs, mean ± std)",
@@ -358,11 +378,19 @@ def report(out: str, runs: "Iterable[Run] | None" = None) -> str:
     markdown. Only the records of ``runs`` (default: every study's at the default seeds and
     epochs, :func:`bench.mnist1d_evidence.evidence_runs`) made with the current settings count
     (:func:`planned_runs`)."""
-    from bench.mnist1d_evidence import CNN_WIDTH, FLOAT_CNN_WIDTH, FLOAT_MLP_WIDTH, MLP_WIDTH, STUDIES, evidence_runs
+    from bench.mnist1d_evidence import (
+        CNN_WIDTH,
+        FLOAT_CNN_WIDTH,
+        FLOAT_MLP_WIDTH,
+        LONG_EPOCHS,
+        MLP_WIDTH,
+        STUDIES,
+        evidence_runs,
+    )
 
     main_widths = {"cnn": CNN_WIDTH, "mlp": MLP_WIDTH, "float_cnn": FLOAT_CNN_WIDTH, "float_mlp": FLOAT_MLP_WIDTH}
     records = planned_runs(load_runs(out), evidence_runs(STUDIES) if runs is None else runs)
-    result = summarize(records, main_widths)
+    result = summarize(records, main_widths, LONG_EPOCHS)
     machine_path = os.path.join(out, "machine.json")
     machine = None
     if os.path.exists(machine_path):
@@ -374,6 +402,7 @@ def report(out: str, runs: "Iterable[Run] | None" = None) -> str:
         json.dump({"machine": machine, **result}, f, indent=1)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
-    if records:
-        plots(records, result, out, main_widths)
+    short = [rec for rec in records if rec["run"]["epochs"] != LONG_EPOCHS]
+    if short:
+        plots(short, result, out, main_widths)
     return text

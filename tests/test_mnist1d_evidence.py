@@ -31,6 +31,14 @@ def test_study_runs_and_keys():
     assert len(grid) == len(ev.GRID_GAMMAS) * len(ev.GRID_THRESHOLDS) >= 16
     assert all(r.split == "validation" and not r.decay for r in grid)
     assert {r.optimizer for r in ev.study_runs("optimizers", seeds=1)} == {"bop", "bop2", "latent-adam"}
+    long = ev.study_runs("long", seeds=2, epochs=3)  # its budget is its own: --epochs does not apply
+    assert len(long) == 8 and all(r.epochs == ev.LONG_EPOCHS and not r.decay and r.split == "test" for r in long)
+    assert {(r.model, r.width, r.optimizer) for r in long} == {
+        ("cnn", ev.LONG_WIDTH, "bop"),
+        ("cnn", ev.LONG_WIDTH, "bop2"),
+        ("cnn", ev.LONG_WIDTH, "latent-adam"),
+        ("float_cnn", ev.FLOAT_CNN_WIDTH, "adam"),
+    }
     with pytest.raises(ValueError, match="does not train"):
         ev.Run("float_cnn", 4, "bop", 0)
     with pytest.raises(ValueError, match="does not train"):
