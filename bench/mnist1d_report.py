@@ -122,37 +122,36 @@ def summarize(records: list[dict[str, Any]], main_widths: dict[str, int], long_e
     }
 
 
-def markdown(result: dict[str, Any], machine: dict[str, Any] | None) -> str:
-    """The tables of :func:`summarize` as markdown."""
+def _final_accuracy_table(title: str, arms: list[dict[str, Any]]) -> list[str]:
+    """A markdown table of ``arms`` (rows of :func:`_arm_row`): test accuracy at the last epoch,
+    train time, stored bytes, last-epoch flip ratio."""
     lines = [
-        "## Optimizers and float baselines (test accuracy at the last epoch)",
+        title,
         "",
         "| model | width | optimizer | runs | test acc mean ± std | min - max | train s (mean) | stored bytes | "
         "last-epoch flip ratio |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for a in result["optimizers"]:
+    for a in arms:
         fr = "-" if a["last_flip_ratio"] is None else f"{a['last_flip_ratio']['mean']:.1e}"
         lines.append(
             f"| {MODEL_NAMES[a['model']]} | {a['width']} | {_arm_name(a)} | {a['runs']} | "
             f"{_pct(a['acc'])} | {a['train_seconds']['mean']:.0f} | {a['memory_bytes']:,} | {fr} |"
         )
+    return lines
+
+
+def markdown(result: dict[str, Any], machine: dict[str, Any] | None) -> str:
+    """The tables of :func:`summarize` as markdown."""
+    lines = _final_accuracy_table(
+        "## Optimizers and float baselines (test accuracy at the last epoch)", result["optimizers"]
+    )
     if result["long"]:
-        lines += [
-            "",
-            f"## The longer budget ({result['long'][0]['epochs']} epochs at a constant rate, test accuracy at the last "
-            "epoch)",
-            "",
-            "| model | width | optimizer | runs | test acc mean ± std | min - max | train s (mean) | stored bytes | "
-            "last-epoch flip ratio |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for a in result["long"]:
-            fr = "-" if a["last_flip_ratio"] is None else f"{a['last_flip_ratio']['mean']:.1e}"
-            lines.append(
-                f"| {MODEL_NAMES[a['model']]} | {a['width']} | {_arm_name(a)} | {a['runs']} | "
-                f"{_pct(a['acc'])} | {a['train_seconds']['mean']:.0f} | {a['memory_bytes']:,} | {fr} |"
-            )
+        title = (
+            f"## The longer budget ({result['long'][0]['epochs']} epochs at a constant rate, test accuracy at the "
+            "last epoch)"
+        )
+        lines += ["", *_final_accuracy_table(title, result["long"])]
     lines += [
         "",
         "## Early in training (test accuracy after k epochs of the same runs, mean ± std)",

@@ -287,35 +287,12 @@ def _conv(x, words, scale, bias, geometry, input_quantizer, out_dtype, channels=
     words of ``channels`` input channels (W1A1, ``bnnops::binary_conv2d_packed``), the output
     channels_last when ``channels_last``."""
     stride, padding, dilation, groups, pad_value = geometry
+    shape = (list(stride), list(padding), list(dilation), groups, pad_value)
     if x.dtype == torch.int32:
-        return call(
-            torch.ops.bnnops.binary_conv2d_packed.default,
-            x,
-            words,
-            channels,
-            bias,
-            scale,
-            list(stride),
-            list(padding),
-            list(dilation),
-            groups,
-            pad_value,
-            channels_last,
-            out_dtype,
-        )
+        op = torch.ops.bnnops.binary_conv2d_packed.default
+        return call(op, x, words, channels, bias, scale, *shape, channels_last, out_dtype)
     return call(
-        torch.ops.bnnops.binary_conv2d.default,
-        x,
-        words,
-        bias,
-        scale,
-        list(stride),
-        list(padding),
-        list(dilation),
-        groups,
-        pad_value,
-        input_quantizer is not None,
-        out_dtype,
+        torch.ops.bnnops.binary_conv2d.default, x, words, bias, scale, *shape, input_quantizer is not None, out_dtype
     )
 
 

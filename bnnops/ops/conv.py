@@ -152,8 +152,10 @@ def _check_packed(
     )
 
 
-def _launch(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, **options):
-    # The kernel reads words, bias and scale with unit stride along their last dimension.
+def launch(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, **options):
+    """The conv launcher (``bnnops.kernels.conv2d.conv2d``) on an op's arguments: weight words, bias
+    and scale made unit-stride along their last dimension, as the kernel reads them; ``options`` are
+    the launcher's keywords (binarize, out_dtype, channels, out, signs)."""
     return kernels.load("conv2d").conv2d(
         x,
         weight.contiguous(),
@@ -170,7 +172,7 @@ def _launch(x, weight, bias, scale, stride, padding, dilation, groups, pad_value
 
 def _conv2d_cuda(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize, out_dtype=None):
     geometry = (stride, padding, dilation, groups, pad_value)
-    return _launch(x, weight, bias, scale, *geometry, binarize=binarize, out_dtype=out_dtype)
+    return launch(x, weight, bias, scale, *geometry, binarize=binarize, out_dtype=out_dtype)
 
 
 def _conv2d_fake(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, binarize, out_dtype=None):
@@ -209,7 +211,7 @@ def _packed_cuda(
     x, weight, channels, bias, scale, stride, padding, dilation, groups, pad_value, channels_last, out_dtype
 ):
     out = _packed_out(x, weight, channels, stride, padding, dilation, channels_last, out_dtype)
-    return _launch(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, out=out, channels=channels)
+    return launch(x, weight, bias, scale, stride, padding, dilation, groups, pad_value, out=out, channels=channels)
 
 
 def _packed_fake(

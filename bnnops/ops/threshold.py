@@ -197,16 +197,13 @@ def _conv_sign_cuda(
         args = (stride, padding, dilation, groups, pad_value, binarize, threshold, flip, out_groups)
         return conv2d_sign_reference(x, weight, channels, bias, scale, *args)
     real = torch.float32 if x.dtype == torch.int32 or threshold.dtype == torch.int32 else x.dtype
-    return kernels.load("conv2d").conv2d(
+    geometry = (stride, padding, dilation, groups, pad_value)
+    return conv_ops.launch(
         x,
-        weight.contiguous(),
-        bias=contiguous(bias),
-        scale=contiguous(scale),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        pad_value=pad_value,
+        weight,
+        bias,
+        scale,
+        *geometry,
         binarize=binarize,
         channels=channels if x.dtype == torch.int32 else None,
         signs=(threshold.contiguous(), flip.contiguous(), real),
