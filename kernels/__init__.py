@@ -22,6 +22,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host-side block sizes. Not
+    ``triton.next_power_of_2`` (a ConstexprFunction: microseconds a call on the host)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @functools.cache
 def triton_unavailable_reason():
     """Return why the Triton path cannot run (a sentence), or None when it can.

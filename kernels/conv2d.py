@@ -328,7 +328,7 @@ def conv2d(
         return out
 
     a_mode = ROUTES[route] if binarize else A_REAL
-    if a_mode == A_FP8 and KH * KW * Cg > FP8_EXACT_K:
+    if a_mode is A_FP8 and KH * KW * Cg > FP8_EXACT_K:  # identity: constexpr == builds objects
         a_mode = A_INT8
     a, w = prepare(x, words, DOT_DTYPES[a_mode], binarize, padding, pad_value, channels=C, groups=groups)
 

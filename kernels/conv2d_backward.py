@@ -305,9 +305,17 @@ def _grad_input_kernel(
 def _needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether some element of ``tensors`` lies 2**31 or more elements from its tensor's start
     (then the kernels compute offsets in int64: WIDE)."""
-    return any(
-        sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) >= 2**31 for t in tensors if t.numel()
-    )
+    for t in tensors:
+        n = t.numel()
+        # The farthest element, sum((size - 1) * stride), is below numel * max(stride): summed only
+        # when that bound reaches 2**31 (two C calls a tensor otherwise).
+        if (
+            n
+            and n * max(t.stride(), default=0) >= 2**31
+            and sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) >= 2**31
+        ):
+            return True
+    return False
 
 
 @functools.lru_cache

@@ -21,6 +21,7 @@ stages, BLOCK_R 32 for fp32 operands); none has run on a GPU. Under Triton's int
 fixed tile each (:data:`INTERPRETER_GRAD_WEIGHT`, :data:`INTERPRETER_GRAD_INPUT`).
 """
 
+import functools
 import os
 
 import triton
@@ -62,7 +63,13 @@ def pick_grad_weight_config(
     fp32 grad_out, whose tiles take twice the bytes), 8 warps from 128 x 64 up, 3 stages; the
     interpreter: :data:`INTERPRETER_GRAD_WEIGHT`'s tile. Either way SPLIT_K from :func:`split_k`.
     """
-    if _INTERPRET:
+    return _grad_weight_config(Og, Cg, M, n_taps, groups, fp32_grad, n_sms, _INTERPRET)
+
+
+# Made once per problem (a layer's call then costs a lookup): the configs are pure in their arguments.
+@functools.lru_cache(maxsize=1024)
+def _grad_weight_config(Og, Cg, M, n_taps, groups, fp32_grad, n_sms, interpret):
+    if interpret:
         base = INTERPRETER_GRAD_WEIGHT
         kwargs = dict(base.kwargs)
     else:
@@ -88,6 +95,11 @@ def pick_grad_input_config(Og: int, Cg: int, fp32_grad: bool, channels_last: boo
     """
     if _INTERPRET:
         return INTERPRETER_GRAD_INPUT
+    return _grad_input_config(Og, Cg, fp32_grad, channels_last)
+
+
+@functools.lru_cache(maxsize=1024)
+def _grad_input_config(Og, Cg, fp32_grad, channels_last):
     block_o = min(_width(Og, 64), 32 if fp32_grad else 64)
     if not channels_last:
         return triton.Config(dict(BLOCK_M=64, BLOCK_C=_width(Cg, 64), BLOCK_O=block_o), num_warps=4, num_stages=3)

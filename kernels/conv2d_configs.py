@@ -15,6 +15,7 @@ the one table. Any other GPU gets it (:data:`FALLBACK_ARCH`), untuned: its 256x1
 stages needs 147 KB of shared memory per block, more than sm_86 / sm_89 give (99 KB).
 """
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -118,6 +119,12 @@ def pick_config(
         return INTERPRETER_CONFIG
     if not binarize:
         return W1A16_CONFIG
+    return _table_config(M, Og, Cg, n_sms, out_bytes, arch)
+
+
+@functools.lru_cache(maxsize=1024)
+def _table_config(M: int, Og: int, Cg: int, n_sms: int, out_bytes: int, arch: int) -> triton.Config:
+    """:func:`pick_config`'s W1A1 rule, made once per problem (a call then costs a lookup)."""
     table = W1A1_TABLES.get(arch, W1A1_TABLES[FALLBACK_ARCH])
     block_k = next((k for k in table.block_ks if k <= Cg), table.block_ks[-1])
     widest = max((n for n in table.ladders if n <= Og), default=min(table.ladders))

@@ -18,12 +18,14 @@ split-K epilogue kernel), :mod:`~bnnops.kernels.gemm_tensor_core` (the tensor-co
 ``python -m bench.sweeps.gemm``. Performance model and measurements: ``docs/design.md``.
 """
 
+import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 
-from bnnops.kernels import conv2d
+from bnnops.kernels import cdiv, conv2d
 from bnnops.kernels.gemm_configs import GEMV_M, SMALL_M, default_config, is_gemv, prepack_x, sign_config
 from bnnops.kernels.gemm_tensor_core import gemm_kernel
 from bnnops.kernels.gemm_tiles import TRITON_FLOAT_TYPES, X_PACKED, X_REAL, X_SIGN, split_k_epilogue_kernel
@@ -43,13 +45,15 @@ __all__ = [
     "w1a16_sign",
 ]
 
+# X_* by value: the launch plan cache keys on the int.
+_X_MODES = {int(mode.value): mode for mode in (X_REAL, X_SIGN, X_PACKED)}
+
 # Elements per program of the split-K epilogue kernel.
 _SPLIT_K_EPILOGUE_BLOCK = 1024
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
+# Whether the kernels run in Triton's interpreter (fixed when Triton is imported, before this module).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _UNUSED = {}
 
@@ -58,6 +62,67 @@ def _unused_fp32(device):
     if device not in _UNUSED:
         _UNUSED[device] = torch.zeros(1, dtype=torch.float32, device=device)
     return _UNUSED[device]
+
+
+class _LaunchPlan(NamedTuple):
+    """What a launch needs beyond its tensors, from its config and its shape alone."""
+
+    gemv: bool  # the GEMV kernel (else the tensor-core kernel)
+    split: int  # K shares (SPLIT_K); > 1 adds the split-K epilogue launch
+    grid: tuple[int, int]
+    constants: dict  # the kernel's constexpr and launch keyword arguments
+    pad: int  # int8 dots' padded positions past R (each added +1), removed by the split-K epilogue
+    epilogue_grid: tuple[int]
+
+
+def _plan(config, x_mode, trans_w, M, N, R, sign_round_dtype, has_mask):
+    """The :class:`_LaunchPlan` of ``config`` for a call; ``sign_round_dtype`` None unless the call
+    writes sign words (then the dtype v is rounded to before the compare).
+
+    Raises:
+        ValueError: a config the call cannot run (a GEMV config for anything but W1A16 with M <=
+            BLOCK_M and no mask; a split-K, GEMV or BLOCK_N % 32 != 0 config for sign words).
+    """
+    blocks = dict(config.kwargs)
+    split = blocks.pop("SPLIT_K", 1)
+    gemv = is_gemv(config)
+    signs = sign_round_dtype is not None
+    if signs and (gemv or split != 1 or blocks["BLOCK_N"] % 32):
+        raise ValueError(f"sign words need a tensor-core config without split-K and BLOCK_N % 32 == 0, got {config}")
+    # enable_fp_fusion=False: y * scale + bias rounded twice, like torch (bit-exact W1A1).
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
+    if gemv:
+        if x_mode != X_REAL or trans_w or blocks["BLOCK_M"] < M or has_mask:
+            raise ValueError(f"the GEMV kernel computes W1A16 for M <= BLOCK_M, got M={M} with {config}")
+        grid = (cdiv(N, blocks["BLOCK_N"]), split)
+        constants = dict(SPLIT=split > 1, **blocks, **options)
+    else:
+        grid = (cdiv(M, blocks["BLOCK_M"]) * cdiv(N, blocks["BLOCK_N"]), split)
+        constants = dict(
+            X_MODE=int(x_mode),
+            TRANS_W=trans_w,
+            SPLIT=split > 1,
+            EMULATE_TC=_INTERPRET,
+            SIGN_OUT=signs,
+            ROUND_T=TRITON_FLOAT_TYPES[sign_round_dtype if signs else torch.float32],
+            HAS_MASK=has_mask,
+            **blocks,
+            **options,
+        )
+    pad = cdiv(R, blocks["BLOCK_R"]) * blocks["BLOCK_R"] - R if split > 1 and x_mode != X_REAL else 0
+    return _LaunchPlan(gemv, split, grid, constants, pad, (cdiv(M * N, _SPLIT_K_EPILOGUE_BLOCK),))
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_plan(x_mode, trans_w, M, N, R, x_dtype, device, sign_round_dtype, has_mask):
+    """:func:`_plan` of the table's config, made once per call signature (the rules pick the same
+    config for the same arguments): a call then costs a lookup, not the rules and dict building."""
+    mode = _X_MODES[x_mode]
+    if sign_round_dtype is not None:
+        config = sign_config(mode, M, N, R, x_dtype, device)
+    else:
+        config = default_config(mode, trans_w, M, N, R, x_dtype, device)
+    return _plan(config, mode, trans_w, M, N, R, sign_round_dtype, has_mask)
 
 
 def _launch(x, words, out, M, N, R, words_per_row, x_mode, trans_w, scale, bias, config, signs=None, mask_words=None):
@@ -73,23 +138,20 @@ def _launch(x, words, out, M, N, R, words_per_row, x_mode, trans_w, scale, bias,
         y = y * scale.float() if scale is not None else y
         y = y + bias.float() if bias is not None else y
         return out.copy_(y if signs is None else _signs_of(y, *signs))
-    if config is None and signs is not None:
-        config = sign_config(x_mode, M, N, R, x.dtype, x.device)
-    elif config is None:
-        config = default_config(x_mode, trans_w, M, N, R, x.dtype, x.device)
-    blocks = dict(config.kwargs)
-    split = blocks.pop("SPLIT_K", 1)
-    gemv = is_gemv(config)
-    if signs is not None and (gemv or split != 1 or blocks["BLOCK_N"] % 32):
-        raise ValueError(f"sign words need a tensor-core config without split-K and BLOCK_N % 32 == 0, got {config}")
-    threshold, flip, round_dtype = signs if signs is not None else (None, None, torch.float32)
+    sign_round_dtype = signs[2] if signs is not None else None
+    has_mask = mask_words is not None
+    if config is None:
+        plan = _default_plan(x_mode.value, trans_w, M, N, R, x.dtype, out.device, sign_round_dtype, has_mask)
+    else:
+        plan = _plan(config, x_mode, trans_w, M, N, R, sign_round_dtype, has_mask)
+    split = plan.split
     # Absent scale / bias / workspace: any fp32 pointer, never read (one pointer type, so one
     # compiled variant).
     unused = _unused_fp32(out.device)
     part = torch.empty(split, M, N, dtype=torch.float32, device=out.device) if split > 1 else unused
     scale_ptr = scale if scale is not None else unused
     bias_ptr = bias if bias is not None else unused
-    mask_args = (mask_words, *mask_words.stride()) if mask_words is not None else (unused, 0, 0)
+    mask_args = (mask_words, *mask_words.stride()) if has_mask else (unused, 0, 0)
     args = (
         x,
         words,
@@ -109,47 +171,26 @@ def _launch(x, words, out, M, N, R, words_per_row, x_mode, trans_w, scale, bias,
         int(bias is not None),
         split,
     )
-    # enable_fp_fusion=False: y * scale + bias rounded twice, like torch (bit-exact W1A1).
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
-    if gemv:
-        if x_mode != X_REAL or trans_w or blocks["BLOCK_M"] < M or mask_words is not None:
-            raise ValueError(f"the GEMV kernel computes W1A16 for M <= BLOCK_M, got M={M} with {config}")
-        gemv_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), split)](*args, SPLIT=split > 1, **blocks, **options)
+    if plan.gemv:
+        gemv_kernel[plan.grid](*args, **plan.constants)
     else:
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]), split)
-        gemm_kernel[grid](
-            *args,
-            threshold if signs is not None else unused,
-            flip if signs is not None else unused,
-            *mask_args,
-            X_MODE=int(x_mode),
-            TRANS_W=trans_w,
-            SPLIT=split > 1,
-            EMULATE_TC=_interpreting(),
-            SIGN_OUT=signs is not None,
-            ROUND_T=TRITON_FLOAT_TYPES[round_dtype],
-            HAS_MASK=mask_words is not None,
-            **blocks,
-            **options,
-        )
+        threshold, flip = (signs[0], signs[1]) if signs is not None else (unused, unused)
+        gemm_kernel[plan.grid](*args, threshold, flip, *mask_args, **plan.constants)
     if split > 1:
-        # int8 dots: every padded position past R added +1 (see gemm_kernel).
-        pad = triton.cdiv(R, blocks["BLOCK_R"]) * blocks["BLOCK_R"] - R if x_mode != X_REAL else 0
-        block = _SPLIT_K_EPILOGUE_BLOCK
-        split_k_epilogue_kernel[(triton.cdiv(M * N, block),)](
+        split_k_epilogue_kernel[plan.epilogue_grid](
             part,
             out,
             scale_ptr,
             bias_ptr,
             M,
             N,
-            pad,
+            plan.pad,
             out.stride(0),
             out.stride(1),
             *args[-3:],
             *mask_args,
-            HAS_MASK=mask_words is not None,
-            BLOCK=block,
+            HAS_MASK=has_mask,
+            BLOCK=_SPLIT_K_EPILOGUE_BLOCK,
             enable_fp_fusion=False,
         )
     return out
@@ -160,7 +201,7 @@ def _signs_of(v, threshold, flip, round_dtype):
     t = threshold.float() if threshold.dtype == torch.int32 else threshold.to(round_dtype)
     neg = (v.to(round_dtype) < t) ^ (flip != 0)
     M, N = v.shape
-    bits = torch.nn.functional.pad(neg, (0, 32 * triton.cdiv(N, 32) - N)).reshape(M, -1, 32).to(torch.int32)
+    bits = torch.nn.functional.pad(neg, (0, 32 * cdiv(N, 32) - N)).reshape(M, -1, 32).to(torch.int32)
     return (bits << torch.arange(32, dtype=torch.int32, device=v.device)).sum(-1, dtype=torch.int32)
 
 
@@ -287,7 +328,7 @@ def w1a1_sign(
         ValueError: a GEMV or split-K config, or BLOCK_N not a multiple of 32.
     """
     M, N = x.shape[0], words.shape[0]
-    out = out if out is not None else torch.empty(M, triton.cdiv(N, 32), dtype=torch.int32, device=x.device)
+    out = out if out is not None else torch.empty(M, cdiv(N, 32), dtype=torch.int32, device=x.device)
     x_mode = X_PACKED if x.dtype == torch.int32 else X_SIGN
     signs = (threshold, flip.view(torch.int8), torch.float32)
     return _launch(x, words, out, M, N, K, words.shape[1], x_mode, False, None, None, config, signs)
@@ -309,7 +350,7 @@ def w1a16_sign(
     (``bnnops::binary_linear_w1a16_sign``). Other arguments, result and errors as :func:`w1a1_sign`."""
     M, K = x.shape
     N = words.shape[0]
-    out = out if out is not None else torch.empty(M, triton.cdiv(N, 32), dtype=torch.int32, device=x.device)
+    out = out if out is not None else torch.empty(M, cdiv(N, 32), dtype=torch.int32, device=x.device)
     signs = (threshold, flip.view(torch.int8), x.dtype)
     return _launch(x, words, out, M, N, K, words.shape[1], X_REAL, False, scale, bias, config, signs)
 
@@ -349,12 +390,10 @@ def grad_input(
     """
     M, N = g.shape
     if mask_words is not None and (
-        mask_words.dtype != torch.int32
-        or tuple(mask_words.shape) != (M, triton.cdiv(K, 32))
-        or mask_words.device != g.device
+        mask_words.dtype != torch.int32 or tuple(mask_words.shape) != (M, cdiv(K, 32)) or mask_words.device != g.device
     ):
         raise ValueError(
-            f"mask_words must be int32 of shape {(M, triton.cdiv(K, 32))} (M, ceil(K/32)) on {g.device}, "
+            f"mask_words must be int32 of shape {(M, cdiv(K, 32))} (M, ceil(K/32)) on {g.device}, "
             f"got {mask_words.dtype} {tuple(mask_words.shape)} on {mask_words.device}"
         )
     out = out if out is not None else torch.empty(M, K, dtype=g.dtype, device=g.device)

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bnnops.kernels import cdiv, next_power_of_2
 from bnnops.kernels.gemm_tiles import X_PACKED, X_REAL, X_SIGN
 from bnnops.kernels.gemv import GEMV_LANES
 
@@ -128,8 +129,8 @@ def with_kwargs(config: triton.Config, **kwargs: int | bool) -> triton.Config:
 def split_k(steps: int, wanted: int) -> int:
     """SPLIT_K for ``steps`` K steps: at most ``wanted`` shares of ``cdiv(steps, split)`` steps each,
     none empty (32 steps in 9 shares of 4 leave the ninth empty: 8 shares do the same work)."""
-    share = triton.cdiv(steps, max(min(wanted, steps), 1))
-    return triton.cdiv(steps, share)
+    share = cdiv(steps, max(min(wanted, steps), 1))
+    return cdiv(steps, share)
 
 
 def prepack_x(M: int, N: int) -> bool:
@@ -145,9 +146,9 @@ def gemv_config(M: int, N: int, K: int, sms: int, block_n: int | None = None, ta
     about four programs."""
     base = table[("gemv", "w1a16")]
     block_n = block_n or base.kwargs["BLOCK_N"]
-    steps = triton.cdiv(triton.cdiv(K, 32), GEMV_LANES.value)
-    split = split_k(steps, triton.cdiv(4 * sms, triton.cdiv(N, block_n)))
-    kwargs = dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split)
+    steps = cdiv(cdiv(K, 32), GEMV_LANES.value)
+    split = split_k(steps, cdiv(4 * sms, cdiv(N, block_n)))
+    kwargs = dict(BLOCK_M=next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split)
     return triton.Config(kwargs, num_warps=base.num_warps, num_stages=base.num_stages)
 
 
@@ -168,15 +169,15 @@ def pick_config(
         return gemv_config(M, N, R, sms, table=table)
     if M > SMALL_M:
         base = table[("large", name)]
-        tiles = triton.cdiv(M, base.kwargs["BLOCK_M"]) * triton.cdiv(N, base.kwargs["BLOCK_N"])
+        tiles = cdiv(M, base.kwargs["BLOCK_M"]) * cdiv(N, base.kwargs["BLOCK_N"])
         # Few output tiles (a moderate batch or a narrow layer): K split too, into at most one
         # program per SM, so never a second wave.
         wanted = min(sms // tiles, MAX_SPLIT_K) if 2 * tiles <= sms else 1
     else:
         base = table[("small", name)]
         # At least two programs an SM (N = 8192 alone gives 128 tiles of 64 rows).
-        wanted = min(triton.cdiv(2 * sms, triton.cdiv(N, base.kwargs["BLOCK_N"])), MAX_SPLIT_K)
-    return with_kwargs(base, SPLIT_K=split_k(triton.cdiv(R, base.kwargs["BLOCK_R"]), wanted))
+        wanted = min(cdiv(2 * sms, cdiv(N, base.kwargs["BLOCK_N"])), MAX_SPLIT_K)
+    return with_kwargs(base, SPLIT_K=split_k(cdiv(R, base.kwargs["BLOCK_R"]), wanted))
 
 
 @functools.cache

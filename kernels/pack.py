@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bnnops.kernels import cdiv
+
 # 128 words = 4096 elements per program: 16 KB of fp32 read per program, enough bytes in
 # flight per SM for a memory-bound pass without spilling the [128, 32] tile out of registers.
 # One block size for both kernels and every GPU: no config table.
@@ -62,11 +64,11 @@ def pack_signs(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     validates.
     """
     K = x.shape[-1]
-    words = out if out is not None else x.new_empty(*x.shape[:-1], triton.cdiv(K, 32), dtype=torch.int32)
+    words = out if out is not None else x.new_empty(*x.shape[:-1], cdiv(K, 32), dtype=torch.int32)
     if words.numel() == 0:
         return words
     x = x.contiguous()
-    grid = (triton.cdiv(words.numel(), BLOCK_WORDS),)
+    grid = (cdiv(words.numel(), BLOCK_WORDS),)
     _pack_signs_kernel[grid](x, words, words.numel(), K, words.shape[-1], BLOCK_WORDS=BLOCK_WORDS)
     return words
 
@@ -81,6 +83,6 @@ def unpack_signs(words: torch.Tensor, K: int, dtype: torch.dtype, out: torch.Ten
     if out.numel() == 0:
         return out
     words = words.contiguous()
-    grid = (triton.cdiv(words.numel(), BLOCK_WORDS),)
+    grid = (cdiv(words.numel(), BLOCK_WORDS),)
     _unpack_signs_kernel[grid](words, out, words.numel(), K, words.shape[-1], BLOCK_WORDS=BLOCK_WORDS)
     return out

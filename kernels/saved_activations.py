@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bnnops.kernels import next_power_of_2
 from bnnops.kernels.gemm_tiles import replicate
 
 # Elements per program: 4096 (16 KB of fp32 read), as the pack kernel of bnnops.kernels.pack.
@@ -115,7 +116,7 @@ def _launch(x4, sign_words, mask_words, Cg, words_per_group, clip_value):
     words_per_pixel = sign_words.shape[-1]
     if P == 0 or words_per_pixel == 0:
         return
-    block_words = min(triton.next_power_of_2(words_per_pixel), 4)
+    block_words = min(next_power_of_2(words_per_pixel), 4)
     block_p = PACK_ELEMENTS // (32 * block_words)
     grid = (-(-P // block_p), -(-words_per_pixel // block_words))
     _pack_sign_and_mask_kernel[grid](
