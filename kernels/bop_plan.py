@@ -11,15 +11,16 @@ the kernel in ``bnnops.kernels.bop``. Planning (:class:`_Plan`):
   launches), and uploads their layout tables once.
 
 A plan is reused while the call's tensors keep its layouts. Each call checks, in passes over the
-lists that run in C (``map`` over tensor methods; no Python statement per tensor): the gradients'
-dtypes, shapes and strides (a new gradient tensor each step is the normal case), the weights and
-states by identity, and every address. Where only addresses changed it uploads a new address table
-(kept in a small cache keyed by the addresses: the caching allocator tends to hand the gradients of
-the next backward the same addresses again); a weight or state tensor that moved or was replaced is
-validated again, alone, and where its layout is unchanged only the addresses are refreshed. Any
-other difference (a gradient's dtype, shape or strides, the number of tensors, the hyperparameter
-rows, a layout that changed) plans anew, which validates every tensor and raises ``bop_step``'s
-errors. Nothing here waits for the device.
+lists that run in C (``map`` over tensor methods; no Python statement per tensor): the dtype, shape
+and strides of every gradient, weight and state (a new gradient tensor each step is the normal
+case; a weight or state can be changed in place by ``.data =``, ``resize_``, ``set_``), and every
+address (and the devices of zero-size tensors, which all have address 0). Where only addresses
+changed it uploads a new address table (kept in a small cache keyed by the addresses: the caching
+allocator tends to hand the gradients of the next backward the same addresses again); a weight or
+state at a new address is validated again, alone, and where its layout is unchanged only the
+addresses are refreshed. Any other difference (a dtype, shape or strides, the number of tensors,
+the hyperparameter rows, a layout that changed) plans anew, which validates every tensor and
+raises ``bop_step``'s errors. Nothing here waits for the device.
 
 Why: an optimizer steps the same tensors every step, and the host time per tensor is what bounds
 the step of a small model (measurements: docs/design.md).
@@ -57,7 +58,7 @@ _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 _STRIDE = torch.Tensor.stride
 _ADDRESS = torch.Tensor.data_ptr
-_DEVICE_INDEX = torch.Tensor.get_device
+_DEVICE = operator.attrgetter("device")
 _TENSOR = itertools.repeat(torch.Tensor)
 # Address tables kept per plan (one per distinct set of addresses seen, oldest dropped first).
 _ADDRESS_CACHE = 8
@@ -238,17 +239,16 @@ class _Plan:
         self.config = config
         vs = vs if self.second else [None] * n
         self.layouts = [_plan_tensor(i, *t, device) for i, t in enumerate(zip(grads, weights, ms, vs, self.hyper_rows))]
-        # What each call compares (plain lists: one C-level comparison each).
-        self.g_dtypes = list(map(_DTYPE, grads))
-        self.g_shapes = list(map(_SHAPE, grads))
-        self.g_strides = list(map(_STRIDE, grads))
-        self.g_devices = list(map(_DEVICE_INDEX, grads))
-        self.weights, self.ms, self.vs = list(weights), list(ms), vs if self.second else None
-        self.w_addresses = list(map(_ADDRESS, weights))
-        self.m_addresses = list(map(_ADDRESS, ms))
-        self.v_addresses = list(map(_address_or_zero, vs))
-        self.fixed_strides = _fixed_strides(weights, ms, vs if self.second else None)
-        self.fixed_addresses = (tuple(self.m_addresses), tuple(self.v_addresses), tuple(self.w_addresses))
+        # What each call compares: one list of every tensor's dtype, shape and strides, and one of
+        # the addresses of the tensors other than the gradients (module docstring).
+        tensors = _tensors(grads, weights, ms, vs if self.second else None)
+        self.metadata = _metadata(tensors)
+        self.g_devices = list(map(_DEVICE, grads))
+        self.fixed = tensors[n:]  # weights, ms (vs)
+        self.fixed_addresses = list(map(_ADDRESS, self.fixed))
+        # Zero-size tensors all have address 0, whatever their device: their devices are compared.
+        self.empty = [j for j, t in enumerate(tensors) if t.numel() == 0]
+        self.empty_devices = [tensors[j].device for j in self.empty]
         self.copies = [i for i, layout in enumerate(self.layouts) if layout.copy]  # copied contiguous each call
         aligned = [i for i, layout in enumerate(self.layouts) if layout.g_aligned]  # their addresses stay aligned
         self.g_aligned = operator.itemgetter(*aligned) if aligned else None
@@ -264,10 +264,10 @@ class _Plan:
         self.turn = 0
         self.counts = None
         self.hyper_values = self.hyper = None
-        self.g_addresses = None  # the gradient addresses of the last call
+        self.addresses_used = None  # the addresses of the last call (:meth:`ready`)
         self.addresses = None  # the address table of the last call, on the device
-        self.address_tables = {}  # (gradient addresses, other addresses) -> address table
-        self.copied = None  # the gradients with their contiguous copies, from ready() to launch()
+        self.address_tables = {}  # tuple of the addresses -> address table
+        self.copied = None  # the call's tensors with the gradients' contiguous copies, from ready() to launch()
 
     def _launch(self, variant, rows):
         block_words = self.config.kwargs["BLOCK_WORDS"]
@@ -282,90 +282,91 @@ class _Plan:
         table = _upload([x for name in TABLE_COLUMNS for x in columns[name]], torch.int64, self.device)
         return KernelLaunch(table, len(rows), (first,), variant, self.config)
 
-    def _holds(self, grads, weights, ms, vs, hyper_rows):
-        """Whether these tensors keep the plan's layouts; refreshes moved weights' and states' addresses."""
-        if len(grads) != self.n or hyper_rows != self.hyper_rows:
-            return False
-        try:  # None has no dtype (AttributeError); a sparse gradient has no strides (RuntimeError)
-            if (
-                list(map(_DTYPE, grads)) != self.g_dtypes
-                or list(map(_SHAPE, grads)) != self.g_shapes
-                or list(map(_STRIDE, grads)) != self.g_strides
-            ):
-                return False
-        except (AttributeError, RuntimeError):
-            return False
-        # A weight or state re-strided in place (same tensor, same address) changes its layout too.
-        if _fixed_strides(weights, ms, vs if self.second else None) != self.fixed_strides:
-            return False
-        same = (
-            all(map(operator.is_, weights, self.weights))
-            and all(map(operator.is_, ms, self.ms))
-            and (not self.second or all(map(operator.is_, vs, self.vs)))
-            and list(map(_ADDRESS, weights)) == self.w_addresses
-            and list(map(_ADDRESS, ms)) == self.m_addresses
-            and (not self.second or list(map(_ADDRESS, vs)) == self.v_addresses)
-        )
-        return same or self._moved(grads, weights, ms, vs)
+    def _moved(self, grads, tensors, addresses):
+        """Weights or states moved or were replaced: validate those again, and take their addresses
+        when their layouts stay the plan's. Runs only when an address other than a gradient's changed.
 
-    def _moved(self, grads, weights, ms, vs):
-        """Weights or states were replaced or moved: validate those again, and refresh the plan's
-        addresses when their layouts stay the plan's. Runs only when something moved."""
-        vs = vs if self.second else [None] * self.n
-        before = zip(self.weights, self.ms, self.vs or vs, self.w_addresses, self.m_addresses, self.v_addresses)
-        now = zip(weights, ms, vs, map(_ADDRESS, weights), map(_ADDRESS, ms), map(_address_or_zero, vs))
-        for i, (old, new) in enumerate(zip(before, now)):
-            same = all(map(operator.is_, old[:3], new[:3])) and old[3:] == new[3:]
-            if not same and _layout_or_none(i, grads[i], *new[:3], self.hyper_rows[i], self.device) != self.layouts[i]:
+        ``tensors`` and ``addresses``: as :meth:`ready` lists them (:func:`_tensors`); ``grads`` the
+        call's gradients (not their contiguous copies: a layout is planned from the gradient itself).
+        """
+        n = self.n
+        per_tensor = range(n, len(tensors), n)  # where tensor i's weight, m (and v) sit: n + i, 2n + i (3n + i)
+        for i in range(n):
+            at = [start + i for start in per_tensor]
+            if all(tensors[j] is self.fixed[j - n] and addresses[j] == self.fixed_addresses[j - n] for j in at):
+                continue
+            w, m, *v = (tensors[j] for j in at)
+            layout = _layout_or_none(i, grads[i], w, m, v[0] if v else None, self.hyper_rows[i], self.device)
+            if layout != self.layouts[i]:
                 return False
-        self.weights, self.ms, self.vs = list(weights), list(ms), vs if self.second else None
-        self.w_addresses = list(map(_ADDRESS, weights))
-        self.m_addresses = list(map(_ADDRESS, ms))
-        self.v_addresses = list(map(_address_or_zero, vs))
-        self.fixed_strides = _fixed_strides(weights, ms, vs if self.second else None)
-        self.fixed_addresses = (tuple(self.m_addresses), tuple(self.v_addresses), tuple(self.w_addresses))
-        self.addresses = None  # the address table to use is looked up (or uploaded) again
+        self.fixed = tensors[n:]
+        self.fixed_addresses = addresses[n:]
         return True
 
-    def _address_table(self, grads, g_addresses):
-        """The address table for these gradient addresses (and the plan's other addresses), or None
-        when a gradient the kernel reads with 16-byte hints lost its alignment or a gradient is on
-        another device (then the plan does not hold)."""
-        key = (tuple(g_addresses), self.fixed_addresses)
+    def _address_table(self, tensors, addresses):
+        """The address table for these addresses (:meth:`ready`), or None when a gradient the kernel
+        reads with 16-byte hints lost its alignment or a gradient is on another device (then the
+        plan does not hold)."""
+        key = tuple(addresses)
         table = self.address_tables.get(key)
         if table is None:
+            n = self.n
+            g_addresses = addresses[:n]
             if (
                 self.g_aligned is not None
                 and functools.reduce(operator.or_, _as_tuple(self.g_aligned(g_addresses))) & 15
             ):
                 return None
-            if list(map(_DEVICE_INDEX, grads)) != self.g_devices:
+            # Devices, not device indices: a meta tensor's index is the CPU's (-1).
+            if list(map(_DEVICE, tensors[:n])) != self.g_devices:
                 return None
             if len(self.address_tables) >= _ADDRESS_CACHE:
                 del self.address_tables[next(iter(self.address_tables))]
-            m, v, w = self.fixed_addresses
+            w, m = addresses[n : 2 * n], addresses[2 * n : 3 * n]
+            v = addresses[3 * n :] if self.second else itertools.repeat(0)
             values = list(itertools.chain.from_iterable(zip(g_addresses, m, v, w)))
-            table = self.address_tables[key] = _upload(values, torch.int64, self.device).view(self.n, 4)
+            table = self.address_tables[key] = _upload(values, torch.int64, self.device).view(n, 4)
         return table
 
     def ready(self, grads, weights, ms, vs, hyper_rows, gammas, thresholds, sigmas):
         """Check a call's tensors against the plan and ready its launch: gradient copies, the
         address table, the hyperparameters. False when they do not keep this plan's layouts (then
-        nothing is launched until the caller plans anew)."""
-        if not self._holds(grads, weights, ms, vs, hyper_rows):
+        nothing is launched until the caller plans anew).
+
+        The checks (module docstring): every tensor's dtype, shape and strides equal the plan's (one
+        list compare); the addresses of the weights and states equal the plan's, or the tensors at
+        new addresses keep their layouts (:meth:`_moved`); the gradients' addresses are served by
+        an address table, whose making checks the gradients' devices and alignment. Which tensor
+        object sits at an address is not compared: the kernel reads addresses, and a tensor with a
+        planned tensor's address, dtype, shape and strides is laid out in memory exactly as the
+        planned one (the address also tells the device: CUDA's unified virtual address space keeps
+        every device's memory apart from every other's and from host memory; only zero-size
+        tensors share an address, 0, so their devices are compared).
+        """
+        n = self.n
+        if len(grads) != n or hyper_rows != self.hyper_rows:
             return False
-        if self.copies:
-            grads = list(grads)
-            for i in self.copies:
-                grads[i] = grads[i].contiguous()
-        g_addresses = list(map(_ADDRESS, grads))
-        if g_addresses != self.g_addresses or self.addresses is None:
-            addresses = self._address_table(grads, g_addresses)
-            if addresses is None:
+        tensors = _tensors(grads, weights, ms, vs if self.second else None)
+        try:  # None has no dtype (AttributeError); a sparse gradient, or a tensor without storage, raises
+            if _metadata(tensors) != self.metadata:
                 return False
-            self.g_addresses, self.addresses = g_addresses, addresses
+            if self.copies:
+                for i in self.copies:
+                    tensors[i] = tensors[i].contiguous()
+            addresses = list(map(_ADDRESS, tensors))
+        except (AttributeError, RuntimeError):
+            return False
+        if self.empty and [tensors[j].device for j in self.empty] != self.empty_devices:
+            return False
+        if addresses != self.addresses_used:
+            if addresses[n:] != self.fixed_addresses and not self._moved(grads, tensors, addresses):
+                return False
+            table = self._address_table(tensors, addresses)
+            if table is None:
+                return False
+            self.addresses_used, self.addresses = addresses, table
         self._hyperparameters(gammas, thresholds, sigmas)
-        self.copied = grads if self.copies else None  # the copies stay allocated until their kernel is launched
+        self.copied = tensors if self.copies else None  # the copies stay allocated until their kernel is launched
         return True
 
     def launch(self, flips, launcher):
@@ -391,6 +392,9 @@ class _Plan:
 
     def _hyperparameters(self, gammas, thresholds, sigmas):
         values = (gammas, thresholds, sigmas)
+        # The very numbers of the last upload (a number cannot change in place): nothing to do.
+        if self.hyper_values is not None and all(map(_same_objects, values, self.hyper_values)):
+            return
         # A tensor's value may change in place between steps: its table is rewritten every step.
         tensors = any(map(isinstance, itertools.chain(gammas, thresholds, sigmas or ()), _TENSOR))
         if not tensors and self.hyper_values is not None and _same_numbers(values, self.hyper_values):
@@ -408,7 +412,9 @@ class _Plan:
 def _capturing(grads: Sequence[torch.Tensor]) -> bool:
     """Whether a step of CUDA ``grads`` would be recorded into a CUDA graph (the current stream is
     capturing). Entries may be None (checked later by planning): the first tensor decides."""
-    g = next((g for g in grads if g is not None), None)
+    g = grads[0] if grads else None
+    if g is None:
+        g = next((g for g in grads if g is not None), None)
     return g is not None and g.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
@@ -420,17 +426,25 @@ def _layout_or_none(*args):
         return None
 
 
-def _address_or_zero(x):
-    return 0 if x is None else x.data_ptr()
+def _tensors(grads, weights, ms, vs):
+    """One list of a call's tensors: gradients, weights, ms (and vs), n of each, in that order."""
+    return [*grads, *weights, *ms, *vs] if vs is not None else [*grads, *weights, *ms]
 
 
-def _fixed_strides(weights, ms, vs):
-    """The strides of the tensors a plan holds by identity (weights, m, v): one list to compare."""
-    return (list(map(_STRIDE, weights)), list(map(_STRIDE, ms)), None if vs is None else list(map(_STRIDE, vs)))
+def _metadata(tensors):
+    """The dtypes, shapes and strides of ``tensors`` as one list (one C-level compare per call)."""
+    return [*map(_DTYPE, tensors), *map(_SHAPE, tensors), *map(_STRIDE, tensors)]
 
 
 def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
+
+
+def _same_objects(x, previous):
+    """Whether the list ``x`` holds the objects of ``previous`` (both may be None)."""
+    if x is None or previous is None:
+        return x is previous
+    return len(x) == len(previous) and all(map(operator.is_, x, previous))
 
 
 def _same_numbers(values, previous):
@@ -444,7 +458,7 @@ class FusedBop:
     :meth:`step` takes the arguments of :func:`bnnops.kernels.bop.bop_step`; it is :meth:`ready`
     then :meth:`launch`, which an optimizer stepping several devices calls apart (every device
     ready before any launches). The first call, and every call whose tensors do not keep the plan's
-    layouts (a gradient's dtype, shape or strides, the number of tensors, the hyperparameter rows,
+    layouts (a tensor's dtype, shape or strides, the number of tensors, the hyperparameter rows,
     a moved weight or state whose addressing must change), validates them and plans the launches
     (``rebuilt`` is then True). Any other call checks those in C-level passes over the lists,
     uploads an address table when addresses changed (from a small cache when they were seen

@@ -26,11 +26,13 @@ class StepPlan:
     parameter lists, holding the same parameters), each group's ``state_dtype``, ``fused`` and ``capturable``
     (they pick the paths), its hyperparameters (checked again when a value is another object than
     at the last check, or a tensor), which parameters have a gradient, the reference path's
-    parameters as :meth:`Bop._plan_step` checks them, and through
-    :meth:`~bnnops.kernels.bop_plan.FusedBop.ready` the fused parameters' gradients (dtype, shape,
-    strides, address) and their weights and states (identity, address). The per-parameter checks
-    are ``map`` passes over the lists, which run in C. On any difference it returns False having
-    stepped nothing, and :meth:`Bop.step` plans anew (which raises a bad input's error).
+    parameters as :meth:`Bop._plan_step` checks them, ``opt.state`` (the same keys and state
+    dicts in the same order: then every fused parameter's state is the dict the plan holds, found
+    without hashing a tensor, which costs a Python ``Tensor.__hash__`` call each), and through
+    :meth:`~bnnops.kernels.bop_plan.FusedBop.ready` the fused parameters' gradients, weights and
+    states (dtype, shape, strides, address). The per-parameter checks are ``map`` passes over the
+    lists, which run in C. On any difference it returns False having stepped nothing, and
+    :meth:`Bop.step` plans anew (which raises a bad input's error).
     """
 
     def __init__(self, opt, fused, reference, skipped):
@@ -45,34 +47,48 @@ class StepPlan:
         self.checked = [None] * len(groups)  # per group: the hyperparameter values last checked (numbers)
         self.skipped = skipped
         self.reference = reference
-        self.fused = []  # (stepper, BinaryTensor params, dense params, all of them, their group indices)
+        self.state_keys = list(opt.state)
+        self.state_dicts = list(opt.state.values())
+        self.fused = []  # (stepper, BinaryTensor params, dense params, their state dicts, their group indices)
         for device, (binary, dense, (binary_rows, dense_rows)) in fused.items():
             stepper = opt._steppers.get(device)
             if stepper is None:
                 stepper = opt._steppers[device] = kernels.load("bop_plan").FusedBop()
-            self.fused.append((stepper, binary, dense, binary + dense, binary_rows + dense_rows))
+            states = [opt.state[p] for p in binary + dense]
+            self.fused.append((stepper, binary, dense, states, binary_rows + dense_rows))
 
     def _groups_hold(self, opt):
-        """The same groups, parameters, state dtypes and paths; hyperparameters checked where they changed."""
+        """The same groups, parameters, state dtypes and paths; hyperparameters checked where they
+        changed. Returns the hyperparameter values per group (None when the groups do not hold)."""
         groups = opt.param_groups
         if groups is not self.groups or len(groups) != len(self.group_dicts):
-            return False
+            return None
+        values = []
         for h, (group, d, params, (state_dtype, fused, capturable)) in enumerate(
             zip(groups, self.group_dicts, self.param_lists, self.settings)
         ):
-            if group is not d or group["params"] is not params:
-                return False
-            if group["state_dtype"] is not state_dtype or group["fused"] is not fused:
-                return False
-            if group["capturable"] is not capturable:
-                return False
-            values = tuple(map(group.__getitem__, self.keys))
+            if group is not d or group["params"] is not params or group["state_dtype"] is not state_dtype:
+                return None
+            if group["fused"] is not fused or group["capturable"] is not capturable:
+                return None
+            group_values = tuple(map(group.__getitem__, self.keys))
             checked = self.checked[h]
-            if checked is None or not all(map(operator.is_, values, checked)):
+            if checked is None or not all(map(operator.is_, group_values, checked)):
                 opt._check_hyperparameters(group, tensor_values=False)
-                self.checked[h] = None if any(isinstance(x, torch.Tensor) for x in values) else values
-        return list(map(len, self.param_lists)) == self.lengths and all(
+                self.checked[h] = None if any(isinstance(x, torch.Tensor) for x in group_values) else group_values
+            values.append(group_values)
+        if list(map(len, self.param_lists)) != self.lengths or not all(
             map(operator.is_, itertools.chain.from_iterable(self.param_lists), self.flat)
+        ):
+            return None
+        return values
+
+    def _state_holds(self, state):
+        """Whether ``opt.state`` maps the same parameters to the same state dicts as when planned."""
+        return (
+            len(state) == len(self.state_keys)
+            and all(map(operator.is_, state, self.state_keys))
+            and all(map(operator.is_, state.values(), self.state_dicts))
         )
 
     def step(self, opt, plan_anew=False):
@@ -81,12 +97,11 @@ class StepPlan:
         With ``plan_anew`` (a plan just built) the kernel's launch plans are made anew where they
         do not hold, which validates the fused tensors (raising their errors).
         """
-        if not self._groups_hold(opt):
+        values = self._groups_hold(opt)
+        if values is None or not self._state_holds(opt.state):
             return False
-        groups = opt.param_groups
-        gammas = [group["lr"] for group in groups]
-        thresholds = [group["threshold"] for group in groups]
-        sigmas = [group["sigma"] for group in groups] if opt._second_order else None
+        gammas, thresholds, *sigmas = map(list, zip(*values))
+        sigmas = sigmas[0] if sigmas else None
         second = opt._second_order
         with torch._C.DisableTorchFunctionSubclass():
             if self.skipped and not all(map(operator.is_, map(_GRAD, self.skipped), itertools.repeat(None))):
@@ -98,15 +113,14 @@ class StepPlan:
                 if "m" not in state or (second and "v" not in state):
                     return False
             ready = []
-            for stepper, binary, dense, params, rows in self.fused:
-                grads = list(map(_GRAD, params))  # a None among them: FusedBop.ready is False
-                states = list(map(opt.state.__getitem__, params))
+            for stepper, binary, dense, states, rows in self.fused:
+                grads = [*map(_GRAD, binary), *map(_GRAD, dense)]  # a None among them: FusedBop.ready is False
                 try:
                     ms = list(map(_M, states))
                     vs = list(map(_V, states)) if second else None
                 except KeyError:  # state dropped or changed outside the optimizer
                     return False
-                weights = list(map(_WORDS, binary)) + dense
+                weights = [*map(_WORDS, binary), *dense]
                 if not stepper.ready(
                     grads, weights, ms, gammas, thresholds, vs=vs, sigmas=sigmas, hyper_rows=rows, plan_anew=plan_anew
                 ):

@@ -5,6 +5,7 @@ the PyTorch reference; both must equal the plain rule below bit for bit: m, v, e
 flip counts.
 """
 
+import collections
 import copy
 import io
 
@@ -857,3 +858,94 @@ def test_unpickled_state_without_capturable_steps(cls):
         opt.step()
         results.append((p.words.clone(), opt.state[p]["m"].clone()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def _m_resized(opt, p):
+    opt.state[p]["m"].resize_(p.shape[0] // 2, *p.shape[1:])  # same tensor, address and strides
+
+
+def _m_viewed_as_int32(opt, p):
+    m = opt.state[p]["m"]
+    m.data = m.data.view(torch.int32)  # same tensor, address, shape and strides; another dtype
+
+
+def _weight_shrunk(opt, p):
+    p.data = p.data[: p.shape[0] // 2]  # same tensor, address and strides; another shape
+
+
+def _words_viewed_as_float(opt, p):
+    p.words.data = p.words.data.view(torch.float32)
+
+
+def _zero_size_m_on_meta(opt, p):
+    m = opt.state[p]["m"]
+    opt.state[p]["m"] = torch.empty(m.shape, dtype=m.dtype, device="meta")  # zero-size: address 0, as before
+
+
+_IN_PLACE_CHANGES = [
+    # (change, the parameter's shape, binary): each keeps the changed tensor's address and strides
+    # (and, but for the last, its identity)
+    pytest.param(_m_resized, (8, 32), False, id="m resized in place"),
+    pytest.param(_m_viewed_as_int32, (8, 32), True, id="m given int32 data"),
+    pytest.param(_weight_shrunk, (8, 32), False, id="dense weight shrunk by .data"),
+    pytest.param(_words_viewed_as_float, (8, 64), True, id="words given float32 data"),
+    pytest.param(_zero_size_m_on_meta, (0, 32), True, id="zero-size m moved to meta"),
+]
+
+
+@pytest.mark.parametrize("change, shape, binary", _IN_PLACE_CHANGES)
+def test_cached_step_sees_in_place_changes_of_dtype_shape_and_device(device, change, shape, binary):
+    """A weight or state changed in place so that only its dtype, shape or device differs (address
+    and strides kept) gets the error a fresh optimizer raises, and nothing steps."""
+    errors = []
+    for cached in (True, False):
+        w = torch.where(torch.randn(shape, generator=torch.Generator().manual_seed(1)) < 0, -1.0, 1.0).to(device)
+        p = nn.Parameter(BinaryTensor.from_float(w) if binary else w)
+        opt = Bop([p], lr=0.5, threshold=0.0, fused=True)
+        p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device)
+        opt.step()
+        opt.step()  # through the cached plan
+        change(opt, p)
+        before = signs(p) if p.numel() and not (binary and p.words.dtype != torch.int32) else None
+        if not cached:
+            _plan_anew(opt)
+        with pytest.raises(ValueError) as raised:
+            opt.step()
+        errors.append(str(raised.value))
+        if before is not None:
+            assert torch.equal(signs(p), before)
+    assert errors[0] == errors[1]
+
+
+def _state_dict_copied(opt):
+    p = _stepped_params(opt)[1]
+    opt.state[p] = {key: value.clone() for key, value in opt.state[p].items()}  # same key, same place
+
+
+def _state_mapping_copied(opt):
+    opt.state = collections.defaultdict(dict, {p: dict(state) for p, state in opt.state.items()})
+
+
+def _state_entry_moved_last(opt):
+    p = _stepped_params(opt)[0]
+    opt.state[p] = opt.state.pop(p)
+
+
+@pytest.mark.parametrize("change", [_state_dict_copied, _state_mapping_copied, _state_entry_moved_last])
+def test_cached_step_follows_state_dicts_replaced_from_outside(device, change):
+    """The cached step finds each parameter's state dict without looking it up: a state dict or the
+    whole ``opt.state`` replaced from outside must be the one stepped (m moves, flips are written)."""
+    model = Model(torch.float32, device)
+    pair = [(m, Bop(m.groups(), fused=True)) for m in (model, copy.deepcopy(model))]
+    gen = torch.Generator().manual_seed(15)
+    for step in range(3):
+        if step == 2:
+            for _, opt in pair:
+                change(opt)
+            _plan_anew(pair[1][1])
+        values = [torch.randn(p.shape, generator=gen) * 0.1 for p in _stepped_params(pair[0][1])]
+        for _, opt in pair:
+            for p, g in zip(_stepped_params(opt), values):
+                p.grad = g.to(device, p.dtype)
+            opt.step()
+        _same_state(pair)
