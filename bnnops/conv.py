@@ -20,11 +20,12 @@ from bnnops.layer_common import (
     autocast_inputs,
     binarize_weight,
     first_derivatives,
+    fuses_references,
     needs_autograd,
     pack_and_multiply,
     split_epilogue,
 )
-from bnnops.ops import backward_reference, library
+from bnnops.ops import backward_reference
 from bnnops.ops.checks import DtypeError, ShapeError
 from bnnops.ops.library import FLOAT_DTYPES, call
 from bnnops.ops.reference import output_is_channels_last
@@ -190,7 +191,7 @@ def _packed_grads(ctx, g, words, sign_words, mask_words, need_x, need_w):
     needed) grad_x is unmasked."""
     stride, padding, dilation, groups, pad_value = ctx.geometry
     geometry = (list(stride), list(padding), list(dilation), groups)
-    if need_x and need_w and library.skips_dispatcher((g, words, sign_words, mask_words)):
+    if need_x and need_w and fuses_references((g, words, sign_words, mask_words)):
         # Plain eager CPU (where call() would skip the dispatcher): both references' products in one
         # aten.convolution_backward (the same bits). Modes, profilers and subclasses see the two ops.
         return backward_reference.conv2d_grads_reference(

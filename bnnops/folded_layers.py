@@ -27,14 +27,9 @@ import bnnops.ops.conv
 import bnnops.ops.linear
 import bnnops.ops.threshold  # noqa: F401  (defines the sign-emitting ops)
 from bnnops.ops.checks import DtypeError, ShapeError
-from bnnops.packing import pack_bits, packed_length, unpack_signs_reference
+from bnnops.packing import pack_bits, packed_length, unpack_bits
 
-__all__ = ["FoldedBinaryConv2d", "FoldedBinaryLinear", "PackedFlatten", "PackedMaxPool2d", "unpack_bits"]
-
-
-def unpack_bits(words: torch.Tensor, K: int) -> torch.Tensor:
-    """bool (..., K) of int32 words (..., ceil(K/32)): True where the bit is 1 (a -1)."""
-    return unpack_signs_reference(words, K, torch.int8) < 0
+__all__ = ["FoldedBinaryConv2d", "FoldedBinaryLinear", "PackedFlatten", "PackedMaxPool2d"]
 
 
 def _check_words(x: torch.Tensor, shape: tuple[int, ...], what: str) -> None:

@@ -18,17 +18,17 @@ Output channels are dim 1 of a layer's output here: (M, N) rows for linear, (N, 
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from bnnops import kernels
 from bnnops.binary_tensor import BinaryTensor, metadata
-from bnnops.ops import backward_reference
+from bnnops.ops import backward_reference, library
 from bnnops.ops.checks import DtypeError, check_channel_vectors
 from bnnops.ops.library import FLOAT_DTYPES, refuse_backward
-from bnnops.packing import pack_bits, pack_weight
+from bnnops.packing import negative, pack_bits, pack_weight
 from bnnops.quantizers import MagnitudeAwareSign, SignQuantizer, get_quantizer
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "needs_autograd",
     "pack_and_multiply",
     "pack_saved_input",
+    "packs_before_product",
     "reset_weight_and_bias",
     "runs_kernels",
     "split_epilogue",
@@ -115,10 +116,30 @@ def needs_autograd(x: torch.Tensor, weight_requires_grad: bool, bias: torch.Tens
 
 
 def runs_kernels(x: torch.Tensor) -> bool:
-    """Whether a layer's input packing and packed backward run the Triton launchers (eager CUDA
-    tensors) or the pure-PyTorch references of :mod:`bnnops.ops.backward_reference` (CPU, and any
-    graph ``torch.compile`` traces: the launchers are plain Python, not ops a graph can hold)."""
+    """Whether a layer's saved-input packing (:func:`pack_saved_input`) runs the Triton launcher
+    (eager CUDA tensors) or the pure-PyTorch references of :mod:`bnnops.ops.backward_reference`
+    (CPU, and any graph ``torch.compile`` traces: the launchers are plain Python, not ops a graph
+    can hold). The ops choose their own route by the dispatcher's device key. One of the two
+    places a layer picks its route by device, with :func:`packs_before_product`
+    (``bench/stubbed_launches.py`` switches both to time the CUDA path's host work on a CPU)."""
     return x.device.type == "cuda" and not torch.compiler.is_compiling()
+
+
+def packs_before_product(x: torch.Tensor) -> bool:
+    """Whether a training forward with a mask-only input quantizer packs x first and runs the
+    product on its sign words (any device but the CPU, and any graph ``torch.compile`` traces), or
+    runs the product on float x and packs only the words kept (eager CPU code): see
+    :func:`pack_and_multiply`."""
+    return x.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+def fuses_references(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a layer's backward may run its two backward ops' references as one computation:
+    on the references' route (not :func:`runs_kernels` for the first tensor) where
+    :func:`bnnops.ops.library.call` would run them without the dispatcher
+    (:func:`bnnops.ops.library.skips_dispatcher`), so that modes, profilers and subclasses still
+    see each op."""
+    return not runs_kernels(tensors[0]) and library.skips_dispatcher(tensors)
 
 
 def pack_saved_input(
@@ -146,7 +167,7 @@ def pack_saved_input(
         if groups is None:
             return backward_reference.pack_sign_and_mask_reference(x, clip_value)
         return backward_reference.pack_sign_and_mask_conv_reference(x, clip_value, groups)
-    bits = x < 0 if need_sign else x.abs() <= clip_value
+    bits = negative(x) if need_sign else backward_reference.pass_mask(x, clip_value)
     words = pack_bits(bits) if groups is None else backward_reference.pack_conv_bits(bits, groups)
     return (words, None) if need_sign else (None, words)
 
@@ -168,7 +189,7 @@ def pack_and_multiply(
     would unpack the words it was just given) and only the words kept are packed. The same output
     bits either way: the dot of +-1 values is an exact integer.
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if packs_before_product(x):
         sign_words, mask_words = pack_saved_input(x, clip_value, groups, True, need_mask)
         return product(sign_words), (sign_words if need_sign else None), mask_words
     return product(x), *pack_saved_input(x, clip_value, groups, need_sign, need_mask)

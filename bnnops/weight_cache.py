@@ -90,9 +90,15 @@ def dense_signs(words: torch.Tensor, K: int) -> torch.Tensor:
     key = id(words)
     stamp = (words.shape, words.stride(), words.dtype, K)
     entry = _DENSE.get(key)
-    if entry is not None and entry[0]() is words and entry[1] == stamp and torch.equal(words, entry[2]):
+    if entry is not None and entry[0]() is words and entry[1] == stamp:
         _DENSE.move_to_end(key)
-        return entry[3]
+        if torch.equal(words, entry[2]):
+            return entry[3]
+        # The words changed in place (a Bop step): the entry keeps its weak reference and its copy
+        # of the words (same shape: the same bytes, so the cap still holds) and takes the new weight.
+        dense = unpack_signs_reference(words, K, torch.float32)
+        _DENSE[key] = (entry[0], stamp, entry[2].copy_(words), dense)
+        return dense
     dense = unpack_signs_reference(words, K, torch.float32)
     _DENSE.pop(key, None)
     new = (weakref.ref(words, lambda _, key=key: _forget(key)), stamp, words.clone(), dense)

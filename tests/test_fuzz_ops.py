@@ -48,6 +48,8 @@ EXAMPLES = int(os.environ.get("BNNOPS_FUZZ_EXAMPLES", 60))
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One rounding to a dtype: at most one ulp of the result (half an ulp, to nearest).
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# Half the spacing of each dtype's subnormals: the absolute error of one rounding near zero.
+SUBNORMAL = {torch.float32: 2.0**-150, torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
 INPUT_QUANTIZERS = (None, "ste_sign", "approx_sign", "swish_sign")
 WEIGHT_QUANTIZERS = (None, "ste_sign", "approx_sign", "magnitude_aware_sign")  # None: a packed weight
 
@@ -266,12 +268,14 @@ def check_forward(ex: Example, y: torch.Tensor, expected: torch.Tensor, magnitud
 
     W1A1: exact sums, then scale and bias in fp32 (2^-24 each). W1A16: fp32 sums of exact
     (16-bit x) or 3xTF32 (fp32 x on a GPU) products, (K + 2) * 2^-20 of the magnitude. Then one
-    rounding to y's dtype; a magnitude-aware weight's alpha also meets the scale in the scale's
-    dtype (alpha and their product rounded to it)."""
+    rounding to y's dtype (relative, or half a subnormal step near zero); a magnitude-aware weight's
+    alpha also meets the scale in the scale's dtype (alpha and their product rounded to it).
+    """
     assert y.shape == expected.shape and y.dtype == (torch.float32 if ex.packed_x else ex.dtype)
     K = math.prod(ex.dense_weight.shape[1:])
     binarized = ex.iq is not None or ex.packed_x
     bound = (2.0**-22 if binarized else (K + 2) * 2.0**-20) * magnitude + ULP[y.dtype] * expected.abs()
+    bound = bound + SUBNORMAL[y.dtype]
     if ex.wq == "magnitude_aware_sign" and ex.scale is not None:
         bound = bound + 2 * ULP[ex.scale.dtype] * magnitude
     error = (y.detach().cpu().double() - expected.detach()).abs()

@@ -26,7 +26,7 @@ def uncached(monkeypatch):
     """A switch to the path without the caches and without the direct call (the reference path)."""
 
     def off():
-        monkeypatch.setattr(library, "DIRECT_CPU_CALLS", False)
+        monkeypatch.setattr(library, "DIRECT_CALLS", False)
         monkeypatch.setattr("bnnops.weight_cache._cacheable", lambda words: False)
         monkeypatch.setattr(conv_module, "_GEOMETRY", {})
         monkeypatch.setattr(conv_module, "_exact", lambda v: False)
@@ -237,8 +237,9 @@ def test_call_is_the_op(dtype, monkeypatch):
     kernel that runs (counted)."""
     generator = torch.Generator().manual_seed(1)
     ran = []
-    for op, kernel in list(library._CPU_KERNELS.items()):
-        monkeypatch.setitem(library._CPU_KERNELS, op, lambda *a, k=kernel, op=op: ran.append(op) or k(*a))
+    for op, by_device in library.KERNELS.items():
+        kernel = by_device["cpu"]
+        monkeypatch.setitem(by_device, "cpu", lambda *a, k=kernel, op=op: ran.append(op) or k(*a))
     for op, args in _op_cases(dtype, generator):
         ran.clear()
         direct = library.call(op, *args)
@@ -246,6 +247,28 @@ def test_call_is_the_op(dtype, monkeypatch):
         expected = op(*args)
         assert torch.equal(direct, expected) and direct.dtype == expected.dtype
         assert direct.stride() == expected.stride()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the ops' CUDA kernels need a GPU")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_call_runs_the_cuda_kernel_directly(dtype, monkeypatch):
+    """On CUDA tensors call() runs the op's registered CUDA kernel without the dispatcher: the same
+    values, bit for bit, as the op through the dispatcher."""
+    generator = torch.Generator().manual_seed(2)
+    ran = []
+    for op, by_device in library.KERNELS.items():
+        kernel = by_device["cuda"]
+        monkeypatch.setitem(by_device, "cuda", lambda *a, k=kernel, op=op: ran.append(op) or k(*a))
+    for op, args in _op_cases(dtype, generator):
+        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        ran.clear()
+        direct = library.call(op, *args)
+        assert ran == [op]
+        expected = op(*args)
+        assert torch.equal(direct, expected) and direct.dtype == expected.dtype
+        assert direct.stride() == expected.stride()
+    x = torch.randn(3, 40, device="cuda")
+    assert library._direct_device((x, x.cpu())) is None  # mixed devices: the dispatcher decides
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
@@ -258,13 +281,14 @@ def test_call_goes_through_the_dispatcher_when_something_watches():
     with torch.profiler.profile() as prof:
         library.call(op, x, words, None, None, None)
     assert any(e.name == "bnnops::binary_linear_w1a16" for e in prof.events())
-    meta = library._plain_cpu_call((x.to("meta"), words.to("meta")))
-    mixed = library._plain_cpu_call((x, words.to("meta")))
-    subclass = library._plain_cpu_call((BinaryTensor.from_float(x), words))
-    sparse = library._plain_cpu_call((x.to_sparse(), words))
-    nested = library._plain_cpu_call((torch.nested.nested_tensor([x, x]), words))
-    assert library._plain_cpu_call((x, words)) and not (meta or mixed or subclass or sparse or nested)
-    assert not library._plain_cpu_call((3, None))
+    meta = library._direct_device((x.to("meta"), words.to("meta")))
+    mixed = library._direct_device((x, words.to("meta")))
+    subclass = library._direct_device((BinaryTensor.from_float(x), words))
+    sparse = library._direct_device((x.to_sparse(), words))
+    nested = library._direct_device((torch.nested.nested_tensor([x, x]), words))
+    assert library._direct_device((x, words)) == "cpu"
+    assert (meta, mixed, subclass, sparse, nested) == (None,) * 5
+    assert library._direct_device((3, None)) is None
     assert torch.func.vmap(lambda r: library.call(op, r[None], words, None, None, None))(x).shape == (3, 1, 5)
 
 

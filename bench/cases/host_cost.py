@@ -103,6 +103,9 @@ _LAYER_SHAPES = {
     for layer, name in (("linear", "BinaryLinear 4x64x64"), ("conv2d", "BinaryConv2d 1x32x8x8 3x3"))
     for mode in ("training", "inference")
 }
+# On a CPU also: ours through the CUDA code path with the launches stubbed (bench/stubbed_launches.py).
+_STUBBED_SHAPES = {f"{label}, CUDA path stubbed": dict(params, stubbed=True) for label, params in _LAYER_SHAPES.items()}
+STUBBED_CALLS = 64  # layer calls per timed call under the stub (entering it costs ~300 us, once)
 
 
 def _layer_pair(layer: str, device: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
@@ -123,11 +126,11 @@ def _layer_pair(layer: str, device: str) -> tuple[nn.Module, nn.Module, torch.Te
 @case(
     "layer_host_cost",
     cuda=_LAYER_SHAPES,
-    cpu=_LAYER_SHAPES,
+    cpu={**_LAYER_SHAPES, **_STUBBED_SHAPES},
     tiny=dict(layer="conv2d", training=True),
     quick=list(_LAYER_SHAPES),
 )
-def layer_host_cost(device: str, layer: str, training: bool) -> Workload:
+def layer_host_cost(device: str, layer: str, training: bool, stubbed: bool = False) -> Workload:
     """A layer call on a tiny input, where a call is almost all host work: ``BinaryLinear`` /
     ``BinaryConv2d`` (packed weight, ste_sign input) against the same layer in plain PyTorch (float
     latent weight, ste_sign on input and weight, ``F.linear`` / ``F.conv2d``).
@@ -141,7 +144,16 @@ def layer_host_cost(device: str, layer: str, training: bool) -> Workload:
     again at every call, as in real training; inference reads it from that cache. CUDA: the real
     calls (the ops read the words packed: no dense weight, no flip); each timed call is 16 calls
     after a ``torch.cuda.synchronize()``, so the benchmark's CUDA events see host time (divide by 16).
+
+    ``stubbed`` (CPU only, the shapes "..., CUDA path stubbed"): ours runs the CUDA code path on
+    CPU tensors with every Triton launch a no-op (:func:`bench.stubbed_launches.cuda_path_on_cpu`):
+    the host work a GPU user pays, less Triton's own per-launch work; no flip (the CUDA path reads
+    the words packed). Each timed call of either is :data:`STUBBED_CALLS` layer calls (divide by it),
+    ours inside one entry of the stub, whose ~300 us enter and exit it pays (about 5 us a call).
+    The plain layer runs its real CPU ops: on a GPU they would be launches of ATen kernels instead.
     """
+    if stubbed:
+        return _stubbed_layer_host_cost(device, layer, training)
     ours, plain, x = _layer_pair(layer, device)
     cpu = torch.device(device).type == "cpu"
     first_word = ours.weight.words.view(-1)[:1]
@@ -170,4 +182,32 @@ def layer_host_cost(device: str, layer: str, training: bool) -> Workload:
         baselines={"plain PyTorch ste_sign layer": calls(plain)},
         bound="memory",
         bytes=2 * x.numel() * x.element_size() + ours.weight.words.numel() * 4,
+    )
+
+
+def _stubbed_layer_host_cost(device: str, layer: str, training: bool) -> Workload:
+    from bench.stubbed_launches import cuda_path_on_cpu, layer_call
+
+    if torch.device(device).type != "cpu":
+        raise ValueError("the stubbed CUDA path runs on CPU tensors: a GPU times the real calls")
+    ours, plain, x = _layer_pair(layer, device)
+    x.requires_grad_(training)
+    ours_call, plain_call = layer_call(ours, x, training), layer_call(plain, x, training)
+
+    def ours_calls():
+        with cuda_path_on_cpu():
+            for _ in range(STUBBED_CALLS):
+                ours_call()
+
+    def plain_calls():
+        for _ in range(STUBBED_CALLS):
+            plain_call()
+
+    for run in (ours_calls, plain_calls):
+        run()  # caches, first-call setup: not timed
+    return Workload(
+        ours=ours_calls,
+        baselines={"plain PyTorch ste_sign layer": plain_calls},
+        bound="memory",
+        bytes=STUBBED_CALLS * (2 * x.numel() * x.element_size() + ours.weight.words.numel() * 4),
     )

@@ -20,11 +20,20 @@ and rounds once to the output dtype.
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bnnops.ops.reference import without_cpu_autocast
-from bnnops.packing import pack_bits, packed_length, unpack_bits, unpack_signs_reference
+from bnnops.packing import (
+    array,
+    float_array,
+    negative,
+    pack_bits,
+    packed_length,
+    unpack_bits,
+    unpack_signs_reference,
+)
 from bnnops.weight_cache import dense_signs
 
 __all__ = [
@@ -36,14 +45,49 @@ __all__ = [
     "pack_conv_bits",
     "pack_sign_and_mask_conv_reference",
     "pack_sign_and_mask_reference",
+    "pass_mask",
+    "sign_and_mask_bits",
     "unpack_conv_words",
 ]
+
+
+def pass_mask(x: torch.Tensor, clip_value: float) -> torch.Tensor:
+    """``|x| <= clip_value`` compared in x's dtype (bool, x's shape): the pass-mask bits."""
+    values = float_array(x)
+    if values is None:
+        return x.abs() <= clip_value
+    out = torch.empty(x.shape, dtype=torch.bool)
+    np.less_equal(np.abs(values), _rounded(clip_value, values.dtype), out=array(out))
+    return out
+
+
+def _rounded(clip_value: float, dtype: np.dtype) -> np.generic:
+    """``clip_value`` in NumPy ``dtype`` (float32 or float16), rounded as torch rounds a Python number
+    compared with a tensor of that dtype: to float32 first, then to the dtype (a float16 threshold
+    rounds twice), to nearest; past the largest finite value, to inf, without NumPy's warning."""
+    if abs(clip_value) <= 65504:  # finite in both: no overflow to silence
+        return dtype.type(np.float32(clip_value))
+    with np.errstate(over="ignore"):
+        return dtype.type(np.float32(clip_value))
+
+
+def sign_and_mask_bits(x: torch.Tensor, clip_value: float) -> torch.Tensor:
+    """bool (2, *x.shape): [0] the sign bits (x < 0), [1] the pass-mask bits (|x| <= clip_value, in
+    x's dtype), to pack together."""
+    values = float_array(x)
+    if values is not None:
+        out = torch.empty((2, *x.shape), dtype=torch.bool)
+        bits = array(out)
+        np.less(values, 0, out=bits[0])
+        np.less_equal(np.abs(values), _rounded(clip_value, values.dtype), out=bits[1])
+        return out
+    return torch.stack((negative(x), pass_mask(x, clip_value)))
 
 
 def pack_sign_and_mask_reference(x: torch.Tensor, clip_value: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(sign_words, mask_words) of a linear layer's input x (..., K) float: int32 (..., ceil(K/32))
     each, packed together (one pack of both bit sets)."""
-    words = pack_bits(torch.stack((x < 0, x.abs() <= clip_value)))
+    words = pack_bits(sign_and_mask_bits(x, clip_value))
     return words[0], words[1]
 
 
@@ -60,7 +104,7 @@ def pack_sign_and_mask_conv_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sign_words, mask_words) of a conv input x (N, C, H, W) float, any strides: int32
     (N, H, W, groups * ceil(Cg/32)) each, per-group words (module docstring), packed together."""
-    words = pack_conv_bits(torch.stack((x < 0, x.abs() <= clip_value)), groups)
+    words = pack_conv_bits(sign_and_mask_bits(x, clip_value), groups)
     return words[0], words[1]
 
 

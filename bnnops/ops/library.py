@@ -27,13 +27,15 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # op name -> its CUDA implementation (unchecked), so CPU tests can run that exact code on CPU
 # tensors with the Triton interpreter.
 CUDA_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {}
-# op overload -> the CPU kernel registered for it (check, reference, mark), for :func:`call`.
-_CPU_KERNELS: dict[torch._ops.OpOverload, Callable[..., torch.Tensor]] = {}
-# Whether :func:`call` may run the CPU kernel without the dispatcher (see there). Tests that
-# register other CPU kernels for the ops (torch.library) outside a dispatch mode switch it off.
-DIRECT_CPU_CALLS = True
-# The tensor types whose calls dispatch straight to the CPU kernel (a Parameter disables
-# __torch_function__): anything else goes through the dispatcher.
+# op overload -> device type ("cpu", "cuda") -> the kernel define() registered for it (check,
+# implementation, no-derivative mark): what :func:`call` runs without the dispatcher, and what
+# bench/stubbed_launches.py registers for the CPU key.
+KERNELS: dict[torch._ops.OpOverload, dict[str, Callable[..., torch.Tensor]]] = {}
+# Whether :func:`call` may run a kernel of KERNELS without the dispatcher (see there). Tests that
+# register other kernels for the ops (torch.library) outside a dispatch mode switch it off.
+DIRECT_CALLS = True
+# The tensor types whose calls may skip the dispatcher (a Parameter disables __torch_function__):
+# anything else goes through it.
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -102,67 +104,86 @@ def define(
     CPU tensors run ``reference`` (pure PyTorch), CUDA tensors ``cuda`` (a Triton launcher call),
     and fake / meta tensors ``fake`` (shapes only, for torch.compile); each after ``check(*args)``,
     which raises on bad input, and each marked by :func:`refuse_backward`. ``cuda`` is also
-    recorded in :data:`CUDA_IMPLEMENTATIONS`. Returns the op's overload
-    (``torch.ops.bnnops.<name>.default``).
+    recorded in :data:`CUDA_IMPLEMENTATIONS`, the CPU and CUDA kernels in :data:`KERNELS`.
+    Returns the op's overload (``torch.ops.bnnops.<name>.default``).
     """
     name = schema.split("(", 1)[0]
     # pt2_compliant: opcheck passes on every op (tests).
     LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
     cpu_kernel = _checked(name, check, reference)
     LIBRARY.impl(name, cpu_kernel, "CPU")
-    LIBRARY.impl(name, _checked(name, check, cuda), "CUDA")
+    cuda_kernel = _checked(name, check, cuda)
+    LIBRARY.impl(name, cuda_kernel, "CUDA")
     CUDA_IMPLEMENTATIONS[name] = cuda
     torch.library.register_fake(f"bnnops::{name}", _checked(name, check, fake), lib=LIBRARY)
     # No autograd layer: the kernels mark their own results (see _checked), so skip straight to them.
     LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
     op = getattr(torch.ops.bnnops, name).default
-    _CPU_KERNELS[op] = cpu_kernel
+    KERNELS[op] = {"cpu": cpu_kernel, "cuda": cuda_kernel}
     return op
 
 
 def call(op: torch._ops.OpOverload, *args: object) -> torch.Tensor:
-    """``op(*args)``: on CPU tensors in plain eager code, the op's CPU kernel called directly.
+    """``op(*args)``: in plain eager code, the op's kernel for the arguments' device called directly.
 
-    A call through the dispatcher boxes every argument for the Python kernel and unboxes the
-    result: about 30-40 us on a 2.5 GHz Xeon, as much as a tiny layer's whole reference. When the
-    dispatcher could only pick that kernel, this calls it without the trip: the same check (the
-    same errors), the same reference, the same no-derivative mark. That is when every tensor
-    argument is a plain strided CPU tensor (``torch.Tensor`` or ``nn.Parameter``; not sparse, not
-    nested) and nothing watches or transforms the call: no torch-function or dispatch mode, no functorch transform, no
-    ``torch.compile`` / ``torch.jit`` trace, no profiler (so the op still shows in traces).
-    Otherwise, and for ops defined elsewhere, ``op(*args)``. A CPU kernel registered over ours
-    with ``torch.library`` is seen only by calls through the dispatcher: set
-    :data:`DIRECT_CPU_CALLS` to False while one is registered.
+    A call through the dispatcher boxes every argument for the Python kernel and unboxes the result:
+    about 30-40 us on a 2.5 GHz Xeon, as much as a tiny layer's whole reference, and 12-18 us for a
+    linear or conv op's CUDA kernel on the dev CPU (bench/stubbed_launches.py). When the dispatcher
+    could only pick one of the kernels :func:`define` registered, this calls it without the trip:
+    the same check (the same errors), the same implementation, the same no-derivative mark. That is
+    when every tensor argument is a plain strided tensor (``torch.Tensor`` or ``nn.Parameter``; not
+    sparse, not nested), all on CPU or all on CUDA (the first on the current CUDA device), and
+    nothing watches or transforms the call (:func:`unwatched`: no mode, transform, trace or
+    profiler, so the op still shows in traces). Otherwise, and for ops defined elsewhere,
+    ``op(*args)``. A kernel registered over ours with ``torch.library`` is seen only by calls
+    through the dispatcher: set :data:`DIRECT_CALLS` to False while one is registered.
     """
-    kernel = _CPU_KERNELS.get(op)
-    if kernel is None or not DIRECT_CPU_CALLS or not _plain_cpu_call(args):
+    kernels = KERNELS.get(op)
+    if kernels is None or not DIRECT_CALLS:
         return op(*args)
-    return kernel(*args)
+    device = _direct_device(args)
+    return op(*args) if device is None else kernels[device](*args)
 
 
 def skips_dispatcher(args: Sequence[object]) -> bool:
-    """Whether :func:`call` would run an op's CPU kernel directly for these arguments (the
-    conditions in its docstring, with :data:`DIRECT_CPU_CALLS` on). A caller that fuses several
-    ops' references into one computation does so only then, so that modes, profilers, transforms
-    and subclasses still see each op."""
-    return DIRECT_CPU_CALLS and _plain_cpu_call(args)
+    """Whether :func:`call` would run an op's CPU kernel (its reference) directly for these
+    arguments (the conditions in its docstring, with :data:`DIRECT_CALLS` on). A caller that fuses
+    several ops' references into one computation does so only then, so that modes, profilers,
+    transforms and subclasses still see each op."""
+    return DIRECT_CALLS and _direct_device(args) == "cpu"
 
 
-def _plain_cpu_call(args: Sequence[object]) -> bool:
+def unwatched() -> bool:
+    """Whether nothing watches or transforms the torch calls made here: no ``torch.compile`` or
+    ``torch.jit`` trace, no torch-function or dispatch mode, no functorch transform, no profiler.
+    Only then may a call skip the dispatcher, or compute outside torch (NumPy), unseen."""
     # is_compiling first: torch.compile cannot trace the other queries (it folds this one to True).
-    if (
+    return not (
         torch.compiler.is_compiling()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._functorch.peek_interpreter_stack() is not None
         or torch._C._autograd._profiler_enabled()
         or torch._C._get_tracing_state() is not None
-    ):
-        return False
-    tensors = 0
+    )
+
+
+def _direct_device(args: Sequence[object]) -> str | None:
+    """ "cpu" or "cuda" when :func:`call` may run that device's kernel for ``args`` directly (its
+    docstring's conditions), else None."""
+    if not unwatched():
+        return None
+    device = first = None
     for a in args:
         if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN_TENSOR_TYPES or not a.is_cpu or a.layout is not torch.strided or a.is_nested:
-                return False
-            tensors += 1
-    return tensors > 0
+            if type(a) not in _PLAIN_TENSOR_TYPES or a.layout is not torch.strided or a.is_nested:
+                return None
+            kind = "cpu" if a.is_cpu else "cuda" if a.is_cuda else None
+            if kind is None or (device is not None and kind != device):
+                return None
+            device, first = kind, first if first is not None else a
+    # A launcher launches on the current CUDA device: a tensor on another one goes through the
+    # dispatcher, whatever it does there (the CUDA kernels then raise on a device mismatch or not).
+    if device == "cuda" and first.get_device() != torch.cuda.current_device():
+        return None
+    return device

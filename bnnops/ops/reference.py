@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bnnops.packing import unpack_signs_reference
+from bnnops.packing import sign_values, unpack_signs_reference
 from bnnops.weight_cache import dense_signs
 
 __all__ = [
@@ -46,12 +46,13 @@ def without_cpu_autocast(reference: Callable) -> Callable:
     return run
 
 
-def _epilogue(y, scale, bias):
+def _epilogue(y, scale, bias, out_dtype):
+    """fp32 ``y * scale + bias`` (each optional) rounded once to ``out_dtype``."""
     if scale is not None:
         y = y * scale.float()
     if bias is not None:
         y = y + bias.float()
-    return y
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 @without_cpu_autocast
@@ -68,9 +69,9 @@ def w1a1_reference(
     x is float (..., K) (x < 0 -> -1, else +1) or int32 sign words (..., ceil(K/32)). Computed in
     fp32 (exact: integer sums below 2^24), cast to ``out_dtype``.
     """
-    xs = unpack_signs_reference(x, K, torch.float32) if x.dtype == torch.int32 else torch.where(x < 0, -1.0, 1.0)
+    xs = unpack_signs_reference(x, K, torch.float32) if x.dtype == torch.int32 else sign_values(x)
     y = xs @ dense_signs(weight, K).T
-    return _epilogue(y, scale, bias).to(out_dtype)
+    return _epilogue(y, scale, bias, out_dtype)
 
 
 @without_cpu_autocast
@@ -84,7 +85,7 @@ def w1a16_reference(
     """``bnnops::binary_linear_w1a16``: x @ W^T * scale + bias for real x (..., K), fp32
     accumulation, in ``out_dtype`` (None: x's dtype)."""
     y = x.float() @ dense_signs(weight, x.shape[-1]).T
-    return _epilogue(y, scale, bias).to(out_dtype or x.dtype)
+    return _epilogue(y, scale, bias, out_dtype or x.dtype)
 
 
 @without_cpu_autocast
@@ -125,7 +126,7 @@ def binary_conv2d_reference(
     O, KH, KW, _ = weight.shape
     Cg = x.shape[1] // groups
     w = dense_signs(weight, Cg).permute(0, 3, 1, 2)
-    a = torch.where(x < 0, -1.0, 1.0) if binarize else x.float()
+    a = sign_values(x) if binarize else x.float()
     conv_padding = (0, 0)
     if binarize and pad_value == 0.0 and padding[0] == padding[1] and padding[2] == padding[3] and Cg > 0:
         # Zero padding left to F.conv2d (one op fewer): the same exact integer sums.
