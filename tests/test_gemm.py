@@ -16,7 +16,7 @@ from helpers import DEVICE, FLOAT_DTYPES, poisoned, random_signs_input
 
 from bnnops import kernels
 from bnnops.ops.reference import grad_input_reference, w1a1_reference, w1a16_reference
-from bnnops.packing import pack_signs_reference
+from bnnops.packing import pack_signs_reference, unpack_bits
 
 configs = kernels.load("gemm_configs")
 
@@ -300,3 +300,38 @@ def test_empty(gemm, device):
 
 def _cpu(t):
     return t.cpu() if t is not None else None
+
+
+def test_cached_launch_plans_follow_every_change_of_signature(gemm, device):
+    """The launch plan is cached per call signature: calls that alternate shapes, dtypes, strides,
+    scale / bias, x's mode and masks each get their own plan and the reference's values (W1A1
+    exact; real products within the dot bound), and a plan is reused when it repeats."""
+    gemm._default_plan.cache_clear()
+    K, N = 70, 40
+    words = weight_words(N, K, device)
+    scale, bias = channel_vectors(N, device, True, True)
+    calls = []
+    for M, dtype, transposed, epilogue in itertools.product((1, 20), FLOAT_DTYPES[:2], (False, True), (False, True)):
+        x = random_signs_input((K, M) if transposed else (M, K), dtype, device, finite=True)
+        x = x.t() if transposed else x
+        calls.append((x, scale if epilogue else None, bias if epilogue else None))
+    for _ in range(2):  # the second pass reuses the plans the first made
+        for x, s, b in calls:
+            cpu = (_cpu(s), _cpu(b))
+            ref = w1a1_reference(x.cpu(), words.cpu(), K, *cpu)  # fp32, exact sums
+            assert torch.equal(gemm.w1a1(x, words, K, scale=s, bias=b, prepack=False).cpu(), ref)
+            packed = pack_signs_reference(x.cpu()).to(device)
+            assert torch.equal(gemm.w1a1(packed, words, K, scale=s, bias=b).cpu(), ref)
+            real = w1a16_reference(x.cpu(), words.cpu(), *cpu, out_dtype=torch.float32)
+            scaled = x.cpu().float().abs().sum(1, keepdim=True) * (s.abs().cpu() if s is not None else 1)
+            assert_close_dot(gemm.w1a16(x, words, scale=s, bias=b), real, scaled)
+            g = random_signs_input((x.shape[0], N), x.dtype, device, finite=True)
+            mask = pack_signs_reference(torch.randn(x.shape[0], K)).to(device)
+            passes = unpack_bits(mask.cpu(), K)
+            expected = grad_input_reference(g.cpu().float(), words.cpu(), K)
+            masked = gemm.grad_input(g, words, K, mask_words=mask).cpu()
+            assert (masked[~passes] == 0).all()
+            passed = masked.where(passes, expected.to(masked.dtype))  # blocked positions compared above
+            assert_close_dot(passed, expected, g.cpu().float().abs().sum(1, keepdim=True))
+    info = gemm._default_plan.cache_info()
+    assert info.hits >= info.misses > 0
