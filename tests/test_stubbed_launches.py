@@ -133,3 +133,20 @@ def test_restores_on_an_exception():
     with pytest.raises(bnnops.ShapeError), cuda_path_on_cpu():
         torch.ops.bnnops.binary_linear_w1a16(torch.randn(2, 3), torch.zeros(4, 2, dtype=torch.int32), None, None, None)
     assert _dispatch_tables() == tables
+
+
+def test_layer_host_cost_stubbed_shapes_run():
+    """The benchmark's "..., CUDA path stubbed" shapes: ours runs STUBBED_CALLS layer calls under
+    the stub (every launch counted, none run) and leaves the stub off afterwards."""
+    from bench.cases import host_cost
+
+    tables = _dispatch_tables()
+    for layer, training in (("linear", True), ("conv2d", False)):
+        workload = host_cost.layer_host_cost("cpu", layer, training, stubbed=True)
+        workload.ours()
+        for baseline in workload.baselines.values():
+            baseline()
+    assert _dispatch_tables() == tables
+    _assert_reference_path()
+    with pytest.raises(ValueError, match="CPU tensors"):
+        host_cost.layer_host_cost("meta", "linear", True, stubbed=True)

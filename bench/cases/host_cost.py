@@ -103,9 +103,12 @@ _LAYER_SHAPES = {
     for layer, name in (("linear", "BinaryLinear 4x64x64"), ("conv2d", "BinaryConv2d 1x32x8x8 3x3"))
     for mode in ("training", "inference")
 }
-# On a CPU also: ours through the CUDA code path with the launches stubbed (bench/stubbed_launches.py).
-_STUBBED_SHAPES = {f"{label}, CUDA path stubbed": dict(params, stubbed=True) for label, params in _LAYER_SHAPES.items()}
 STUBBED_CALLS = 64  # layer calls per timed call under the stub (entering it costs ~300 us, once)
+# On a CPU also: ours through the CUDA code path with the launches stubbed (bench/stubbed_launches.py).
+_STUBBED_SHAPES = {
+    f"{label}, CUDA path stubbed, x{STUBBED_CALLS}": dict(params, stubbed=True)
+    for label, params in _LAYER_SHAPES.items()
+}
 
 
 def _layer_pair(layer: str, device: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
@@ -145,7 +148,7 @@ def layer_host_cost(device: str, layer: str, training: bool, stubbed: bool = Fal
     calls (the ops read the words packed: no dense weight, no flip); each timed call is 16 calls
     after a ``torch.cuda.synchronize()``, so the benchmark's CUDA events see host time (divide by 16).
 
-    ``stubbed`` (CPU only, the shapes "..., CUDA path stubbed"): ours runs the CUDA code path on
+    ``stubbed`` (CPU only, the shapes "..., CUDA path stubbed, x64"): ours runs the CUDA code path on
     CPU tensors with every Triton launch a no-op (:func:`bench.stubbed_launches.cuda_path_on_cpu`):
     the host work a GPU user pays, less Triton's own per-launch work; no flip (the CUDA path reads
     the words packed). Each timed call of either is :data:`STUBBED_CALLS` layer calls (divide by it),
