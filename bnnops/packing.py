@@ -63,8 +63,9 @@ def packed_length(K: int) -> int:
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack a bool tensor (..., K) into int32 words (..., ceil(K/32)): bit j of word w is
-    ``bits[..., 32*w + j]``, padding bits 0. Pure PyTorch, any device (the format's packing of a
-    mask: :func:`pack_signs_reference` is ``pack_bits(x < 0)``)."""
+    ``bits[..., 32*w + j]``, padding bits 0. Any device: torch ops, or NumPy for a large plain CPU
+    tensor (:func:`_on_numpy`); the format's packing of a mask (:func:`pack_signs_reference` is
+    ``pack_bits(x < 0)``)."""
     if not isinstance(bits, torch.Tensor) or bits.dtype != torch.bool:
         raise TypeError(
             f"pack_bits takes a bool tensor, got {bits.dtype if isinstance(bits, torch.Tensor) else type(bits).__name__}"
@@ -80,10 +81,9 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     if padding:
         bits = F.pad(bits, (0, padding))
     if _byte_views(bits) and bits.numel():
-        # (A CPU tensor NumPy may not read, e.g. a subclass.) Each 8 bools (bytes 0/1) times (1, 2,
-        # ..., 128): one byte of the word, a uint8 matmul (the sum of distinct powers of two is at
-        # most 255); 4 bytes in element order are the int32 word on a little-endian host. A third of
-        # the host time of the shifts below on a tiny tensor.
+        # Each 8 bools (bytes 0/1) times (1, 2, ..., 128): one byte of the word, a uint8 matmul (the
+        # sum of distinct powers of two is at most 255); 4 bytes in element order are the int32 word
+        # on a little-endian host. A third of the host time of the shifts below on a tiny tensor.
         byte_values = bits.contiguous().view(torch.uint8).reshape(*bits.shape[:-1], 4 * n_words, 8)
         return torch.matmul(byte_values, _bit_values(bits)).view(torch.int32)
     bits = bits.reshape(*bits.shape[:-1], n_words, 32)
@@ -105,7 +105,8 @@ def unpack_bits(words: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def pack_signs_reference(x: torch.Tensor) -> torch.Tensor:
-    """Pure-PyTorch packing of ``x`` (..., K), float, into int32 words (..., ceil(K/32))."""
+    """Packing of ``x`` (..., K), float, into int32 words (..., ceil(K/32)): the reference of the
+    ``pack_signs`` op (torch ops, or NumPy for a large plain CPU tensor)."""
     return pack_bits(negative(x))
 
 
@@ -134,12 +135,13 @@ def float_array(x: torch.Tensor) -> np.ndarray | None:
     return None
 
 
-# NumPy compares and packs on plain CPU tensors of at least _NUMPY_MIN_ELEMENTS elements: np.less and
-# np.packbits are 3-13x faster than torch's CPU compare and pack there (2-core AMD EPYC, torch 2.13
-# CPU, NumPy 2.4: x < 0 on 1M fp32 134 against 738 us; the sign and mask words of a (4096, 64) fp32 x
-# 290 against 844 us), while below about 16K elements the views in and out (DLPack, 3 us each) cost
-# more than they save (256 elements: 60 against 44 us). Unpacking stays in torch (its table lookup was
-# as fast or faster at every size). Results are written into tensors torch allocated. Floats NumPy holds:
+# NumPy compares and packs on plain CPU tensors of at least _NUMPY_MIN_ELEMENTS elements: the sign and
+# mask words there are about 1.2x (16K elements), 1.7-2x (64K), 3x (256K) and 4x (1M) faster than
+# torch's CPU compare and pack (2-core AMD EPYC, torch 2.13 CPU, NumPy 2.4: the words of a (4096, 64)
+# fp32 x 290 against 844 us), while below 16K the views in and out (DLPack, about 3 us each) cost
+# more than they save (256 elements: 60 against 44 us). Unpacking stays in torch (its table lookup
+# was as fast or faster at every size). Results are written into tensors torch allocated. Floats
+# NumPy holds:
 _NUMPY_FLOATS = (torch.float32, torch.float16)
 _NUMPY_MIN_ELEMENTS = 16384
 
@@ -153,7 +155,8 @@ def array(t: torch.Tensor) -> np.ndarray:
 
 def _on_numpy(t: torch.Tensor) -> bool:
     """Whether the compares and the pack of ``t`` run in NumPy: a plain CPU tensor (not a subclass
-    such as a FakeTensor, not functorch-wrapped) of at least :data:`_NUMPY_MIN_ELEMENTS` elements on
+    such as a FakeTensor, not functorch-wrapped, no lazy negation or conjugation) of at least
+    :data:`_NUMPY_MIN_ELEMENTS` elements on
     a little-endian host (the bytes of an int32 word in element order), with nothing watching the
     torch calls (:func:`bnnops.ops.library.unwatched`: a trace, mode or profiler sees the torch
     route's ops instead of a constant)."""
@@ -161,6 +164,8 @@ def _on_numpy(t: torch.Tensor) -> bool:
         _LITTLE_ENDIAN
         and type(t) is torch.Tensor
         and t.numel() >= _NUMPY_MIN_ELEMENTS
+        and not t.is_neg()  # a lazily negated view (e.g. z.conj().imag): DLPack would hand over the
+        and not t.is_conj()  # stored values, not the ones the tensor stands for
         and t.is_cpu
         and unwatched()
         and not torch._C._functorch.is_functorch_wrapped_tensor(t)

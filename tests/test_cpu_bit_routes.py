@@ -113,6 +113,7 @@ def test_numpy_route_rounds_the_clip_value_to_the_input_dtype():
     # 1.3005 rounds up to 1.3008 in float16: torch compares against the rounded value, so must NumPy.
     x = torch.tensor([1.3008, -1.3008, 1.3018, 1.000977, 70000.0, float("nan")], dtype=torch.float32).half()
     x = torch.cat((x, torch.tensor([float("inf"), -float("inf"), 65504.0], dtype=torch.float16)))
+    assert packing.float_array(x) is not None and packing.float_array(x.float()) is not None  # NumPy compares
     # 1 + 2**-11 + 2**-40 and 65519.99999: torch rounds to float32 first, then to float16.
     for clip in (1.3005, 1e6, 65519.0, 65520.0, 1 + 2**-11 + 2**-40, 65519.99999, 1e39):
         assert torch.equal(backward_reference.pass_mask(x, clip), x.abs() <= clip), clip
@@ -138,7 +139,7 @@ def test_numpy_route_is_taken_for_plain_cpu_tensors_and_owns_its_memory(monkeypa
     assert torch.equal(x.detach(), before)  # results never alias the input
 
 
-def test_numpy_route_reads_inference_tensors_and_noncontiguous_words():
+def test_inference_tensors_and_noncontiguous_words():
     with torch.inference_mode():
         x = torch.randn(3, 40)
     assert torch.equal(negative(x), x < 0)
@@ -199,3 +200,26 @@ def test_numpy_threshold(monkeypatch):
     assert torch.equal(pack_bits(negative(small)), pack_bits(small < 0)) and not calls
     words = pack_bits(negative(large))
     assert calls and torch.equal(unpack_bits(words, 40), large < 0)
+
+
+def test_lazily_negated_views_take_the_torch_route():
+    """``z.conj().imag`` is a view with torch's negative bit: its values are the negated stored ones.
+    DLPack would hand NumPy the stored values, so such a tensor takes the torch route (and calls
+    with one go through the dispatcher, which resolves the bit)."""
+    from bnnops.nn import BinaryLinear
+    from bnnops.ops import library
+
+    z = torch.randn(300, 64, dtype=torch.cfloat)
+    x = z.conj().imag
+    assert x.is_neg() and x.numel() >= packing._NUMPY_MIN_ELEMENTS
+    resolved = x.resolve_neg()
+    assert packing.float_array(x) is None and library._direct_device((x,)) is None
+    assert torch.equal(negative(x), resolved < 0)
+    assert torch.equal(pack_bits(negative(x)), pack_bits(resolved < 0))
+    assert torch.equal(backward_reference.pass_mask(x, 0.5), resolved.abs() <= 0.5)
+    layer = BinaryLinear(64, 8)
+    twin = BinaryLinear(64, 8)
+    twin.load_state_dict(layer.state_dict())
+    for module, inputs in ((layer, x), (twin, resolved)):
+        module(inputs.requires_grad_() if inputs is resolved else inputs).sum().backward()
+    assert torch.equal(layer.weight.grad, twin.weight.grad)

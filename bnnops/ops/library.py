@@ -132,11 +132,12 @@ def call(op: torch._ops.OpOverload, *args: object) -> torch.Tensor:
     could only pick one of the kernels :func:`define` registered, this calls it without the trip:
     the same check (the same errors), the same implementation, the same no-derivative mark. That is
     when every tensor argument is a plain strided tensor (``torch.Tensor`` or ``nn.Parameter``; not
-    sparse, not nested), all on CPU or all on CUDA (the first on the current CUDA device), and
-    nothing watches or transforms the call (:func:`unwatched`: no mode, transform, trace or
-    profiler, so the op still shows in traces). Otherwise, and for ops defined elsewhere,
-    ``op(*args)``. A kernel registered over ours with ``torch.library`` is seen only by calls
-    through the dispatcher: set :data:`DIRECT_CALLS` to False while one is registered.
+    sparse, not nested, not a lazily negated or conjugated view), all on CPU or all on CUDA (the
+    first on the current CUDA device), and nothing watches or transforms the call
+    (:func:`unwatched`: no mode, transform, trace or profiler, so the op still shows in traces).
+    Otherwise, and for ops defined elsewhere, ``op(*args)``. A kernel registered over ours with
+    ``torch.library`` is seen only by calls through the dispatcher: set :data:`DIRECT_CALLS` to
+    False while one is registered.
     """
     kernels = KERNELS.get(op)
     if kernels is None or not DIRECT_CALLS:
@@ -177,6 +178,8 @@ def _direct_device(args: Sequence[object]) -> str | None:
     for a in args:
         if isinstance(a, torch.Tensor):
             if type(a) not in _PLAIN_TENSOR_TYPES or a.layout is not torch.strided or a.is_nested:
+                return None
+            if a.is_neg() or a.is_conj():  # lazily negated views: the dispatcher resolves them first
                 return None
             kind = "cpu" if a.is_cpu else "cuda" if a.is_cuda else None
             if kind is None or (device is not None and kind != device):
