@@ -231,44 +231,31 @@ def _op_cases(dtype, generator):
     ]
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_call_is_the_op(dtype, monkeypatch):
-    """call() runs the op's own CPU kernel directly: the same values, bit for bit, and it is the
+def test_call_is_the_op(device, dtype, monkeypatch):
+    """call() runs the op's own kernel for the device (CPU: the reference; CUDA: the launcher glue)
+    without the dispatcher: the same values, bit for bit, as the op through it, and it is that
     kernel that runs (counted)."""
     generator = torch.Generator().manual_seed(1)
     ran = []
     for op, by_device in library.KERNELS.items():
-        kernel = by_device["cpu"]
-        monkeypatch.setitem(by_device, "cpu", lambda *a, k=kernel, op=op: ran.append(op) or k(*a))
+        kernel = by_device[device]
+        monkeypatch.setitem(by_device, device, lambda *a, k=kernel, op=op: ran.append(op) or k(*a))
     for op, args in _op_cases(dtype, generator):
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
         ran.clear()
         direct = library.call(op, *args)
         assert ran == [op]
         expected = op(*args)
         assert torch.equal(direct, expected) and direct.dtype == expected.dtype
         assert direct.stride() == expected.stride()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the ops' CUDA kernels need a GPU")
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_call_runs_the_cuda_kernel_directly(dtype, monkeypatch):
-    """On CUDA tensors call() runs the op's registered CUDA kernel without the dispatcher: the same
-    values, bit for bit, as the op through the dispatcher."""
-    generator = torch.Generator().manual_seed(2)
-    ran = []
-    for op, by_device in library.KERNELS.items():
-        kernel = by_device["cuda"]
-        monkeypatch.setitem(by_device, "cuda", lambda *a, k=kernel, op=op: ran.append(op) or k(*a))
-    for op, args in _op_cases(dtype, generator):
-        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
-        ran.clear()
-        direct = library.call(op, *args)
-        assert ran == [op]
-        expected = op(*args)
-        assert torch.equal(direct, expected) and direct.dtype == expected.dtype
-        assert direct.stride() == expected.stride()
-    x = torch.randn(3, 40, device="cuda")
-    assert library._direct_device((x, x.cpu())) is None  # mixed devices: the dispatcher decides
+    if device == "cuda":
+        x = torch.randn(3, 40, device="cuda")
+        assert library._direct_device((x, x.cpu())) is None  # mixed devices: the dispatcher decides
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
