@@ -145,5 +145,8 @@ def binary_conv2d_reference(
         y = y * scale.float().view(1, O, 1, 1)
     if bias is not None:
         y = y + bias.float().view(1, O, 1, 1)
-    fmt = torch.channels_last if output_is_channels_last(x) else torch.contiguous_format
-    return y.to(out_dtype or x.dtype).contiguous(memory_format=fmt)
+    dtype = out_dtype or x.dtype
+    y = y if y.dtype == dtype else y.to(dtype)
+    if output_is_channels_last(x):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y if y.is_contiguous() else y.contiguous()
