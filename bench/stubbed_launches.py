@@ -14,19 +14,16 @@ the body raises.
 Not included in the time: Triton's own per-launch work (``JITFunction.run``: argument binding,
 the compiled-kernel lookup, the driver launch), which the no-op replaces.
 
-``python -m bench.stubbed_launches`` times the layer calls of ``bench.cases.host_cost``'s
-``layer_host_cost`` this way, interleaved with the plain-PyTorch twin and with ours on the CPU
-reference path, and prints the launches per call.
+The ``layer_host_cost`` shapes "..., CUDA path stubbed" (``bench/cases/host_cost.py``) time the
+layer calls this way; ``python -m bench.stubbed_launches`` prints their launches per call.
 """
 
 import collections
 import contextlib
 import dataclasses
-import statistics
 import sys
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -39,7 +36,7 @@ import bnnops.ops.threshold
 from bnnops import kernels
 from bnnops.ops import library
 
-__all__ = ["STAND_IN_DEVICE", "StandInDeviceProperties", "cuda_path_on_cpu", "layer_call", "main"]
+__all__ = ["STAND_IN_DEVICE", "StandInDeviceProperties", "cuda_path_on_cpu", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,103 +165,22 @@ def cuda_path_on_cpu() -> Iterator[collections.Counter[str]]:
         yield launches
 
 
-# --- the layer calls of bench.cases.host_cost, and their timing ----------------------------------
+def main() -> None:
+    """Print the Triton launches of each ``layer_host_cost`` layer call through the CUDA path (the
+    stand-in's configs). Their host time: ``python -m bench --filter "CUDA path stubbed"``."""
+    from bench.cases.host_cost import _layer_pair, layer_call
 
-
-def layer_call(module: torch.nn.Module, x: torch.Tensor, training: bool) -> Callable[[], None]:
-    """One call of ``module`` on ``x`` as ``layer_host_cost`` times it: training, forward and
-    backward of a fixed output gradient (x must require grad; gradients accumulate); inference,
-    the forward under ``torch.no_grad``."""
-    if not training:
-
-        def infer():
-            with torch.no_grad():
-                module(x)
-
-        return infer
-    with torch.no_grad():
-        grad = torch.randn_like(module(x))
-
-    def train():
-        module(x).backward(grad)
-
-    return train
-
-
-PLAIN = "plain PyTorch ste_sign layer"
-STUBBED = "ours, CUDA path (launches stubbed)"
-REFERENCE = "ours, CPU reference path"
-
-
-def _time_interleaved(
-    halves: dict[bool, dict[str, Callable[[], None]]], rounds: int, per_round: int
-) -> dict[str, list[float]]:
-    """Per name, the median thread CPU time of a call in each round. ``halves``: under the stub
-    (True) or not (False) -> name -> call. A round runs both halves, the order flipping every
-    round; in a half the stub is entered once and its calls take turns one by one, the order
-    flipping every turn (entering the stub costs ~300 us, kept out of every timed call)."""
-    medians: dict[str, list[float]] = {
-        f"{name} [{'stub' if on else 'no stub'}]": [] for on in halves for name in halves[on]
-    }
-    for r in range(rounds):
-        for on in list(halves) if r % 2 == 0 else list(halves)[::-1]:
-            names = list(halves[on])
-            times: dict[str, list[float]] = {name: [] for name in names}
-            with cuda_path_on_cpu() if on else contextlib.nullcontext():
-                for turn in range(per_round):
-                    for name in names if (r + turn) % 2 == 0 else names[::-1]:
-                        before = time.thread_time()
-                        halves[on][name]()
-                        times[name].append(time.thread_time() - before)
-            for name in names:
-                medians[f"{name} [{'stub' if on else 'no stub'}]"].append(statistics.median(times[name]))
-    return medians
-
-
-def _spread(values: list[float], scale: float = 1.0) -> str:
-    ordered = sorted(values)
-    k = max(1, len(values) // 4)  # the middle half of the rounds
-    return f"{statistics.median(values) * scale:7.2f} ({ordered[k - 1] * scale:.2f}-{ordered[-k] * scale:.2f})"
-
-
-def main(rounds: int = 16, per_round: int = 30) -> None:
-    """Print, per ``layer_host_cost`` call: ours through the stubbed CUDA path and the plain-PyTorch
-    twin (timed together under the stub), ours on the CPU reference path and the twin again
-    (without it): thread CPU time at one torch thread, median over rounds with the interquartile
-    range of the rounds; per-round ratios to the twin of the same half; the launches per call.
-
-    The twin runs for real on the CPU in both halves (its device work is not removed), and ours'
-    reference path reads a warm dense-weight cache (no per-call bit flip, unlike the case's
-    training rows)."""
-    from bench.cases.host_cost import _layer_pair
-
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     for layer in ("linear", "conv2d"):
         for training in (False, True):
-            ours, plain, x = _layer_pair(layer, "cpu")
+            ours, _, x = _layer_pair(layer, "cpu")
             x.requires_grad_(training)
             with cuda_path_on_cpu() as launches:
-                stubbed = layer_call(ours, x, training)
-                stubbed()  # first-call setup: not timed
+                call = layer_call(ours, x, training)
+                call()  # first-call setup
                 launches.clear()
-                stubbed()
-                per_call = dict(launches)
-            halves = {
-                True: {STUBBED: stubbed, PLAIN: layer_call(plain, x, training)},
-                False: {REFERENCE: layer_call(ours, x, training), PLAIN: layer_call(plain, x, training)},
-            }
-            for call in halves[False].values():
                 call()
-            medians = _time_interleaved(halves, rounds, per_round)
-            print(f"{type(ours).__name__} {tuple(x.shape)} {'training' if training else 'inference'}")
-            for name, values in medians.items():
-                print(f"  {name:46s} {_spread(values, 1e6)} us")
-            for on, name in ((True, STUBBED), (False, REFERENCE)):
-                half = "stub" if on else "no stub"
-                ratios = [a / b for a, b in zip(medians[f"{name} [{half}]"], medians[f"{PLAIN} [{half}]"])]
-                print(f"  {name + ' / plain':46s} {_spread(ratios)}")
-            print(f"  launches per call: {per_call}")
+            print(f"{type(ours).__name__} {tuple(x.shape)} {'training' if training else 'inference'}: {dict(launches)}")
 
 
 if __name__ == "__main__":

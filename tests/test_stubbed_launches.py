@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import bnnops
 import bnnops.layer_common
-from bench.cases.host_cost import _layer_pair
-from bench.stubbed_launches import STAND_IN_DEVICE, cuda_path_on_cpu, layer_call
+from bench.cases.host_cost import _layer_pair, layer_call
+from bench.stubbed_launches import STAND_IN_DEVICE, cuda_path_on_cpu
 from bnnops import BinaryTensor
 from bnnops.ops import library
 

@@ -26,6 +26,7 @@ keep flipping, a fair repeated measure. Bytes: those of the Bop step (12 per wei
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -111,6 +112,26 @@ _STUBBED_SHAPES = {
 }
 
 
+def layer_call(module: nn.Module, x: torch.Tensor, training: bool) -> Callable[[], None]:
+    """One call of ``module`` on ``x`` as ``layer_host_cost`` times it: training, forward and
+    backward of a fixed output gradient (x must require grad; gradients accumulate); inference,
+    the forward under ``torch.no_grad``."""
+    if not training:
+
+        def infer():
+            with torch.no_grad():
+                module(x)
+
+        return infer
+    with torch.no_grad():
+        grad = torch.randn_like(module(x))
+
+    def train():
+        module(x).backward(grad)
+
+    return train
+
+
 def _layer_pair(layer: str, device: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """(ours, the plain-PyTorch layer, input): ours with a packed weight and ste_sign on its input,
     the plain twin with a float latent weight and ste_sign on input and weight (bench.cases.train_step)."""
@@ -160,21 +181,16 @@ def layer_host_cost(device: str, layer: str, training: bool, stubbed: bool = Fal
     ours, plain, x = _layer_pair(layer, device)
     cpu = torch.device(device).type == "cpu"
     first_word = ours.weight.words.view(-1)[:1]
-    if training:
-        x.requires_grad_()
-        grad = torch.randn_like(plain(x))
+    x.requires_grad_(training)
 
     def calls(module):
-        flip = training and cpu and module is ours
+        call = layer_call(module, x, training)
+        if training and cpu and module is ours:
+            unflipped = call
 
-        def call():
-            if flip:
+            def call():
                 first_word.bitwise_xor_(1)
-            if training:
-                module(x).backward(grad)
-            else:
-                with torch.no_grad():
-                    module(x)
+                unflipped()
 
         return call if cpu else _repeated(call)
 
@@ -189,7 +205,7 @@ def layer_host_cost(device: str, layer: str, training: bool, stubbed: bool = Fal
 
 
 def _stubbed_layer_host_cost(device: str, layer: str, training: bool) -> Workload:
-    from bench.stubbed_launches import cuda_path_on_cpu, layer_call
+    from bench.stubbed_launches import cuda_path_on_cpu
 
     if torch.device(device).type != "cpu":
         raise ValueError("the stubbed CUDA path runs on CPU tensors: a GPU times the real calls")
